@@ -1,0 +1,3 @@
+from streamwatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,209 @@
+"""The daemon's lifecycle: build the parts, run them, stop them in reverse.
+
+`App.serve()` opens the store, the HTTP client session, the emulator (with the built-in
+backend), the supervisor and the server, each entering one `AsyncExitStack`, then runs the
+supervisor loop until `request_stop()`. Teardown is the stack unwinding, so every part that
+was started is stopped even when another fails. `App.run()` is `serve()` with signal handlers:
+SIGTERM/SIGINT drain and stop (a second one stops at once), SIGHUP reloads `streams.toml`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import aiohttp
+import structlog
+from pydantic import SecretStr
+
+from streamwatch.config import Config, ConfigError, Secrets, load_config, resolve_secrets
+from streamwatch.emulator import Emulator, Script
+from streamwatch.mavi.streams import StreamClient
+from streamwatch.pricing import usd_to_ticks
+from streamwatch.server import Server
+from streamwatch.store import Store
+from streamwatch.supervisor import Policy, Supervisor
+
+__all__ = ["App"]
+
+log = structlog.get_logger("streamwatch.app")
+
+
+class App:
+    """One daemon. Tests build it directly and call `request_stop()`; `cli` calls `run()`."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        secrets: Secrets | None = None,
+        environ: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self._environ = os.environ if environ is None else environ
+        self.secrets = secrets or resolve_secrets(config, environ=self._environ)
+        self._clock = clock
+        self._stop = asyncio.Event()
+        self.started = asyncio.Event()
+        self.store: Store | None = None
+        self.supervisor: Supervisor | None = None
+        self.server: Server | None = None
+        self.emulator: Emulator | None = None
+        self.reloads = 0
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve with signal handlers installed; returns after a graceful stop."""
+        loop = asyncio.get_running_loop()
+        main = asyncio.current_task()
+        assert main is not None
+        signals = 0
+
+        def on_stop_signal(signame: str) -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.info("app.stop_requested", signal=signame)
+                self.request_stop()
+            else:
+                log.warning("app.forced_exit", signal=signame)
+                main.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_stop_signal, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        try:
+            await self.serve()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    async def serve(self) -> None:
+        """Start every part, run until asked to stop, then drain and stop in reverse."""
+        cfg = self.config
+        async with contextlib.AsyncExitStack() as stack:
+            store = Store(cfg.storage.path, batch_max=cfg.storage.batch_max, clock=self._clock)
+            self.store = await stack.enter_async_context(store)
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            base_url, api_key = cfg.mavi.base_url, self.secrets.api_key
+            if cfg.mavi.backend == "emulator":
+                self.emulator = self._build_emulator()
+                await stack.enter_async_context(self.emulator.running())
+                base_url = self.emulator.base_url
+                api_key = SecretStr(self.emulator.api_key or "emulator")
+            assert api_key is not None, "resolve_secrets requires a key with backend = mavi"
+            client = StreamClient(
+                session=session,
+                base_url=base_url,
+                api_key=api_key,
+                retry=cfg.mavi.retry,
+                timeout_seconds=cfg.mavi.request_timeout_seconds,
+            )
+            self.supervisor = Supervisor(
+                client=client,
+                store=self.store,
+                policy=self._policy(cfg),
+                tick_seconds=cfg.supervisor.tick_seconds,
+                clock=self._clock,
+            )
+            await self.supervisor.load(cfg.streams)
+            self.server = Server(
+                config=cfg,
+                store=self.store,
+                supervisor=self.supervisor,
+                callback_secret=self.secrets.callback_secret,
+                status_token=self.secrets.status_token,
+                clock=self._clock,
+            )
+            await stack.enter_async_context(self.server.running())
+            if self.emulator is not None:
+                self.emulator.webhook = self.server.callback_url()
+            log.info(
+                "app.started",
+                backend=cfg.mavi.backend,
+                streams=len(cfg.streams),
+                adopted=self.supervisor.running_count(),
+                status_url=f"{self.server.base_url}/api/v1/status",
+            )
+            self.started.set()
+            async with asyncio.TaskGroup() as group:
+                loop_task = group.create_task(self.supervisor.run(), name="supervisor")
+                await self._stop.wait()
+                await self._drain(loop_task)
+        log.info("app.stopped")
+
+    async def _drain(self, loop_task: asyncio.Task[None]) -> None:
+        assert self.supervisor is not None and self.store is not None
+        stop_tasks = self.config.supervisor.on_shutdown == "stop"
+        stopped = await self.supervisor.shutdown(stop_tasks=stop_tasks)
+        await loop_task
+        if not stop_tasks:
+            log.info("app.tasks_kept", running=self.supervisor.running_count(),
+                     note="MAVI keeps processing and billing them while the daemon is down")
+            return
+        # Keep serving a little so the final callbacks of the stopped tasks are stored.
+        deadline = self._clock() + self.config.supervisor.drain_seconds
+        pending = set(stopped)
+        while pending and self._clock() < deadline:
+            for task_id in list(pending):
+                row = await self.store.task(task_id)
+                if row is None or row.end_status is not None:
+                    pending.discard(task_id)
+            if pending:
+                await asyncio.sleep(min(0.05, self.config.supervisor.drain_seconds / 10 or 0.01))
+        log.info("app.drained", stopped=len(stopped), final_callbacks_missing=len(pending))
+
+    async def reload(self) -> bool:
+        """Re-read the config file (SIGHUP). Streams are reconciled; other sections need a
+        restart and are reported. A bad file changes nothing. True if applied."""
+        if self.config_path is None or self.supervisor is None:
+            return False
+        try:
+            new = load_config(self.config_path, environ=self._environ)
+        except ConfigError as exc:
+            log.error("app.reload_failed", problems=[str(p) for p in exc.problems])
+            return False
+        untouched = [
+            name
+            for name in type(new).model_fields
+            if name != "streams" and getattr(new, name) != getattr(self.config, name)
+        ]
+        if untouched:
+            log.warning("app.reload_needs_restart", sections=untouched)
+        self.config = self.config.model_copy(update={"streams": new.streams})
+        if self.server is not None:
+            self.server.set_config(self.config)
+        self.supervisor.reload(new.streams)
+        self.reloads += 1
+        log.info("app.reloaded", streams=len(new.streams))
+        return True
+
+    def _build_emulator(self) -> Emulator:
+        emu = self.config.emulator
+        return Emulator(
+            segment_seconds=self.config.mavi.segment_seconds,
+            balance_ticks=usd_to_ticks(emu.balance_usd),
+            capacity=emu.capacity,
+            unsafe_every=emu.unsafe_every,
+            scripts={s.url: Script.from_config(s) for s in emu.scripts},
+            redelivery_initial_seconds=self.config.mavi.segment_seconds,
+        )
+
+    @staticmethod
+    def _policy(cfg: Config) -> Policy:
+        return Policy.from_config(
+            cfg.supervisor,
+            segment_seconds=cfg.mavi.segment_seconds,
+            max_running=cfg.mavi.max_running,
+        )

@@ -1,0 +1,293 @@
+"""The `streamwatch` command. Verbs (stable; see README): run, check-config, status, resume,
+callback-url, emulator."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tomllib
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import structlog
+from pydantic import ValidationError
+
+from streamwatch import __version__
+from streamwatch.config import (
+    Config,
+    ConfigError,
+    ConfigProblem,
+    EmulatorScript,
+    load_config,
+    resolve_secrets,
+)
+from streamwatch.logs import configure_logging
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEFAULT_CONFIG = "streams.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="streamwatch", description="Keep MAVI live-stream moderation running and watched."
+    )
+    parser.add_argument("--version", action="version", version=f"streamwatch {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-c", "--config", type=Path,
+            default=Path(os.environ.get("STREAMWATCH_CONFIG", DEFAULT_CONFIG)),
+            help="config file (default: $STREAMWATCH_CONFIG or ./streams.toml)",
+        )
+
+    p = sub.add_parser("run", help="run the daemon")
+    with_config(p)
+    p = sub.add_parser("check-config", help="validate the config; print every problem")
+    with_config(p)
+    p = sub.add_parser("status", help="show the running daemon's streams")
+    with_config(p)
+    p.add_argument("--url", help="daemon base URL (default: from [server] listen)")
+    p.add_argument("--json", action="store_true", help="print the raw status JSON")
+    p = sub.add_parser("resume", help="lift a balance halt and release held streams")
+    with_config(p)
+    p.add_argument("streams", nargs="*", help="streams to release (default: all)")
+    p.add_argument("--url", help="daemon base URL (default: from [server] listen)")
+    p = sub.add_parser("callback-url", help="print the URL to register in the MAVI console")
+    with_config(p)
+    p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
+    p.add_argument("--listen", default="127.0.0.1:9400", help="host:port (default %(default)s)")
+    p.add_argument("--webhook", help="the account's callback URL")
+    p.add_argument("--balance-usd", default="100", help="starting balance (default %(default)s)")
+    p.add_argument("--segment-seconds", type=float, default=5.0)
+    p.add_argument("--capacity", type=int, help="concurrent task limit")
+    p.add_argument("--api-key-env", help="require the key in this environment variable")
+    p.add_argument("--script", type=Path, help="TOML file of [[scripts]] (see README)")
+    p.add_argument("--string-codes", action="store_true", help='answer "code": "200" strings')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    verb = args.verb.replace("-", "_")
+    handler = globals()[f"_cmd_{verb}"]
+    try:
+        return int(handler(args))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(path: Path) -> Config:
+    return load_config(path)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from streamwatch.app import App
+
+    config = _load(args.config)
+    configure_logging(level=config.logging.level, fmt=config.logging.format)
+    secrets = resolve_secrets(config)
+    app = App(config, config_path=args.config, secrets=secrets)
+    try:
+        asyncio.run(app.run())
+    except asyncio.CancelledError:
+        return 1
+    except OSError as exc:
+        structlog.get_logger("streamwatch").error("app.failed", error=str(exc))
+        return 1
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    resolve_secrets(config)
+    print(f"{args.config}: OK — {len(config.streams)} stream(s), backend {config.mavi.backend}")
+    for s in config.streams:
+        features = "+".join(
+            f for f, on in (("moderation", s.content_moderation), ("logos", s.logo_detection)) if on
+        )
+        print(f"  {s.name:<24} fps {s.fps:<3} {features}")
+    return EXIT_OK
+
+
+def _daemon_url(config: Config, override: str | None) -> str:
+    if override:
+        return override.rstrip("/")
+    host = config.server.host
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming the wildcard, not binding it
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{config.server.port}"
+
+
+def _headers(config: Config) -> dict[str, str]:
+    if config.server.status_token is None:
+        return {}
+    token = config.server.status_token.read(os.environ)
+    if token is None:
+        source = config.server.status_token.describe()
+        raise ConfigError("secrets", [ConfigProblem("server.status_token", f"no token in {source}")])
+    return {"Authorization": f"Bearer {token.get_secret_value()}"}
+
+
+async def _http(method: str, url: str, headers: dict[str, str], body: Any = None) -> Any:
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
+        method, url, headers=headers, json=body
+    ) as resp:
+        doc = await resp.json(content_type=None)
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {doc.get('error', doc)}")
+        return doc
+
+
+def _call_daemon(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    config = _load(args.config)
+    url = _daemon_url(config, args.url) + path
+    try:
+        return asyncio.run(_http(method, url, _headers(config), body))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(
+            f"error: cannot reach the daemon at {url} ({type(exc).__name__}); "
+            "is `streamwatch run` running with this config?",
+            file=sys.stderr,
+        )
+    except RuntimeError as exc:
+        print(f"error: the daemon answered {exc}", file=sys.stderr)
+    return None
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    doc = _call_daemon(args, "GET", "/api/v1/status")
+    if doc is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render_status(doc))
+    return EXIT_OK
+
+
+def render_status(doc: dict[str, Any]) -> str:
+    """The status document as a table for people."""
+    lines = []
+    account = doc["account"]
+    if account["halted"]:
+        lines.append(
+            f"ACCOUNT HALTED ({account['halt_reason']}: {account['halt_detail']}) until "
+            f"{_short(account['halted_until'])} — top up, then `streamwatch resume`"
+        )
+    header = ("STREAM", "STATE", "TASK", "LAST SEGMENT", "SEGMENTS", "UNSAFE", "ERRORS",
+              "RESTARTS")
+    rows = [header]
+    for s in doc["streams"]:
+        rows.append((
+            s["name"],
+            s["state"] + ("" if s["configured"] else " (removed)"),
+            (s["task_id"] or "-")[:8],
+            _short(s["last_segment_at"]),
+            str(s["segments"]),
+            str(s["unsafe_segments"]),
+            str(s["failed_segments"]),
+            str(s["restarts"]),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if not doc["streams"]:
+        lines.append("(no streams configured)")
+    orphans = doc["orphans"]
+    if orphans["tasks"]:
+        lines.append(
+            f"{orphans['callbacks']} callback(s) from {orphans['tasks']} task(s) this daemon "
+            "did not start: someone else's task is billing this account"
+        )
+    return "\n".join(lines)
+
+
+def _short(ts: str | None) -> str:
+    if not ts:
+        return "-"
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    doc = _call_daemon(args, "POST", "/api/v1/resume", {"streams": args.streams})
+    if doc is None:
+        return EXIT_UNREACHABLE
+    released = doc.get("released", [])
+    print(f"resumed; released: {', '.join(released) if released else 'none'}")
+    return EXIT_OK
+
+
+def _cmd_callback_url(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    secrets = resolve_secrets(config)
+    if secrets.callback_secret_generated:
+        print(
+            "error: [server] callback_secret is not set; with the emulator a fresh one is made "
+            "each run. Set it (env or file) to get a stable URL.",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    base = config.server.public_url or _daemon_url(config, None)
+    print(f"{base.rstrip('/')}/callbacks/mavi/{secrets.callback_secret.get_secret_value()}")
+    if not config.server.public_url:
+        print("note: [server] public_url is unset; this URL is only reachable locally",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_emulator(args: argparse.Namespace) -> int:
+    from streamwatch.emulator import Emulator, Script
+    from streamwatch.pricing import usd_to_ticks
+
+    configure_logging()
+    scripts: dict[str, Script] = {}
+    if args.script:
+        try:
+            raw = tomllib.loads(args.script.read_text(encoding="utf-8"))
+            for item in raw.get("scripts", []):
+                script = EmulatorScript.model_validate(item)
+                scripts[script.url] = Script.from_config(script)
+        except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
+            print(f"error: {args.script}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            print(f"error: {args.api_key_env} is not set", file=sys.stderr)
+            return EXIT_CONFIG
+    host, _, port = args.listen.rpartition(":")
+    emulator = Emulator(
+        segment_seconds=args.segment_seconds,
+        balance_ticks=usd_to_ticks(args.balance_usd),
+        api_key=api_key,
+        capacity=args.capacity,
+        scripts=scripts,
+        webhook=args.webhook,
+        string_codes=args.string_codes,
+    )
+
+    async def serve() -> None:
+        async with emulator.running(host=host, port=int(port)):
+            print(f"MAVI emulator: base_url = {emulator.base_url}", flush=True)
+            await asyncio.Event().wait()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK

@@ -1,0 +1,548 @@
+"""Read `streams.toml` into frozen, validated objects.
+
+`load_config(path)` returns a `Config` or raises `ConfigError` listing *every* problem, each
+with its key path (``streams[2].fps``) and a hint. Strings may use ``${VAR}`` or
+``${VAR:-default}`` to take values from the environment; ``$$`` is a literal dollar.
+Secrets are never written inline: they name an environment variable or a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import tomllib
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "EmulatorConfig",
+    "EmulatorScript",
+    "LoggingConfig",
+    "MaviConfig",
+    "RetryConfig",
+    "SecretSource",
+    "Secrets",
+    "ServerConfig",
+    "StorageConfig",
+    "StreamConfig",
+    "SupervisorConfig",
+    "load_config",
+    "parse_config",
+    "resolve_secrets",
+]
+
+_NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_LABEL_KEY_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_INTERP_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with the config: where, what, and what to do about it."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path or '<file>'}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `problems` lists every reason, not just the first."""
+
+    def __init__(self, source: str, problems: list[ConfigProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the config:\n{lines}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SecretSource(_Model):
+    """Where a secret lives: an environment variable or a file (e.g. a systemd credential)."""
+
+    env: str | None = Field(default=None, description="Name of the environment variable.")
+    file: Path | None = Field(default=None, description="Path of a file holding the secret.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SecretSource:
+        if (self.env is None) == (self.file is None):
+            raise ValueError('give exactly one of `env = "VAR"` or `file = "/path"`')
+        return self
+
+    def describe(self) -> str:
+        """Say where the secret comes from, without the secret."""
+        return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+    def read(self, environ: Mapping[str, str]) -> SecretStr | None:
+        """The secret, or None if the variable is unset/empty or the file is missing."""
+        if self.env is not None:
+            value = environ.get(self.env, "")
+        else:
+            assert self.file is not None
+            try:
+                value = self.file.read_text(encoding="utf-8")
+            except OSError:
+                return None
+        value = value.strip()
+        return SecretStr(value) if value else None
+
+
+class RetryConfig(_Model):
+    """Bounds for retrying transient MAVI API failures (429, 5xx, timeouts)."""
+
+    attempts: int = Field(default=6, ge=1, le=100, description="Tries in all, the first included.")
+    initial_seconds: float = Field(default=1.0, gt=0, description="First backoff.")
+    max_seconds: float = Field(default=32.0, gt=0, description="Longest single backoff.")
+    timeout_seconds: float = Field(default=120.0, gt=0, description="Give up after this long.")
+
+
+class MaviConfig(_Model):
+    """The MAVI account and how to reach it."""
+
+    backend: Literal["mavi", "emulator"] = Field(
+        default="emulator", description="`mavi` for the real service, `emulator` for the built-in."
+    )
+    base_url: str = Field(
+        default="https://mavi-backend.memories.ai/serve/api/v2",
+        description="Base URL of the v2 stream API.",
+    )
+    api_key: SecretSource = Field(
+        default=SecretSource(env="MAVI_API_KEY"), description="Where the API key is read from."
+    )
+    segment_seconds: float = Field(
+        default=5.0, gt=0, le=300, description="Length of one MAVI segment (5 s at MAVI)."
+    )
+    request_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+    max_running: int | None = Field(
+        default=None, ge=1, description="Never run more tasks at once than this (account limit)."
+    )
+    retry: RetryConfig = RetryConfig()
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v.rstrip("/")
+
+
+class ServerConfig(_Model):
+    """The daemon's HTTP server: callbacks, status API, health."""
+
+    listen: str = Field(default="127.0.0.1:8080", description="host:port to bind.")
+    public_url: str | None = Field(
+        default=None, description="How MAVI reaches this server (for `callback-url`)."
+    )
+    callback_secret: SecretSource | None = Field(
+        default=None,
+        description="Secret path segment of the callback URL. Required with backend = mavi; "
+        "generated per run with the emulator when unset.",
+    )
+    status_token: SecretSource | None = Field(
+        default=None, description="Bearer token for the status API; unset = no auth."
+    )
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError('must be "host:port", e.g. "127.0.0.1:8080"')
+        return v
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class StorageConfig(_Model):
+    """Where state lives and how writes are batched."""
+
+    path: Path = Field(default=Path("streamwatch.db"), description="SQLite file.")
+    batch_max: int = Field(default=512, ge=1, le=100_000, description="Writes per commit, at most.")
+
+
+class SupervisorConfig(_Model):
+    """How streams are kept running."""
+
+    tick_seconds: float = Field(default=1.0, gt=0, le=60, description="How often plans are made.")
+    stall_after_segments: float = Field(
+        default=6, gt=0, description="Segment periods without a callback before a task is stalled."
+    )
+    on_stall: Literal["wait", "restart"] = Field(
+        default="restart", description="What to do with a stalled task."
+    )
+    restart_initial_seconds: float = Field(default=5.0, gt=0)
+    restart_max_seconds: float = Field(default=600.0, gt=0)
+    restart_jitter: float = Field(
+        default=0.2, ge=0, le=1, description="Fraction of each backoff drawn at random."
+    )
+    stable_after_segments: int = Field(
+        default=12, ge=1, description="Segments a task must deliver before its backoff resets."
+    )
+    error_threshold: int = Field(
+        default=3, ge=1, description="Consecutive -1 segments that make a stream problem event."
+    )
+    balance_recheck_seconds: float = Field(
+        default=900.0, gt=0, description="After a 402, try starting again after this long."
+    )
+    on_shutdown: Literal["keep", "stop"] = Field(
+        default="keep", description="Leave MAVI tasks running (and billing) while down, or stop."
+    )
+    drain_seconds: float = Field(
+        default=5.0, ge=0, le=300, description="Keep receiving callbacks this long on shutdown."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> SupervisorConfig:
+        if self.restart_max_seconds < self.restart_initial_seconds:
+            raise ValueError("restart_max_seconds must be >= restart_initial_seconds")
+        return self
+
+
+class StreamDefaults(_Model):
+    """Values a `[[streams]]` entry takes when it does not say."""
+
+    fps: int = Field(default=1, ge=1, le=60)
+    content_moderation: bool = True
+    logo_detection: bool = False
+    max_logos: int = Field(default=5, ge=1, le=50)
+
+
+class StreamConfig(_Model):
+    """One stream to watch."""
+
+    name: Annotated[str, Field(pattern=_NAME_RE, description="Unique, stable name.")]
+    url: str = Field(description="rtmp:// or rtsp:// source.")
+    fps: int = Field(ge=1, le=60)
+    content_moderation: bool
+    logo_detection: bool
+    max_logos: int = Field(ge=1, le=50)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _stream_url(cls, v: str) -> str:
+        if not re.match(r"^(rtmp|rtmps|rtsp|rtsps)://[^/\s]+", v):
+            raise ValueError("must be an rtmp:// or rtsp:// URL with a host")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _label_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if not _LABEL_KEY_RE.match(k)]
+        if bad:
+            raise ValueError(f"label keys must match [a-zA-Z_][a-zA-Z0-9_]*: {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _a_feature(self) -> StreamConfig:
+        if not (self.content_moderation or self.logo_detection):
+            raise ValueError("enable content_moderation, logo_detection or both")
+        return self
+
+    def spec_hash(self) -> str:
+        """A digest of what MAVI is asked to do; a change means the task must restart."""
+        wire = [self.url, self.fps, self.content_moderation, self.logo_detection]
+        wire.append(self.max_logos if self.logo_detection else 0)
+        return hashlib.sha256(json.dumps(wire).encode()).hexdigest()[:16]
+
+
+class EmulatorScript(_Model):
+    """What the built-in emulator does for one stream URL."""
+
+    url: str
+    outcomes: list[str] = Field(
+        default_factory=lambda: ["safe"],
+        description='Per segment: "safe", "unsafe", "logo:NAME", "error".',
+    )
+    then: str = Field(
+        default="repeat",
+        description='After the outcomes: "repeat", or "end:14|15|16|402" to end the task.',
+    )
+    start_failures: list[int] = Field(
+        default_factory=list, description="HTTP statuses answered to the first starts."
+    )
+    duplicate: bool = Field(default=False, description="Deliver every callback twice.")
+    reorder: bool = Field(default=False, description="Swap each pair of segment callbacks.")
+
+    @field_validator("outcomes")
+    @classmethod
+    def _outcomes(cls, v: list[str]) -> list[str]:
+        for item in v:
+            if item not in ("safe", "unsafe", "error") and not item.startswith("logo:"):
+                raise ValueError(f'unknown outcome {item!r}: use safe, unsafe, error, logo:NAME')
+        return v
+
+    @field_validator("then")
+    @classmethod
+    def _then(cls, v: str) -> str:
+        if v not in ("repeat", "end:14", "end:15", "end:16", "end:402"):
+            raise ValueError('use "repeat" or "end:14", "end:15", "end:16", "end:402"')
+        return v
+
+
+class EmulatorConfig(_Model):
+    """The built-in MAVI emulator, used when `[mavi] backend = "emulator"`."""
+
+    balance_usd: Decimal = Field(default=Decimal("100"), ge=0, description="Starting balance.")
+    capacity: int | None = Field(default=None, ge=1, description="Concurrent task limit.")
+    unsafe_every: int = Field(
+        default=7, ge=0, description="Unscripted streams: every Nth segment is unsafe (0 = never)."
+    )
+    scripts: list[EmulatorScript] = Field(default_factory=list)
+
+
+class LoggingConfig(_Model):
+    """Log output."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: readable on a terminal, JSON otherwise."
+    )
+
+
+class Config(_Model):
+    """The whole validated config."""
+
+    mavi: MaviConfig = MaviConfig()
+    server: ServerConfig = ServerConfig()
+    storage: StorageConfig = StorageConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    defaults: StreamDefaults = StreamDefaults()
+    emulator: EmulatorConfig = EmulatorConfig()
+    logging: LoggingConfig = LoggingConfig()
+    streams: list[StreamConfig] = Field(default_factory=list)
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_names(cls, v: list[StreamConfig]) -> list[StreamConfig]:
+        counts = Counter(s.name for s in v)
+        dups = sorted(name for name, n in counts.items() if n > 1)
+        if dups:
+            raise ValueError(f"duplicate stream names: {', '.join(dups)}; names must be unique")
+        return v
+
+    def stream(self, name: str) -> StreamConfig | None:
+        return next((s for s in self.streams if s.name == name), None)
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Secrets resolved from their sources at load time; repr never shows them."""
+
+    api_key: SecretStr | None
+    callback_secret: SecretStr
+    callback_secret_generated: bool
+    status_token: SecretStr | None
+
+
+def _interpolate(
+    value: Any, path: str, environ: Mapping[str, str], problems: list[ConfigProblem]
+) -> Any:
+    if isinstance(value, str):
+
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            if name in environ and environ[name] != "":
+                return environ[name]
+            if default is not None:
+                return default
+            problems.append(
+                ConfigProblem(
+                    path,
+                    f"environment variable {name} is not set "
+                    f"(export it, or write ${{{name}:-default}})",
+                )
+            )
+            return ""
+
+        return _INTERP_RE.sub(repl, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, _join(path, k), environ, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, f"{path}[{i}]", environ, problems) for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+_HINTS = {
+    "extra_forbidden": "unknown key: check its spelling against the README's config reference",
+    "missing": "this key is required",
+}
+
+
+def _problems_from(exc: ValidationError) -> list[ConfigProblem]:
+    problems = []
+    for err in exc.errors():
+        path = ""
+        for part in err["loc"]:
+            path = _join(path, part)
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        hint = _HINTS.get(err["type"])
+        if err["type"] != "extra_forbidden" and "input" in err and not isinstance(
+            err["input"], dict | list
+        ):
+            msg += f" (got {err['input']!r})"
+        problems.append(ConfigProblem(path, f"{msg}; {hint}" if hint else msg))
+    return problems
+
+
+def _duplicate_names(raw: dict[str, Any]) -> list[ConfigProblem]:
+    streams = raw.get("streams", [])
+    if not isinstance(streams, list):
+        return []
+    first: dict[str, int] = {}
+    problems = []
+    for i, entry in enumerate(streams):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            problems.append(
+                ConfigProblem(
+                    f"streams[{i}].name",
+                    f"duplicate name {name!r} (first used by streams[{first[name]}]); "
+                    "names must be unique",
+                )
+            )
+        else:
+            first[name] = i
+    return problems
+
+
+def _apply_defaults(raw: dict[str, Any]) -> None:
+    defaults = raw.get("defaults", {})
+    streams = raw.get("streams", [])
+    if not isinstance(defaults, dict) or not isinstance(streams, list):
+        return
+    base = StreamDefaults.model_fields
+    for entry in streams:
+        if isinstance(entry, dict):
+            for key, field in base.items():
+                entry.setdefault(key, defaults.get(key, field.default))
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate TOML text into a `Config`, or raise `ConfigError` with every problem."""
+    env = os.environ if environ is None else environ
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [ConfigProblem("", f"not valid TOML: {exc}")]) from None
+    problems: list[ConfigProblem] = []
+    raw = _interpolate(raw, "", env, problems)
+    _apply_defaults(raw)
+    problems.extend(_duplicate_names(raw))
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        # Report each place once: an unset variable or a duplicate name is the root cause,
+        # not the empty string or the list it leaves behind.
+        known = {p.path for p in problems}
+        problems.extend(p for p in _problems_from(exc) if p.path not in known)
+        raise ConfigError(source, problems) from None
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; relative storage paths are kept as written."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [ConfigProblem("", f"cannot read: {exc.strerror}")]) from None
+    return parse_config(text, source=str(path), environ=environ)
+
+
+def resolve_secrets(config: Config, *, environ: Mapping[str, str] | None = None) -> Secrets:
+    """Read every secret the config names, or raise `ConfigError` saying which is missing."""
+    env = os.environ if environ is None else environ
+    problems: list[ConfigProblem] = []
+    api_key = config.mavi.api_key.read(env)
+    if api_key is None and config.mavi.backend == "mavi":
+        problems.append(
+            ConfigProblem("mavi.api_key", f"no API key in {config.mavi.api_key.describe()}")
+        )
+    generated = False
+    callback: SecretStr | None = None
+    if config.server.callback_secret is not None:
+        callback = config.server.callback_secret.read(env)
+        if callback is None:
+            problems.append(
+                ConfigProblem(
+                    "server.callback_secret",
+                    f"no secret in {config.server.callback_secret.describe()}",
+                )
+            )
+        elif len(callback.get_secret_value()) < 16 or not re.fullmatch(
+            r"[A-Za-z0-9_-]+", callback.get_secret_value()
+        ):
+            problems.append(
+                ConfigProblem(
+                    "server.callback_secret",
+                    "must be at least 16 URL-safe characters "
+                    "(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')",
+                )
+            )
+    elif config.mavi.backend == "mavi":
+        problems.append(
+            ConfigProblem(
+                "server.callback_secret",
+                "required with backend = mavi: it is part of the URL you register in the console",
+            )
+        )
+    else:
+        callback, generated = SecretStr(secrets.token_urlsafe(24)), True
+    status: SecretStr | None = None
+    if config.server.status_token is not None:
+        status = config.server.status_token.read(env)
+        if status is None:
+            problems.append(
+                ConfigProblem(
+                    "server.status_token", f"no token in {config.server.status_token.describe()}"
+                )
+            )
+    if problems:
+        raise ConfigError("secrets", problems)
+    assert callback is not None
+    return Secrets(api_key, callback, generated, status)

@@ -1,0 +1,1 @@
+"""MAVI wire formats and clients."""

@@ -1,0 +1,184 @@
+"""Client for MAVI's v2 live-stream API: start and stop a moderation task.
+
+`start` returns the task id; `stop` returns False when MAVI says the task is unknown or already
+stopped. Transient failures (429, 5xx, timeouts, broken connections) are retried with bounded
+exponential backoff and jitter, honouring `Retry-After`; 401 and 402 raise at once.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import stamina
+import structlog
+from pydantic import SecretStr
+
+from streamwatch.config import RetryConfig
+from streamwatch.mavi.errors import (
+    AuthError,
+    CapacityError,
+    InsufficientBalance,
+    MaviError,
+    RateLimited,
+    RejectedRequest,
+    TransientError,
+)
+
+__all__ = ["StartRequest", "StreamClient", "parse_retry_after"]
+
+log = structlog.get_logger("streamwatch.mavi")
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest:
+    """What MAVI is asked to watch, exactly the documented body fields."""
+
+    url: str
+    content_moderation: bool
+    logo_detection: bool
+    fps: int
+    max_logos: int
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "enable_content_moderation": self.content_moderation,
+            "enable_logo_detection": self.logo_detection,
+            "fps": self.fps,
+            "max_logos": self.max_logos,
+        }
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _retry_hook(exc: Exception) -> bool | float:
+    if isinstance(exc, TransientError):
+        return exc.retry_after if exc.retry_after is not None else True
+    return False
+
+
+def _code_ok(code: Any) -> bool:
+    return code in (200, "200", 0, "0", "0000", None)
+
+
+class StreamClient:
+    """Async client of `POST /stream/start` and `POST /stream/stop`."""
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: SecretStr,
+        retry: RetryConfig,
+        timeout_seconds: float,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._key = api_key
+        self._retry = retry
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+
+    async def start(self, request: StartRequest) -> str:
+        """Start a task and return its id."""
+        data = await self._call("start", request.body())
+        task_id = data.get("task_id") if isinstance(data, dict) else None
+        if not isinstance(task_id, str) or not task_id:
+            raise RejectedRequest("MAVI answered the start without a task_id")
+        return task_id
+
+    async def stop(self, task_id: str) -> bool:
+        """Stop a task. True if MAVI stopped it now, False if it was unknown or already stopped."""
+        try:
+            await self._call("stop", {"task_id": task_id})
+        except _AlreadyStopped:
+            return False
+        return True
+
+    async def _call(self, endpoint: str, body: dict[str, Any]) -> Any:
+        retry = self._retry
+        async for attempt in stamina.retry_context(
+            on=_retry_hook,
+            attempts=retry.attempts,
+            timeout=retry.timeout_seconds,
+            wait_initial=retry.initial_seconds,
+            wait_max=retry.max_seconds,
+            wait_jitter=retry.initial_seconds,
+        ):
+            with attempt:
+                if attempt.num > 1:
+                    log.info("mavi.request_retry", endpoint=endpoint, attempt=attempt.num)
+                return await self._once(endpoint, body)
+        raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+    async def _once(self, endpoint: str, body: dict[str, Any]) -> Any:
+        url = f"{self._base}/stream/{endpoint}"
+        headers = {"Authorization": self._key.get_secret_value()}
+        try:
+            async with self._session.post(
+                url, json=body, headers=headers, timeout=self._timeout
+            ) as resp:
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                text = await resp.text()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TransientError(f"{endpoint}: {type(exc).__name__} talking to MAVI") from None
+        return _interpret(endpoint, status, text, retry_after)
+
+
+class _AlreadyStopped(MaviError):
+    pass
+
+
+def _interpret(endpoint: str, status: int, text: str, retry_after: float | None) -> Any:
+    import json
+
+    try:
+        doc = json.loads(text) if text else None
+    except ValueError:
+        doc = None
+    message = ""
+    if isinstance(doc, dict):
+        message = str(doc.get("message") or doc.get("msg") or "")[:200]
+    where = f"{endpoint}: HTTP {status}" + (f" ({message})" if message else "")
+    if status == 401:
+        raise AuthError(f"{where}: the API key was refused; check [mavi] api_key", status=status)
+    if status == 402:
+        raise InsufficientBalance(f"{where}: balance too low; top up the account", status=status)
+    if status == 429:
+        raise RateLimited(f"{where}: rate limited", status=status, retry_after=retry_after)
+    if status >= 500 or status == 408:
+        raise TransientError(where, status=status, retry_after=retry_after)
+    if endpoint == "stop" and status in (400, 404):
+        raise _AlreadyStopped(where, status=status)
+    if status >= 400:
+        raise CapacityError(f"{where}: MAVI refused the request", status=status)
+    if not isinstance(doc, dict):
+        raise RejectedRequest(f"{where}: body is not a JSON object", status=status)
+    code = doc.get("code")
+    if not _code_ok(code):
+        # Some gateways answer 200 with the real status inside: map it the same way.
+        try:
+            inner = int(code)
+        except (TypeError, ValueError):
+            raise RejectedRequest(f"{where}: code {code!r}", status=status) from None
+        return _interpret(endpoint, inner, "", retry_after) if inner != status else None
+    return doc.get("data")

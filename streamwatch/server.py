@@ -1,0 +1,261 @@
+"""The daemon's HTTP surface: MAVI callbacks, health probes, and the status API.
+
+Routes (stable; see README):
+- ``POST /callbacks/mavi/{secret}``: segment callbacks. Wrong secret → 404, body over the
+  limit → 413, not a callback → 400, store failure → 503 (MAVI retries); 200 only once stored.
+- ``GET /healthz``: the process is alive.
+- ``GET /readyz``: the store takes writes and the daemon is serving; 503 with reasons if not.
+- ``GET /api/v1/status``: streams, tasks and the account, as JSON (bearer token if configured).
+- ``POST /api/v1/resume``: lift a balance halt and release held streams (bearer token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import SecretStr
+
+from streamwatch import __version__
+from streamwatch.config import Config
+from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
+from streamwatch.store import Store, StoreError
+from streamwatch.supervisor import Phase, Supervisor
+
+__all__ = ["CALLBACK_PREFIX", "Server", "build_status", "iso"]
+
+log = structlog.get_logger("streamwatch.server")
+
+CALLBACK_PREFIX = "/callbacks/mavi/"
+
+
+def iso(ts: float | None) -> str | None:
+    """A unix time as an ISO-8601 UTC string (None stays None)."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+async def build_status(
+    *, config: Config, supervisor: Supervisor, store: Store, clock: Callable[[], float]
+) -> dict[str, Any]:
+    """The status document served by `/api/v1/status`. Holds no secrets and no stream URLs
+    (they may carry credentials)."""
+    totals = await store.stream_totals()
+    orphans = await store.orphan_summary()
+    now = clock()
+    halt = supervisor.halt
+    streams = []
+    for name in sorted(set(supervisor.desired) | set(supervisor.streams)):
+        spec = supervisor.desired.get(name)
+        state = supervisor.streams.get(name)
+        total = totals.get(name)
+        phase = state.phase if state else Phase.IDLE
+        shown = str(phase)
+        if phase in (Phase.IDLE, Phase.BACKOFF) and halt is not None and now < halt.until:
+            shown = "halted"
+        streams.append(
+            {
+                "name": name,
+                "state": shown,
+                "configured": spec is not None,
+                "task_id": state.task_id if state else None,
+                "fps": spec.fps if spec else None,
+                "content_moderation": spec.content_moderation if spec else None,
+                "logo_detection": spec.logo_detection if spec else None,
+                "labels": dict(spec.labels) if spec else {},
+                "last_segment_at": iso(total.last_callback_at) if total else None,
+                "segments": total.segments if total else 0,
+                "unsafe_segments": total.unsafe_segments if total else 0,
+                "logo_segments": total.logo_segments if total else 0,
+                "failed_segments": total.failed_segments if total else 0,
+                "tasks": total.tasks if total else 0,
+                "restarts": state.restarts if state else 0,
+                "retry_at": iso(state.retry_at) if state else None,
+                "last_end_status": state.last_end_status if state else None,
+                "held_reason": state.held_reason if state else None,
+                "last_error": state.last_error if state else None,
+            }
+        )
+    return {
+        "version": __version__,
+        "now": iso(now),
+        "backend": config.mavi.backend,
+        "account": {
+            "halted": halt is not None and now < halt.until,
+            "halt_reason": halt.reason if halt else None,
+            "halt_detail": halt.detail if halt else None,
+            "halted_until": iso(halt.until) if halt else None,
+        },
+        "streams": streams,
+        "orphans": {"tasks": len(orphans), "callbacks": sum(orphans.values())},
+    }
+
+
+class Server:
+    """The aiohttp application and its runner. `callback_url` is known once bound."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        store: Store,
+        supervisor: Supervisor,
+        callback_secret: SecretStr,
+        status_token: SecretStr | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._store = store
+        self._supervisor = supervisor
+        self._secret = callback_secret.get_secret_value().encode()
+        self._token = status_token
+        self._clock = clock
+        self.port: int | None = None
+        self.ready = False
+        app = web.Application(client_max_size=config.server.max_body_bytes)
+        app.router.add_post(CALLBACK_PREFIX + "{secret}", self._callback)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/api/v1/status", self._status)
+        app.router.add_post("/api/v1/resume", self._resume)
+        self.app = app
+
+    def set_config(self, config: Config) -> None:
+        self._config = config
+
+    @property
+    def base_url(self) -> str:
+        host = self._config.server.host
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming the wildcard, not binding it
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def callback_url(self, *, public: bool = False) -> str:
+        """The URL MAVI must post to. Contains the secret: never log it."""
+        base = self._config.server.public_url if public and self._config.server.public_url else (
+            self.base_url
+        )
+        return base.rstrip("/") + CALLBACK_PREFIX + self._secret.decode()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Server]:
+        """Bind and serve; on exit, stop accepting and let in-flight requests finish."""
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
+        await runner.setup()
+        site = web.TCPSite(runner, self._config.server.host, self._config.server.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(
+                f"cannot listen on {self._config.server.listen}: {exc.strerror}"
+            ) from None
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.ready = True
+        log.info("server.listening", address=self._config.server.host, port=self.port)
+        try:
+            yield self
+        finally:
+            self.ready = False
+            await runner.cleanup()
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        given = request.match_info["secret"].encode()
+        if not hmac.compare_digest(given, self._secret):
+            return web.json_response({"error": "not found"}, status=404)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            log.warning("callback.rejected", reason="too_large")
+            return web.json_response({"error": "body too large"}, status=413)
+        try:
+            callback = parse_callback(body)
+        except CallbackError as exc:
+            log.warning("callback.rejected", reason=exc.reason, detail=str(exc))
+            return web.json_response({"error": str(exc)}, status=400)
+        try:
+            outcome = await self._store.apply_callback(callback, body=body)
+        except StoreError as exc:
+            log.error("callback.store_failed", error=str(exc))
+            return web.json_response({"error": "not stored, retry"}, status=503)
+        self._supervisor.observe(outcome)
+        if outcome.kind == "orphan":
+            log.warning("callback.orphan", task_id=callback.task_id)
+        elif isinstance(callback, SegmentReport) and outcome.kind == "stored":
+            log.info(
+                "segment.stored",
+                stream=outcome.stream,
+                segment=callback.segment_index,
+                unsafe=callback.unsafe,
+                logos=[logo.name for logo in callback.logos] or None,
+            )
+        elif outcome.kind == "stored":
+            log.info(
+                "callback.stored",
+                stream=outcome.stream,
+                task_id=callback.task_id,
+                status=getattr(callback, "status", 0),
+            )
+        return web.json_response({"ok": True, "outcome": outcome.kind})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        problems = []
+        if not self.ready:
+            problems.append("server is not serving")
+        try:
+            await self._store.check_writable()
+        except Exception as exc:  # any store failure means not ready; say why
+            problems.append(f"store is not writable: {exc}")
+        if problems:
+            return web.json_response({"ready": False, "problems": problems}, status=503)
+        return web.json_response({"ready": True, "problems": []})
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self._token is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        expected = f"Bearer {self._token.get_secret_value()}"
+        return hmac.compare_digest(header.encode(), expected.encode())
+
+    async def _status(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        doc = await build_status(
+            config=self._config, supervisor=self._supervisor, store=self._store, clock=self._clock
+        )
+        return web.json_response(doc)
+
+    async def _resume(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        try:
+            doc = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        names = doc.get("streams", []) if isinstance(doc, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return web.json_response({"error": '"streams" must be a list of names'}, status=400)
+        unknown = [n for n in names if n not in self._supervisor.streams]
+        if unknown:
+            return web.json_response({"error": f"unknown streams: {unknown}"}, status=404)
+        released = await self._supervisor.resume(names)
+        log.info("supervisor.resumed", streams=released)
+        return web.json_response({"ok": True, "released": released})

@@ -1,0 +1,621 @@
+"""Durable state in one SQLite file (WAL): tasks, segments, events, orphans, settings.
+
+Every operation goes through one writer: operations queued while a commit is in progress run
+together in the next transaction, so a burst of callbacks costs one fsync, not one each. Each
+operation runs in its own savepoint, so one failing operation does not fail its batch-mates.
+A coroutine awaiting an operation resumes only after the transaction holding it committed.
+
+MAVI has no list endpoint, so the `tasks` table is the registry of what this daemon started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import structlog
+
+from streamwatch.mavi.callbacks import (
+    Callback,
+    SegmentFailed,
+    SegmentReport,
+    StreamEnded,
+    parse_callback,
+)
+
+__all__ = [
+    "CallbackOutcome",
+    "EventRow",
+    "SchemaError",
+    "Store",
+    "StoreError",
+    "StreamTotals",
+    "TaskRow",
+]
+
+log = structlog.get_logger("streamwatch.store")
+T = TypeVar("T")
+
+# Each entry moves the schema from version i to i+1. Never edit a released entry: add one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    CREATE TABLE streams (
+        name        TEXT PRIMARY KEY,
+        held_reason TEXT,
+        held_at     REAL
+    );
+    CREATE TABLE tasks (
+        task_id            TEXT PRIMARY KEY,
+        stream             TEXT NOT NULL,
+        spec_hash          TEXT NOT NULL,
+        fps                INTEGER NOT NULL,
+        content_moderation INTEGER NOT NULL,
+        logo_detection     INTEGER NOT NULL,
+        max_logos          INTEGER NOT NULL,
+        started_at         REAL NOT NULL,
+        stop_requested     INTEGER NOT NULL DEFAULT 0,
+        ended_at           REAL,
+        end_status         INTEGER,
+        end_reason         TEXT,
+        last_callback_at   REAL,
+        segments           INTEGER NOT NULL DEFAULT 0,
+        unsafe_segments    INTEGER NOT NULL DEFAULT 0,
+        logo_segments      INTEGER NOT NULL DEFAULT 0,
+        failed_segments    INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX tasks_by_stream ON tasks (stream, started_at);
+    CREATE INDEX tasks_running ON tasks (stream) WHERE ended_at IS NULL;
+    CREATE TABLE segments (
+        task_id       TEXT NOT NULL,
+        segment_index INTEGER NOT NULL,
+        stream        TEXT NOT NULL,
+        received_at   REAL NOT NULL,
+        start_time    REAL,
+        end_time      REAL,
+        unsafe        INTEGER,
+        has_logo      INTEGER,
+        logos         TEXT,
+        frames        INTEGER,
+        processing_ms REAL,
+        tokens        TEXT,
+        video_url     TEXT,
+        PRIMARY KEY (task_id, segment_index)
+    ) WITHOUT ROWID;
+    CREATE INDEX segments_by_stream ON segments (stream, received_at);
+    CREATE TABLE segment_failures (
+        id          INTEGER PRIMARY KEY,
+        task_id     TEXT NOT NULL,
+        stream      TEXT NOT NULL,
+        status      INTEGER NOT NULL,
+        message     TEXT NOT NULL,
+        received_at REAL NOT NULL
+    );
+    CREATE TABLE orphan_callbacks (
+        id            INTEGER PRIMARY KEY,
+        task_id       TEXT NOT NULL,
+        segment_index INTEGER,
+        status        INTEGER NOT NULL,
+        received_at   REAL NOT NULL,
+        body          TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX orphans_dedupe ON orphan_callbacks (task_id, segment_index)
+        WHERE segment_index IS NOT NULL;
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY,
+        at      REAL NOT NULL,
+        stream  TEXT,
+        task_id TEXT,
+        kind    TEXT NOT NULL,
+        status  INTEGER,
+        detail  TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_by_stream ON events (stream, at);
+    """,
+)
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the message says what to check."""
+
+
+class SchemaError(StoreError):
+    """The state file's schema is newer than this version of streamwatch understands."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackOutcome:
+    """What storing one callback did. `stream` is None for orphans."""
+
+    kind: Literal["stored", "duplicate", "orphan"]
+    stream: str | None
+    callback: Callback
+    # For an ended task: was the stop requested by this daemon (an expected 14)?
+    stop_requested: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """A task this daemon started, as recorded."""
+
+    task_id: str
+    stream: str
+    spec_hash: str
+    fps: int
+    content_moderation: bool
+    logo_detection: bool
+    max_logos: int
+    started_at: float
+    stop_requested: bool
+    ended_at: float | None
+    end_status: int | None
+    end_reason: str | None
+    last_callback_at: float | None
+    segments: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTotals:
+    """Counts over every task of a stream."""
+
+    tasks: int
+    segments: int
+    unsafe_segments: int
+    logo_segments: int
+    failed_segments: int
+    last_callback_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One recorded stream or account event."""
+
+    at: float
+    stream: str | None
+    task_id: str | None
+    kind: str
+    status: int | None
+    detail: str
+
+
+_Op = Callable[[sqlite3.Connection], Any]
+
+
+class Store:
+    """The daemon's SQLite store. Use `async with Store(path) as store:`."""
+
+    def __init__(
+        self, path: Path, *, batch_max: int = 512, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.path = path
+        self._batch_max = batch_max
+        self._clock = clock
+        self._conn: sqlite3.Connection | None = None
+        self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[Any]]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        self.commits = 0  # transactions committed, for tests and benchmarks
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open (creating if needed) the file, migrate it, and start the writer."""
+        self._conn = await asyncio.to_thread(self._connect)
+        self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def close(self) -> None:
+        """Finish every queued operation, then close the file."""
+        if self._writer is not None:
+            await self._queue.join()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+            self._writer = None
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.to_thread(conn.close)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path.parent and not self.path.parent.exists():
+            raise StoreError(f"the directory for the state file does not exist: {self.path.parent}")
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=30
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before any callback in it is acknowledged.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate(conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the state file {self.path}: {exc}") from None
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version > len(MIGRATIONS):
+            raise SchemaError(
+                f"{self.path} has schema version {version}, newer than this streamwatch "
+                f"understands ({len(MIGRATIONS)}); upgrade streamwatch or restore a backup"
+            )
+        for target in range(version + 1, len(MIGRATIONS) + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(MIGRATIONS[target - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("store.migrated", path=str(self.path), version=target)
+
+    @property
+    def schema_version(self) -> int:
+        return len(MIGRATIONS)
+
+    # -- the writer -------------------------------------------------------------------------
+
+    async def _run(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StoreError("the store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, future))
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await asyncio.to_thread(self._run_batch, [op for op, _ in batch])
+            except Exception as exc:  # the commit itself failed: nothing in the batch is stored
+                log.error("store.commit_failed", error=str(exc), batch=len(batch))
+                results = [StoreError(f"could not commit to {self.path}: {exc}")] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                self._queue.task_done()
+
+    def _run_batch(self, ops: list[_Op]) -> list[Any]:
+        conn = self._conn
+        assert conn is not None
+        results: list[Any] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append(op(conn))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # one bad operation must not fail its batch-mates
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append(exc)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return results
+
+    # -- callbacks ----------------------------------------------------------------------------
+
+    async def apply_callback(
+        self, callback: Callback, *, body: bytes, received_at: float | None = None
+    ) -> CallbackOutcome:
+        """Store one parsed callback; returns once it is committed."""
+        at = self._clock() if received_at is None else received_at
+        return await self._run(lambda c: _apply(c, callback, body.decode("utf-8", "replace"), at))
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def record_task_started(
+        self,
+        *,
+        task_id: str,
+        stream: str,
+        spec_hash: str,
+        fps: int,
+        content_moderation: bool,
+        logo_detection: bool,
+        max_logos: int,
+        started_at: float,
+    ) -> list[CallbackOutcome]:
+        """Register a task MAVI just started, and claim callbacks that arrived before it was
+        registered (they were parked as orphans). Returns the claimed outcomes in order."""
+
+        def op(conn: sqlite3.Connection) -> list[CallbackOutcome]:
+            conn.execute(
+                "INSERT INTO tasks (task_id, stream, spec_hash, fps, content_moderation,"
+                " logo_detection, max_logos, started_at) VALUES (?,?,?,?,?,?,?,?)",
+                (task_id, stream, spec_hash, fps, content_moderation, logo_detection,
+                 max_logos, started_at),
+            )
+            rows = conn.execute(
+                "SELECT id, body, received_at FROM orphan_callbacks WHERE task_id = ? ORDER BY id",
+                (task_id,),
+            ).fetchall()
+            claimed = []
+            for row_id, body, received_at in rows:
+                conn.execute("DELETE FROM orphan_callbacks WHERE id = ?", (row_id,))
+                claimed.append(_apply(conn, parse_callback(body), body, received_at))
+            return claimed
+
+        return await self._run(op)
+
+    async def mark_stop_requested(self, task_id: str) -> None:
+        """Note that this daemon asked MAVI to stop the task, before asking."""
+        await self._run(
+            lambda c: c.execute("UPDATE tasks SET stop_requested = 1 WHERE task_id = ?", (task_id,))
+        )
+
+    async def record_task_ended(
+        self, task_id: str, *, status: int | None, reason: str, at: float | None = None
+    ) -> bool:
+        """Mark a task ended unless it already is. True if this call ended it."""
+        when = self._clock() if at is None else at
+
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "UPDATE tasks SET ended_at = ?, end_status = ?, end_reason = ?"
+                " WHERE task_id = ? AND ended_at IS NULL",
+                (when, status, reason, task_id),
+            )
+            return cur.rowcount == 1
+
+        return await self._run(op)
+
+    async def running_tasks(self) -> list[TaskRow]:
+        """Tasks recorded as started and not ended: the ones to adopt after a restart."""
+        return await self._run(
+            lambda c: [
+                _task_row(r)
+                for r in c.execute(f"{_TASK_SELECT} WHERE ended_at IS NULL ORDER BY started_at")
+            ]
+        )
+
+    async def task(self, task_id: str) -> TaskRow | None:
+        def op(conn: sqlite3.Connection) -> TaskRow | None:
+            row = conn.execute(f"{_TASK_SELECT} WHERE task_id = ?", (task_id,)).fetchone()
+            return _task_row(row) if row else None
+
+        return await self._run(op)
+
+    async def tasks(self, stream: str | None = None) -> list[TaskRow]:
+        where, args = ("WHERE stream = ?", (stream,)) if stream else ("", ())
+        return await self._run(
+            lambda c: [
+                _task_row(r) for r in c.execute(f"{_TASK_SELECT} {where} ORDER BY started_at", args)
+            ]
+        )
+
+    async def stream_totals(self) -> dict[str, StreamTotals]:
+        """Per-stream counts, summed over tasks (cheap: no scan of the segments table)."""
+
+        def op(conn: sqlite3.Connection) -> dict[str, StreamTotals]:
+            rows = conn.execute(
+                "SELECT stream, count(*), sum(segments), sum(unsafe_segments),"
+                " sum(logo_segments), sum(failed_segments), max(last_callback_at)"
+                " FROM tasks GROUP BY stream"
+            )
+            return {r[0]: StreamTotals(r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows}
+
+        return await self._run(op)
+
+    async def segment_count(self, *, task_id: str | None = None) -> int:
+        where, args = ("WHERE task_id = ?", (task_id,)) if task_id else ("", ())
+        return await self._run(
+            lambda c: int(c.execute(f"SELECT count(*) FROM segments {where}", args).fetchone()[0])
+        )
+
+    async def segment_indexes(self, task_id: str) -> list[int]:
+        return await self._run(
+            lambda c: [
+                r[0]
+                for r in c.execute(
+                    "SELECT segment_index FROM segments WHERE task_id = ? ORDER BY segment_index",
+                    (task_id,),
+                )
+            ]
+        )
+
+    async def orphan_summary(self) -> dict[str, int]:
+        """Callbacks per task id this daemon never started."""
+        return await self._run(
+            lambda c: dict(
+                c.execute("SELECT task_id, count(*) FROM orphan_callbacks GROUP BY task_id")
+            )
+        )
+
+    # -- streams, events, settings -----------------------------------------------------------
+
+    async def set_held(self, stream: str, reason: str | None, *, at: float | None = None) -> None:
+        """Hold a stream stopped (reason) or release it (None); held streams survive restarts."""
+        when = self._clock() if at is None else at
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO streams (name, held_reason, held_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET held_reason = excluded.held_reason,"
+                " held_at = excluded.held_at",
+                (stream, reason, when if reason else None),
+            )
+        )
+
+    async def held_streams(self) -> dict[str, str]:
+        return await self._run(
+            lambda c: dict(
+                c.execute("SELECT name, held_reason FROM streams WHERE held_reason IS NOT NULL")
+            )
+        )
+
+    async def add_event(
+        self,
+        kind: str,
+        *,
+        stream: str | None = None,
+        task_id: str | None = None,
+        status: int | None = None,
+        detail: str = "",
+        at: float | None = None,
+    ) -> None:
+        when = self._clock() if at is None else at
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO events (at, stream, task_id, kind, status, detail)"
+                " VALUES (?,?,?,?,?,?)",
+                (when, stream, task_id, kind, status, detail),
+            )
+        )
+
+    async def events(self, *, stream: str | None = None, limit: int = 1000) -> list[EventRow]:
+        where, args = ("WHERE stream = ?", (stream,)) if stream else ("", ())
+
+        def op(conn: sqlite3.Connection) -> list[EventRow]:
+            rows = conn.execute(
+                f"SELECT at, stream, task_id, kind, status, detail FROM events {where}"
+                " ORDER BY id DESC LIMIT ?",
+                (*args, limit),
+            )
+            return [EventRow(*r) for r in rows][::-1]
+
+        return await self._run(op)
+
+    async def get_setting(self, key: str) -> Any:
+        def op(conn: sqlite3.Connection) -> Any:
+            row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+            return json.loads(row[0]) if row else None
+
+        return await self._run(op)
+
+    async def set_setting(self, key: str, value: Any) -> None:
+        """Store a JSON value under key; None deletes it."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            if value is None:
+                conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+            else:
+                conn.execute(
+                    "INSERT INTO settings (key, value) VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, json.dumps(value)),
+                )
+
+        await self._run(op)
+
+    async def check_writable(self) -> None:
+        """Raise unless a write transaction commits (for readiness probes)."""
+        await self._run(lambda c: c.execute("UPDATE settings SET key = key WHERE 0"))
+
+
+_TASK_SELECT = (
+    "SELECT task_id, stream, spec_hash, fps, content_moderation, logo_detection, max_logos,"
+    " started_at, stop_requested, ended_at, end_status, end_reason, last_callback_at, segments"
+    " FROM tasks"
+)
+
+
+def _task_row(r: tuple[Any, ...]) -> TaskRow:
+    return TaskRow(
+        r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6], r[7], bool(r[8]), r[9], r[10],
+        r[11], r[12], r[13],
+    )
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+def _apply(conn: sqlite3.Connection, cb: Callback, body: str, at: float) -> CallbackOutcome:
+    row = conn.execute(
+        "SELECT stream, stop_requested FROM tasks WHERE task_id = ?", (cb.task_id,)
+    ).fetchone()
+    if row is None:
+        index = cb.segment_index if isinstance(cb, SegmentReport) else None
+        status = 0 if isinstance(cb, SegmentReport) else cb.status
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO orphan_callbacks (task_id, segment_index, status, received_at,"
+            " body) VALUES (?,?,?,?,?)",
+            (cb.task_id, index, status, at, body),
+        )
+        return CallbackOutcome("orphan" if cur.rowcount else "duplicate", None, cb)
+    stream, stop_requested = row[0], bool(row[1])
+    if isinstance(cb, SegmentReport):
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO segments (task_id, segment_index, stream, received_at,"
+            " start_time, end_time, unsafe, has_logo, logos, frames, processing_ms, tokens,"
+            " video_url) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                cb.task_id,
+                cb.segment_index,
+                stream,
+                at,
+                cb.start_time,
+                cb.end_time,
+                cb.unsafe,
+                cb.has_logo,
+                json.dumps([logo.raw for logo in cb.logos]) if cb.logos else None,
+                cb.frames_processed,
+                cb.processing_ms,
+                json.dumps(_tokens_json(cb)) if cb.tokens else None,
+                cb.video_url,
+            ),
+        )
+        if cur.rowcount == 0:
+            return CallbackOutcome("duplicate", stream, cb)
+        conn.execute(
+            "UPDATE tasks SET segments = segments + 1, unsafe_segments = unsafe_segments + ?,"
+            " logo_segments = logo_segments + ?,"
+            " last_callback_at = max(coalesce(last_callback_at, 0), ?) WHERE task_id = ?",
+            (bool(cb.unsafe), bool(cb.has_logo), at, cb.task_id),
+        )
+        return CallbackOutcome("stored", stream, cb)
+    if isinstance(cb, SegmentFailed):
+        conn.execute(
+            "INSERT INTO segment_failures (task_id, stream, status, message, received_at)"
+            " VALUES (?,?,?,?,?)",
+            (cb.task_id, stream, cb.status, cb.message[:500], at),
+        )
+        conn.execute(
+            "UPDATE tasks SET failed_segments = failed_segments + 1,"
+            " last_callback_at = max(coalesce(last_callback_at, 0), ?) WHERE task_id = ?",
+            (at, cb.task_id),
+        )
+        return CallbackOutcome("stored", stream, cb)
+    assert isinstance(cb, StreamEnded)
+    cur = conn.execute(
+        "UPDATE tasks SET end_status = ?, ended_at = coalesce(ended_at, ?),"
+        " end_reason = coalesce(end_reason, 'callback') WHERE task_id = ? AND end_status IS NULL",
+        (cb.status, at, cb.task_id),
+    )
+    if cur.rowcount == 0:
+        return CallbackOutcome("duplicate", stream, cb, stop_requested)
+    conn.execute(
+        "INSERT INTO events (at, stream, task_id, kind, status, detail) VALUES (?,?,?,?,?,?)",
+        (at, stream, cb.task_id, "task_ended", cb.status, cb.message[:500]),
+    )
+    return CallbackOutcome("stored", stream, cb, stop_requested)
+
+
+def _tokens_json(cb: SegmentReport) -> dict[str, int]:
+    t = cb.tokens
+    assert t is not None
+    return {"input": t.input, "output": t.output, "total": t.total, "video": t.video,
+            "text": t.text}

@@ -1,0 +1,624 @@
+"""Keep one MAVI task running per configured stream, and react to how tasks end.
+
+The deciding is pure: `plan()` looks at what is wanted (the config) and what is observed
+(`StreamState` per stream, the account halt) and returns actions; `on_task_ended()` and
+`on_start_failed()` say how a stream's state changes. `Supervisor` is the thin executor that
+calls MAVI, records what happened in the store, and runs `plan()` again whenever something
+changes or a tick passes.
+
+Policy, in short:
+- 15 (no video), 16 (capacity) and failed starts: restart with exponential backoff + jitter.
+- 14 not asked for by streamwatch: a person stopped it; hold until `streamwatch resume`.
+- 402, or 401 at start: halt the whole account; retry after `balance_recheck_seconds` or on resume.
+- No callback for `stall_after_segments` periods: stalled; `on_stall` waits or restarts.
+- A task this daemon already runs is never started twice: tasks in the store are adopted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Literal, Protocol
+
+import structlog
+
+from streamwatch.config import StreamConfig, SupervisorConfig
+from streamwatch.mavi.callbacks import (
+    STATUS_CAPACITY,
+    STATUS_NO_BALANCE,
+    STATUS_NO_VIDEO,
+    STATUS_USER_STOPPED,
+    SegmentFailed,
+    SegmentReport,
+    StreamEnded,
+)
+from streamwatch.mavi.errors import AuthError, InsufficientBalance, MaviError
+from streamwatch.mavi.streams import StartRequest
+from streamwatch.store import CallbackOutcome, Store
+
+__all__ = [
+    "Action",
+    "Halt",
+    "MarkStalled",
+    "Phase",
+    "Policy",
+    "Start",
+    "Stop",
+    "StreamState",
+    "Supervisor",
+    "backoff_delay",
+    "on_start_failed",
+    "on_task_ended",
+    "plan",
+]
+
+log = structlog.get_logger("streamwatch.supervisor")
+
+
+class Phase(StrEnum):
+    """Where a stream is in its life. These strings are part of the status API."""
+
+    IDLE = "idle"  # wanted, no task: starts when the account and capacity allow
+    STARTING = "starting"
+    RUNNING = "running"
+    STALLED = "stalled"  # running, but no callback for too long
+    BACKOFF = "backoff"  # waiting to restart after a failure
+    STOPPING = "stopping"
+    HELD = "held"  # stopped by a person; waits for `streamwatch resume`
+
+
+StopReason = Literal["removed", "changed", "stalled", "shutdown"]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    """What the supervisor knows of one stream."""
+
+    name: str
+    phase: Phase = Phase.IDLE
+    task_id: str | None = None
+    spec_hash: str | None = None  # of the running task
+    started_at: float | None = None
+    last_seen: float | None = None  # last callback, or when the task was started/adopted
+    retry_at: float | None = None
+    failures: int = 0  # consecutive failed runs: the backoff exponent
+    restarts: int = 0
+    run_segments: int = 0  # segments of the current task
+    consecutive_errors: int = 0
+    stop_reason: StopReason | None = None
+    held_reason: str | None = None
+    last_end_status: int | None = None
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Halt:
+    """The account is halted: nothing starts until `until` or an explicit resume."""
+
+    reason: Literal["balance", "auth"]
+    since: float
+    until: float
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The knobs `plan()` needs, taken from config."""
+
+    stall_seconds: float
+    on_stall: Literal["wait", "restart"]
+    restart_initial: float
+    restart_max: float
+    restart_jitter: float
+    stable_after_segments: int
+    error_threshold: int
+    balance_recheck: float
+    max_running: int | None
+
+    @classmethod
+    def from_config(
+        cls, sup: SupervisorConfig, *, segment_seconds: float, max_running: int | None
+    ) -> Policy:
+        return cls(
+            stall_seconds=sup.stall_after_segments * segment_seconds,
+            on_stall=sup.on_stall,
+            restart_initial=sup.restart_initial_seconds,
+            restart_max=sup.restart_max_seconds,
+            restart_jitter=sup.restart_jitter,
+            stable_after_segments=sup.stable_after_segments,
+            error_threshold=sup.error_threshold,
+            balance_recheck=sup.balance_recheck_seconds,
+            max_running=max_running,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    stream: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    stream: str
+    task_id: str
+    reason: StopReason
+
+
+@dataclass(frozen=True, slots=True)
+class MarkStalled:
+    stream: str
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forget:
+    stream: str
+
+
+Action = Start | Stop | MarkStalled | Forget
+
+_OCCUPYING = (Phase.STARTING, Phase.RUNNING, Phase.STALLED, Phase.STOPPING)
+
+
+def plan(
+    desired: Mapping[str, StreamConfig],
+    observed: Mapping[str, StreamState],
+    *,
+    now: float,
+    halt: Halt | None,
+    policy: Policy,
+) -> list[Action]:
+    """Decide what to do next. Pure: same inputs, same actions."""
+    actions: list[Action] = []
+    halted = halt is not None and now < halt.until
+    startable: list[StreamState] = []
+    occupying = sum(1 for s in observed.values() if s.phase in _OCCUPYING)
+    for name in sorted(set(desired) | set(observed)):
+        state = observed.get(name, StreamState(name))
+        spec = desired.get(name)
+        has_task = state.phase in (Phase.RUNNING, Phase.STALLED) and state.task_id is not None
+        if spec is None:
+            if has_task:
+                assert state.task_id is not None
+                actions.append(Stop(name, state.task_id, "removed"))
+            elif state.phase not in (Phase.STARTING, Phase.STOPPING):
+                actions.append(Forget(name))
+            continue
+        if has_task:
+            assert state.task_id is not None
+            if state.spec_hash != spec.spec_hash():
+                actions.append(Stop(name, state.task_id, "changed"))
+                continue
+            silent = now - (state.last_seen or now)
+            if state.phase is Phase.RUNNING and silent > policy.stall_seconds:
+                actions.append(MarkStalled(name, state.task_id))
+                if policy.on_stall == "restart":
+                    actions.append(Stop(name, state.task_id, "stalled"))
+            elif state.phase is Phase.STALLED and policy.on_stall == "restart":
+                actions.append(Stop(name, state.task_id, "stalled"))
+            continue
+        if halted:
+            continue
+        if state.phase is Phase.IDLE or (
+            state.phase is Phase.BACKOFF and state.retry_at is not None and now >= state.retry_at
+        ):
+            startable.append(state)
+    # Fill free capacity, longest-waiting first, so no stream starves behind the others.
+    free = None if policy.max_running is None else max(0, policy.max_running - occupying)
+    startable.sort(key=lambda s: (s.retry_at or 0.0, s.name))
+    for state in startable[:free]:
+        actions.append(Start(state.name))
+    return actions
+
+
+def backoff_delay(failures: int, policy: Policy, *, rand: float) -> float:
+    """Seconds before restart number `failures` (1-based); `rand` in [0, 1) draws the jitter."""
+    base = min(policy.restart_max, policy.restart_initial * 2 ** max(0, failures - 1))
+    return base * (1 - policy.restart_jitter * rand)
+
+
+def on_task_ended(
+    state: StreamState,
+    status: int,
+    *,
+    requested: bool,
+    now: float,
+    policy: Policy,
+    rand: float,
+) -> tuple[StreamState, Halt | None]:
+    """The stream's current task ended with `status` (via callback). Returns the new state
+    and, for 402, the account halt to impose."""
+    ended = replace(
+        state, task_id=None, spec_hash=None, last_end_status=status, stop_reason=None,
+        consecutive_errors=0,
+    )
+    if status == STATUS_USER_STOPPED and not requested:
+        return replace(ended, phase=Phase.HELD, held_reason="stopped outside streamwatch"), None
+    if status == STATUS_NO_BALANCE:
+        halt = Halt("balance", now, now + policy.balance_recheck, "task ended with status 402")
+        return replace(ended, phase=Phase.IDLE), halt
+    if status in (STATUS_NO_VIDEO, STATUS_CAPACITY) or status == STATUS_USER_STOPPED:
+        failures = state.failures + 1
+        delay = backoff_delay(failures, policy, rand=rand)
+        return (
+            replace(ended, phase=Phase.BACKOFF, failures=failures, retry_at=now + delay),
+            None,
+        )
+    raise ValueError(f"status {status} does not end a task")
+
+
+def on_start_failed(
+    state: StreamState, error: MaviError, *, now: float, policy: Policy, rand: float
+) -> tuple[StreamState, Halt | None]:
+    """A start was refused or failed after its retries."""
+    failed = replace(state, last_error=str(error))
+    if isinstance(error, InsufficientBalance):
+        halt = Halt("balance", now, now + policy.balance_recheck, "start refused with HTTP 402")
+        return replace(failed, phase=Phase.IDLE), halt
+    if isinstance(error, AuthError):
+        halt = Halt("auth", now, now + policy.balance_recheck, "start refused with HTTP 401")
+        return replace(failed, phase=Phase.IDLE), halt
+    failures = state.failures + 1
+    delay = backoff_delay(failures, policy, rand=rand)
+    return replace(failed, phase=Phase.BACKOFF, failures=failures, retry_at=now + delay), None
+
+
+class StreamStarter(Protocol):
+    """What the executor needs from a MAVI stream client."""
+
+    async def start(self, request: StartRequest) -> str: ...
+
+    async def stop(self, task_id: str) -> bool: ...
+
+
+class Supervisor:
+    """Executes `plan()` against MAVI and the store; one instance per daemon."""
+
+    def __init__(
+        self,
+        *,
+        client: StreamStarter,
+        store: Store,
+        policy: Policy,
+        tick_seconds: float,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._store = store
+        self.policy = policy
+        self._tick = tick_seconds
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.desired: dict[str, StreamConfig] = {}
+        self.streams: dict[str, StreamState] = {}
+        self.halt: Halt | None = None
+        self._by_task: dict[str, str] = {}
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    async def load(self, streams: Iterable[StreamConfig]) -> None:
+        """Set the desired streams and adopt what the store says is running or held."""
+        self.desired = {s.name: s for s in streams}
+        now = self._clock()
+        halt = await self._store.get_setting("account_halt")
+        if halt:
+            self.halt = Halt(**halt)
+        held = await self._store.held_streams()
+        for name, reason in held.items():
+            self.streams[name] = StreamState(name, Phase.HELD, held_reason=reason)
+        for task in await self._store.running_tasks():
+            if task.stream in self._by_task.values():
+                # Two live tasks for one stream can only come from an old crash: keep the newest
+                # and stop the other, so the account pays for one.
+                old = self.streams[task.stream]
+                assert old.task_id is not None
+                self._spawn(self._stop(Stop(task.stream, old.task_id, "changed")))
+            self.streams[task.stream] = StreamState(
+                task.stream,
+                Phase.RUNNING,
+                task_id=task.task_id,
+                spec_hash=task.spec_hash,
+                started_at=task.started_at,
+                last_seen=max(task.last_callback_at or 0.0, now),
+                run_segments=task.segments,
+            )
+            self._by_task[task.task_id] = task.stream
+            log.info("supervisor.task_adopted", stream=task.stream, task_id=task.task_id)
+            await self._store.add_event("task_adopted", stream=task.stream, task_id=task.task_id)
+        self._notify()
+
+    def reload(self, streams: Iterable[StreamConfig]) -> None:
+        """Take a new desired set (SIGHUP); the next plan adds, removes and restarts."""
+        self.desired = {s.name: s for s in streams}
+        self._notify()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Plan and act until `shutdown()`; each pass is `step()`."""
+        while not self._stopping:
+            self.step()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._tick)
+
+    def step(self) -> list[Action]:
+        """One planning pass: decide and launch the actions. Returns them (for tests)."""
+        now = self._clock()
+        if self.halt is not None and now >= self.halt.until:
+            log.info("supervisor.halt_expired", reason=self.halt.reason)
+            self._spawn(self._store.add_event("halt_expired", detail=self.halt.reason))
+            self.halt = None
+            self._spawn(self._store.set_setting("account_halt", None))
+        actions = plan(self.desired, self.streams, now=now, halt=self.halt, policy=self.policy)
+        for action in actions:
+            self._launch(action)
+        return actions
+
+    def _launch(self, action: Action) -> None:
+        name = action.stream
+        state = self.streams.get(name, StreamState(name))
+        if isinstance(action, Start):
+            self.streams[name] = replace(state, phase=Phase.STARTING)
+            self._spawn(self._start(name))
+        elif isinstance(action, Stop):
+            if state.phase is Phase.STOPPING:
+                return
+            self.streams[name] = replace(state, phase=Phase.STOPPING, stop_reason=action.reason)
+            self._spawn(self._stop(action))
+        elif isinstance(action, MarkStalled):
+            self.streams[name] = replace(state, phase=Phase.STALLED)
+            log.warning("supervisor.stream_stalled", stream=name, task_id=action.task_id)
+            self._spawn(self._store.add_event("stream_stalled", stream=name, task_id=action.task_id))
+        else:
+            self.streams.pop(name, None)
+        self._notify()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("supervisor.action_failed", exc_info=task.exception())
+        self._notify()
+
+    async def _start(self, name: str) -> None:
+        spec = self.desired.get(name)
+        state = self.streams[name]
+        if spec is None:  # removed while queued
+            self.streams.pop(name, None)
+            return
+        request = StartRequest(
+            url=spec.url,
+            content_moderation=spec.content_moderation,
+            logo_detection=spec.logo_detection,
+            fps=spec.fps,
+            max_logos=spec.max_logos,
+        )
+        try:
+            task_id = await self._client.start(request)
+        except MaviError as exc:
+            now = self._clock()
+            new, halt = on_start_failed(
+                state, exc, now=now, policy=self.policy, rand=self._rng.random()
+            )
+            self.streams[name] = new
+            log.warning("supervisor.start_failed", stream=name, error=str(exc))
+            await self._store.add_event(
+                "start_failed", stream=name, status=exc.status, detail=str(exc)
+            )
+            if halt is not None:
+                await self._set_halt(halt)
+            return
+        now = self._clock()
+        claimed = await self._store.record_task_started(
+            task_id=task_id,
+            stream=name,
+            spec_hash=spec.spec_hash(),
+            fps=spec.fps,
+            content_moderation=spec.content_moderation,
+            logo_detection=spec.logo_detection,
+            max_logos=spec.max_logos,
+            started_at=now,
+        )
+        restarted = state.started_at is not None or state.last_end_status is not None
+        self.streams[name] = replace(
+            state,
+            phase=Phase.RUNNING,
+            task_id=task_id,
+            spec_hash=spec.spec_hash(),
+            started_at=now,
+            last_seen=now,
+            retry_at=None,
+            run_segments=0,
+            consecutive_errors=0,
+            restarts=state.restarts + int(restarted),
+            last_error=None,
+        )
+        self._by_task[task_id] = name
+        log.info("supervisor.task_started", stream=name, task_id=task_id, fps=spec.fps)
+        await self._store.add_event("task_started", stream=name, task_id=task_id)
+        for outcome in claimed:
+            self.observe(outcome)
+
+    async def _stop(self, action: Stop) -> None:
+        await self._store.mark_stop_requested(action.task_id)
+        try:
+            stopped_now = await self._client.stop(action.task_id)
+        except MaviError as exc:
+            # Could not reach MAVI: keep the task as ours and try again on the next pass.
+            state = self.streams.get(action.stream)
+            if state is not None and state.task_id == action.task_id:
+                self.streams[action.stream] = replace(
+                    state, phase=Phase.RUNNING, stop_reason=None, last_error=str(exc)
+                )
+            log.warning("supervisor.stop_failed", stream=action.stream, error=str(exc))
+            await self._store.add_event(
+                "stop_failed", stream=action.stream, task_id=action.task_id, detail=str(exc)
+            )
+            return
+        await self._store.record_task_ended(
+            action.task_id, status=None, reason=f"stopped by streamwatch ({action.reason})"
+        )
+        self._by_task.pop(action.task_id, None)
+        log.info(
+            "supervisor.task_stopped",
+            stream=action.stream,
+            task_id=action.task_id,
+            reason=action.reason,
+            was_running=stopped_now,
+        )
+        await self._store.add_event(
+            "task_stopped", stream=action.stream, task_id=action.task_id, detail=action.reason
+        )
+        state = self.streams.get(action.stream)
+        if state is None or state.task_id != action.task_id:
+            return
+        ended = replace(state, task_id=None, spec_hash=None, stop_reason=None, consecutive_errors=0)
+        if action.reason == "removed":
+            self.streams.pop(action.stream, None)
+        elif action.reason == "shutdown":
+            self.streams[action.stream] = replace(ended, phase=Phase.IDLE)
+        elif action.reason == "stalled":
+            failures = state.failures + 1
+            delay = backoff_delay(failures, self.policy, rand=self._rng.random())
+            self.streams[action.stream] = replace(
+                ended, phase=Phase.BACKOFF, failures=failures, retry_at=self._clock() + delay
+            )
+        else:
+            self.streams[action.stream] = replace(ended, phase=Phase.IDLE)
+
+    async def _set_halt(self, halt: Halt) -> None:
+        if self.halt is None or self.halt.reason != halt.reason:
+            log.error("supervisor.account_halted", reason=halt.reason, until=halt.until)
+            await self._store.add_event("account_halted", detail=f"{halt.reason}: {halt.detail}")
+        self.halt = halt
+        await self._store.set_setting(
+            "account_halt",
+            {"reason": halt.reason, "since": halt.since, "until": halt.until, "detail": halt.detail},
+        )
+
+    # -- what callbacks tell us ----------------------------------------------------------------
+
+    def observe(self, outcome: CallbackOutcome) -> None:
+        """Update stream state from a stored callback. Cheap and synchronous: it runs in the
+        callback handler after the store committed."""
+        if outcome.kind != "stored" or outcome.stream is None:
+            return
+        name = outcome.stream
+        state = self.streams.get(name)
+        cb = outcome.callback
+        if state is None or state.task_id != cb.task_id or state.phase is Phase.STOPPING:
+            # An older task of the stream, or one whose stop is in flight (that stop decides
+            # what comes next): stored, nothing more to do.
+            return
+        now = self._clock()
+        if isinstance(cb, SegmentReport):
+            segments = state.run_segments + 1
+            failures = 0 if segments >= self.policy.stable_after_segments else state.failures
+            phase = state.phase
+            if phase is Phase.STALLED:
+                phase = Phase.RUNNING
+                log.info("supervisor.stream_recovered", stream=name, task_id=cb.task_id)
+                self._spawn(
+                    self._store.add_event("stream_recovered", stream=name, task_id=cb.task_id)
+                )
+            self.streams[name] = replace(
+                state, phase=phase, last_seen=now, run_segments=segments, failures=failures,
+                consecutive_errors=0,
+            )
+        elif isinstance(cb, SegmentFailed):
+            errors = state.consecutive_errors + 1
+            self.streams[name] = replace(state, last_seen=now, consecutive_errors=errors)
+            if errors == self.policy.error_threshold:
+                log.warning("supervisor.segment_errors", stream=name, consecutive=errors)
+                self._spawn(
+                    self._store.add_event(
+                        "segment_errors", stream=name, task_id=cb.task_id, status=cb.status,
+                        detail=f"{errors} failed segments in a row: {cb.message}"[:500],
+                    )
+                )
+        elif isinstance(cb, StreamEnded):
+            self._by_task.pop(cb.task_id, None)
+            new, halt = on_task_ended(
+                state, cb.status, requested=outcome.stop_requested,
+                now=now, policy=self.policy, rand=self._rng.random(),
+            )
+            self.streams[name] = new
+            log.warning("supervisor.task_ended", stream=name, task_id=cb.task_id, status=cb.status)
+            if new.phase is Phase.HELD:
+                self._spawn(self._store.set_held(name, new.held_reason))
+            if halt is not None:
+                self._spawn(self._set_halt(halt))
+        self._notify()
+
+    # -- people ------------------------------------------------------------------------------
+
+    async def resume(self, streams: Iterable[str] = ()) -> list[str]:
+        """Lift the account halt and release held streams (all of them when none are named).
+        Returns the streams released."""
+        names = list(streams)
+        if self.halt is not None:
+            self.halt = None
+            await self._store.set_setting("account_halt", None)
+            await self._store.add_event("account_resumed")
+        released = []
+        for name, state in list(self.streams.items()):
+            if (not names or name in names) and state.phase in (Phase.HELD, Phase.BACKOFF):
+                self.streams[name] = replace(
+                    state, phase=Phase.IDLE, held_reason=None, retry_at=None, failures=0
+                )
+                await self._store.set_held(name, None)
+                await self._store.add_event("stream_resumed", stream=name)
+                released.append(name)
+        self._notify()
+        return released
+
+    async def shutdown(self, *, stop_tasks: bool) -> list[str]:
+        """Stop planning; with `stop_tasks`, stop every running task. Returns the stopped ids."""
+        self._stopping = True
+        self._wake.set()
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        stopped: list[str] = []
+        if stop_tasks:
+            stops = [
+                Stop(s.name, s.task_id, "shutdown")
+                for s in self.streams.values()
+                if s.task_id is not None and s.phase in (Phase.RUNNING, Phase.STALLED)
+            ]
+            await asyncio.gather(*(self._stop(a) for a in stops), return_exceptions=True)
+            stopped = [a.task_id for a in stops]
+        return stopped
+
+    # -- waiting (tests, status) -------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._wake.set()
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:
+        """Return once `predicate()` holds, checking after every change; TimeoutError if not."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._changed.wait()
+
+    def running_count(self) -> int:
+        return sum(1 for s in self.streams.values() if s.phase in (Phase.RUNNING, Phase.STALLED))
+
+    def stream_for_task(self, task_id: str) -> str | None:
+        return self._by_task.get(task_id)
