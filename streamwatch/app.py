@@ -144,13 +144,17 @@ class App:
         log.info("app.stopped")
 
     async def _drain(self, loop_task: asyncio.Task[None]) -> None:
-        assert self.supervisor is not None and self.store is not None
+        assert self.supervisor is not None
+        assert self.store is not None
         stop_tasks = self.config.supervisor.on_shutdown == "stop"
         stopped = await self.supervisor.shutdown(stop_tasks=stop_tasks)
         await loop_task
         if not stop_tasks:
-            log.info("app.tasks_kept", running=self.supervisor.running_count(),
-                     note="MAVI keeps processing and billing them while the daemon is down")
+            log.info(
+                "app.tasks_kept",
+                running=self.supervisor.running_count(),
+                note="MAVI keeps processing and billing them while the daemon is down",
+            )
             return
         # Keep serving a little so the final callbacks of the stopped tasks are stored.
         deadline = self._clock() + self.config.supervisor.drain_seconds

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -44,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument(
-            "-c", "--config", type=Path,
+            "-c",
+            "--config",
+            type=Path,
             default=Path(os.environ.get("STREAMWATCH_CONFIG", DEFAULT_CONFIG)),
             help="config file (default: $STREAMWATCH_CONFIG or ./streams.toml)",
         )
@@ -138,15 +141,18 @@ def _headers(config: Config) -> dict[str, str]:
     token = config.server.status_token.read(os.environ)
     if token is None:
         source = config.server.status_token.describe()
-        raise ConfigError("secrets", [ConfigProblem("server.status_token", f"no token in {source}")])
+        raise ConfigError(
+            "secrets", [ConfigProblem("server.status_token", f"no token in {source}")]
+        )
     return {"Authorization": f"Bearer {token.get_secret_value()}"}
 
 
 async def _http(method: str, url: str, headers: dict[str, str], body: Any = None) -> Any:
     timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.request(
-        method, url, headers=headers, json=body
-    ) as resp:
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.request(method, url, headers=headers, json=body) as resp,
+    ):
         doc = await resp.json(content_type=None)
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {doc.get('error', doc)}")
@@ -189,20 +195,21 @@ def render_status(doc: dict[str, Any]) -> str:
             f"ACCOUNT HALTED ({account['halt_reason']}: {account['halt_detail']}) until "
             f"{_short(account['halted_until'])} — top up, then `streamwatch resume`"
         )
-    header = ("STREAM", "STATE", "TASK", "LAST SEGMENT", "SEGMENTS", "UNSAFE", "ERRORS",
-              "RESTARTS")
+    header = ("STREAM", "STATE", "TASK", "LAST SEGMENT", "SEGMENTS", "UNSAFE", "ERRORS", "RESTARTS")
     rows = [header]
     for s in doc["streams"]:
-        rows.append((
-            s["name"],
-            s["state"] + ("" if s["configured"] else " (removed)"),
-            (s["task_id"] or "-")[:8],
-            _short(s["last_segment_at"]),
-            str(s["segments"]),
-            str(s["unsafe_segments"]),
-            str(s["failed_segments"]),
-            str(s["restarts"]),
-        ))
+        rows.append(
+            (
+                s["name"],
+                s["state"] + ("" if s["configured"] else " (removed)"),
+                (s["task_id"] or "-")[:8],
+                _short(s["last_segment_at"]),
+                str(s["segments"]),
+                str(s["unsafe_segments"]),
+                str(s["failed_segments"]),
+                str(s["restarts"]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     if not doc["streams"]:
@@ -244,8 +251,10 @@ def _cmd_callback_url(args: argparse.Namespace) -> int:
     base = config.server.public_url or _daemon_url(config, None)
     print(f"{base.rstrip('/')}/callbacks/mavi/{secrets.callback_secret.get_secret_value()}")
     if not config.server.public_url:
-        print("note: [server] public_url is unset; this URL is only reachable locally",
-              file=sys.stderr)
+        print(
+            "note: [server] public_url is unset; this URL is only reachable locally",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -286,8 +295,6 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
             print(f"MAVI emulator: base_url = {emulator.base_url}", flush=True)
             await asyncio.Event().wait()
 
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve())
-    except KeyboardInterrupt:
-        pass
     return EXIT_OK

@@ -300,7 +300,7 @@ class EmulatorScript(_Model):
     def _outcomes(cls, v: list[str]) -> list[str]:
         for item in v:
             if item not in ("safe", "unsafe", "error") and not item.startswith("logo:"):
-                raise ValueError(f'unknown outcome {item!r}: use safe, unsafe, error, logo:NAME')
+                raise ValueError(f"unknown outcome {item!r}: use safe, unsafe, error, logo:NAME")
         return v
 
     @field_validator("then")
@@ -416,8 +416,10 @@ def _problems_from(exc: ValidationError) -> list[ConfigProblem]:
             path = _join(path, part)
         msg = str(err["msg"]).removeprefix("Value error, ")
         hint = _HINTS.get(err["type"])
-        if err["type"] != "extra_forbidden" and "input" in err and not isinstance(
-            err["input"], dict | list
+        if (
+            err["type"] != "extra_forbidden"
+            and "input" in err
+            and not isinstance(err["input"], dict | list)
         ):
             msg += f" (got {err['input']!r})"
         problems.append(ConfigProblem(path, f"{msg}; {hint}" if hint else msg))

@@ -1,6 +1,6 @@
 """MAVI stream prices, exact.
 
-MAVI charges ``duration_s × rate × (1 + (fps − 1) × 0.5) / 3600`` USD per 5-second segment,
+MAVI charges ``duration_s * rate * (1 + (fps - 1) * 0.5) / 3600`` USD per 5-second segment,
 with ``rate`` 2.00 $/h for both features and 1.50 $/h for one. Every such price is a whole
 number of 1/2880 USD ("ticks"), so money is kept as integer ticks and turned into USD only
 for display.

@@ -39,9 +39,7 @@ def iso(ts: float | None) -> str | None:
     """A unix time as an ISO-8601 UTC string (None stays None)."""
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def build_status(
@@ -143,8 +141,10 @@ class Server:
 
     def callback_url(self, *, public: bool = False) -> str:
         """The URL MAVI must post to. Contains the secret: never log it."""
-        base = self._config.server.public_url if public and self._config.server.public_url else (
-            self.base_url
+        base = (
+            self._config.server.public_url
+            if public and self._config.server.public_url
+            else (self.base_url)
         )
         return base.rstrip("/") + CALLBACK_PREFIX + self._secret.decode()
 
@@ -162,7 +162,7 @@ class Server:
                 f"cannot listen on {self._config.server.listen}: {exc.strerror}"
             ) from None
         server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         self.ready = True
         log.info("server.listening", address=self._config.server.host, port=self.port)
@@ -222,7 +222,7 @@ class Server:
             problems.append("server is not serving")
         try:
             await self._store.check_writable()
-        except Exception as exc:  # any store failure means not ready; say why
+        except Exception as exc:  # noqa: BLE001 - any store failure means not ready; say why
             problems.append(f"store is not writable: {exc}")
         if problems:
             return web.json_response({"ready": False, "problems": problems}, status=503)

@@ -282,7 +282,7 @@ class Store:
                 batch.append(self._queue.get_nowait())
             try:
                 results = await asyncio.to_thread(self._run_batch, [op for op, _ in batch])
-            except Exception as exc:  # the commit itself failed: nothing in the batch is stored
+            except Exception as exc:  # noqa: BLE001 - the commit failed: nothing in the batch is stored
                 log.error("store.commit_failed", error=str(exc), batch=len(batch))
                 results = [StoreError(f"could not commit to {self.path}: {exc}")] * len(batch)
             for (_, future), result in zip(batch, results, strict=True):
@@ -304,7 +304,7 @@ class Store:
                 try:
                     results.append(op(conn))
                     conn.execute("RELEASE op")
-                except Exception as exc:  # one bad operation must not fail its batch-mates
+                except Exception as exc:  # noqa: BLE001 - one bad op must not fail its batch-mates
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append(exc)
@@ -346,8 +346,16 @@ class Store:
             conn.execute(
                 "INSERT INTO tasks (task_id, stream, spec_hash, fps, content_moderation,"
                 " logo_detection, max_logos, started_at) VALUES (?,?,?,?,?,?,?,?)",
-                (task_id, stream, spec_hash, fps, content_moderation, logo_detection,
-                 max_logos, started_at),
+                (
+                    task_id,
+                    stream,
+                    spec_hash,
+                    fps,
+                    content_moderation,
+                    logo_detection,
+                    max_logos,
+                    started_at,
+                ),
             )
             rows = conn.execute(
                 "SELECT id, body, received_at FROM orphan_callbacks WHERE task_id = ? ORDER BY id",
@@ -534,8 +542,20 @@ _TASK_SELECT = (
 
 def _task_row(r: tuple[Any, ...]) -> TaskRow:
     return TaskRow(
-        r[0], r[1], r[2], r[3], bool(r[4]), bool(r[5]), r[6], r[7], bool(r[8]), r[9], r[10],
-        r[11], r[12], r[13],
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        bool(r[4]),
+        bool(r[5]),
+        r[6],
+        r[7],
+        bool(r[8]),
+        r[9],
+        r[10],
+        r[11],
+        r[12],
+        r[13],
     )
 
 
@@ -617,5 +637,10 @@ def _apply(conn: sqlite3.Connection, cb: Callback, body: str, at: float) -> Call
 def _tokens_json(cb: SegmentReport) -> dict[str, int]:
     t = cb.tokens
     assert t is not None
-    return {"input": t.input, "output": t.output, "total": t.total, "video": t.video,
-            "text": t.text}
+    return {
+        "input": t.input,
+        "output": t.output,
+        "total": t.total,
+        "video": t.video,
+        "text": t.text,
+    }

@@ -218,7 +218,7 @@ def plan(
 
 def backoff_delay(failures: int, policy: Policy, *, rand: float) -> float:
     """Seconds before restart number `failures` (1-based); `rand` in [0, 1) draws the jitter."""
-    base = min(policy.restart_max, policy.restart_initial * 2 ** max(0, failures - 1))
+    base = min(policy.restart_max, policy.restart_initial * 2.0 ** max(0, failures - 1))
     return base * (1 - policy.restart_jitter * rand)
 
 
@@ -234,7 +234,11 @@ def on_task_ended(
     """The stream's current task ended with `status` (via callback). Returns the new state
     and, for 402, the account halt to impose."""
     ended = replace(
-        state, task_id=None, spec_hash=None, last_end_status=status, stop_reason=None,
+        state,
+        task_id=None,
+        spec_hash=None,
+        last_end_status=status,
+        stop_reason=None,
         consecutive_errors=0,
     )
     if status == STATUS_USER_STOPPED and not requested:
@@ -349,8 +353,11 @@ class Supervisor:
         while not self._stopping:
             self.step()
             self._wake.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # lands as the event fires, and this loop would never end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._tick)
+                async with asyncio.timeout(self._tick):
+                    await self._wake.wait()
 
     def step(self) -> list[Action]:
         """One planning pass: decide and launch the actions. Returns them (for tests)."""
@@ -379,7 +386,9 @@ class Supervisor:
         elif isinstance(action, MarkStalled):
             self.streams[name] = replace(state, phase=Phase.STALLED)
             log.warning("supervisor.stream_stalled", stream=name, task_id=action.task_id)
-            self._spawn(self._store.add_event("stream_stalled", stream=name, task_id=action.task_id))
+            self._spawn(
+                self._store.add_event("stream_stalled", stream=name, task_id=action.task_id)
+            )
         else:
             self.streams.pop(name, None)
         self._notify()
@@ -508,7 +517,12 @@ class Supervisor:
         self.halt = halt
         await self._store.set_setting(
             "account_halt",
-            {"reason": halt.reason, "since": halt.since, "until": halt.until, "detail": halt.detail},
+            {
+                "reason": halt.reason,
+                "since": halt.since,
+                "until": halt.until,
+                "detail": halt.detail,
+            },
         )
 
     # -- what callbacks tell us ----------------------------------------------------------------
@@ -537,7 +551,11 @@ class Supervisor:
                     self._store.add_event("stream_recovered", stream=name, task_id=cb.task_id)
                 )
             self.streams[name] = replace(
-                state, phase=phase, last_seen=now, run_segments=segments, failures=failures,
+                state,
+                phase=phase,
+                last_seen=now,
+                run_segments=segments,
+                failures=failures,
                 consecutive_errors=0,
             )
         elif isinstance(cb, SegmentFailed):
@@ -547,15 +565,22 @@ class Supervisor:
                 log.warning("supervisor.segment_errors", stream=name, consecutive=errors)
                 self._spawn(
                     self._store.add_event(
-                        "segment_errors", stream=name, task_id=cb.task_id, status=cb.status,
+                        "segment_errors",
+                        stream=name,
+                        task_id=cb.task_id,
+                        status=cb.status,
                         detail=f"{errors} failed segments in a row: {cb.message}"[:500],
                     )
                 )
         elif isinstance(cb, StreamEnded):
             self._by_task.pop(cb.task_id, None)
             new, halt = on_task_ended(
-                state, cb.status, requested=outcome.stop_requested,
-                now=now, policy=self.policy, rand=self._rng.random(),
+                state,
+                cb.status,
+                requested=outcome.stop_requested,
+                now=now,
+                policy=self.policy,
+                rand=self._rng.random(),
             )
             self.streams[name] = new
             log.warning("supervisor.task_ended", stream=name, task_id=cb.task_id, status=cb.status)
@@ -611,11 +636,11 @@ class Supervisor:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait_until(self, predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:
-        """Return once `predicate()` holds, checking after every change; TimeoutError if not."""
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                await self._changed.wait()
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate()` holds, checking after every change. Bound it with
+        `asyncio.timeout()`."""
+        while not predicate():
+            await self._changed.wait()
 
     def running_count(self) -> int:
         return sum(1 for s in self.streams.values() if s.phase in (Phase.RUNNING, Phase.STALLED))

@@ -218,8 +218,10 @@ class Emulator:
                 "total": len(self.deliveries),
                 "delivered": sum(d.delivered for d in self.deliveries),
                 "attempts": sum(d.attempts for d in self.deliveries),
-                "pending": sum(not d.delivered and d.attempts < self.redelivery_attempts
-                               for d in self.deliveries),
+                "pending": sum(
+                    not d.delivered and d.attempts < self.redelivery_attempts
+                    for d in self.deliveries
+                ),
             },
         }
 
@@ -351,7 +353,15 @@ class Emulator:
     async def _run_task(self, task: EmuTask) -> None:
         outcomes, then = self._outcomes(task)
         script = self.scripts.get(task.url)
-        held: dict[str, Any] | None = None
+        reorder = script is not None and script.reorder
+        held: tuple[dict[str, Any], int] | None = None  # a segment kept back to be sent late
+
+        def release() -> None:
+            nonlocal held
+            if held is not None:
+                self._send(held[0], task.task_id, held[1], 0, script)
+                held = None
+
         index = 0
         try:
             while task.state == "running":
@@ -363,9 +373,7 @@ class Emulator:
                 elif outcomes and then == "repeat":
                     outcome = outcomes[index % len(outcomes)]
                 elif outcomes:
-                    if held is not None:
-                        self._send(held, task.task_id, index - 1, 0, script)
-                        held = None
+                    release()
                     self._end(task, int(then.removeprefix("end:")))
                     return
                 else:
@@ -375,27 +383,22 @@ class Emulator:
                     index += 1
                     continue
                 if self.balance_ticks < task.segment_ticks:
-                    if held is not None:
-                        self._send(held, task.task_id, index - 1, 0, script)
-                        held = None
+                    release()
                     self._end(task, 402)
                     return
                 self._charge(task, "segment")
                 payload = _segment(task, index, outcome, self.segment_seconds)
                 task.segments_sent += 1
-                if script is not None and script.reorder and held is None:
-                    held = payload
+                if reorder and held is None:
+                    held = (payload, index)
                 else:
                     self._send(payload, task.task_id, index, 0, script)
-                    if held is not None:
-                        self._send(held, task.task_id, index - 1, 0, script)
-                        held = None
+                    release()
                 index += 1
         finally:
-            # A held (reordered) segment was processed and charged: deliver it even when the
-            # task was stopped meanwhile.
-            if held is not None:
-                self._send(held, task.task_id, index - 1, 0, script)
+            # A held segment was processed and charged: deliver it even when the task was
+            # stopped meanwhile.
+            release()
 
     def _end(self, task: EmuTask, status: int) -> None:
         if task.state != "running":
@@ -407,8 +410,12 @@ class Emulator:
             "code": self._code(),
             "message": "SUCCESS",
             "task_id": task.task_id,
-            "data": {"status": status, "message": END_MESSAGES[status], "data": None,
-                     "token": None},
+            "data": {
+                "status": status,
+                "message": END_MESSAGES[status],
+                "data": None,
+                "token": None,
+            },
         }
         self._send(body, task.task_id, None, status, self.scripts.get(task.url))
         log.info("emulator.task_ended", task_id=task.task_id, status=status)
@@ -449,16 +456,18 @@ class Emulator:
                     delivery.last_http = None
             await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
             delay *= 2
-        log.warning("emulator.delivery_exhausted", task_id=delivery.task_id,
-                    segment=delivery.segment_index)
+        log.warning(
+            "emulator.delivery_exhausted", task_id=delivery.task_id, segment=delivery.segment_index
+        )
 
 
 def _validate_start(body: Any) -> str | None:
     if not isinstance(body, dict):
         return "Body must be a JSON object"
     url = body.get("url")
-    if not isinstance(url, str) or not url.startswith(("rtmp://", "rtsp://", "rtmps://",
-                                                       "rtsps://", "http://", "https://")):
+    if not isinstance(url, str) or not url.startswith(
+        ("rtmp://", "rtsp://", "rtmps://", "rtsps://", "http://", "https://")
+    ):
         return "url must be an rtmp://, rtsp:// or HLS URL"
     fps = body.get("fps", 1)
     if not isinstance(fps, int) or isinstance(fps, bool) or fps < 1:
@@ -479,8 +488,7 @@ def _failed(task_id: str) -> dict[str, Any]:
         "code": 200,
         "message": "SUCCESS",
         "task_id": task_id,
-        "data": {"status": -1, "message": "Segment processing failed", "data": None,
-                 "token": None},
+        "data": {"status": -1, "message": "Segment processing failed", "data": None, "token": None},
     }
 
 
@@ -500,10 +508,18 @@ def _segment(task: EmuTask, index: int, outcome: str, period: float) -> dict[str
     if task.logo_detection:
         logos = []
         if outcome.startswith("logo:"):
-            logos = [{"name": outcome.removeprefix("logo:"), "confidence": 0.93,
-                      "bbox": [0.1, 0.1, 0.2, 0.1]}][: task.max_logos]
-        data["logo_detection"] = {"has_logo": bool(logos), "logos": logos,
-                                  "frames_processed": frames}
+            logos = [
+                {
+                    "name": outcome.removeprefix("logo:"),
+                    "confidence": 0.93,
+                    "bbox": [0.1, 0.1, 0.2, 0.1],
+                }
+            ][: task.max_logos]
+        data["logo_detection"] = {
+            "has_logo": bool(logos),
+            "logos": logos,
+            "frames_processed": frames,
+        }
     data["processing_time_ms"] = str(int(period * 160) + 12)
     return {
         "code": 200,
@@ -513,7 +529,12 @@ def _segment(task: EmuTask, index: int, outcome: str, period: float) -> dict[str
             "status": 0,
             "message": "Segment processed successfully",
             "data": data,
-            "token": {"input": 1200 * task.fps, "output": 40, "total": 1200 * task.fps + 40,
-                      "video_tokens": 1100 * task.fps, "text_tokens": 100 * task.fps + 40},
+            "token": {
+                "input": 1200 * task.fps,
+                "output": 40,
+                "total": 1200 * task.fps + 40,
+                "video_tokens": 1100 * task.fps,
+                "text_tokens": 100 * task.fps + 40,
+            },
         },
     }

@@ -149,7 +149,9 @@ def _tokens(raw: dict[str, Any] | None) -> Tokens | None:
     def get(key: str) -> int:
         return _int(raw.get(key), f"token.{key}") or 0
 
-    return Tokens(get("input"), get("output"), get("total"), get("video_tokens"), get("text_tokens"))
+    return Tokens(
+        get("input"), get("output"), get("total"), get("video_tokens"), get("text_tokens")
+    )
 
 
 def parse_callback(body: bytes | str) -> Callback:

@@ -8,6 +8,7 @@ exponential backoff and jitter, honouring `Retry-After`; 401 and 402 raise at on
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -149,8 +150,6 @@ class _AlreadyStopped(MaviError):
 
 
 def _interpret(endpoint: str, status: int, text: str, retry_after: float | None) -> Any:
-    import json
-
     try:
         doc = json.loads(text) if text else None
     except ValueError:
@@ -176,9 +175,8 @@ def _interpret(endpoint: str, status: int, text: str, retry_after: float | None)
     code = doc.get("code")
     if not _code_ok(code):
         # Some gateways answer 200 with the real status inside: map it the same way.
-        try:
-            inner = int(code)
-        except (TypeError, ValueError):
-            raise RejectedRequest(f"{where}: code {code!r}", status=status) from None
-        return _interpret(endpoint, inner, "", retry_after) if inner != status else None
+        inner = int(code) if isinstance(code, int | str) and str(code).isdigit() else 0
+        if not 300 <= inner < 600:
+            raise RejectedRequest(f"{where}: unexpected code {code!r}", status=status)
+        return _interpret(endpoint, inner, json.dumps({"message": message}), retry_after)
     return doc.get("data")

@@ -1,0 +1,183 @@
+"""Shared fixtures: a fast emulator on loopback and daemons built against it.
+
+Daemons in these tests use `backend = "mavi"` with the emulator's base URL, exactly as a user
+with a real account would, so the emulator outlives daemon restarts (adoption tests) and
+nothing depends on the in-process wiring of the built-in backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import stamina
+
+from streamwatch.app import App
+from streamwatch.config import Config, parse_config
+from streamwatch.emulator import Emulator
+
+SECRET = "test-callback-secret-0123456789"
+API_KEY = "sk-mai-test-key"
+ENV = {"SW_SECRET": SECRET, "MAVI_KEY": API_KEY, "SW_TOKEN": "status-token-xyz"}
+SEGMENT = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _no_retry_sleeps() -> Any:
+    """HTTP retries still happen in tests, without their backoff sleeps."""
+    with stamina.set_testing(True, attempts=4, cap=True):
+        yield
+
+
+def config_text(
+    db: Path,
+    *,
+    base_url: str,
+    streams: str = "",
+    supervisor: str = "",
+    extra: str = "",
+    mavi: str = "",
+    token: bool = False,
+) -> str:
+    return f"""
+[mavi]
+backend = "mavi"
+base_url = "{base_url}"
+api_key = {{ env = "MAVI_KEY" }}
+segment_seconds = {SEGMENT}
+{mavi}
+[mavi.retry]
+attempts = 3
+initial_seconds = 0.01
+max_seconds = 0.05
+timeout_seconds = 5
+
+[server]
+listen = "127.0.0.1:0"
+callback_secret = {{ env = "SW_SECRET" }}
+{'status_token = { env = "SW_TOKEN" }' if token else ""}
+
+[storage]
+path = "{db}"
+
+[supervisor]
+tick_seconds = 0.02
+stall_after_segments = 6
+restart_initial_seconds = 0.05
+restart_max_seconds = 0.2
+restart_jitter = 0.0
+balance_recheck_seconds = 30
+drain_seconds = 2
+stable_after_segments = 3
+{supervisor}
+
+{extra}
+
+{streams}
+"""
+
+
+def stream_toml(name: str, url: str | None = None, **fields: Any) -> str:
+    lines = [
+        "[[streams]]",
+        f'name = "{name}"',
+        f'url = "{url or f"rtmp://cams.test/{name}"}"',
+    ]
+    for key, value in fields.items():
+        lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    emu = Emulator(
+        segment_seconds=SEGMENT,
+        api_key=API_KEY,
+        redelivery_initial_seconds=0.02,
+        redelivery_attempts=20,
+    )
+    async with emu.running():
+        yield emu
+
+
+class Daemon:
+    """Starts and stops `App`s on one state file, as a service manager would."""
+
+    def __init__(self, tmp_path: Path, emulator: Emulator) -> None:
+        self.db = tmp_path / "state.db"
+        self.config_path = tmp_path / "streams.toml"
+        self.emulator = emulator
+        self.app: App | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def write(self, streams: str, **kwargs: Any) -> Config:
+        text = config_text(self.db, base_url=self.emulator.base_url, streams=streams, **kwargs)
+        self.config_path.write_text(text)
+        return parse_config(text, environ=ENV)
+
+    async def start(self, streams: str | None = None, **kwargs: Any) -> App:
+        if streams is not None:
+            self.write(streams, **kwargs)
+        config = parse_config(self.config_path.read_text(), environ=ENV)
+        app = App(config, config_path=self.config_path, environ=ENV)
+        self._task = asyncio.create_task(app.serve())
+        started = asyncio.create_task(app.started.wait())
+        done, _ = await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:
+            started.cancel()
+            self._task.result()
+        assert app.server is not None
+        self.emulator.webhook = app.server.callback_url()
+        self.app = app
+        return app
+
+    async def stop(self) -> None:
+        if self.app is not None and self._task is not None:
+            self.app.request_stop()
+            await self._task
+        self.app = None
+        self._task = None
+
+    async def crash(self) -> None:
+        """Stop without the graceful path: what SIGKILL leaves behind, as far as the store and
+        MAVI can tell (tasks keep running, nothing is drained)."""
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self.app = None
+        self._task = None
+
+    @property
+    def sup(self) -> Any:
+        assert self.app is not None
+        assert self.app.supervisor is not None
+        return self.app.supervisor
+
+    @property
+    def store(self) -> Any:
+        assert self.app is not None
+        assert self.app.store is not None
+        return self.app.store
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        async with asyncio.timeout(timeout):
+            await self.sup.wait_until(predicate)
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Daemon]:
+    d = Daemon(tmp_path, emulator)
+    yield d
+    await d.stop()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition that no event announces (the emulator's own counters)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)

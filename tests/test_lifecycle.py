@@ -1,0 +1,303 @@
+"""Whole lifecycles: daemon and emulator on loopback, real SQLite, real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from streamwatch.emulator import Script
+from streamwatch.supervisor import Phase, Start
+from tests.conftest import Daemon, stream_toml, until
+
+
+def phase(d: Daemon, name: str) -> Phase | None:
+    state = d.sup.streams.get(name)
+    return state.phase if state else None
+
+
+async def test_segments_are_stored_once_despite_duplicates_and_reordering(daemon, emulator):
+    """Every segment MAVI delivers twice and out of order is stored exactly once."""
+    url = "rtmp://cams.test/busy"
+    emulator.scripts[url] = Script(
+        outcomes=["safe", "unsafe", "logo:Acme", "safe", "error", "safe"],
+        duplicate=True,
+        reorder=True,
+    )
+    await daemon.start(stream_toml("busy", url, logo_detection=True))
+    await daemon.wait(
+        lambda: (s := daemon.sup.streams.get("busy")) is not None and s.run_segments >= 10
+    )
+    task_id = daemon.sup.streams["busy"].task_id
+    await daemon.stop()  # on_shutdown = keep: the task goes on at the emulator
+    emu_task = emulator.tasks[task_id]
+    emulator_stop = aiohttp.ClientSession()
+    async with emulator_stop:
+        await emulator_stop.post(
+            f"{emulator.base_url}/stream/stop",
+            json={"task_id": task_id},
+            headers={"Authorization": emulator.api_key},
+        )
+    await daemon.start()
+    await until(lambda: all(d.delivered for d in emulator.deliveries if d.task_id == task_id))
+    indexes = await daemon.store.segment_indexes(task_id)
+    sent = emu_task.segments_sent
+    deliveries = [d for d in emulator.deliveries if d.task_id == task_id and d.status == 0]
+    assert len(deliveries) == 2 * sent, "every segment was delivered twice"
+    assert indexes == sorted({d.segment_index for d in deliveries})
+    assert len(indexes) == sent
+    row = await daemon.store.task(task_id)
+    assert row.segments == sent
+    totals = (await daemon.store.stream_totals())["busy"]
+    assert totals.unsafe_segments >= 1
+    assert totals.logo_segments >= 1
+    assert totals.failed_segments >= 1
+
+
+async def test_status_15_restarts_with_backoff(daemon, emulator):
+    """A task that ends with 15 (no video) is restarted after a backoff, and counted."""
+    url = "rtmp://cams.test/flaky"
+    emulator.scripts[url] = Script(outcomes=["safe"], then="end:15")
+    await daemon.start(stream_toml("flaky", url))
+    await until(lambda: len(emulator.accepted_starts(url)) >= 3)
+    await daemon.wait(lambda: daemon.sup.streams["flaky"].restarts >= 2)
+    events = await daemon.store.events(stream="flaky")
+    ended = [e for e in events if e.kind == "task_ended"]
+    assert ended
+    assert {e.status for e in ended} == {15}
+    assert phase(daemon, "flaky") in (Phase.BACKOFF, Phase.RUNNING, Phase.STARTING)
+
+
+async def test_status_16_capacity_restarts_later(daemon, emulator):
+    """Provider capacity (16) ends the task; the stream is retried, not given up."""
+    url = "rtmp://cams.test/busy-provider"
+    emulator.scripts[url] = Script(outcomes=["safe", "safe"], then="end:16")
+    await daemon.start(stream_toml("cap", url))
+    await until(lambda: len(emulator.accepted_starts(url)) >= 2)
+    statuses = [e.status for e in await daemon.store.events(stream="cap") if e.kind == "task_ended"]
+    assert 16 in statuses
+
+
+async def test_operator_stop_holds_the_stream_until_resumed(daemon, emulator):
+    """A 14 that streamwatch did not ask for holds the stream, across restarts, until resume."""
+    url = "rtmp://cams.test/held"
+    await daemon.start(stream_toml("held", url))
+    await daemon.wait(lambda: phase(daemon, "held") is Phase.RUNNING)
+    task_id = daemon.sup.streams["held"].task_id
+    async with aiohttp.ClientSession() as console:  # a person presses "stop" in the console
+        resp = await console.post(
+            f"{emulator.base_url}/stream/stop",
+            json={"task_id": task_id},
+            headers={"Authorization": emulator.api_key},
+        )
+        assert resp.status == 200
+    await daemon.wait(lambda: phase(daemon, "held") is Phase.HELD)
+    assert not [a for a in daemon.sup.step() if isinstance(a, Start)]
+    await daemon.stop()
+    await daemon.start()
+    assert phase(daemon, "held") is Phase.HELD, "the hold survives a daemon restart"
+    assert not [a for a in daemon.sup.step() if isinstance(a, Start)]
+    assert len(emulator.accepted_starts(url)) == 1
+    released = await daemon.sup.resume(["held"])
+    assert released == ["held"]
+    await daemon.wait(lambda: phase(daemon, "held") is Phase.RUNNING)
+    assert len(emulator.accepted_starts(url)) == 2
+
+
+async def test_balance_exhausted_halts_the_account_until_resume(daemon, emulator):
+    """402 mid-stream halts every start account-wide; after a top-up, resume restarts."""
+    await daemon.start(stream_toml("a") + stream_toml("b", fps=3))
+    await daemon.wait(lambda: daemon.sup.running_count() == 2)
+    emulator.balance_ticks = 10  # less than any segment: both tasks end with 402
+    await daemon.wait(lambda: daemon.sup.halt is not None and daemon.sup.running_count() == 0)
+    assert daemon.sup.halt.reason == "balance"
+    starts_before = len(emulator.accepted_starts())
+    assert not [a for a in daemon.sup.step() if isinstance(a, Start)]
+    await daemon.stop()
+    await daemon.start()
+    assert daemon.sup.halt is not None, "the halt survives a daemon restart"
+    emulator.balance_ticks = 100_000
+    await daemon.sup.resume()
+    await daemon.wait(lambda: daemon.sup.running_count() == 2)
+    assert len(emulator.accepted_starts()) == starts_before + 2
+    assert emulator.balance_ticks >= 0
+
+
+async def test_start_refused_for_balance_halts(daemon, emulator):
+    """A start answered HTTP 402 halts the account instead of retrying in a loop."""
+    emulator.balance_ticks = 0
+    await daemon.start(stream_toml("poor"))
+    await daemon.wait(lambda: daemon.sup.halt is not None)
+    assert [s.http_status for s in emulator.starts] == [402], "402 is never retried"
+    status = await _status(daemon)
+    assert status["account"]["halted"] is True
+    assert status["streams"][0]["state"] == "halted"
+
+
+async def test_failed_segments_in_a_row_raise_a_stream_problem(daemon, emulator):
+    """N consecutive -1 segments are counted and recorded as one stream problem event."""
+    url = "rtmp://cams.test/broken"
+    emulator.scripts[url] = Script(outcomes=["error"])
+    await daemon.start(stream_toml("broken", url), supervisor="error_threshold = 3")
+    await daemon.wait(lambda: daemon.sup.streams["broken"].consecutive_errors >= 5)
+    events = [e for e in await daemon.store.events(stream="broken") if e.kind == "segment_errors"]
+    assert len(events) == 1
+    assert phase(daemon, "broken") is Phase.RUNNING, "-1 does not stop the stream"
+    totals = (await daemon.store.stream_totals())["broken"]
+    assert totals.failed_segments >= 5
+    assert totals.segments == 0
+
+
+async def test_daemon_restart_adopts_the_running_task(daemon, emulator):
+    """After a crash, the new daemon adopts the task: one start, segments keep flowing to it."""
+    url = "rtmp://cams.test/adopt"
+    await daemon.start(stream_toml("adopt", url))
+    await daemon.wait(lambda: daemon.sup.streams["adopt"].run_segments >= 2)
+    task_id = daemon.sup.streams["adopt"].task_id
+    await daemon.crash()
+    await daemon.start()
+    assert daemon.sup.streams["adopt"].task_id == task_id
+    before = (await daemon.store.task(task_id)).segments
+    await daemon.wait(lambda: daemon.sup.streams["adopt"].run_segments >= before + 3)
+    assert len(emulator.accepted_starts(url)) == 1
+    assert len(emulator.charges) == 1 + emulator.tasks[task_id].segments_sent
+    assert [e.kind for e in await daemon.store.events(stream="adopt")].count("task_adopted") == 1
+
+
+async def test_reload_adds_removes_and_restarts_changed_streams(daemon, emulator):
+    """SIGHUP's reload starts added streams, stops removed ones, restarts changed ones."""
+    await daemon.start(stream_toml("keep") + stream_toml("gone") + stream_toml("change"))
+    await daemon.wait(lambda: daemon.sup.running_count() == 3)
+    tasks = {n: daemon.sup.streams[n].task_id for n in ("keep", "gone", "change")}
+    daemon.write(stream_toml("keep") + stream_toml("change", fps=2) + stream_toml("new"))
+    assert await daemon.app.reload()
+    await daemon.wait(
+        lambda: (
+            "gone" not in daemon.sup.streams
+            and phase(daemon, "new") is Phase.RUNNING
+            and phase(daemon, "change") is Phase.RUNNING
+            and daemon.sup.streams["change"].task_id != tasks["change"]
+        )
+    )
+    assert daemon.sup.streams["keep"].task_id == tasks["keep"], "unchanged stream untouched"
+    assert emulator.tasks[tasks["gone"]].end_status == 14
+    assert emulator.tasks[tasks["change"]].end_status == 14
+    new_change = emulator.tasks[daemon.sup.streams["change"].task_id]
+    assert new_change.fps == 2
+    assert len(emulator.accepted_starts()) == 5
+
+
+async def test_reload_with_a_bad_file_changes_nothing(daemon, emulator):
+    """A reload that fails validation keeps the running config and streams."""
+    await daemon.start(stream_toml("one"))
+    await daemon.wait(lambda: daemon.sup.running_count() == 1)
+    daemon.config_path.write_text(daemon.config_path.read_text() + "\n[bogus]\n")
+    assert not await daemon.app.reload()
+    assert set(daemon.sup.desired) == {"one"}
+    assert phase(daemon, "one") is Phase.RUNNING
+
+
+async def test_on_shutdown_stop_stops_tasks_and_stores_their_final_callbacks(daemon, emulator):
+    """With on_shutdown = stop, a graceful stop ends every task and drains their 14s."""
+    await daemon.start(stream_toml("x") + stream_toml("y"), supervisor='on_shutdown = "stop"')
+    await daemon.wait(lambda: daemon.sup.running_count() == 2)
+    ids = [daemon.sup.streams[n].task_id for n in ("x", "y")]
+    await daemon.stop()
+    assert not emulator.running_tasks()
+    await daemon.start()
+    for task_id in ids:
+        row = await daemon.store.task(task_id)
+        assert row.ended_at is not None
+        assert row.end_status == 14
+    await daemon.wait(lambda: daemon.sup.running_count() == 2)
+    assert len(emulator.accepted_starts()) == 4, "stopped tasks are started afresh, not adopted"
+
+
+async def test_on_shutdown_keep_leaves_tasks_running(daemon, emulator):
+    """With on_shutdown = keep, a graceful stop leaves MAVI tasks running for adoption."""
+    await daemon.start(stream_toml("k"))
+    await daemon.wait(lambda: daemon.sup.running_count() == 1)
+    await daemon.stop()
+    assert len(emulator.running_tasks()) == 1
+
+
+async def test_stalled_task_is_restarted(daemon, emulator):
+    """A running task with no callbacks for the stall window is stopped and started again."""
+    url = "rtmp://cams.test/silent"
+    await daemon.start(stream_toml("silent", url))
+    await daemon.wait(lambda: phase(daemon, "silent") is Phase.RUNNING)
+    first = daemon.sup.streams["silent"].task_id
+    emulator.webhook = "http://127.0.0.1:9/nowhere"  # callbacks stop arriving
+    await daemon.wait(lambda: daemon.sup.streams["silent"].task_id not in (None, first))
+    assert daemon.app.server is not None
+    emulator.webhook = daemon.app.server.callback_url()
+    kinds = [e.kind for e in await daemon.store.events(stream="silent")]
+    assert "stream_stalled" in kinds
+    assert emulator.tasks[first].end_status == 14
+
+
+async def test_stalled_task_waits_and_recovers_when_policy_is_wait(daemon, emulator):
+    """With on_stall = wait, a stalled stream is flagged, kept, and recovers on its own."""
+    await daemon.start(stream_toml("patient"), supervisor='on_stall = "wait"')
+    await daemon.wait(lambda: phase(daemon, "patient") is Phase.RUNNING)
+    task_id = daemon.sup.streams["patient"].task_id
+    emulator.webhook = "http://127.0.0.1:9/nowhere"
+    await daemon.wait(lambda: phase(daemon, "patient") is Phase.STALLED)
+    assert daemon.app.server is not None
+    emulator.webhook = daemon.app.server.callback_url()
+    await daemon.wait(lambda: phase(daemon, "patient") is Phase.RUNNING)
+    assert daemon.sup.streams["patient"].task_id == task_id
+    kinds = [e.kind for e in await daemon.store.events(stream="patient")]
+    assert kinds.count("stream_stalled") == 1
+    assert "stream_recovered" in kinds
+
+
+async def test_transient_start_failures_are_retried(daemon, emulator):
+    """429 and 5xx at start are retried; the stream ends up running with one task."""
+    url = "rtmp://cams.test/shaky"
+    emulator.scripts[url] = Script(start_failures=[429, 503, 500, 502])
+    await daemon.start(stream_toml("shaky", url))
+    await daemon.wait(lambda: phase(daemon, "shaky") is Phase.RUNNING)
+    assert [s.http_status for s in emulator.starts] == [429, 503, 500, 502, 200]
+    kinds = [e.kind for e in await daemon.store.events(stream="shaky")]
+    assert kinds.count("start_failed") == 1, "three tries in one start, the fourth after backoff"
+
+
+async def test_callbacks_from_unknown_tasks_are_kept_as_orphans(daemon, emulator):
+    """A callback for a task this daemon never started is acknowledged and reported."""
+    await daemon.start(stream_toml("mine"))
+    assert daemon.app.server is not None
+    body = {
+        "code": 200,
+        "message": "SUCCESS",
+        "task_id": "someone-elses-task",
+        "data": {"status": 0, "message": "ok", "data": {"segment_index": 3}, "token": None},
+    }
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            resp = await s.post(daemon.app.server.callback_url(), json=body)
+            assert resp.status == 200
+    status = await _status(daemon)
+    assert status["orphans"] == {"tasks": 1, "callbacks": 1}
+
+
+async def test_max_running_limits_concurrent_tasks(daemon, emulator):
+    """With [mavi] max_running, no more tasks run at once; a freed slot goes to a waiter."""
+    await daemon.start("".join(stream_toml(f"s{i}") for i in range(4)), mavi="max_running = 2")
+    await daemon.wait(lambda: daemon.sup.running_count() == 2)
+    assert not [a for a in daemon.sup.step() if isinstance(a, Start)]
+    assert len(emulator.accepted_starts()) == 2
+    waiting = {n for n in ("s0", "s1", "s2", "s3") if phase(daemon, n) is not Phase.RUNNING}
+    running = next(n for n in ("s0", "s1", "s2", "s3") if phase(daemon, n) is Phase.RUNNING)
+    emulator._end(emulator.tasks[daemon.sup.streams[running].task_id], 15)
+    await daemon.wait(lambda: any(phase(daemon, n) is Phase.RUNNING for n in waiting))
+    assert daemon.sup.running_count() == 2
+
+
+async def _status(d: Daemon) -> dict:
+    assert d.app is not None
+    assert d.app.server is not None
+    async with aiohttp.ClientSession() as s:
+        resp = await s.get(d.app.server.base_url + "/api/v1/status")
+        assert resp.status == 200
+        return await resp.json()
