@@ -164,8 +164,9 @@ class Daemon:
         assert self.app.store is not None
         return self.app.store
 
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        async with asyncio.timeout(timeout):
+    async def wait(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
+        """Wait for a supervisor condition, failing the test after `within` seconds."""
+        async with asyncio.timeout(within):
             await self.sup.wait_until(predicate)
 
 
@@ -176,8 +177,7 @@ async def daemon(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Daemon]:
     await d.stop()
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition that no event announces (the emulator's own counters)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
+async def until(emulator: Emulator, predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Wait for a condition on the emulator's own records."""
+    async with asyncio.timeout(within):
+        await emulator.wait_until(predicate)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 from streamwatch.emulator import Script
@@ -39,7 +37,9 @@ async def test_segments_are_stored_once_despite_duplicates_and_reordering(daemon
             headers={"Authorization": emulator.api_key},
         )
     await daemon.start()
-    await until(lambda: all(d.delivered for d in emulator.deliveries if d.task_id == task_id))
+    await until(
+        emulator, lambda: all(d.delivered for d in emulator.deliveries if d.task_id == task_id)
+    )
     indexes = await daemon.store.segment_indexes(task_id)
     sent = emu_task.segments_sent
     deliveries = [d for d in emulator.deliveries if d.task_id == task_id and d.status == 0]
@@ -59,7 +59,7 @@ async def test_status_15_restarts_with_backoff(daemon, emulator):
     url = "rtmp://cams.test/flaky"
     emulator.scripts[url] = Script(outcomes=["safe"], then="end:15")
     await daemon.start(stream_toml("flaky", url))
-    await until(lambda: len(emulator.accepted_starts(url)) >= 3)
+    await until(emulator, lambda: len(emulator.accepted_starts(url)) >= 3)
     await daemon.wait(lambda: daemon.sup.streams["flaky"].restarts >= 2)
     events = await daemon.store.events(stream="flaky")
     ended = [e for e in events if e.kind == "task_ended"]
@@ -73,7 +73,7 @@ async def test_status_16_capacity_restarts_later(daemon, emulator):
     url = "rtmp://cams.test/busy-provider"
     emulator.scripts[url] = Script(outcomes=["safe", "safe"], then="end:16")
     await daemon.start(stream_toml("cap", url))
-    await until(lambda: len(emulator.accepted_starts(url)) >= 2)
+    await until(emulator, lambda: len(emulator.accepted_starts(url)) >= 2)
     statuses = [e.status for e in await daemon.store.events(stream="cap") if e.kind == "task_ended"]
     assert 16 in statuses
 

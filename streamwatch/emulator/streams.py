@@ -18,7 +18,7 @@ import hmac
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -152,6 +152,7 @@ class Emulator:
         self._senders: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._start_failures_used: dict[str, int] = {}
+        self._changed = asyncio.Event()
         self.port: int | None = None
         self.host = "127.0.0.1"
         self.app = self._make_app()
@@ -196,6 +197,16 @@ class Emulator:
         return app
 
     # -- state for tests -----------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate()` holds, checking after each start, charge, end and
+        delivery attempt. Bound it with `asyncio.timeout()`."""
+        while not predicate():
+            await self._changed.wait()
 
     def running_tasks(self) -> list[EmuTask]:
         return [t for t in self.tasks.values() if t.state == "running"]
@@ -278,6 +289,7 @@ class Emulator:
         self._charge(task, "precharge")
         self.tasks[task.task_id] = task
         self.starts.append(StartRecord(url, 200, task.task_id))
+        self._notify()
         self._loops[task.task_id] = asyncio.create_task(self._run_task(task))
         log.info("emulator.task_started", task_id=task.task_id, fps=task.fps)
         return self._reply(
@@ -336,6 +348,7 @@ class Emulator:
         self.balance_ticks -= ticks
         task.charged_ticks += ticks
         self.charges.append(Charge(task.task_id, kind, ticks, time.time()))
+        self._notify()
 
     def _outcomes(self, task: EmuTask) -> tuple[list[str], str]:
         script = self.scripts.get(task.url)
@@ -419,6 +432,7 @@ class Emulator:
         }
         self._send(body, task.task_id, None, status, self.scripts.get(task.url))
         log.info("emulator.task_ended", task_id=task.task_id, status=status)
+        self._notify()
 
     def _code(self) -> int | str:
         return "200" if self.string_codes else 200
@@ -445,12 +459,14 @@ class Emulator:
         delay = self.redelivery_initial
         while delivery.attempts < self.redelivery_attempts:
             delivery.attempts += 1
+            self._notify()
             if self.webhook:
                 try:
                     async with self._session.post(self.webhook, json=body) as resp:
                         delivery.last_http = resp.status
                         if 200 <= resp.status < 300:
                             delivery.delivered = True
+                            self._notify()
                             return
                 except (aiohttp.ClientError, TimeoutError):
                     delivery.last_http = None

@@ -1,0 +1,197 @@
+"""Config loading: validation with key paths and hints, interpolation, defaults, secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamwatch.config import ConfigError, parse_config, resolve_secrets
+
+MINIMAL = """
+[[streams]]
+name = "cam"
+url = "rtmp://h/live"
+"""
+
+
+def problems(text: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, environ=environ or {})
+    return {p.path: p.message for p in info.value.problems}
+
+
+def test_minimal_config_takes_defaults():
+    """A stream entry without optional keys takes [defaults], then the built-in defaults."""
+    cfg = parse_config(MINIMAL + "\n[defaults]\nfps = 3\n", environ={})
+    s = cfg.streams[0]
+    assert (s.fps, s.content_moderation, s.logo_detection, s.max_logos) == (3, True, False, 5)
+    assert cfg.mavi.backend == "emulator"
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "fragment"),
+    [
+        ("[mavi]\nbackend = 'cloud'", "mavi.backend", "'mavi' or 'emulator'"),
+        ("[mavi]\nbase_url = 'ftp://x'", "mavi.base_url", "http"),
+        ("[server]\nlisten = '8080'", "server.listen", "host:port"),
+        ("[server]\nlistn = 'x'", "server.listn", "unknown key"),
+        ("[storage]\nbatch_max = 0", "storage.batch_max", "greater than or equal to 1"),
+        ("[supervisor]\non_stall = 'panic'", "supervisor.on_stall", "'wait' or 'restart'"),
+        ("[mavi]\napi_key = 'sk-mai-inline'", "mavi.api_key", "valid dictionary"),
+        ("[mavi.api_key]\nenv = 'A'\nfile = '/k'", "mavi.api_key", "exactly one"),
+        ("[[streams]]\nname='a'\nurl='http://h/x'", "streams[0].url", "rtmp:// or rtsp://"),
+        ("[[streams]]\nname='a'\nurl='rtmp://h'\nfps=0", "streams[0].fps", "got 0"),
+        ("[[streams]]\nname='a'\nurl='rtmp://h'\nmax_logos=51", "streams[0].max_logos", "50"),
+        ("[[streams]]\nname='a b'\nurl='rtmp://h'", "streams[0].name", "pattern"),
+        (
+            "[[streams]]\nname='a'\nurl='rtmp://h'\ncontent_moderation=false",
+            "streams[0]",
+            "content_moderation, logo_detection or both",
+        ),
+        (
+            "[[streams]]\nname='a'\nurl='rtmp://h'\nlabels={'bad-key'='x'}",
+            "streams[0].labels",
+            "label",
+        ),
+    ],
+)
+def test_bad_values_name_their_key_path(text, path, fragment):
+    """Each bad value is reported at its key path, with a message saying what is allowed."""
+    found = problems(text)
+    assert path in found, found
+    assert fragment in found[path]
+
+
+def test_every_problem_is_reported_not_just_the_first():
+    """Several mistakes in one file are all listed, duplicates and missing variables included."""
+    text = """
+[mavi]
+backend = "x"
+[[streams]]
+name = "a"
+url = "http://bad"
+[[streams]]
+name = "a"
+url = "rtmp://h/${MISSING}"
+fps = 0
+"""
+    found = problems(text)
+    assert set(found) >= {
+        "mavi.backend",
+        "streams[0].url",
+        "streams[1].name",
+        "streams[1].url",
+        "streams[1].fps",
+    }
+    assert "duplicate name 'a'" in found["streams[1].name"]
+    assert "MISSING" in found["streams[1].url"]
+
+
+def test_interpolation_from_the_environment():
+    """${VAR} takes the environment, ${VAR:-default} falls back, $$ is a literal dollar."""
+    text = """
+[storage]
+path = "${STATE_DIR}/sw.db"
+[[streams]]
+name = "cam"
+url = "rtmp://${CAM_HOST:-cams.local}/live/$$key"
+"""
+    cfg = parse_config(text, environ={"STATE_DIR": "/var/lib/sw"})
+    assert str(cfg.storage.path) == "/var/lib/sw/sw.db"
+    assert cfg.streams[0].url == "rtmp://cams.local/live/$key"
+
+
+def test_toml_syntax_errors_give_line_and_column():
+    """A file that is not TOML says where it breaks."""
+    found = problems("[mavi\nbackend = 1")
+    assert "line 1" in found[""]
+
+
+def test_config_is_frozen():
+    """Config objects cannot be changed after validation."""
+    cfg = parse_config(MINIMAL, environ={})
+    with pytest.raises(ValueError, match="frozen"):
+        cfg.streams[0].fps = 9  # type: ignore[misc]
+
+
+def test_spec_hash_changes_only_with_what_mavi_is_asked():
+    """Labels do not restart a task; fps, features and URL do; max_logos only with logos on."""
+    base = parse_config(MINIMAL, environ={}).streams[0]
+    assert base.model_copy(update={"labels": {"a": "b"}}).spec_hash() == base.spec_hash()
+    assert base.model_copy(update={"max_logos": 9}).spec_hash() == base.spec_hash()
+    assert base.model_copy(update={"fps": 2}).spec_hash() != base.spec_hash()
+    logos = base.model_copy(update={"logo_detection": True})
+    assert logos.spec_hash() != base.spec_hash()
+    assert logos.model_copy(update={"max_logos": 9}).spec_hash() != logos.spec_hash()
+
+
+def test_secrets_come_from_env_or_file(tmp_path: Path):
+    """API key and callback secret are read from their named sources, never from the file."""
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-mai-from-file\n")
+    text = f"""
+[mavi]
+backend = "mavi"
+api_key = {{ file = "{key_file}" }}
+[server]
+callback_secret = {{ env = "CB" }}
+"""
+    cfg = parse_config(text, environ={})
+    secrets = resolve_secrets(cfg, environ={"CB": "a" * 24})
+    assert secrets.api_key is not None
+    assert secrets.api_key.get_secret_value() == "sk-mai-from-file"
+    assert "sk-mai" not in repr(secrets)
+
+
+def test_missing_secrets_for_a_real_account_are_all_reported():
+    """With backend = mavi, a missing key and a missing callback secret are both named."""
+    cfg = parse_config("[mavi]\nbackend = 'mavi'\n", environ={})
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(cfg, environ={})
+    paths = {p.path for p in info.value.problems}
+    assert paths == {"mavi.api_key", "server.callback_secret"}
+
+
+def test_short_callback_secret_is_refused():
+    """A guessable callback secret is refused with a way to make a good one."""
+    cfg = parse_config("[server]\ncallback_secret = { env = 'CB' }\n", environ={})
+    with pytest.raises(ConfigError, match="token_urlsafe"):
+        resolve_secrets(cfg, environ={"CB": "short"})
+
+
+def test_emulator_backend_generates_a_callback_secret():
+    """The built-in emulator needs no secret set up: one is made per run."""
+    secrets = resolve_secrets(parse_config(MINIMAL, environ={}), environ={})
+    assert secrets.callback_secret_generated
+    assert len(secrets.callback_secret.get_secret_value()) >= 24
+
+
+def test_check_config_exits_non_zero_and_prints_every_error(tmp_path: Path):
+    """`streamwatch check-config` lists all problems on stderr and exits 1."""
+    path = tmp_path / "bad.toml"
+    path.write_text("[[streams]]\nname='a'\nurl='http://x'\nfps=0\n[typo]\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamwatch", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    for where in ("streams[0].url", "streams[0].fps", "typo"):
+        assert where in proc.stderr
+
+
+def test_check_config_accepts_the_shipped_file():
+    """The top-level streams.toml shipped with the project is valid."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamwatch", "check-config", "-c", str(root / "streams.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout

@@ -1,0 +1,172 @@
+"""The SQLite store: migrations, dedupe, orphans, batching, persistence."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from streamwatch.mavi.callbacks import SegmentFailed, SegmentReport, StreamEnded, parse_callback
+from streamwatch.store import MIGRATIONS, SchemaError, Store, StoreError
+
+
+def segment(task_id: str, index: int, *, unsafe: bool = False) -> tuple[SegmentReport, bytes]:
+    body = json.dumps(
+        {
+            "task_id": task_id,
+            "data": {
+                "status": 0,
+                "data": {
+                    "segment_index": index,
+                    "content_moderation": {"has_unsafe_content": unsafe},
+                },
+            },
+        }
+    ).encode()
+    report = parse_callback(body)
+    assert isinstance(report, SegmentReport)
+    return report, body
+
+
+async def register(store: Store, task_id: str, stream: str = "cam") -> list:
+    return await store.record_task_started(
+        task_id=task_id,
+        stream=stream,
+        spec_hash="h",
+        fps=1,
+        content_moderation=True,
+        logo_detection=False,
+        max_logos=5,
+        started_at=1.0,
+    )
+
+
+async def test_fresh_file_is_migrated_to_the_latest_schema(tmp_path: Path):
+    """A new state file gets every migration, in WAL mode."""
+    async with Store(tmp_path / "s.db"):
+        pass
+    conn = sqlite3.connect(tmp_path / "s.db")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_newer_schema_is_refused(tmp_path: Path):
+    """A state file written by a newer streamwatch is not touched."""
+    conn = sqlite3.connect(tmp_path / "s.db")
+    conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    conn.close()
+    with pytest.raises(SchemaError, match="newer"):
+        await Store(tmp_path / "s.db").open()
+
+
+async def test_missing_directory_is_a_clear_error(tmp_path: Path):
+    """A state path in a directory that does not exist says so."""
+    with pytest.raises(StoreError, match="does not exist"):
+        await Store(tmp_path / "nope" / "s.db").open()
+
+
+async def test_duplicates_are_stored_once(tmp_path: Path):
+    """The same (task_id, segment_index) twice is one row and one count."""
+    async with Store(tmp_path / "s.db") as store:
+        await register(store, "t")
+        cb, body = segment("t", 0, unsafe=True)
+        first = await store.apply_callback(cb, body=body)
+        second = await store.apply_callback(cb, body=body)
+        assert (first.kind, second.kind) == ("stored", "duplicate")
+        assert first.stream == "cam"
+        row = await store.task("t")
+        assert row is not None
+        assert row.segments == 1
+        assert (await store.stream_totals())["cam"].unsafe_segments == 1
+
+
+async def test_callbacks_before_registration_are_claimed(tmp_path: Path):
+    """A callback that beats the start answer is parked as an orphan, then claimed."""
+    async with Store(tmp_path / "s.db") as store:
+        cb, body = segment("early", 0)
+        outcome = await store.apply_callback(cb, body=body)
+        assert outcome.kind == "orphan"
+        assert (await store.apply_callback(cb, body=body)).kind == "duplicate"
+        assert await store.orphan_summary() == {"early": 1}
+        claimed = await register(store, "early")
+        assert [c.kind for c in claimed] == ["stored"]
+        assert await store.orphan_summary() == {}
+        assert await store.segment_indexes("early") == [0]
+
+
+async def test_end_callback_is_recorded_once_and_knows_who_asked(tmp_path: Path):
+    """A 14 after the daemon's own stop is stored once and flagged as requested."""
+    async with Store(tmp_path / "s.db") as store:
+        await register(store, "t")
+        await store.mark_stop_requested("t")
+        assert await store.record_task_ended("t", status=None, reason="stopped by streamwatch")
+        end = StreamEnded("t", 14, "stopped")
+        first = await store.apply_callback(end, body=b"{}")
+        again = await store.apply_callback(end, body=b"{}")
+        assert (first.kind, again.kind) == ("stored", "duplicate")
+        assert first.stop_requested
+        row = await store.task("t")
+        assert row is not None
+        assert (row.end_status, row.end_reason) == (14, "stopped by streamwatch")
+        assert await store.running_tasks() == []
+
+
+async def test_failed_segments_are_counted(tmp_path: Path):
+    """-1 callbacks are kept and counted on their task."""
+    async with Store(tmp_path / "s.db") as store:
+        await register(store, "t")
+        for _ in range(3):
+            await store.apply_callback(SegmentFailed("t", -1, "x"), body=b"{}")
+        assert (await store.stream_totals())["cam"].failed_segments == 3
+
+
+async def test_concurrent_callbacks_share_commits(tmp_path: Path):
+    """Callbacks arriving together are committed together: far fewer commits than callbacks."""
+    async with Store(tmp_path / "s.db") as store:
+        await register(store, "t")
+        base = store.commits
+        cbs = [segment("t", i) for i in range(500)]
+        outcomes = await asyncio.gather(*(store.apply_callback(c, body=b) for c, b in cbs))
+        assert {o.kind for o in outcomes} == {"stored"}
+        assert store.commits - base < 50
+        assert await store.segment_count(task_id="t") == 500
+
+
+async def test_one_failing_operation_does_not_fail_its_batch(tmp_path: Path):
+    """A bad operation raises for its caller alone; its batch-mates commit."""
+    async with Store(tmp_path / "s.db") as store:
+        await register(store, "t")
+        cb, body = segment("t", 1)
+        results = await asyncio.gather(
+            register(store, "t"),  # duplicate primary key
+            store.apply_callback(cb, body=body),
+            return_exceptions=True,
+        )
+        assert isinstance(results[0], sqlite3.IntegrityError)
+        assert await store.segment_indexes("t") == [1]
+
+
+async def test_state_survives_reopening(tmp_path: Path):
+    """Settings, holds, tasks and events are on disk, not in memory."""
+    async with Store(tmp_path / "s.db") as store:
+        await register(store, "t")
+        await store.set_setting("account_halt", {"reason": "balance"})
+        await store.set_held("cam", "stopped outside streamwatch")
+        await store.add_event("task_started", stream="cam", task_id="t")
+    async with Store(tmp_path / "s.db") as store:
+        assert await store.get_setting("account_halt") == {"reason": "balance"}
+        assert await store.held_streams() == {"cam": "stopped outside streamwatch"}
+        assert [t.task_id for t in await store.running_tasks()] == ["t"]
+        assert [e.kind for e in await store.events(stream="cam")] == ["task_started"]
+        await store.set_held("cam", None)
+        assert await store.held_streams() == {}
+
+
+async def test_closed_store_refuses_work(tmp_path: Path):
+    """Using a store that is not open is an error, not a hang."""
+    store = Store(tmp_path / "s.db")
+    with pytest.raises(StoreError, match="not open"):
+        await store.get_setting("x")
