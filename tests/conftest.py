@@ -19,6 +19,8 @@ import stamina
 from streamwatch.app import App
 from streamwatch.config import Config, parse_config
 from streamwatch.emulator import Emulator
+from streamwatch.store import Store
+from streamwatch.supervisor import StreamState, Supervisor
 
 SECRET = "test-callback-secret-0123456789"
 API_KEY = "sk-mai-test-key"
@@ -153,13 +155,17 @@ class Daemon:
         self._task = None
 
     @property
-    def sup(self) -> Any:
+    def sup(self) -> Supervisor:
         assert self.app is not None
         assert self.app.supervisor is not None
         return self.app.supervisor
 
+    def state(self, name: str) -> StreamState:
+        """The supervisor's view of a stream (a fresh idle state before its first plan)."""
+        return self.sup.streams.get(name, StreamState(name))
+
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         assert self.app is not None
         assert self.app.store is not None
         return self.app.store

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 
 from streamwatch.emulator import Script
@@ -26,7 +28,7 @@ async def test_segments_are_stored_once_despite_duplicates_and_reordering(daemon
     await daemon.wait(
         lambda: (s := daemon.sup.streams.get("busy")) is not None and s.run_segments >= 10
     )
-    task_id = daemon.sup.streams["busy"].task_id
+    task_id = daemon.state("busy").task_id
     await daemon.stop()  # on_shutdown = keep: the task goes on at the emulator
     emu_task = emulator.tasks[task_id]
     emulator_stop = aiohttp.ClientSession()
@@ -60,7 +62,7 @@ async def test_status_15_restarts_with_backoff(daemon, emulator):
     emulator.scripts[url] = Script(outcomes=["safe"], then="end:15")
     await daemon.start(stream_toml("flaky", url))
     await until(emulator, lambda: len(emulator.accepted_starts(url)) >= 3)
-    await daemon.wait(lambda: daemon.sup.streams["flaky"].restarts >= 2)
+    await daemon.wait(lambda: daemon.state("flaky").restarts >= 2)
     events = await daemon.store.events(stream="flaky")
     ended = [e for e in events if e.kind == "task_ended"]
     assert ended
@@ -83,7 +85,7 @@ async def test_operator_stop_holds_the_stream_until_resumed(daemon, emulator):
     url = "rtmp://cams.test/held"
     await daemon.start(stream_toml("held", url))
     await daemon.wait(lambda: phase(daemon, "held") is Phase.RUNNING)
-    task_id = daemon.sup.streams["held"].task_id
+    task_id = daemon.state("held").task_id
     async with aiohttp.ClientSession() as console:  # a person presses "stop" in the console
         resp = await console.post(
             f"{emulator.base_url}/stream/stop",
@@ -139,7 +141,7 @@ async def test_failed_segments_in_a_row_raise_a_stream_problem(daemon, emulator)
     url = "rtmp://cams.test/broken"
     emulator.scripts[url] = Script(outcomes=["error"])
     await daemon.start(stream_toml("broken", url), supervisor="error_threshold = 3")
-    await daemon.wait(lambda: daemon.sup.streams["broken"].consecutive_errors >= 5)
+    await daemon.wait(lambda: daemon.state("broken").consecutive_errors >= 5)
     events = [e for e in await daemon.store.events(stream="broken") if e.kind == "segment_errors"]
     assert len(events) == 1
     assert phase(daemon, "broken") is Phase.RUNNING, "-1 does not stop the stream"
@@ -152,13 +154,13 @@ async def test_daemon_restart_adopts_the_running_task(daemon, emulator):
     """After a crash, the new daemon adopts the task: one start, segments keep flowing to it."""
     url = "rtmp://cams.test/adopt"
     await daemon.start(stream_toml("adopt", url))
-    await daemon.wait(lambda: daemon.sup.streams["adopt"].run_segments >= 2)
-    task_id = daemon.sup.streams["adopt"].task_id
+    await daemon.wait(lambda: daemon.state("adopt").run_segments >= 2)
+    task_id = daemon.state("adopt").task_id
     await daemon.crash()
     await daemon.start()
-    assert daemon.sup.streams["adopt"].task_id == task_id
+    assert daemon.state("adopt").task_id == task_id
     before = (await daemon.store.task(task_id)).segments
-    await daemon.wait(lambda: daemon.sup.streams["adopt"].run_segments >= before + 3)
+    await daemon.wait(lambda: daemon.state("adopt").run_segments >= before + 3)
     assert len(emulator.accepted_starts(url)) == 1
     assert len(emulator.charges) == 1 + emulator.tasks[task_id].segments_sent
     assert [e.kind for e in await daemon.store.events(stream="adopt")].count("task_adopted") == 1
@@ -168,7 +170,7 @@ async def test_reload_adds_removes_and_restarts_changed_streams(daemon, emulator
     """SIGHUP's reload starts added streams, stops removed ones, restarts changed ones."""
     await daemon.start(stream_toml("keep") + stream_toml("gone") + stream_toml("change"))
     await daemon.wait(lambda: daemon.sup.running_count() == 3)
-    tasks = {n: daemon.sup.streams[n].task_id for n in ("keep", "gone", "change")}
+    tasks = {n: daemon.state(n).task_id for n in ("keep", "gone", "change")}
     daemon.write(stream_toml("keep") + stream_toml("change", fps=2) + stream_toml("new"))
     assert await daemon.app.reload()
     await daemon.wait(
@@ -176,13 +178,13 @@ async def test_reload_adds_removes_and_restarts_changed_streams(daemon, emulator
             "gone" not in daemon.sup.streams
             and phase(daemon, "new") is Phase.RUNNING
             and phase(daemon, "change") is Phase.RUNNING
-            and daemon.sup.streams["change"].task_id != tasks["change"]
+            and daemon.state("change").task_id != tasks["change"]
         )
     )
-    assert daemon.sup.streams["keep"].task_id == tasks["keep"], "unchanged stream untouched"
+    assert daemon.state("keep").task_id == tasks["keep"], "unchanged stream untouched"
     assert emulator.tasks[tasks["gone"]].end_status == 14
     assert emulator.tasks[tasks["change"]].end_status == 14
-    new_change = emulator.tasks[daemon.sup.streams["change"].task_id]
+    new_change = emulator.tasks[daemon.state("change").task_id]
     assert new_change.fps == 2
     assert len(emulator.accepted_starts()) == 5
 
@@ -201,7 +203,7 @@ async def test_on_shutdown_stop_stops_tasks_and_stores_their_final_callbacks(dae
     """With on_shutdown = stop, a graceful stop ends every task and drains their 14s."""
     await daemon.start(stream_toml("x") + stream_toml("y"), supervisor='on_shutdown = "stop"')
     await daemon.wait(lambda: daemon.sup.running_count() == 2)
-    ids = [daemon.sup.streams[n].task_id for n in ("x", "y")]
+    ids = [daemon.state(n).task_id for n in ("x", "y")]
     await daemon.stop()
     assert not emulator.running_tasks()
     await daemon.start()
@@ -226,9 +228,9 @@ async def test_stalled_task_is_restarted(daemon, emulator):
     url = "rtmp://cams.test/silent"
     await daemon.start(stream_toml("silent", url))
     await daemon.wait(lambda: phase(daemon, "silent") is Phase.RUNNING)
-    first = daemon.sup.streams["silent"].task_id
+    first = daemon.state("silent").task_id
     emulator.webhook = "http://127.0.0.1:9/nowhere"  # callbacks stop arriving
-    await daemon.wait(lambda: daemon.sup.streams["silent"].task_id not in (None, first))
+    await daemon.wait(lambda: daemon.state("silent").task_id not in (None, first))
     assert daemon.app.server is not None
     emulator.webhook = daemon.app.server.callback_url()
     kinds = [e.kind for e in await daemon.store.events(stream="silent")]
@@ -240,13 +242,13 @@ async def test_stalled_task_waits_and_recovers_when_policy_is_wait(daemon, emula
     """With on_stall = wait, a stalled stream is flagged, kept, and recovers on its own."""
     await daemon.start(stream_toml("patient"), supervisor='on_stall = "wait"')
     await daemon.wait(lambda: phase(daemon, "patient") is Phase.RUNNING)
-    task_id = daemon.sup.streams["patient"].task_id
+    task_id = daemon.state("patient").task_id
     emulator.webhook = "http://127.0.0.1:9/nowhere"
     await daemon.wait(lambda: phase(daemon, "patient") is Phase.STALLED)
     assert daemon.app.server is not None
     emulator.webhook = daemon.app.server.callback_url()
     await daemon.wait(lambda: phase(daemon, "patient") is Phase.RUNNING)
-    assert daemon.sup.streams["patient"].task_id == task_id
+    assert daemon.state("patient").task_id == task_id
     kinds = [e.kind for e in await daemon.store.events(stream="patient")]
     assert kinds.count("stream_stalled") == 1
     assert "stream_recovered" in kinds
@@ -289,15 +291,16 @@ async def test_max_running_limits_concurrent_tasks(daemon, emulator):
     assert len(emulator.accepted_starts()) == 2
     waiting = {n for n in ("s0", "s1", "s2", "s3") if phase(daemon, n) is not Phase.RUNNING}
     running = next(n for n in ("s0", "s1", "s2", "s3") if phase(daemon, n) is Phase.RUNNING)
-    emulator._end(emulator.tasks[daemon.sup.streams[running].task_id], 15)
+    emulator._end(emulator.tasks[daemon.state(running).task_id], 15)
     await daemon.wait(lambda: any(phase(daemon, n) is Phase.RUNNING for n in waiting))
     assert daemon.sup.running_count() == 2
 
 
-async def _status(d: Daemon) -> dict:
+async def _status(d: Daemon) -> dict[str, Any]:
     assert d.app is not None
     assert d.app.server is not None
     async with aiohttp.ClientSession() as s:
         resp = await s.get(d.app.server.base_url + "/api/v1/status")
         assert resp.status == 200
-        return await resp.json()
+        doc: dict[str, Any] = await resp.json()
+        return doc

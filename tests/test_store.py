@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from streamwatch.mavi.callbacks import SegmentFailed, SegmentReport, StreamEnded, parse_callback
-from streamwatch.store import MIGRATIONS, SchemaError, Store, StoreError
+from streamwatch.store import MIGRATIONS, CallbackOutcome, SchemaError, Store, StoreError
 
 
 def segment(task_id: str, index: int, *, unsafe: bool = False) -> tuple[SegmentReport, bytes]:
@@ -31,7 +31,7 @@ def segment(task_id: str, index: int, *, unsafe: bool = False) -> tuple[SegmentR
     return report, body
 
 
-async def register(store: Store, task_id: str, stream: str = "cam") -> list:
+async def register(store: Store, task_id: str, stream: str = "cam") -> list[CallbackOutcome]:
     return await store.record_task_started(
         task_id=task_id,
         stream=stream,

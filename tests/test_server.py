@@ -1,0 +1,134 @@
+"""The HTTP surface: the callback route's answers, health, the status and resume API."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import SECRET, Daemon, stream_toml
+
+
+def segment_body(task_id: str, index: int) -> dict[str, Any]:
+    return {
+        "code": 200,
+        "message": "SUCCESS",
+        "task_id": task_id,
+        "data": {
+            "status": 0,
+            "message": "ok",
+            "data": {
+                "segment_index": index,
+                "start_time": "0.0",
+                "end_time": "5.0",
+                "content_moderation": {"has_unsafe_content": False},
+            },
+            "token": None,
+        },
+    }
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def started(daemon: Daemon, **kwargs) -> str:
+    app = await daemon.start(stream_toml("cam"), **kwargs)
+    assert app.server is not None
+    return app.server.base_url
+
+
+async def test_wrong_secret_is_404(daemon, http):
+    """A callback to any other path segment is not found, and nothing is stored."""
+    base = await started(daemon)
+    resp = await http.post(f"{base}/callbacks/mavi/{SECRET[:-1]}x", json=segment_body("t", 0))
+    assert resp.status == 404
+    assert await daemon.store.orphan_summary() == {}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[]",
+        b'{"task_id": "t"}',
+        json.dumps({"task_id": "t", "data": {"status": 0}}).encode(),
+    ],
+)
+async def test_malformed_callbacks_are_400(daemon, http, body):
+    """Bodies that are not callbacks get 400 with a reason, never a 5xx."""
+    base = await started(daemon)
+    resp = await http.post(f"{base}/callbacks/mavi/{SECRET}", data=body)
+    assert resp.status == 400
+    assert "error" in await resp.json()
+
+
+async def test_oversized_body_is_413(daemon, http):
+    """A body over [server] max_body_bytes is refused with 413."""
+    base = await started(daemon)
+    resp = await http.post(f"{base}/callbacks/mavi/{SECRET}", data=io.BytesIO(b"x" * 1_100_000))
+    assert resp.status == 413
+
+
+async def test_store_failure_is_503_so_mavi_retries(daemon, http, emulator):
+    """When the store cannot commit, the callback is not acknowledged."""
+    base = await started(daemon)
+    await daemon.store.close()  # the state file goes away under the daemon
+    resp = await http.post(f"{base}/callbacks/mavi/{SECRET}", json=segment_body("t", 0))
+    assert resp.status == 503
+    ready = await http.get(f"{base}/readyz")
+    assert ready.status == 503
+    assert "store" in (await ready.json())["problems"][0]
+    await daemon.store.open()
+
+
+async def test_health_and_readiness(daemon, http):
+    """/healthz answers while alive; /readyz once the store takes writes."""
+    base = await started(daemon)
+    assert (await http.get(f"{base}/healthz")).status == 200
+    resp = await http.get(f"{base}/readyz")
+    assert resp.status == 200
+    assert await resp.json() == {"ready": True, "problems": []}
+
+
+async def test_status_requires_the_token_when_configured(daemon, http):
+    """With status_token set, the status API answers 401 without the bearer token."""
+    base = await started(daemon, token=True)
+    assert (await http.get(f"{base}/api/v1/status")).status == 401
+    bad = {"Authorization": "Bearer nope"}
+    assert (await http.get(f"{base}/api/v1/status", headers=bad)).status == 401
+    good = {"Authorization": "Bearer status-token-xyz"}
+    resp = await http.get(f"{base}/api/v1/status", headers=good)
+    assert resp.status == 200
+
+
+async def test_status_document_fields_and_no_secrets(daemon, http):
+    """The status document carries the documented fields and no secret or stream URL."""
+    base = await started(daemon)
+    await daemon.wait(lambda: daemon.state("cam").run_segments >= 2)
+    text = await (await http.get(f"{base}/api/v1/status")).text()
+    doc = json.loads(text)
+    assert set(doc) == {"version", "now", "backend", "account", "streams", "orphans"}
+    stream = doc["streams"][0]
+    assert stream["name"] == "cam"
+    assert stream["state"] == "running"
+    assert stream["segments"] >= 2
+    assert stream["last_segment_at"].endswith("Z")
+    for secret in (SECRET, "sk-mai-test-key", "rtmp://"):
+        assert secret not in text
+
+
+async def test_resume_api_validates_names(daemon, http):
+    """Resume refuses unknown stream names and malformed bodies."""
+    base = await started(daemon)
+    resp = await http.post(f"{base}/api/v1/resume", json={"streams": ["nope"]})
+    assert resp.status == 404
+    resp = await http.post(f"{base}/api/v1/resume", json={"streams": "cam"})
+    assert resp.status == 400
+    resp = await http.post(f"{base}/api/v1/resume", json={"streams": []})
+    assert resp.status == 200
