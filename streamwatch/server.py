@@ -11,6 +11,7 @@ Routes (stable; see README):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import time
@@ -28,7 +29,7 @@ from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callb
 from streamwatch.store import Store, StoreError
 from streamwatch.supervisor import Phase, Supervisor
 
-__all__ = ["CALLBACK_PREFIX", "Server", "build_status", "iso"]
+__all__ = ["CALLBACK_PREFIX", "Server", "build_status", "close_runner", "iso"]
 
 log = structlog.get_logger("streamwatch.server")
 
@@ -96,6 +97,21 @@ async def build_status(
         "streams": streams,
         "orphans": {"tasks": len(orphans), "callbacks": sum(orphans.values())},
     }
+
+
+async def close_runner(runner: web.AppRunner) -> None:
+    """Stop an aiohttp runner, including connections accepted while it was stopping.
+
+    `AppRunner.cleanup()` closes the listener without waiting for accepts asyncio already
+    began; such a connection can reach the handler after the shutdown pass and would be left
+    open. A second pass over the same low-level server closes those as well."""
+    low = runner.server
+    await runner.cleanup()
+    if low is not None:
+        for _ in range(3):  # let started accepts finish creating their transports
+            await asyncio.sleep(0)
+        low.pre_shutdown()
+        await low.shutdown(0)
 
 
 class Server:
@@ -170,7 +186,7 @@ class Server:
             yield self
         finally:
             self.ready = False
-            await runner.cleanup()
+            await close_runner(runner)
 
     # -- handlers ------------------------------------------------------------------------------
 

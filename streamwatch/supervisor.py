@@ -425,12 +425,12 @@ class Supervisor:
                 state, exc, now=now, policy=self.policy, rand=self._rng.random()
             )
             self.streams[name] = new
+            if halt is not None:
+                self._impose_halt(halt)
             log.warning("supervisor.start_failed", stream=name, error=str(exc))
             await self._store.add_event(
                 "start_failed", stream=name, status=exc.status, detail=str(exc)
             )
-            if halt is not None:
-                await self._set_halt(halt)
             return
         now = self._clock()
         claimed = await self._store.record_task_started(
@@ -510,11 +510,18 @@ class Supervisor:
         else:
             self.streams[action.stream] = replace(ended, phase=Phase.IDLE)
 
-    async def _set_halt(self, halt: Halt) -> None:
-        if self.halt is None or self.halt.reason != halt.reason:
-            log.error("supervisor.account_halted", reason=halt.reason, until=halt.until)
-            await self._store.add_event("account_halted", detail=f"{halt.reason}: {halt.detail}")
+    def _impose_halt(self, halt: Halt) -> None:
+        """Halt the account now, in the same step as the stream state that caused it (so no
+        plan can run in between and start again), and persist it in the background."""
+        new = self.halt is None or self.halt.reason != halt.reason
         self.halt = halt
+        if new:
+            log.error("supervisor.account_halted", reason=halt.reason, until=halt.until)
+        self._spawn(self._persist_halt(halt, new=new))
+
+    async def _persist_halt(self, halt: Halt, *, new: bool) -> None:
+        if new:
+            await self._store.add_event("account_halted", detail=f"{halt.reason}: {halt.detail}")
         await self._store.set_setting(
             "account_halt",
             {
@@ -587,7 +594,7 @@ class Supervisor:
             if new.phase is Phase.HELD:
                 self._spawn(self._store.set_held(name, new.held_reason))
             if halt is not None:
-                self._spawn(self._set_halt(halt))
+                self._impose_halt(halt)
         self._notify()
 
     # -- people ------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ def config_text(
     extra: str = "",
     mavi: str = "",
     token: bool = False,
+    stall_after_segments: int = 40,
 ) -> str:
     return f"""
 [mavi]
@@ -68,7 +69,7 @@ path = "{db}"
 
 [supervisor]
 tick_seconds = 0.02
-stall_after_segments = 6
+stall_after_segments = {stall_after_segments}
 restart_initial_seconds = 0.05
 restart_max_seconds = 0.2
 restart_jitter = 0.0
@@ -180,6 +181,9 @@ class Daemon:
 async def daemon(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Daemon]:
     d = Daemon(tmp_path, emulator)
     yield d
+    # Stop deliveries first: a callback connection accepted while the server closes would
+    # only be noise at teardown.
+    emulator.webhook = None
     await d.stop()
 
 

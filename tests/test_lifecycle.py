@@ -226,7 +226,7 @@ async def test_on_shutdown_keep_leaves_tasks_running(daemon, emulator):
 async def test_stalled_task_is_restarted(daemon, emulator):
     """A running task with no callbacks for the stall window is stopped and started again."""
     url = "rtmp://cams.test/silent"
-    await daemon.start(stream_toml("silent", url))
+    await daemon.start(stream_toml("silent", url), stall_after_segments=6)
     await daemon.wait(lambda: phase(daemon, "silent") is Phase.RUNNING)
     first = daemon.state("silent").task_id
     emulator.webhook = "http://127.0.0.1:9/nowhere"  # callbacks stop arriving
@@ -240,7 +240,9 @@ async def test_stalled_task_is_restarted(daemon, emulator):
 
 async def test_stalled_task_waits_and_recovers_when_policy_is_wait(daemon, emulator):
     """With on_stall = wait, a stalled stream is flagged, kept, and recovers on its own."""
-    await daemon.start(stream_toml("patient"), supervisor='on_stall = "wait"')
+    await daemon.start(
+        stream_toml("patient"), supervisor='on_stall = "wait"', stall_after_segments=6
+    )
     await daemon.wait(lambda: phase(daemon, "patient") is Phase.RUNNING)
     task_id = daemon.state("patient").task_id
     emulator.webhook = "http://127.0.0.1:9/nowhere"

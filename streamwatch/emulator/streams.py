@@ -28,6 +28,7 @@ from aiohttp import web
 
 from streamwatch.config import EmulatorScript
 from streamwatch.pricing import segment_cost_ticks
+from streamwatch.server import close_runner
 
 __all__ = ["API_PREFIX", "Charge", "Delivery", "EmuTask", "Emulator", "Script", "StartRecord"]
 
@@ -183,7 +184,7 @@ class Emulator:
             for task in [*self._loops.values(), *self._senders]:
                 task.cancel()
             await asyncio.gather(*self._loops.values(), *self._senders, return_exceptions=True)
-            await runner.cleanup()
+            await close_runner(runner)
             await self._session.close()
 
     def _make_app(self) -> web.Application:
