@@ -146,7 +146,9 @@ class App:
     async def _drain(self, loop_task: asyncio.Task[None]) -> None:
         assert self.supervisor is not None
         assert self.store is not None
-        stop_tasks = self.config.supervisor.on_shutdown == "stop"
+        # The built-in emulator ends with this process, and its tasks with it: stop them
+        # properly rather than leave records of tasks that no longer exist anywhere.
+        stop_tasks = self.config.supervisor.on_shutdown == "stop" or self.emulator is not None
         stopped = await self.supervisor.shutdown(stop_tasks=stop_tasks)
         await loop_task
         if not stop_tasks:

@@ -213,7 +213,7 @@ class Server:
         if outcome.kind == "orphan":
             log.warning("callback.orphan", task_id=callback.task_id)
         elif isinstance(callback, SegmentReport) and outcome.kind == "stored":
-            log.info(
+            (log.warning if callback.unsafe else log.info)(
                 "segment.stored",
                 stream=outcome.stream,
                 segment=callback.segment_index,

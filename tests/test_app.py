@@ -1,0 +1,58 @@
+"""The App with the built-in emulator backend, as the README's first command runs it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from streamwatch.app import App
+from streamwatch.config import parse_config
+from streamwatch.store import Store
+
+
+def builtin_config(db: Path) -> str:
+    return f"""
+[mavi]
+backend = "emulator"
+segment_seconds = 0.05
+[server]
+listen = "127.0.0.1:0"
+[storage]
+path = "{db}"
+[supervisor]
+tick_seconds = 0.02
+on_shutdown = "keep"
+[[streams]]
+name = "cam"
+url = "rtmp://cams.test/cam"
+"""
+
+
+async def run_until_segments(app: App, n: int) -> None:
+    serving = asyncio.create_task(app.serve())
+    await app.started.wait()
+    assert app.supervisor is not None
+    sup = app.supervisor
+    async with asyncio.timeout(10):
+        await sup.wait_until(
+            lambda: (s := sup.streams.get("cam")) is not None and s.run_segments >= n
+        )
+    app.request_stop()
+    await serving
+
+
+async def test_builtin_emulator_runs_and_stops_its_tasks_on_shutdown(tmp_path: Path):
+    """With the built-in backend segments flow with no account, and a restart starts afresh
+    instead of adopting tasks that died with the previous process."""
+    cfg = parse_config(builtin_config(tmp_path / "s.db"), environ={})
+    first = App(cfg, environ={})
+    await run_until_segments(first, 2)
+    assert first.emulator is not None
+    assert not first.emulator.running_tasks()
+    await run_until_segments(App(cfg, environ={}), 1)
+    async with Store(tmp_path / "s.db") as store:
+        tasks = await store.tasks("cam")
+        kinds = [e.kind for e in await store.events(stream="cam")]
+    assert len(tasks) == 2
+    assert all(t.ended_at is not None for t in tasks)
+    assert "task_adopted" not in kinds
