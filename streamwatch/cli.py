@@ -26,6 +26,7 @@ from streamwatch.config import (
     ConfigProblem,
     EmulatorScript,
     load_config,
+    read_secret,
     resolve_secrets,
 )
 from streamwatch.logs import configure_logging
@@ -138,12 +139,10 @@ def _daemon_url(config: Config, override: str | None) -> str:
 def _headers(config: Config) -> dict[str, str]:
     if config.server.status_token is None:
         return {}
-    token = config.server.status_token.read(os.environ)
+    problems: list[ConfigProblem] = []
+    token = read_secret(config.server.status_token, "server.status_token", os.environ, problems)
     if token is None:
-        source = config.server.status_token.describe()
-        raise ConfigError(
-            "secrets", [ConfigProblem("server.status_token", f"no token in {source}")]
-        )
+        raise ConfigError("secrets", problems)
     return {"Authorization": f"Bearer {token.get_secret_value()}"}
 
 

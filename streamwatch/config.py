@@ -48,6 +48,7 @@ __all__ = [
     "SupervisorConfig",
     "load_config",
     "parse_config",
+    "read_secret",
     "resolve_secrets",
 ]
 
@@ -496,28 +497,33 @@ def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Conf
     return parse_config(text, source=str(path), environ=environ)
 
 
+def read_secret(
+    source: SecretSource, path: str, environ: Mapping[str, str], problems: list[ConfigProblem]
+) -> SecretStr | None:
+    """Read a secret that must be there; if it is not, add a problem naming `path` and where
+    the secret was looked for, and return None."""
+    value = source.read(environ)
+    if value is None:
+        problems.append(ConfigProblem(path, f"nothing in {source.describe()}"))
+    return value
+
+
 def resolve_secrets(config: Config, *, environ: Mapping[str, str] | None = None) -> Secrets:
     """Read every secret the config names, or raise `ConfigError` saying which is missing."""
     env = os.environ if environ is None else environ
     problems: list[ConfigProblem] = []
-    api_key = config.mavi.api_key.read(env)
-    if api_key is None and config.mavi.backend == "mavi":
-        problems.append(
-            ConfigProblem("mavi.api_key", f"no API key in {config.mavi.api_key.describe()}")
-        )
+    if config.mavi.backend == "mavi":
+        api_key = read_secret(config.mavi.api_key, "mavi.api_key", env, problems)
+    else:
+        api_key = config.mavi.api_key.read(env)
     generated = False
     callback: SecretStr | None = None
     if config.server.callback_secret is not None:
-        callback = config.server.callback_secret.read(env)
-        if callback is None:
-            problems.append(
-                ConfigProblem(
-                    "server.callback_secret",
-                    f"no secret in {config.server.callback_secret.describe()}",
-                )
-            )
-        elif len(callback.get_secret_value()) < 16 or not re.fullmatch(
-            r"[A-Za-z0-9_-]+", callback.get_secret_value()
+        callback = read_secret(
+            config.server.callback_secret, "server.callback_secret", env, problems
+        )
+        if callback is not None and not re.fullmatch(
+            r"[A-Za-z0-9_-]{16,}", callback.get_secret_value()
         ):
             problems.append(
                 ConfigProblem(
@@ -537,13 +543,7 @@ def resolve_secrets(config: Config, *, environ: Mapping[str, str] | None = None)
         callback, generated = SecretStr(secrets.token_urlsafe(24)), True
     status: SecretStr | None = None
     if config.server.status_token is not None:
-        status = config.server.status_token.read(env)
-        if status is None:
-            problems.append(
-                ConfigProblem(
-                    "server.status_token", f"no token in {config.server.status_token.describe()}"
-                )
-            )
+        status = read_secret(config.server.status_token, "server.status_token", env, problems)
     if problems:
         raise ConfigError("secrets", problems)
     assert callback is not None

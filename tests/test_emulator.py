@@ -13,6 +13,7 @@ from aiohttp import web
 from streamwatch.emulator import Emulator, Script
 from streamwatch.pricing import segment_cost_ticks
 from tests.conftest import until
+from tests.fakes.serve import serve
 
 KEY = "sk-mai-emu"
 
@@ -39,13 +40,9 @@ async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/hook", rec.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    rec.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/hook"  # type: ignore[union-attr]
-    yield rec
-    await runner.cleanup()
+    async with serve(app) as base:
+        rec.url = f"{base}/hook"
+        yield rec
 
 
 @pytest.fixture

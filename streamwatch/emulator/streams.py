@@ -244,19 +244,22 @@ class Emulator:
         body = {"code": code, "message": message, "data": data}
         return web.json_response(body, status=status)
 
-    def _auth_ok(self, request: web.Request) -> bool:
-        if self.api_key is None:
-            return True
+    async def _body(self, request: web.Request) -> Any:
+        """The JSON body of an authorised request, or the error response to send instead."""
         given = request.headers.get("Authorization", "")
-        return hmac.compare_digest(given.encode(), self.api_key.encode())
-
-    async def _start(self, request: web.Request) -> web.Response:
-        if not self._auth_ok(request):
+        if self.api_key is not None and not hmac.compare_digest(
+            given.encode(), self.api_key.encode()
+        ):
             return self._reply(401, "Invalid API key")
         try:
-            body = await request.json()
+            return await request.json()
         except ValueError:
             return self._reply(400, "Body must be JSON")
+
+    async def _start(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
         problem = _validate_start(body)
         if problem:
             return self._reply(400, problem)
@@ -300,12 +303,9 @@ class Emulator:
         )
 
     async def _stop(self, request: web.Request) -> web.Response:
-        if not self._auth_ok(request):
-            return self._reply(401, "Invalid API key")
-        try:
-            body = await request.json()
-        except ValueError:
-            return self._reply(400, "Body must be JSON")
+        body = await self._body(request)
+        if isinstance(body, web.Response):
+            return body
         task_id = body.get("task_id") if isinstance(body, dict) else None
         task = self.tasks.get(task_id) if isinstance(task_id, str) else None
         if task is None or task.state != "running":

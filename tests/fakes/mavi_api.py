@@ -11,6 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.serve import serve
+
 
 @dataclass
 class Answer:
@@ -46,13 +48,6 @@ class FakeMavi:
     async def running(self) -> AsyncIterator[FakeMavi]:
         app = web.Application()
         app.router.add_post("/v2/stream/{verb}", self._handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/v2"
-        try:
+        async with serve(app) as base:
+            self.url = f"{base}/v2"
             yield self
-        finally:
-            await runner.cleanup()

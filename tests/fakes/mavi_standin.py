@@ -18,6 +18,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.fakes.serve import serve
+
 
 @dataclass
 class Task:
@@ -126,16 +128,11 @@ class StandIn:
         app = web.Application()
         app.router.add_post("/serve/api/v2/stream/start", self.start)
         app.router.add_post("/serve/api/v2/stream/stop", self.stop)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/serve/api/v2"
-        try:
-            yield self
-        finally:
-            for loop in self.loops:
-                loop.cancel()
-            await asyncio.gather(*self.loops, return_exceptions=True)
-            await runner.cleanup()
+        async with serve(app) as base:
+            self.url = f"{base}/serve/api/v2"
+            try:
+                yield self
+            finally:
+                for loop in self.loops:
+                    loop.cancel()
+                await asyncio.gather(*self.loops, return_exceptions=True)
