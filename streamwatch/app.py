@@ -23,6 +23,7 @@ from pydantic import SecretStr
 
 from streamwatch.config import Config, ConfigError, Secrets, load_config, resolve_secrets
 from streamwatch.emulator import Emulator, Script
+from streamwatch.ledger import Spending
 from streamwatch.mavi.streams import StreamClient
 from streamwatch.pricing import usd_to_ticks
 from streamwatch.server import Server
@@ -93,7 +94,12 @@ class App:
         """Start every part, run until asked to stop, then drain and stop in reverse."""
         cfg = self.config
         async with contextlib.AsyncExitStack() as stack:
-            store = Store(cfg.storage.path, batch_max=cfg.storage.batch_max, clock=self._clock)
+            store = Store(
+                cfg.storage.path,
+                batch_max=cfg.storage.batch_max,
+                clock=self._clock,
+                precharge_covers_first_segment=cfg.ledger.precharge == "first_segment",
+            )
             self.store = await stack.enter_async_context(store)
             session = await stack.enter_async_context(aiohttp.ClientSession())
             base_url, api_key = cfg.mavi.base_url, self.secrets.api_key
@@ -115,6 +121,11 @@ class App:
                 store=self.store,
                 policy=self._policy(cfg),
                 tick_seconds=cfg.supervisor.tick_seconds,
+                spending=Spending(
+                    budgets=cfg.budgets,
+                    streams=cfg.streams,
+                    segment_seconds=cfg.mavi.segment_seconds,
+                ),
                 clock=self._clock,
             )
             await self.supervisor.load(cfg.streams)
@@ -180,17 +191,20 @@ class App:
         except ConfigError as exc:
             log.error("app.reload_failed", problems=[str(p) for p in exc.problems])
             return False
+        reloadable = ("streams", "budgets")
         untouched = [
             name
             for name in type(new).model_fields
-            if name != "streams" and getattr(new, name) != getattr(self.config, name)
+            if name not in reloadable and getattr(new, name) != getattr(self.config, name)
         ]
         if untouched:
             log.warning("app.reload_needs_restart", sections=untouched)
-        self.config = self.config.model_copy(update={"streams": new.streams})
+        self.config = self.config.model_copy(
+            update={"streams": new.streams, "budgets": new.budgets}
+        )
         if self.server is not None:
             self.server.set_config(self.config)
-        self.supervisor.reload(new.streams)
+        self.supervisor.reload(new.streams, new.budgets)
         self.reloads += 1
         log.info("app.reloaded", streams=len(new.streams))
         return True

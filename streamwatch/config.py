@@ -32,11 +32,14 @@ from pydantic import (
 )
 
 __all__ = [
+    "BudgetCaps",
+    "BudgetsConfig",
     "Config",
     "ConfigError",
     "ConfigProblem",
     "EmulatorConfig",
     "EmulatorScript",
+    "LedgerConfig",
     "LoggingConfig",
     "MaviConfig",
     "RetryConfig",
@@ -230,6 +233,53 @@ class SupervisorConfig(_Model):
         return self
 
 
+class BudgetCaps(_Model):
+    """Spending caps for one scope; either, both or neither."""
+
+    daily_usd: Decimal | None = Field(default=None, gt=0, description="Cap per UTC day.")
+    monthly_usd: Decimal | None = Field(default=None, gt=0, description="Cap per calendar month.")
+
+
+class BudgetsConfig(_Model):
+    """Account-wide caps and what crossing a cap does."""
+
+    daily_usd: Decimal | None = Field(default=None, gt=0, description="Account cap per UTC day.")
+    monthly_usd: Decimal | None = Field(
+        default=None, gt=0, description="Account cap per calendar month."
+    )
+    thresholds: list[int] = Field(
+        default_factory=lambda: [50, 80, 100], description="Percentages that raise an event."
+    )
+    action: Literal["stop", "alert-only"] = Field(
+        default="stop", description="At 100 %: stop the affected streams, or only tell."
+    )
+    forecast_lead_minutes: float = Field(
+        default=60, ge=0, description="Warn this long before the burn rate reaches a cap."
+    )
+    unreported_after_segments: int = Field(
+        default=2,
+        ge=0,
+        description="Segments a task may be behind on callbacks before its billing is estimated.",
+    )
+
+    @field_validator("thresholds")
+    @classmethod
+    def _percentages(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= t <= 100 for t in v):
+            raise ValueError("thresholds are percentages from 1 to 100")
+        return sorted(set(v))
+
+
+class LedgerConfig(_Model):
+    """How charges are counted where MAVI's documentation is ambiguous."""
+
+    precharge: Literal["separate", "first_segment"] = Field(
+        default="separate",
+        description="The start's pre-charge as its own charge (conservative), or as payment "
+        "for the task's first processed segment.",
+    )
+
+
 class StreamDefaults(_Model):
     """Values a `[[streams]]` entry takes when it does not say."""
 
@@ -249,6 +299,7 @@ class StreamConfig(_Model):
     logo_detection: bool
     max_logos: int = Field(ge=1, le=50)
     labels: dict[str, str] = Field(default_factory=dict)
+    budget: BudgetCaps = Field(default_factory=BudgetCaps, description="This stream's caps.")
 
     @field_validator("url")
     @classmethod
@@ -342,6 +393,8 @@ class Config(_Model):
     defaults: StreamDefaults = StreamDefaults()
     emulator: EmulatorConfig = EmulatorConfig()
     logging: LoggingConfig = LoggingConfig()
+    budgets: BudgetsConfig = BudgetsConfig()
+    ledger: LedgerConfig = LedgerConfig()
     streams: list[StreamConfig] = Field(default_factory=list)
 
     @field_validator("streams")

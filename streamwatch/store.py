@@ -28,10 +28,13 @@ from streamwatch.mavi.callbacks import (
     StreamEnded,
     parse_callback,
 )
+from streamwatch.pricing import segment_cost_ticks
 
 __all__ = [
     "CallbackOutcome",
+    "ChargeTotal",
     "EventRow",
+    "Registered",
     "SchemaError",
     "Store",
     "StoreError",
@@ -121,6 +124,29 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX events_by_stream ON events (stream, at);
     """,
+    # 2: the cost ledger. Every charge MAVI makes, in ticks of 1/2880 USD, written in the same
+    # transaction as the start or segment it pays for.
+    """
+    ALTER TABLE tasks ADD COLUMN segment_ticks INTEGER NOT NULL DEFAULT 0;
+    UPDATE tasks SET segment_ticks =
+        (CASE WHEN content_moderation AND logo_detection THEN 4 ELSE 3 END) * (fps + 1);
+    CREATE TABLE charges (
+        id            INTEGER PRIMARY KEY,
+        at            REAL NOT NULL,
+        stream        TEXT NOT NULL,
+        task_id       TEXT NOT NULL,
+        kind          TEXT NOT NULL,
+        segment_index INTEGER,
+        ticks         INTEGER NOT NULL
+    );
+    CREATE INDEX charges_by_time ON charges (at);
+    CREATE INDEX charges_by_stream ON charges (stream, at);
+    INSERT INTO charges (at, stream, task_id, kind, segment_index, ticks)
+        SELECT started_at, stream, task_id, 'precharge', NULL, segment_ticks FROM tasks;
+    INSERT INTO charges (at, stream, task_id, kind, segment_index, ticks)
+        SELECT s.received_at, s.stream, s.task_id, 'segment', s.segment_index, t.segment_ticks
+        FROM segments s JOIN tasks t ON t.task_id = s.task_id;
+    """,
 )
 
 
@@ -141,6 +167,27 @@ class CallbackOutcome:
     callback: Callback
     # For an ended task: was the stop requested by this daemon (an expected 14)?
     stop_requested: bool = False
+    # What MAVI charged for it (a stored segment), in ticks of 1/2880 USD, and when.
+    ticks: int = 0
+    at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A task just recorded: its pre-charge, and the early callbacks it claimed, in order."""
+
+    precharge_ticks: int
+    claimed: list[CallbackOutcome]
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeTotal:
+    """Charges over a time range for one stream."""
+
+    stream: str
+    precharges: int
+    segments: int
+    ticks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +208,8 @@ class TaskRow:
     end_reason: str | None
     last_callback_at: float | None
     segments: int
+    failed_segments: int
+    segment_ticks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,9 +243,17 @@ class Store:
     """The daemon's SQLite store. Use `async with Store(path) as store:`."""
 
     def __init__(
-        self, path: Path, *, batch_max: int = 512, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        *,
+        batch_max: int = 512,
+        clock: Callable[[], float] = time.time,
+        precharge_covers_first_segment: bool = False,
     ) -> None:
         self.path = path
+        # How to read MAVI's pre-charge (undocumented): as its own charge (False, the
+        # conservative default) or as payment for the task's first processed segment.
+        self._first_free = precharge_covers_first_segment
         self._batch_max = batch_max
         self._clock = clock
         self._conn: sqlite3.Connection | None = None
@@ -323,7 +380,8 @@ class Store:
     ) -> CallbackOutcome:
         """Store one parsed callback; returns once it is committed."""
         at = self._clock() if received_at is None else received_at
-        return await self._run(lambda c: _apply(c, callback, body.decode("utf-8", "replace"), at))
+        text = body.decode("utf-8", "replace")
+        return await self._run(lambda c: _apply(c, callback, text, at, self._first_free))
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -338,14 +396,18 @@ class Store:
         logo_detection: bool,
         max_logos: int,
         started_at: float,
-    ) -> list[CallbackOutcome]:
-        """Register a task MAVI just started, and claim callbacks that arrived before it was
-        registered (they were parked as orphans). Returns the claimed outcomes in order."""
+    ) -> Registered:
+        """Register a task MAVI just started with its pre-charge, and claim callbacks that
+        arrived before it was registered (they were parked as orphans)."""
+        ticks = segment_cost_ticks(
+            fps=fps, content_moderation=content_moderation, logo_detection=logo_detection
+        )
 
-        def op(conn: sqlite3.Connection) -> list[CallbackOutcome]:
+        def op(conn: sqlite3.Connection) -> Registered:
             conn.execute(
                 "INSERT INTO tasks (task_id, stream, spec_hash, fps, content_moderation,"
-                " logo_detection, max_logos, started_at) VALUES (?,?,?,?,?,?,?,?)",
+                " logo_detection, max_logos, started_at, segment_ticks)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
                 (
                     task_id,
                     stream,
@@ -355,7 +417,13 @@ class Store:
                     logo_detection,
                     max_logos,
                     started_at,
+                    ticks,
                 ),
+            )
+            conn.execute(
+                "INSERT INTO charges (at, stream, task_id, kind, ticks)"
+                " VALUES (?, ?, ?, 'precharge', ?)",
+                (started_at, stream, task_id, ticks),
             )
             rows = conn.execute(
                 "SELECT id, body, received_at FROM orphan_callbacks WHERE task_id = ? ORDER BY id",
@@ -364,8 +432,10 @@ class Store:
             claimed = []
             for row_id, body, received_at in rows:
                 conn.execute("DELETE FROM orphan_callbacks WHERE id = ?", (row_id,))
-                claimed.append(_apply(conn, parse_callback(body), body, received_at))
-            return claimed
+                claimed.append(
+                    _apply(conn, parse_callback(body), body, received_at, self._first_free)
+                )
+            return Registered(ticks, claimed)
 
         return await self._run(op)
 
@@ -444,6 +514,19 @@ class Store:
                 )
             ]
         )
+
+    async def charge_totals(self, *, since: float, until: float) -> list[ChargeTotal]:
+        """Charges with `since <= at < until`, per stream."""
+
+        def op(conn: sqlite3.Connection) -> list[ChargeTotal]:
+            rows = conn.execute(
+                "SELECT stream, sum(kind = 'precharge'), sum(kind = 'segment'), sum(ticks)"
+                " FROM charges WHERE at >= ? AND at < ? GROUP BY stream ORDER BY stream",
+                (since, until),
+            )
+            return [ChargeTotal(*r) for r in rows]
+
+        return await self._run(op)
 
     async def orphan_summary(self) -> dict[str, int]:
         """Callbacks per task id this daemon never started."""
@@ -535,27 +618,29 @@ class Store:
 
 _TASK_SELECT = (
     "SELECT task_id, stream, spec_hash, fps, content_moderation, logo_detection, max_logos,"
-    " started_at, stop_requested, ended_at, end_status, end_reason, last_callback_at, segments"
-    " FROM tasks"
+    " started_at, stop_requested, ended_at, end_status, end_reason, last_callback_at, segments,"
+    " failed_segments, segment_ticks FROM tasks"
 )
 
 
 def _task_row(r: tuple[Any, ...]) -> TaskRow:
     return TaskRow(
-        r[0],
-        r[1],
-        r[2],
-        r[3],
-        bool(r[4]),
-        bool(r[5]),
-        r[6],
-        r[7],
-        bool(r[8]),
-        r[9],
-        r[10],
-        r[11],
-        r[12],
-        r[13],
+        task_id=r[0],
+        stream=r[1],
+        spec_hash=r[2],
+        fps=r[3],
+        content_moderation=bool(r[4]),
+        logo_detection=bool(r[5]),
+        max_logos=r[6],
+        started_at=r[7],
+        stop_requested=bool(r[8]),
+        ended_at=r[9],
+        end_status=r[10],
+        end_reason=r[11],
+        last_callback_at=r[12],
+        segments=r[13],
+        failed_segments=r[14],
+        segment_ticks=r[15],
     )
 
 
@@ -563,9 +648,12 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _apply(conn: sqlite3.Connection, cb: Callback, body: str, at: float) -> CallbackOutcome:
+def _apply(
+    conn: sqlite3.Connection, cb: Callback, body: str, at: float, first_free: bool
+) -> CallbackOutcome:
     row = conn.execute(
-        "SELECT stream, stop_requested FROM tasks WHERE task_id = ?", (cb.task_id,)
+        "SELECT stream, stop_requested, segment_ticks, segments FROM tasks WHERE task_id = ?",
+        (cb.task_id,),
     ).fetchone()
     if row is None:
         index = cb.segment_index if isinstance(cb, SegmentReport) else None
@@ -576,7 +664,7 @@ def _apply(conn: sqlite3.Connection, cb: Callback, body: str, at: float) -> Call
             (cb.task_id, index, status, at, body),
         )
         return CallbackOutcome("orphan" if cur.rowcount else "duplicate", None, cb)
-    stream, stop_requested = row[0], bool(row[1])
+    stream, stop_requested, segment_ticks, stored_before = row[0], bool(row[1]), row[2], row[3]
     if isinstance(cb, SegmentReport):
         cur = conn.execute(
             "INSERT OR IGNORE INTO segments (task_id, segment_index, stream, received_at,"
@@ -606,7 +694,13 @@ def _apply(conn: sqlite3.Connection, cb: Callback, body: str, at: float) -> Call
             " last_callback_at = max(coalesce(last_callback_at, 0), ?) WHERE task_id = ?",
             (bool(cb.unsafe), bool(cb.has_logo), at, cb.task_id),
         )
-        return CallbackOutcome("stored", stream, cb)
+        ticks = 0 if first_free and stored_before == 0 else segment_ticks
+        conn.execute(
+            "INSERT INTO charges (at, stream, task_id, kind, segment_index, ticks)"
+            " VALUES (?, ?, ?, 'segment', ?, ?)",
+            (at, stream, cb.task_id, cb.segment_index, ticks),
+        )
+        return CallbackOutcome("stored", stream, cb, ticks=ticks, at=at)
     if isinstance(cb, SegmentFailed):
         conn.execute(
             "INSERT INTO segment_failures (task_id, stream, status, message, received_at)"

@@ -27,7 +27,15 @@ from typing import Literal, Protocol
 
 import structlog
 
-from streamwatch.config import StreamConfig, SupervisorConfig
+from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
+from streamwatch.ledger import (
+    PERIODS,
+    BudgetGate,
+    Spending,
+    period_bounds,
+    period_key,
+    unreported_segments,
+)
 from streamwatch.mavi.callbacks import (
     STATUS_CAPACITY,
     STATUS_NO_BALANCE,
@@ -72,7 +80,7 @@ class Phase(StrEnum):
     HELD = "held"  # stopped by a person; waits for `streamwatch resume`
 
 
-StopReason = Literal["removed", "changed", "stalled", "shutdown"]
+StopReason = Literal["removed", "changed", "stalled", "shutdown", "budget"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +97,8 @@ class StreamState:
     failures: int = 0  # consecutive failed runs: the backoff exponent
     restarts: int = 0
     run_segments: int = 0  # segments of the current task
+    run_failed: int = 0  # failed (-1) callbacks of the current task
+    segment_ticks: int = 0  # what one segment of the current task costs
     consecutive_errors: int = 0
     stop_reason: StopReason | None = None
     held_reason: str | None = None
@@ -172,8 +182,10 @@ def plan(
     now: float,
     halt: Halt | None,
     policy: Policy,
+    gate: BudgetGate | None = None,
 ) -> list[Action]:
     """Decide what to do next. Pure: same inputs, same actions."""
+    gate = gate or BudgetGate()
     actions: list[Action] = []
     halted = halt is not None and now < halt.until
     startable: list[StreamState] = []
@@ -191,6 +203,9 @@ def plan(
             continue
         if has_task:
             assert state.task_id is not None
+            if name in gate.stop:
+                actions.append(Stop(name, state.task_id, "budget"))
+                continue
             if state.spec_hash != spec.spec_hash():
                 actions.append(Stop(name, state.task_id, "changed"))
                 continue
@@ -202,7 +217,7 @@ def plan(
             elif state.phase is Phase.STALLED and policy.on_stall == "restart":
                 actions.append(Stop(name, state.task_id, "stalled"))
             continue
-        if halted:
+        if halted or name in gate.no_start:
             continue
         if state.phase is Phase.IDLE or (
             state.phase is Phase.BACKOFF and state.retry_at is not None and now >= state.retry_at
@@ -290,10 +305,15 @@ class Supervisor:
         store: Store,
         policy: Policy,
         tick_seconds: float,
+        spending: Spending,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
     ) -> None:
         self._client = client
+        self.spending = spending
+        self.gate = BudgetGate()
+        self._fired: set[str] = set()  # budget events already raised, this period
+        self._unreported_flagged: set[str] = set()  # tasks flagged as billing unreported
         self._store = store
         self.policy = policy
         self._tick = tick_seconds
@@ -317,6 +337,11 @@ class Supervisor:
         halt = await self._store.get_setting("account_halt")
         if halt:
             self.halt = Halt(**halt)
+        self._fired = set(await self._store.get_setting("budget_fired") or [])
+        for period in PERIODS:
+            start, end = period_bounds(period, now)
+            totals = await self._store.charge_totals(since=start, until=end)
+            self.spending.load(period, period_key(period, now), {t.stream: t.ticks for t in totals})
         held = await self._store.held_streams()
         for name, reason in held.items():
             self.streams[name] = StreamState(name, Phase.HELD, held_reason=reason)
@@ -335,15 +360,19 @@ class Supervisor:
                 started_at=task.started_at,
                 last_seen=max(task.last_callback_at or 0.0, now),
                 run_segments=task.segments,
+                run_failed=task.failed_segments,
+                segment_ticks=task.segment_ticks,
             )
             self._by_task[task.task_id] = task.stream
             log.info("supervisor.task_adopted", stream=task.stream, task_id=task.task_id)
             await self._store.add_event("task_adopted", stream=task.stream, task_id=task.task_id)
         self._notify()
 
-    def reload(self, streams: Iterable[StreamConfig]) -> None:
-        """Take a new desired set (SIGHUP); the next plan adds, removes and restarts."""
+    def reload(self, streams: Iterable[StreamConfig], budgets: BudgetsConfig) -> None:
+        """Take a new desired set and caps (SIGHUP); the next plan adds, removes, restarts,
+        and stops or releases streams by the new budgets."""
         self.desired = {s.name: s for s in streams}
+        self.spending.configure(budgets, self.desired.values())
         self._notify()
 
     # -- the loop ------------------------------------------------------------------------------
@@ -367,10 +396,73 @@ class Supervisor:
             self._spawn(self._store.add_event("halt_expired", detail=self.halt.reason))
             self.halt = None
             self._spawn(self._store.set_setting("account_halt", None))
-        actions = plan(self.desired, self.streams, now=now, halt=self.halt, policy=self.policy)
+        estimates = self.estimates(now)
+        self.gate = self.spending.gate(now, estimates)
+        self._check_budgets(now, estimates)
+        actions = plan(
+            self.desired, self.streams, now=now, halt=self.halt, policy=self.policy, gate=self.gate
+        )
         for action in actions:
             self._launch(action)
         return actions
+
+    def estimates(self, now: float) -> dict[str, int]:
+        """Ticks MAVI has presumably billed per stream but not reported by callback yet."""
+        slack = self.spending.budgets.unreported_after_segments
+        out: dict[str, int] = {}
+        for s in self.streams.values():
+            if s.task_id is None or s.started_at is None:
+                continue
+            missing = unreported_segments(
+                started_at=s.started_at,
+                now=now,
+                segment_seconds=self.spending.segment_seconds,
+                received=s.run_segments + s.run_failed,
+                slack=slack,
+            )
+            if missing:
+                out[s.name] = missing * s.segment_ticks
+                if s.task_id not in self._unreported_flagged:
+                    self._unreported_flagged.add(s.task_id)
+                    log.warning(
+                        "supervisor.billing_unreported",
+                        stream=s.name,
+                        task_id=s.task_id,
+                        missing_segments=missing,
+                    )
+                    self._spawn(
+                        self._store.add_event(
+                            "billing_unreported",
+                            stream=s.name,
+                            task_id=s.task_id,
+                            detail=f"{missing} segment(s) billed but not reported",
+                        )
+                    )
+        return out
+
+    def _check_budgets(self, now: float, estimates: Mapping[str, int]) -> None:
+        pruned = self.spending.prune(self._fired, now)
+        events = self.spending.check(
+            now,
+            running=[n for n, s in self.streams.items() if s.task_id],
+            fired=pruned,
+            estimates=estimates,
+        )
+        if not events and pruned == self._fired:
+            return
+        self._fired = pruned
+        for event in events:
+            log.warning(
+                f"supervisor.{event.kind}",
+                stream=event.cap.stream,
+                period=event.cap.period,
+                percent=event.percent,
+                detail=event.detail,
+            )
+            self._spawn(
+                self._store.add_event(event.kind, stream=event.cap.stream, detail=event.detail)
+            )
+        self._spawn(self._store.set_setting("budget_fired", sorted(self._fired)))
 
     def _launch(self, action: Action) -> None:
         name = action.stream
@@ -433,7 +525,7 @@ class Supervisor:
             )
             return
         now = self._clock()
-        claimed = await self._store.record_task_started(
+        registered = await self._store.record_task_started(
             task_id=task_id,
             stream=name,
             spec_hash=spec.spec_hash(),
@@ -443,6 +535,7 @@ class Supervisor:
             max_logos=spec.max_logos,
             started_at=now,
         )
+        self.spending.add(name, registered.precharge_ticks, now)
         restarted = state.started_at is not None or state.last_end_status is not None
         self.streams[name] = replace(
             state,
@@ -453,6 +546,8 @@ class Supervisor:
             last_seen=now,
             retry_at=None,
             run_segments=0,
+            run_failed=0,
+            segment_ticks=registered.precharge_ticks,
             consecutive_errors=0,
             restarts=state.restarts + int(restarted),
             last_error=None,
@@ -460,7 +555,7 @@ class Supervisor:
         self._by_task[task_id] = name
         log.info("supervisor.task_started", stream=name, task_id=task_id, fps=spec.fps)
         await self._store.add_event("task_started", stream=name, task_id=task_id)
-        for outcome in claimed:
+        for outcome in registered.claimed:
             self.observe(outcome)
 
     async def _stop(self, action: Stop) -> None:
@@ -499,7 +594,7 @@ class Supervisor:
         ended = replace(state, task_id=None, spec_hash=None, stop_reason=None, consecutive_errors=0)
         if action.reason == "removed":
             self.streams.pop(action.stream, None)
-        elif action.reason == "shutdown":
+        elif action.reason in ("shutdown", "budget"):
             self.streams[action.stream] = replace(ended, phase=Phase.IDLE)
         elif action.reason == "stalled":
             failures = state.failures + 1
@@ -540,6 +635,10 @@ class Supervisor:
         if outcome.kind != "stored" or outcome.stream is None:
             return
         name = outcome.stream
+        if outcome.ticks:
+            # Counted whichever task it came from: an old task's late segment costs money too.
+            self.spending.add(name, outcome.ticks, outcome.at)
+            self._notify()
         state = self.streams.get(name)
         cb = outcome.callback
         if state is None or state.task_id != cb.task_id or state.phase is Phase.STOPPING:
@@ -567,7 +666,9 @@ class Supervisor:
             )
         elif isinstance(cb, SegmentFailed):
             errors = state.consecutive_errors + 1
-            self.streams[name] = replace(state, last_seen=now, consecutive_errors=errors)
+            self.streams[name] = replace(
+                state, last_seen=now, consecutive_errors=errors, run_failed=state.run_failed + 1
+            )
             if errors == self.policy.error_threshold:
                 log.warning("supervisor.segment_errors", stream=name, consecutive=errors)
                 self._spawn(
@@ -623,8 +724,7 @@ class Supervisor:
         """Stop planning; with `stop_tasks`, stop every running task. Returns the stopped ids."""
         self._stopping = True
         self._wake.set()
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self.settle()
         stopped: list[str] = []
         if stop_tasks:
             stops = [
@@ -637,6 +737,11 @@ class Supervisor:
         return stopped
 
     # -- waiting (tests, status) -------------------------------------------------------------
+
+    async def settle(self) -> None:
+        """Wait until every action and record launched so far has finished."""
+        while self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
 
     def _notify(self) -> None:
         self._wake.set()

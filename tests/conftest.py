@@ -19,7 +19,7 @@ import stamina
 from streamwatch.app import App
 from streamwatch.config import Config, parse_config
 from streamwatch.emulator import Emulator
-from streamwatch.store import Store
+from streamwatch.store import EventRow, Store
 from streamwatch.supervisor import StreamState, Supervisor
 
 SECRET = "test-callback-secret-0123456789"
@@ -170,6 +170,11 @@ class Daemon:
         assert self.app is not None
         assert self.app.store is not None
         return self.app.store
+
+    async def events(self, *, stream: str | None = None) -> list[EventRow]:
+        """The recorded events, once every event already decided has been written."""
+        await self.sup.settle()
+        return await self.store.events(stream=stream)
 
     async def wait(self, predicate: Callable[[], bool], within: float = 10.0) -> None:
         """Wait for a supervisor condition, failing the test after `within` seconds."""

@@ -63,7 +63,7 @@ async def test_status_15_restarts_with_backoff(daemon, emulator):
     await daemon.start(stream_toml("flaky", url))
     await until(emulator, lambda: len(emulator.accepted_starts(url)) >= 3)
     await daemon.wait(lambda: daemon.state("flaky").restarts >= 2)
-    events = await daemon.store.events(stream="flaky")
+    events = await daemon.events(stream="flaky")
     ended = [e for e in events if e.kind == "task_ended"]
     assert ended
     assert {e.status for e in ended} == {15}
@@ -76,7 +76,7 @@ async def test_status_16_capacity_restarts_later(daemon, emulator):
     emulator.scripts[url] = Script(outcomes=["safe", "safe"], then="end:16")
     await daemon.start(stream_toml("cap", url))
     await until(emulator, lambda: len(emulator.accepted_starts(url)) >= 2)
-    statuses = [e.status for e in await daemon.store.events(stream="cap") if e.kind == "task_ended"]
+    statuses = [e.status for e in await daemon.events(stream="cap") if e.kind == "task_ended"]
     assert 16 in statuses
 
 
@@ -142,7 +142,7 @@ async def test_failed_segments_in_a_row_raise_a_stream_problem(daemon, emulator)
     emulator.scripts[url] = Script(outcomes=["error"])
     await daemon.start(stream_toml("broken", url), supervisor="error_threshold = 3")
     await daemon.wait(lambda: daemon.state("broken").consecutive_errors >= 5)
-    events = [e for e in await daemon.store.events(stream="broken") if e.kind == "segment_errors"]
+    events = [e for e in await daemon.events(stream="broken") if e.kind == "segment_errors"]
     assert len(events) == 1
     assert phase(daemon, "broken") is Phase.RUNNING, "-1 does not stop the stream"
     totals = (await daemon.store.stream_totals())["broken"]
@@ -163,7 +163,7 @@ async def test_daemon_restart_adopts_the_running_task(daemon, emulator):
     await daemon.wait(lambda: daemon.state("adopt").run_segments >= before + 3)
     assert len(emulator.accepted_starts(url)) == 1
     assert len(emulator.charges) == 1 + emulator.tasks[task_id].segments_sent
-    assert [e.kind for e in await daemon.store.events(stream="adopt")].count("task_adopted") == 1
+    assert [e.kind for e in await daemon.events(stream="adopt")].count("task_adopted") == 1
 
 
 async def test_reload_adds_removes_and_restarts_changed_streams(daemon, emulator):
@@ -233,7 +233,7 @@ async def test_stalled_task_is_restarted(daemon, emulator):
     await daemon.wait(lambda: daemon.state("silent").task_id not in (None, first))
     assert daemon.app.server is not None
     emulator.webhook = daemon.app.server.callback_url()
-    kinds = [e.kind for e in await daemon.store.events(stream="silent")]
+    kinds = [e.kind for e in await daemon.events(stream="silent")]
     assert "stream_stalled" in kinds
     assert emulator.tasks[first].end_status == 14
 
@@ -251,7 +251,7 @@ async def test_stalled_task_waits_and_recovers_when_policy_is_wait(daemon, emula
     emulator.webhook = daemon.app.server.callback_url()
     await daemon.wait(lambda: phase(daemon, "patient") is Phase.RUNNING)
     assert daemon.state("patient").task_id == task_id
-    kinds = [e.kind for e in await daemon.store.events(stream="patient")]
+    kinds = [e.kind for e in await daemon.events(stream="patient")]
     assert kinds.count("stream_stalled") == 1
     assert "stream_recovered" in kinds
 
@@ -263,7 +263,7 @@ async def test_transient_start_failures_are_retried(daemon, emulator):
     await daemon.start(stream_toml("shaky", url))
     await daemon.wait(lambda: phase(daemon, "shaky") is Phase.RUNNING)
     assert [s.http_status for s in emulator.starts] == [429, 503, 500, 502, 200]
-    kinds = [e.kind for e in await daemon.store.events(stream="shaky")]
+    kinds = [e.kind for e in await daemon.events(stream="shaky")]
     assert kinds.count("start_failed") == 1, "three tries in one start, the fourth after backoff"
 
 

@@ -32,7 +32,7 @@ def segment(task_id: str, index: int, *, unsafe: bool = False) -> tuple[SegmentR
 
 
 async def register(store: Store, task_id: str, stream: str = "cam") -> list[CallbackOutcome]:
-    return await store.record_task_started(
+    registered = await store.record_task_started(
         task_id=task_id,
         stream=stream,
         spec_hash="h",
@@ -42,6 +42,7 @@ async def register(store: Store, task_id: str, stream: str = "cam") -> list[Call
         max_logos=5,
         started_at=1.0,
     )
+    return registered.claimed
 
 
 async def test_fresh_file_is_migrated_to_the_latest_schema(tmp_path: Path):

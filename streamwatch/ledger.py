@@ -1,0 +1,279 @@
+"""Money over time: spend per stream and account per UTC day and calendar month, budgets,
+forecasts and estimates of what MAVI bills but has not reported.
+
+The charges themselves are written by the store, in the same transaction as the start or the
+segment they pay for. This module keeps per-period counters of them in memory (loaded from the
+store at start), and decides, purely, what the budgets demand:
+
+- `BudgetGate`: which streams must stop (a cap is reached) and which may not start (the
+  pre-charge of a start would cross a cap). `plan()` obeys it.
+- `BudgetEvent`s: thresholds crossed (default 50/80/100 %) and "projected to exceed" forecasts,
+  each once per cap and period.
+
+Money is integer ticks of 1/2880 USD throughout; USD appears only for display.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Literal
+
+from streamwatch.config import BudgetsConfig, StreamConfig
+from streamwatch.pricing import TICKS_PER_USD, segment_cost_ticks, ticks_to_usd, usd_to_ticks
+
+__all__ = [
+    "PERIODS",
+    "BudgetEvent",
+    "BudgetGate",
+    "Cap",
+    "Period",
+    "Spending",
+    "burn_ticks_per_second",
+    "period_bounds",
+    "period_key",
+    "unreported_segments",
+    "usd",
+    "usd_per_hour",
+]
+
+Period = Literal["day", "month"]
+PERIODS: tuple[Period, ...] = ("day", "month")
+
+
+def period_key(period: Period, ts: float) -> str:
+    """The UTC day (``2026-11-23``) or calendar month (``2026-11``) that `ts` falls in."""
+    when = datetime.fromtimestamp(ts, UTC)
+    return when.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
+
+
+def period_bounds(period: Period, ts: float) -> tuple[float, float]:
+    """The [start, end) of the UTC day or calendar month containing `ts`, as unix times."""
+    when = datetime.fromtimestamp(ts, UTC)
+    if period == "day":
+        start = datetime(when.year, when.month, when.day, tzinfo=UTC)
+        return start.timestamp(), start.timestamp() + 86_400
+    start = datetime(when.year, when.month, 1, tzinfo=UTC)
+    days = calendar.monthrange(when.year, when.month)[1]
+    return start.timestamp(), start.timestamp() + days * 86_400
+
+
+def burn_ticks_per_second(spec: StreamConfig, segment_seconds: float) -> float:
+    """What a running task of `spec` costs per second of wall time."""
+    return _segment_ticks(spec) / segment_seconds
+
+
+def usd_per_hour(ticks_per_second: float) -> Decimal:
+    """A burn rate as USD per hour, rounded to cents-and-more for display."""
+    return Decimal(ticks_per_second * 3600 / TICKS_PER_USD).quantize(Decimal("0.0001"))
+
+
+def usd(ticks: int) -> str:
+    """Ticks as a USD string with six decimals: exact enough to add up, easy to read."""
+    return str(ticks_to_usd(ticks))
+
+
+def unreported_segments(
+    *, started_at: float, now: float, segment_seconds: float, received: int, slack: int
+) -> int:
+    """Segments MAVI has presumably processed (and billed) but not yet reported: the periods
+    elapsed since the start, less the callbacks received, less `slack` for delivery delay."""
+    elapsed = math.floor(max(0.0, now - started_at) / segment_seconds)
+    return max(0, elapsed - received - slack)
+
+
+def _segment_ticks(spec: StreamConfig) -> int:
+    return segment_cost_ticks(
+        fps=spec.fps,
+        content_moderation=spec.content_moderation,
+        logo_detection=spec.logo_detection,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Cap:
+    """One budget: the account's (stream None) or a stream's, for a day or a month."""
+
+    stream: str | None
+    period: Period
+    ticks: int
+
+    @property
+    def scope(self) -> str:
+        return f"stream {self.stream}" if self.stream else "account"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGate:
+    """What the budgets allow now: streams to stop, and streams that may not start."""
+
+    stop: frozenset[str] = frozenset()
+    no_start: frozenset[str] = frozenset()
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetEvent:
+    """A threshold crossed or a forecast made; `key` makes it fire once per cap and period."""
+
+    kind: Literal["budget_threshold", "budget_forecast"]
+    key: str
+    cap: Cap
+    period_key: str
+    spent_ticks: int
+    percent: int
+    detail: str
+
+
+def caps_for(budgets: BudgetsConfig, streams: Iterable[StreamConfig]) -> list[Cap]:
+    """Every configured cap, in ticks."""
+    caps = []
+    for period, amount in (("day", budgets.daily_usd), ("month", budgets.monthly_usd)):
+        if amount is not None:
+            caps.append(Cap(None, period, usd_to_ticks(amount)))  # type: ignore[arg-type]
+    for s in streams:
+        for period, amount in (("day", s.budget.daily_usd), ("month", s.budget.monthly_usd)):
+            if amount is not None:
+                caps.append(Cap(s.name, period, usd_to_ticks(amount)))  # type: ignore[arg-type]
+    return caps
+
+
+class Spending:
+    """Per-period spend counters and the budget decisions built on them."""
+
+    def __init__(
+        self,
+        *,
+        budgets: BudgetsConfig,
+        streams: Iterable[StreamConfig],
+        segment_seconds: float,
+    ) -> None:
+        self._counters: dict[tuple[str, Period, str], int] = {}
+        self.segment_seconds = segment_seconds
+        self.configure(budgets, streams)
+
+    def configure(self, budgets: BudgetsConfig, streams: Iterable[StreamConfig]) -> None:
+        """Take new caps (a reload): the next gate and check use them."""
+        self.budgets = budgets
+        self.specs = {s.name: s for s in streams}
+        self.caps = caps_for(budgets, self.specs.values())
+
+    def load(self, period: Period, key: str, by_stream: Mapping[str, int]) -> None:
+        """Seed one period's counters from the store."""
+        for stream, ticks in by_stream.items():
+            self._counters[(stream, period, key)] = ticks
+
+    def add(self, stream: str, ticks: int, at: float) -> None:
+        """Count a charge the store has recorded."""
+        for period in PERIODS:
+            k = (stream, period, period_key(period, at))
+            self._counters[k] = self._counters.get(k, 0) + ticks
+
+    def spent(self, stream: str | None, period: Period, now: float) -> int:
+        """Confirmed spend of a stream (or the account, for None) in the period holding `now`."""
+        key = period_key(period, now)
+        if stream is not None:
+            return self._counters.get((stream, period, key), 0)
+        return sum(t for (_, p, k), t in self._counters.items() if p == period and k == key)
+
+    def _effective(self, cap: Cap, now: float, estimates: Mapping[str, int]) -> int:
+        unreported = estimates.get(cap.stream, 0) if cap.stream else sum(estimates.values())
+        return self.spent(cap.stream, cap.period, now) + unreported
+
+    def gate(self, now: float, estimates: Mapping[str, int] | None = None) -> BudgetGate:
+        """Which streams must stop and which may not start, counting estimates of billed but
+        unreported segments as spent (the conservative reading)."""
+        if self.budgets.action != "stop" or not self.caps:
+            return BudgetGate()
+        est = estimates or {}
+        stop: set[str] = set()
+        no_start: set[str] = set()
+        reasons: dict[str, str] = {}
+        for cap in self.caps:
+            spent = self._effective(cap, now, est)
+            affected = [cap.stream] if cap.stream else list(self.specs)
+            for name in affected:
+                spec = self.specs.get(name) if name else None
+                if spec is None:
+                    continue
+                if spent >= cap.ticks:
+                    stop.add(name)
+                    no_start.add(name)
+                    reasons[name] = f"{cap.scope} {cap.period}ly budget reached"
+                elif spent + _segment_ticks(spec) > cap.ticks:
+                    no_start.add(name)
+                    reasons.setdefault(
+                        name,
+                        f"a start's pre-charge would exceed the {cap.scope} {cap.period}ly budget",
+                    )
+        return BudgetGate(frozenset(stop), frozenset(no_start), reasons)
+
+    def check(
+        self,
+        now: float,
+        *,
+        running: Iterable[str],
+        fired: set[str],
+        estimates: Mapping[str, int] | None = None,
+    ) -> list[BudgetEvent]:
+        """Thresholds crossed and forecasts due that are not in `fired` (which it updates)."""
+        est = estimates or {}
+        burn = {
+            name: burn_ticks_per_second(self.specs[name], self.segment_seconds)
+            for name in running
+            if name in self.specs
+        }
+        events = []
+        for cap in self.caps:
+            key = period_key(cap.period, now)
+            spent = self._effective(cap, now, est)
+            percent = spent * 100 // cap.ticks if cap.ticks else 100
+            base = f"{cap.stream or '*'}:{cap.period}:{key}"
+            for threshold in self.budgets.thresholds:
+                ident = f"{base}:{threshold}"
+                if percent >= threshold and ident not in fired:
+                    fired.add(ident)
+                    events.append(
+                        BudgetEvent(
+                            "budget_threshold",
+                            ident,
+                            cap,
+                            key,
+                            spent,
+                            threshold,
+                            f"{cap.scope} {cap.period}ly budget {threshold}% used: "
+                            f"{usd(spent)} of {usd(cap.ticks)} USD",
+                        )
+                    )
+            rate = burn.get(cap.stream, 0.0) if cap.stream else sum(burn.values())
+            ident = f"{base}:forecast"
+            if spent < cap.ticks and rate > 0 and ident not in fired:
+                seconds_to_cap = (cap.ticks - spent) / rate
+                period_left = period_bounds(cap.period, now)[1] - now
+                lead = self.budgets.forecast_lead_minutes * 60
+                if seconds_to_cap <= min(lead, period_left):
+                    fired.add(ident)
+                    events.append(
+                        BudgetEvent(
+                            "budget_forecast",
+                            ident,
+                            cap,
+                            key,
+                            spent,
+                            int(percent),
+                            f"{cap.scope} {cap.period}ly budget projected to be exceeded in "
+                            f"{seconds_to_cap / 60:.0f} min at {usd_per_hour(rate)} USD/h",
+                        )
+                    )
+        return events
+
+    def prune(self, fired: set[str], now: float) -> set[str]:
+        """Drop fired keys (and counters) of periods that are over."""
+        current = {period_key(p, now) for p in PERIODS}
+        for k in [k for k in self._counters if k[2] not in current]:
+            del self._counters[k]
+        return {f for f in fired if f.split(":")[2] in current}
