@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ class Daemon:
         self.emulator = emulator
         self.app: App | None = None
         self._task: asyncio.Task[None] | None = None
+        self.clock: Callable[[], float] = time.time
 
     def write(self, streams: str, **kwargs: Any) -> Config:
         text = config_text(self.db, base_url=self.emulator.base_url, streams=streams, **kwargs)
@@ -126,7 +128,7 @@ class Daemon:
         if streams is not None:
             self.write(streams, **kwargs)
         config = parse_config(self.config_path.read_text(), environ=ENV)
-        app = App(config, config_path=self.config_path, environ=ENV)
+        app = App(config, config_path=self.config_path, environ=ENV, clock=self.clock)
         self._task = asyncio.create_task(app.serve())
         started = asyncio.create_task(app.started.wait())
         done, _ = await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
@@ -190,6 +192,16 @@ async def daemon(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Daemon]:
     # only be noise at teardown.
     emulator.webhook = None
     await d.stop()
+
+
+class FakeClock:
+    """Wall time the test sets: the daemon's periods, stalls and estimates follow it."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 async def until(emulator: Emulator, predicate: Callable[[], bool], within: float = 10.0) -> None:
