@@ -19,7 +19,7 @@ import calendar
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import date, timedelta
 from decimal import Decimal
 from typing import Literal
 
@@ -45,21 +45,30 @@ Period = Literal["day", "month"]
 PERIODS: tuple[Period, ...] = ("day", "month")
 
 
+_EPOCH = date(1970, 1, 1)
+
+
+def _utc_date(ts: float) -> date:
+    # Whole days by floor division, not datetime.fromtimestamp: that rounds to the
+    # microsecond and would put an instant just before midnight into the next day.
+    return _EPOCH + timedelta(days=math.floor(ts / 86_400))
+
+
 def period_key(period: Period, ts: float) -> str:
     """The UTC day (``2026-11-23``) or calendar month (``2026-11``) that `ts` falls in."""
-    when = datetime.fromtimestamp(ts, UTC)
-    return when.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
+    day = _utc_date(ts)
+    return day.isoformat() if period == "day" else day.isoformat()[:7]
 
 
 def period_bounds(period: Period, ts: float) -> tuple[float, float]:
     """The [start, end) of the UTC day or calendar month containing `ts`, as unix times."""
-    when = datetime.fromtimestamp(ts, UTC)
+    day = _utc_date(ts)
     if period == "day":
-        start = datetime(when.year, when.month, when.day, tzinfo=UTC)
-        return start.timestamp(), start.timestamp() + 86_400
-    start = datetime(when.year, when.month, 1, tzinfo=UTC)
-    days = calendar.monthrange(when.year, when.month)[1]
-    return start.timestamp(), start.timestamp() + days * 86_400
+        first, length = day, 1
+    else:
+        first, length = day.replace(day=1), calendar.monthrange(day.year, day.month)[1]
+    start = (first - _EPOCH).days * 86_400
+    return float(start), float(start + length * 86_400)
 
 
 def burn_ticks_per_second(spec: StreamConfig, segment_seconds: float) -> float:
@@ -105,6 +114,10 @@ class Cap:
     @property
     def scope(self) -> str:
         return f"stream {self.stream}" if self.stream else "account"
+
+    @property
+    def label(self) -> str:
+        return "daily" if self.period == "day" else "monthly"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,12 +216,12 @@ class Spending:
                 if spent >= cap.ticks:
                     stop.add(name)
                     no_start.add(name)
-                    reasons[name] = f"{cap.scope} {cap.period}ly budget reached"
+                    reasons[name] = f"{cap.scope} {cap.label} budget reached"
                 elif spent + _segment_ticks(spec) > cap.ticks:
                     no_start.add(name)
                     reasons.setdefault(
                         name,
-                        f"a start's pre-charge would exceed the {cap.scope} {cap.period}ly budget",
+                        f"a start's pre-charge would exceed the {cap.scope} {cap.label} budget",
                     )
         return BudgetGate(frozenset(stop), frozenset(no_start), reasons)
 
@@ -245,7 +258,7 @@ class Spending:
                             key,
                             spent,
                             threshold,
-                            f"{cap.scope} {cap.period}ly budget {threshold}% used: "
+                            f"{cap.scope} {cap.label} budget {threshold}% used: "
                             f"{usd(spent)} of {usd(cap.ticks)} USD",
                         )
                     )
@@ -265,7 +278,7 @@ class Spending:
                             key,
                             spent,
                             int(percent),
-                            f"{cap.scope} {cap.period}ly budget projected to be exceeded in "
+                            f"{cap.scope} {cap.label} budget projected to be exceeded in "
                             f"{seconds_to_cap / 60:.0f} min at {usd_per_hour(rate)} USD/h",
                         )
                     )

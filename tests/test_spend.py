@@ -84,10 +84,10 @@ async def test_budget_stops_within_in_flight_and_waits_for_the_next_day(daemon, 
     clock = FakeClock(MIDNIGHT - 3600)
     daemon.clock = clock
     per = segment_cost_ticks(fps=1, content_moderation=True, logo_detection=False)
-    cap_ticks = 10 * per  # the pre-charge and nine segments
-    cap_usd = cap_ticks / 2880
+    cap_usd = "0.05"  # 144 ticks: the pre-charge and 23 segments of 6 ticks
+    cap_ticks = 144
     await daemon.start(
-        stream_toml("capped") + f"budget = {{ daily_usd = {cap_usd} }}\n" + stream_toml("free")
+        stream_toml("capped") + f'budget = {{ daily_usd = "{cap_usd}" }}\n' + stream_toml("free")
     )
     await daemon.wait(lambda: "capped" in daemon.sup.gate.stop)
     await daemon.wait(lambda: daemon.state("capped").task_id is None)
@@ -117,9 +117,8 @@ async def test_budget_stops_within_in_flight_and_waits_for_the_next_day(daemon, 
 
 async def test_raising_the_cap_and_reloading_releases_the_stream(daemon, emulator):
     """A stream stopped by its budget starts again once the cap is raised and reloaded."""
-    per = segment_cost_ticks(fps=1, content_moderation=True, logo_detection=False)
     daemon.clock = FakeClock(MIDNIGHT - 3600)
-    low, high = (4 * per) / 2880, (400 * per) / 2880
+    low, high = '"0.02"', '"10.00"'
     await daemon.start(stream_toml("capped") + f"budget = {{ daily_usd = {low} }}\n")
     await daemon.wait(lambda: "capped" in daemon.sup.gate.stop)
     await daemon.wait(lambda: daemon.state("capped").task_id is None)
@@ -135,9 +134,9 @@ async def test_account_cap_alert_only_does_not_stop(daemon, emulator):
     daemon.clock = FakeClock(MIDNIGHT - 3600)
     await daemon.start(
         stream_toml("a") + stream_toml("b"),
-        extra=f'[budgets]\ndaily_usd = {(4 * per) / 2880}\naction = "alert-only"',
+        extra='[budgets]\ndaily_usd = "0.02"\naction = "alert-only"',
     )
-    await daemon.wait(lambda: daemon.sup.spending.spent(None, "day", daemon.clock()) >= 8 * per)
+    await daemon.wait(lambda: daemon.sup.spending.spent(None, "day", daemon.clock()) >= 20 * per)
     assert daemon.sup.running_count() == 2
     kinds = [e.kind for e in await daemon.events()]
     assert kinds.count("budget_threshold") == 3
@@ -147,10 +146,9 @@ async def test_forecast_fires_before_the_cap(daemon, emulator):
     """At the current burn rate, a cap that will be reached within the lead time is announced
     once, before it is reached."""
     daemon.clock = FakeClock(MIDNIGHT - 3600)
-    per = segment_cost_ticks(fps=1, content_moderation=True, logo_detection=False)
-    cap = 1000 * per  # 1000 segments of 0.05 s: reached in ~50 s at this burn rate
+    # $2.00 = 5760 ticks = 960 segments of 0.05 s: reached in ~48 s at this burn rate
     await daemon.start(
-        stream_toml("cam") + f"budget = {{ daily_usd = {cap / 2880} }}\n",
+        stream_toml("cam") + 'budget = { daily_usd = "2.00" }\n',
         extra="[budgets]\nforecast_lead_minutes = 5",
     )
     await daemon.wait(lambda: daemon.state("cam").phase is Phase.RUNNING)
@@ -170,7 +168,7 @@ async def test_silent_running_task_accrues_estimated_cost_and_is_flagged(daemon,
     daemon.clock = clock
     per = segment_cost_ticks(fps=1, content_moderation=True, logo_detection=False)
     await daemon.start(
-        stream_toml("quiet") + f"budget = {{ daily_usd = {(50 * per) / 2880} }}\n",
+        stream_toml("quiet") + 'budget = { daily_usd = "0.10" }\n',
         supervisor='on_stall = "wait"',
     )
     await daemon.wait(lambda: daemon.state("quiet").phase is Phase.RUNNING)
