@@ -9,9 +9,11 @@ import contextlib
 import json
 import os
 import sys
+import time
 import tomllib
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,10 @@ from streamwatch.config import (
     read_secret,
     resolve_secrets,
 )
+from streamwatch.ledger import caps_for, period_bounds, stream_ticks_per_hour, usd
 from streamwatch.logs import configure_logging
+from streamwatch.pricing import segment_cost_ticks
+from streamwatch.store import ChargeTotal, Store
 
 __all__ = ["main"]
 
@@ -65,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("streams", nargs="*", help="streams to release (default: all)")
     p.add_argument("--url", help="daemon base URL (default: from [server] listen)")
+    p = sub.add_parser("cost", help="what streams cost, from the state file; or `cost estimate`")
+    with_config(p)
+    p.add_argument("what", nargs="?", choices=["estimate"], help="price the config as written")
+    p.add_argument("--since", help="UTC date or time (default: start of this month)")
+    p.add_argument("--until", help="UTC date or time, exclusive (default: now)")
+    p.add_argument("--by", choices=["stream", "label"], default="stream")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("callback-url", help="print the URL to register in the MAVI console")
     with_config(p)
     p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
@@ -117,11 +129,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     resolve_secrets(config)
     print(f"{args.config}: OK — {len(config.streams)} stream(s), backend {config.mavi.backend}")
-    for s in config.streams:
-        features = "+".join(
-            f for f, on in (("moderation", s.content_moderation), ("logos", s.logo_detection)) if on
-        )
-        print(f"  {s.name:<24} fps {s.fps:<3} {features}")
+    print()
+    print(render_estimate(estimate(config)))
     return EXIT_OK
 
 
@@ -194,7 +203,18 @@ def render_status(doc: dict[str, Any]) -> str:
             f"ACCOUNT HALTED ({account['halt_reason']}: {account['halt_detail']}) until "
             f"{_short(account['halted_until'])} — top up, then `streamwatch resume`"
         )
-    header = ("STREAM", "STATE", "TASK", "LAST SEGMENT", "SEGMENTS", "UNSAFE", "ERRORS", "RESTARTS")
+    header = (
+        "STREAM",
+        "STATE",
+        "TASK",
+        "LAST SEGMENT",
+        "SEGMENTS",
+        "UNSAFE",
+        "ERRORS",
+        "RESTARTS",
+        "TODAY $",
+        "$/H",
+    )
     rows = [header]
     for s in doc["streams"]:
         rows.append(
@@ -207,12 +227,28 @@ def render_status(doc: dict[str, Any]) -> str:
                 str(s["unsafe_segments"]),
                 str(s["failed_segments"]),
                 str(s["restarts"]),
+                _money(s["cost"]["today_usd"]),
+                _money(s["cost"]["burn_usd_per_hour"]),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     if not doc["streams"]:
         lines.append("(no streams configured)")
+    cost = doc["cost"]
+    line = (
+        f"account: today ${_money(cost['today_usd'])}, month ${_money(cost['month_usd'])}, "
+        f"burning ${_money(cost['burn_usd_per_hour'])}/h"
+    )
+    if cost["estimated_unreported_usd"] != "0.000000":
+        line += f", ~${_money(cost['estimated_unreported_usd'])} billed but not yet reported"
+    for label in ("daily", "monthly"):
+        if f"{label}_usd" in cost["budget"]:
+            line += (
+                f"; {label} budget {cost['budget'][f'{label}_used_percent']}% of "
+                f"${_money(cost['budget'][f'{label}_usd'])}"
+            )
+    lines.append(line)
     orphans = doc["orphans"]
     if orphans["tasks"]:
         lines.append(
@@ -222,10 +258,202 @@ def render_status(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _money(value: str) -> str:
+    """A USD string for people: cents, or four places below a cent."""
+    amount = Decimal(value)
+    return f"{amount:.2f}" if amount >= 1 or amount == 0 else f"{amount:.4f}"
+
+
 def _short(ts: str | None) -> str:
     if not ts:
         return "-"
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _parse_when(text: str, *, what: str) -> float:
+    """A UTC date (2026-11-01), month (2026-11) or ISO time, as a unix time."""
+    try:
+        if len(text) == 7:
+            text += "-01"
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(
+            what, [ConfigProblem(what, f"{text!r} is not a date (YYYY-MM-DD, YYYY-MM or ISO time)")]
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _cmd_cost(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if args.what == "estimate":
+        doc = estimate(config)
+        print(json.dumps(doc, indent=2) if args.json else render_estimate(doc))
+        return EXIT_OK
+    now = time.time()
+    since = (
+        _parse_when(args.since, what="--since") if args.since else period_bounds("month", now)[0]
+    )
+    until = _parse_when(args.until, what="--until") if args.until else now
+    if not config.storage.path.exists():
+        print(
+            f"error: no state file at {config.storage.path}: nothing recorded yet", file=sys.stderr
+        )
+        return EXIT_CONFIG
+
+    async def read() -> list[ChargeTotal]:
+        async with Store(config.storage.path) as store:
+            return await store.charge_totals(since=since, until=until)
+
+    totals = asyncio.run(read())
+    groups = _group_costs(totals, config, by=args.by)
+    doc = {
+        "since": datetime.fromtimestamp(since, UTC).isoformat(),
+        "until": datetime.fromtimestamp(until, UTC).isoformat(),
+        "by": args.by,
+        "precharge": config.ledger.precharge,
+        "groups": [
+            {"name": name, "precharges": p, "segments": s, "usd": usd(t)}
+            for name, (p, s, t) in groups.items()
+        ],
+        "total_usd": usd(sum(t.ticks for t in totals)),
+    }
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    rows = [(args.by.upper(), "STARTS", "SEGMENTS", "USD")]
+    rows += [(g["name"], str(g["precharges"]), str(g["segments"]), g["usd"]) for g in doc["groups"]]
+    rows.append(("TOTAL", "", "", doc["total_usd"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    print(f"{_short(doc['since'])} to {_short(doc['until'])} UTC")
+    for r in rows:
+        print(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    reading = "its own charge" if config.ledger.precharge == "separate" else "the first segment"
+    print(f"(each start's pre-charge counted as {reading}; see ledger.precharge)")
+    return EXIT_OK
+
+
+def _group_costs(
+    totals: list[ChargeTotal], config: Config, *, by: str
+) -> dict[str, tuple[int, int, int]]:
+    groups: dict[str, tuple[int, int, int]] = {}
+
+    def add(key: str, t: ChargeTotal) -> None:
+        p, s, ticks = groups.get(key, (0, 0, 0))
+        groups[key] = (p + t.precharges, s + t.segments, ticks + t.ticks)
+
+    for t in totals:
+        if by == "stream":
+            add(t.stream, t)
+            continue
+        spec = config.stream(t.stream)
+        if spec is None:
+            add("(stream not configured)", t)
+        elif not spec.labels:
+            add("(no labels)", t)
+        for k, v in (spec.labels if spec else {}).items():
+            add(f"{k}={v}", t)
+    return dict(sorted(groups.items()))
+
+
+def estimate(config: Config) -> dict[str, Any]:
+    """What the config costs per hour, day and 30 days if every stream runs all the time."""
+    seg = config.mavi.segment_seconds
+    streams = []
+    for s in config.streams:
+        per_hour = stream_ticks_per_hour(s, seg)
+        streams.append(
+            {
+                "name": s.name,
+                "fps": s.fps,
+                "features": [
+                    f
+                    for f, on in (("moderation", s.content_moderation), ("logos", s.logo_detection))
+                    if on
+                ],
+                "segment_usd": usd(
+                    segment_cost_ticks(
+                        fps=s.fps,
+                        content_moderation=s.content_moderation,
+                        logo_detection=s.logo_detection,
+                    )
+                ),
+                "hour_usd": usd(per_hour),
+                "day_usd": usd(per_hour * 24),
+                "days30_usd": usd(per_hour * 24 * 30),
+            }
+        )
+    total_hour = sum(stream_ticks_per_hour(s, seg) for s in config.streams)
+    caps = []
+    for cap in caps_for(config.budgets, config.streams):
+        rate = (
+            stream_ticks_per_hour(config.stream(cap.stream), seg)  # type: ignore[arg-type]
+            if cap.stream
+            else total_hour
+        )
+        hours = cap.ticks / rate if rate else None
+        caps.append(
+            {
+                "scope": cap.scope,
+                "period": cap.label,
+                "usd": usd(cap.ticks),
+                "hours_at_full_burn": round(hours, 2) if hours is not None else None,
+            }
+        )
+    return {
+        "streams": streams,
+        "total": {
+            "hour_usd": usd(total_hour),
+            "day_usd": usd(total_hour * 24),
+            "days30_usd": usd(total_hour * 24 * 30),
+        },
+        "budgets": caps,
+        "note": "one pre-charge per start comes on top; restarts add one each",
+    }
+
+
+def render_estimate(doc: dict[str, Any]) -> str:
+    """The estimate as a table for people."""
+    rows = [("STREAM", "FPS", "FEATURES", "$/SEGMENT", "$/HOUR", "$/DAY", "$/30 DAYS")]
+    for s in doc["streams"]:
+        rows.append(
+            (
+                s["name"],
+                str(s["fps"]),
+                "+".join(s["features"]),
+                s["segment_usd"],
+                _money(s["hour_usd"]),
+                _money(s["day_usd"]),
+                _money(s["days30_usd"]),
+            )
+        )
+    t = doc["total"]
+    rows.append(
+        ("TOTAL", "", "", "", _money(t["hour_usd"]), _money(t["day_usd"]), _money(t["days30_usd"]))
+    )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i < 3 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in rows
+    ]
+    for cap in doc["budgets"]:
+        when = (
+            "never (nothing runs)"
+            if cap["hours_at_full_burn"] is None
+            else f"after {cap['hours_at_full_burn']} h at full burn"
+        )
+        lines.append(f"{cap['scope']} {cap['period']} budget ${_money(cap['usd'])}: reached {when}")
+    lines.append(f"({doc['note']})")
+    return "\n".join(lines)
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:

@@ -36,6 +36,8 @@ __all__ = [
     "burn_ticks_per_second",
     "period_bounds",
     "period_key",
+    "stream_ticks_per_hour",
+    "summary",
     "unreported_segments",
     "usd",
     "usd_per_hour",
@@ -193,6 +195,14 @@ class Spending:
             return self._counters.get((stream, period, key), 0)
         return sum(t for (_, p, k), t in self._counters.items() if p == period and k == key)
 
+    def effective(self, cap: Cap, now: float, estimates: Mapping[str, int]) -> int:
+        """Spend against `cap`: confirmed charges plus the estimates of unreported ones."""
+        return self._effective(cap, now, estimates)
+
+    def streams_charged(self) -> set[str]:
+        """Every stream with a charge in a counted period (configured or not)."""
+        return {k[0] for k in self._counters}
+
     def _effective(self, cap: Cap, now: float, estimates: Mapping[str, int]) -> int:
         unreported = estimates.get(cap.stream, 0) if cap.stream else sum(estimates.values())
         return self.spent(cap.stream, cap.period, now) + unreported
@@ -290,3 +300,66 @@ class Spending:
         for k in [k for k in self._counters if k[2] not in current]:
             del self._counters[k]
         return {f for f in fired if f.split(":")[2] in current}
+
+
+def stream_ticks_per_hour(spec: StreamConfig, segment_seconds: float) -> int:
+    """Whole ticks a running task of `spec` costs per hour (exact when 3600 / segment_seconds
+    is whole, as with MAVI's 5 s)."""
+    return round(_segment_ticks(spec) * 3600 / segment_seconds)
+
+
+def summary(
+    spending: Spending,
+    *,
+    now: float,
+    running: Iterable[str],
+    estimates: Mapping[str, int],
+) -> dict[str, object]:
+    """Spend, burn, estimates and budget use for the status document (USD as strings)."""
+    live = set(running)
+
+    def burn(names: Iterable[str]) -> float:
+        return sum(
+            burn_ticks_per_second(spending.specs[n], spending.segment_seconds)
+            for n in names
+            if n in live and n in spending.specs
+        )
+
+    def budget(stream: str | None) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for cap in spending.caps:
+            if cap.stream == stream:
+                used = spending.effective(cap, now, estimates)
+                out[f"{cap.label}_usd"] = usd(cap.ticks)
+                out[f"{cap.label}_used_percent"] = used * 100 // cap.ticks if cap.ticks else 100
+        return out
+
+    streams = {}
+    for name in sorted(set(spending.specs) | spending.streams_charged()):
+        streams[name] = {
+            "today_usd": usd(spending.spent(name, "day", now)),
+            "month_usd": usd(spending.spent(name, "month", now)),
+            "burn_usd_per_hour": str(usd_per_hour(burn([name]))),
+            "estimated_unreported_usd": usd(estimates.get(name, 0)),
+            "budget": budget(name),
+        }
+    labels: dict[str, dict[str, int]] = {}
+    for name, spec in spending.specs.items():
+        for k, v in spec.labels.items():
+            entry = labels.setdefault(f"{k}={v}", {"day": 0, "month": 0})
+            entry["day"] += spending.spent(name, "day", now)
+            entry["month"] += spending.spent(name, "month", now)
+    return {
+        "account": {
+            "today_usd": usd(spending.spent(None, "day", now)),
+            "month_usd": usd(spending.spent(None, "month", now)),
+            "burn_usd_per_hour": str(usd_per_hour(burn(live))),
+            "estimated_unreported_usd": usd(sum(estimates.values())),
+            "budget": budget(None),
+        },
+        "streams": streams,
+        "by_label": {
+            k: {"today_usd": usd(v["day"]), "month_usd": usd(v["month"])}
+            for k, v in sorted(labels.items())
+        },
+    }

@@ -25,6 +25,7 @@ from pydantic import SecretStr
 
 from streamwatch import __version__
 from streamwatch.config import Config
+from streamwatch.ledger import summary
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
 from streamwatch.store import Store, StoreError
 from streamwatch.supervisor import Phase, Supervisor
@@ -52,6 +53,21 @@ async def build_status(
     orphans = await store.orphan_summary()
     now = clock()
     halt = supervisor.halt
+    estimates = supervisor.estimates(now)
+    costs = summary(
+        supervisor.spending,
+        now=now,
+        running=[n for n, s in supervisor.streams.items() if s.task_id],
+        estimates=estimates,
+    )
+    stream_costs: dict[str, Any] = costs["streams"]  # type: ignore[assignment]
+    no_cost = {
+        "today_usd": "0.000000",
+        "month_usd": "0.000000",
+        "burn_usd_per_hour": "0.0000",
+        "estimated_unreported_usd": "0.000000",
+        "budget": {},
+    }
     streams = []
     for name in sorted(set(supervisor.desired) | set(supervisor.streams)):
         spec = supervisor.desired.get(name)
@@ -61,6 +77,8 @@ async def build_status(
         shown = str(phase)
         if phase in (Phase.IDLE, Phase.BACKOFF) and halt is not None and now < halt.until:
             shown = "halted"
+        elif phase in (Phase.IDLE, Phase.BACKOFF) and name in supervisor.gate.no_start:
+            shown = "over_budget"
         streams.append(
             {
                 "name": name,
@@ -82,6 +100,8 @@ async def build_status(
                 "last_end_status": state.last_end_status if state else None,
                 "held_reason": state.held_reason if state else None,
                 "last_error": state.last_error if state else None,
+                "budget_reason": supervisor.gate.reasons.get(name),
+                "cost": stream_costs.get(name, no_cost),
             }
         )
     return {
@@ -96,6 +116,11 @@ async def build_status(
         },
         "streams": streams,
         "orphans": {"tasks": len(orphans), "callbacks": sum(orphans.values())},
+        "cost": {
+            **costs["account"],  # type: ignore[dict-item]
+            "by_label": costs["by_label"],
+            "precharge": config.ledger.precharge,
+        },
     }
 
 

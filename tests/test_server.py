@@ -113,12 +113,21 @@ async def test_status_document_fields_and_no_secrets(daemon, http):
     await daemon.wait(lambda: daemon.state("cam").run_segments >= 2)
     text = await (await http.get(f"{base}/api/v1/status")).text()
     doc = json.loads(text)
-    assert set(doc) == {"version", "now", "backend", "account", "streams", "orphans"}
+    assert set(doc) == {"version", "now", "backend", "account", "streams", "orphans", "cost"}
     stream = doc["streams"][0]
     assert stream["name"] == "cam"
     assert stream["state"] == "running"
     assert stream["segments"] >= 2
     assert stream["last_segment_at"].endswith("Z")
+    assert set(stream["cost"]) == {
+        "today_usd",
+        "month_usd",
+        "burn_usd_per_hour",
+        "estimated_unreported_usd",
+        "budget",
+    }
+    assert doc["cost"]["precharge"] == "separate"
+    assert doc["cost"]["month_usd"] == stream["cost"]["month_usd"] != "0.000000"
     for secret in (SECRET, "sk-mai-test-key", "rtmp://"):
         assert secret not in text
 

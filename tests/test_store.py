@@ -171,3 +171,31 @@ async def test_closed_store_refuses_work(tmp_path: Path):
     store = Store(tmp_path / "s.db")
     with pytest.raises(StoreError, match="not open"):
         await store.get_setting("x")
+
+
+async def test_upgrade_from_schema_1_backfills_the_ledger(tmp_path: Path):
+    """A state file from schema 1 gains the ledger, with the charges its tasks already made."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for statement in MIGRATIONS[0].split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO tasks (task_id, stream, spec_hash, fps, content_moderation, logo_detection,"
+        " max_logos, started_at, segments) VALUES ('t', 'cam', 'h', 2, 1, 1, 5, 100.0, 3)"
+    )
+    for i in range(3):
+        conn.execute(
+            "INSERT INTO segments (task_id, segment_index, stream, received_at)"
+            " VALUES ('t', ?, 'cam', ?)",
+            (i, 105.0 + 5 * i),
+        )
+    conn.commit()
+    conn.close()
+    async with Store(path) as store:
+        totals = await store.charge_totals(since=0, until=1_000)
+        row = await store.task("t")
+    assert row is not None
+    assert row.segment_ticks == 12
+    assert [(t.stream, t.precharges, t.segments, t.ticks) for t in totals] == [("cam", 1, 3, 48)]

@@ -1,0 +1,120 @@
+"""`streamwatch cost` and `cost estimate`: figures from the state file and from the config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from streamwatch.store import Store
+
+NOV = datetime(2026, 11, 10, 12, tzinfo=UTC).timestamp()
+OCT = datetime(2026, 10, 10, 12, tzinfo=UTC).timestamp()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamwatch", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+
+
+def write_config(tmp_path: Path) -> Path:
+    path = tmp_path / "streams.toml"
+    path.write_text(f"""
+[storage]
+path = "{tmp_path / "state.db"}"
+[budgets]
+daily_usd = "10.00"
+[[streams]]
+name = "a"
+url = "rtmp://h/a"
+labels = {{ site = "paris" }}
+[[streams]]
+name = "b"
+url = "rtmp://h/b"
+fps = 2
+logo_detection = true
+labels = {{ site = "paris", team = "brand" }}
+budget = {{ monthly_usd = "100.00" }}
+""")
+    return path
+
+
+async def seed(db: Path) -> None:
+    async with Store(db) as store:
+        for task, stream, fps, logos, at in (
+            ("t1", "a", 1, False, NOV),
+            ("t2", "b", 2, True, NOV),
+            ("t0", "a", 1, False, OCT),
+        ):
+            await store.record_task_started(
+                task_id=task,
+                stream=stream,
+                spec_hash="h",
+                fps=fps,
+                content_moderation=True,
+                logo_detection=logos,
+                max_logos=5,
+                started_at=at,
+            )
+
+
+async def test_cost_by_stream_and_label_in_a_range(tmp_path: Path):
+    """Totals per stream and per label value, limited to --since/--until, exact in USD."""
+    config = write_config(tmp_path)
+    await seed(tmp_path / "state.db")
+    out = cli("cost", "-c", str(config), "--since", "2026-11", "--until", "2026-12-01", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    by_stream = {g["name"]: g for g in doc["groups"]}
+    assert by_stream["a"]["usd"] == "0.002083"  # one pre-charge at fps 1, one feature: 6 ticks
+    assert by_stream["b"]["usd"] == "0.004167"  # fps 2, both features: 12 ticks
+    assert by_stream["a"]["precharges"] == 1, "October's start is outside the range"
+    assert doc["total_usd"] == "0.006250"  # 18 ticks, exactly
+    out = cli("cost", "-c", str(config), "--since", "2026-10-01", "--by", "label", "--json")
+    groups = {g["name"]: g["usd"] for g in json.loads(out.stdout)["groups"]}
+    assert groups == {"site=paris": "0.008333", "team=brand": "0.004167"}
+    table = cli("cost", "-c", str(config), "--since", "2026-10-01")
+    assert table.returncode == 0
+    assert "TOTAL" in table.stdout
+    assert "0.008333" in table.stdout
+
+
+def test_cost_rejects_a_bad_date(tmp_path: Path):
+    """A date that is not a date is named in the error."""
+    out = cli("cost", "-c", str(write_config(tmp_path)), "--since", "last tuesday")
+    assert out.returncode == 1
+    assert "last tuesday" in out.stderr
+
+
+def test_cost_without_a_state_file(tmp_path: Path):
+    """Before the daemon ever ran, `cost` says there is nothing recorded."""
+    out = cli("cost", "-c", str(write_config(tmp_path)))
+    assert out.returncode == 1
+    assert "nothing recorded" in out.stderr
+
+
+def test_estimate_prices_the_config_and_its_budgets(tmp_path: Path):
+    """`cost estimate` prices each stream per hour, day and 30 days, and when caps are hit."""
+    out = cli("cost", "estimate", "-c", str(write_config(tmp_path)), "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    hours = {s["name"]: s["hour_usd"] for s in doc["streams"]}
+    assert hours == {"a": "1.500000", "b": "3.000000"}
+    assert doc["total"]["day_usd"] == "108.000000"
+    caps = {(c["scope"], c["period"]): c["hours_at_full_burn"] for c in doc["budgets"]}
+    assert caps == {("account", "daily"): 2.22, ("stream b", "monthly"): 33.33}
+
+
+def test_check_config_shows_the_estimate(tmp_path: Path):
+    """check-config prints the same cost summary as `cost estimate`."""
+    out = cli("check-config", "-c", str(write_config(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    assert "$/HOUR" in out.stdout
+    assert "account daily budget $10.00: reached after 2.22 h at full burn" in out.stdout
