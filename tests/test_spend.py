@@ -107,6 +107,13 @@ async def test_budget_stops_within_in_flight_and_waits_for_the_next_day(daemon, 
     percents = [re.findall(r"(\d+)% used", e.detail) for e in events]
     assert percents == [["50"], ["80"], ["100"]]
 
+    await daemon.stop()  # a daemon restart mid-period: the budget still holds
+    await daemon.start()
+    assert daemon.sup.spending.spent("capped", "day", clock()) == spent
+    assert not [a for a in daemon.sup.step() if isinstance(a, Start) and a.stream == "capped"]
+    again = [e for e in await daemon.events(stream="capped") if e.kind == "budget_threshold"]
+    assert len(again) == 3, "thresholds already fired do not fire again"
+
     clock.now = MIDNIGHT + 1  # the next UTC day
     daemon.sup.step()
     await daemon.wait(lambda: daemon.state("capped").phase is Phase.RUNNING)
