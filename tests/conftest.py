@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -202,6 +205,18 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `streamwatch` command as a user would, with a time limit."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamwatch", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
 
 
 async def until(emulator: Emulator, predicate: Callable[[], bool], within: float = 10.0) -> None:

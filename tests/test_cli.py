@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,24 +15,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SECRET
+from tests.conftest import SECRET, cli
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "streamwatch", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def wait_for(check: Callable[[], bool], what: str, within: float = 20.0) -> None:

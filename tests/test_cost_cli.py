@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 from streamwatch.store import Store
+from tests.conftest import cli
 
 NOV = datetime(2026, 11, 10, 12, tzinfo=UTC).timestamp()
 OCT = datetime(2026, 10, 10, 12, tzinfo=UTC).timestamp()
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "streamwatch", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
 
 
 def write_config(tmp_path: Path) -> Path:
