@@ -32,6 +32,9 @@ async def test_ledger_equals_the_providers_charges_to_the_tick(daemon, emulator)
         + stream_toml("errs", "rtmp://cams.test/errs", fps=4)
     )
     await daemon.start(streams)
+    await daemon.wait(lambda: daemon.state("flaky").restarts >= 1)
+    await daemon.crash()  # callbacks sent meanwhile are redelivered to the next daemon
+    await daemon.start()
     await daemon.wait(lambda: daemon.state("flaky").restarts >= 2)
     await daemon.wait(lambda: daemon.state("dupes").run_segments >= 6)
     emulator.balance_ticks = 40  # runs out within a few segments: every task ends with 402
