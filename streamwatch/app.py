@@ -19,12 +19,14 @@ from pathlib import Path
 
 import aiohttp
 import structlog
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from streamwatch.config import Config, ConfigError, Secrets, load_config, resolve_secrets
 from streamwatch.emulator import Emulator, Script
 from streamwatch.ledger import Spending
 from streamwatch.mavi.streams import StreamClient
+from streamwatch.metrics import Metrics, StateCollector
 from streamwatch.pricing import usd_to_ticks
 from streamwatch.server import Server
 from streamwatch.store import Store
@@ -59,6 +61,9 @@ class App:
         self.server: Server | None = None
         self.emulator: Emulator | None = None
         self.reloads = 0
+        # One registry per App: tests build as many daemons as they like, side by side.
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry, max_logo_names=config.metrics.max_logo_names)
 
     def request_stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
@@ -93,12 +98,14 @@ class App:
     async def serve(self) -> None:
         """Start every part, run until asked to stop, then drain and stop in reverse."""
         cfg = self.config
+        metrics = self.metrics
         async with contextlib.AsyncExitStack() as stack:
             store = Store(
                 cfg.storage.path,
                 batch_max=cfg.storage.batch_max,
                 clock=self._clock,
                 precharge_covers_first_segment=cfg.ledger.precharge == "first_segment",
+                on_commit=metrics.commit,
             )
             self.store = await stack.enter_async_context(store)
             session = await stack.enter_async_context(aiohttp.ClientSession())
@@ -115,17 +122,17 @@ class App:
                 api_key=api_key,
                 retry=cfg.mavi.retry,
                 timeout_seconds=cfg.mavi.request_timeout_seconds,
+                metrics=metrics,
+            )
+            spending = Spending(
+                budgets=cfg.budgets, streams=cfg.streams, segment_seconds=cfg.mavi.segment_seconds
             )
             self.supervisor = Supervisor(
                 client=client,
                 store=self.store,
                 policy=self._policy(cfg),
                 tick_seconds=cfg.supervisor.tick_seconds,
-                spending=Spending(
-                    budgets=cfg.budgets,
-                    streams=cfg.streams,
-                    segment_seconds=cfg.mavi.segment_seconds,
-                ),
+                spending=spending,
                 clock=self._clock,
             )
             await self.supervisor.load(cfg.streams)
@@ -135,6 +142,8 @@ class App:
                 supervisor=self.supervisor,
                 callback_secret=self.secrets.callback_secret,
                 status_token=self.secrets.status_token,
+                metrics=metrics,
+                collector=StateCollector(self.registry, spending),
                 clock=self._clock,
             )
             await stack.enter_async_context(self.server.running())

@@ -42,6 +42,7 @@ __all__ = [
     "LedgerConfig",
     "LoggingConfig",
     "MaviConfig",
+    "MetricsConfig",
     "RetryConfig",
     "SecretSource",
     "Secrets",
@@ -115,6 +116,13 @@ class SecretSource(_Model):
         return SecretStr(value) if value else None
 
 
+def _check_host_port(v: str) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError('must be "host:port", e.g. "127.0.0.1:8080"')
+    return v
+
+
 class RetryConfig(_Model):
     """Bounds for retrying transient MAVI API failures (429, 5xx, timeouts)."""
 
@@ -174,10 +182,7 @@ class ServerConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError('must be "host:port", e.g. "127.0.0.1:8080"')
-        return v
+        return _check_host_port(v)
 
     @property
     def host(self) -> str:
@@ -374,6 +379,22 @@ class EmulatorConfig(_Model):
     scripts: list[EmulatorScript] = Field(default_factory=list)
 
 
+class MetricsConfig(_Model):
+    """The Prometheus endpoint."""
+
+    listen: str | None = Field(
+        default=None, description="host:port for /metrics alone; unset = on the main server."
+    )
+    max_logo_names: int = Field(
+        default=20, ge=1, le=1000, description="Distinct logo names per stream before __other__."
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        return None if v is None else _check_host_port(v)
+
+
 class LoggingConfig(_Model):
     """Log output."""
 
@@ -393,6 +414,7 @@ class Config(_Model):
     defaults: StreamDefaults = StreamDefaults()
     emulator: EmulatorConfig = EmulatorConfig()
     logging: LoggingConfig = LoggingConfig()
+    metrics: MetricsConfig = MetricsConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     ledger: LedgerConfig = LedgerConfig()
     streams: list[StreamConfig] = Field(default_factory=list)

@@ -168,6 +168,7 @@ class Spending:
         segment_seconds: float,
     ) -> None:
         self._counters: dict[tuple[str, Period, str], int] = {}
+        self.all_time: dict[str, int] = {}  # every charge ever recorded, per stream
         self.segment_seconds = segment_seconds
         self.configure(budgets, streams)
 
@@ -184,6 +185,7 @@ class Spending:
 
     def add(self, stream: str, ticks: int, at: float) -> None:
         """Count a charge the store has recorded."""
+        self.all_time[stream] = self.all_time.get(stream, 0) + ticks
         for period in PERIODS:
             k = (stream, period, period_key(period, at))
             self._counters[k] = self._counters.get(k, 0) + ticks

@@ -7,6 +7,7 @@ Routes (stable; see README):
 - ``GET /readyz``: the store takes writes and the daemon is serving; 503 with reasons if not.
 - ``GET /api/v1/status``: streams, tasks and the account, as JSON (bearer token if configured).
 - ``POST /api/v1/resume``: lift a balance halt and release held streams (bearer token).
+- ``GET /metrics``: Prometheus metrics (here, or on ``[metrics] listen`` when that is set).
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 
 from streamwatch import __version__
 from streamwatch.config import Config
 from streamwatch.ledger import summary
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
+from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
 from streamwatch.store import Store, StoreError
-from streamwatch.supervisor import Phase, Supervisor
+from streamwatch.supervisor import Supervisor
 
 __all__ = ["CALLBACK_PREFIX", "Server", "build_status", "close_runner", "iso"]
 
@@ -73,12 +76,7 @@ async def build_status(
         spec = supervisor.desired.get(name)
         state = supervisor.streams.get(name)
         total = totals.get(name)
-        phase = state.phase if state else Phase.IDLE
-        shown = str(phase)
-        if phase in (Phase.IDLE, Phase.BACKOFF) and halt is not None and now < halt.until:
-            shown = "halted"
-        elif phase in (Phase.IDLE, Phase.BACKOFF) and name in supervisor.gate.no_start:
-            shown = "over_budget"
+        shown = supervisor.display_state(name, now)
         streams.append(
             {
                 "name": name,
@@ -150,8 +148,12 @@ class Server:
         supervisor: Supervisor,
         callback_secret: SecretStr,
         status_token: SecretStr | None,
+        metrics: Metrics,
+        collector: StateCollector,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._metrics = metrics
+        self._collector = collector
         self._config = config
         self._store = store
         self._supervisor = supervisor
@@ -166,6 +168,13 @@ class Server:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/api/v1/status", self._status)
         app.router.add_post("/api/v1/resume", self._resume)
+        self.metrics_app: web.Application | None = None
+        self.metrics_port: int | None = None
+        if config.metrics.listen:
+            self.metrics_app = web.Application()
+            self.metrics_app.router.add_get("/metrics", self._metrics_page)
+        else:
+            app.router.add_get("/metrics", self._metrics_page)
         self.app = app
 
     def set_config(self, config: Config) -> None:
@@ -205,36 +214,58 @@ class Server:
         server = site._server
         assert server is not None
         self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-        self.ready = True
         log.info("server.listening", address=self._config.server.host, port=self.port)
-        try:
-            yield self
-        finally:
-            self.ready = False
-            await close_runner(runner)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(close_runner, runner)
+            if self.metrics_app is not None:
+                listen = self._config.metrics.listen
+                assert listen is not None
+                host, _, port = listen.rpartition(":")
+                metrics_runner = web.AppRunner(self.metrics_app, access_log=None)
+                await metrics_runner.setup()
+                stack.push_async_callback(close_runner, metrics_runner)
+                site = web.TCPSite(metrics_runner, host.strip("[]"), int(port))
+                await site.start()
+                assert site._server is not None
+                self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+                log.info("server.metrics_listening", address=host, port=self.metrics_port)
+            self.ready = True
+            try:
+                yield self
+            finally:
+                self.ready = False
 
     # -- handlers ------------------------------------------------------------------------------
 
     async def _callback(self, request: web.Request) -> web.Response:
+        with self._metrics.callback_seconds.time():
+            return await self._handle_callback(request)
+
+    async def _handle_callback(self, request: web.Request) -> web.Response:
         given = request.match_info["secret"].encode()
         if not hmac.compare_digest(given, self._secret):
+            self._metrics.rejected("secret")
             return web.json_response({"error": "not found"}, status=404)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             log.warning("callback.rejected", reason="too_large")
+            self._metrics.rejected("too_large")
             return web.json_response({"error": "body too large"}, status=413)
         try:
             callback = parse_callback(body)
         except CallbackError as exc:
             log.warning("callback.rejected", reason=exc.reason, detail=str(exc))
+            self._metrics.rejected(exc.reason)
             return web.json_response({"error": str(exc)}, status=400)
         try:
             outcome = await self._store.apply_callback(callback, body=body)
         except StoreError as exc:
             log.error("callback.store_failed", error=str(exc))
+            self._metrics.callbacks.labels("failed").inc()
             return web.json_response({"error": "not stored, retry"}, status=503)
         self._supervisor.observe(outcome)
+        self._metrics.callback(outcome)
         if outcome.kind == "orphan":
             log.warning("callback.orphan", task_id=callback.task_id)
         elif isinstance(callback, SegmentReport) and outcome.kind == "stored":
@@ -253,6 +284,33 @@ class Server:
                 status=getattr(callback, "status", 0),
             )
         return web.json_response({"ok": True, "outcome": outcome.kind})
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        sup = self._supervisor
+        now = self._clock()
+        streams = {}
+        for name in set(sup.desired) | set(sup.streams):
+            spec = sup.desired.get(name)
+            state = sup.streams.get(name)
+            streams[name] = StreamView(
+                state=sup.display_state(name, now),
+                running=state is not None and state.task_id is not None,
+                restarts=state.restarts if state else 0,
+                labels=spec.labels if spec else {},
+                fps=spec.fps if spec else None,
+                content_moderation=spec.content_moderation if spec else None,
+                logo_detection=spec.logo_detection if spec else None,
+            )
+        self._collector.snapshot = Snapshot(
+            streams=streams,
+            totals=await self._store.stream_totals(),
+            orphans=await self._store.orphan_summary(),
+            halt_reason=sup.halt.reason if sup.halt is not None and now < sup.halt.until else None,
+            all_time_ticks=dict(sup.spending.all_time),
+            now=now,
+        )
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

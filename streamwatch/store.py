@@ -249,8 +249,10 @@ class Store:
         batch_max: int = 512,
         clock: Callable[[], float] = time.time,
         precharge_covers_first_segment: bool = False,
+        on_commit: Callable[[float, int], None] | None = None,
     ) -> None:
         self.path = path
+        self._on_commit = on_commit  # (seconds, operations) after each commit
         # How to read MAVI's pre-charge (undocumented): as its own charge (False, the
         # conservative default) or as payment for the task's first processed segment.
         self._first_free = precharge_covers_first_segment
@@ -337,8 +339,11 @@ class Store:
             batch = [await self._queue.get()]
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            started = time.perf_counter()
             try:
                 results = await asyncio.to_thread(self._run_batch, [op for op, _ in batch])
+                if self._on_commit is not None:
+                    self._on_commit(time.perf_counter() - started, len(batch))
             except Exception as exc:  # noqa: BLE001 - the commit failed: nothing in the batch is stored
                 log.error("store.commit_failed", error=str(exc), batch=len(batch))
                 results = [StoreError(f"could not commit to {self.path}: {exc}")] * len(batch)

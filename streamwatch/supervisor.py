@@ -338,6 +338,8 @@ class Supervisor:
         if halt:
             self.halt = Halt(**halt)
         self._fired = set(await self._store.get_setting("budget_fired") or [])
+        everything = await self._store.charge_totals(since=float("-inf"), until=float("inf"))
+        self.spending.all_time = {t.stream: t.ticks for t in everything}
         for period in PERIODS:
             start, end = period_bounds(period, now)
             totals = await self._store.charge_totals(since=start, until=end)
@@ -753,6 +755,18 @@ class Supervisor:
         `asyncio.timeout()`."""
         while not predicate():
             await self._changed.wait()
+
+    def display_state(self, name: str, now: float) -> str:
+        """The state people see: the phase, or `halted` / `over_budget` for a stream that
+        waits to start only because the account is halted or a budget forbids it."""
+        state = self.streams.get(name)
+        phase = state.phase if state else Phase.IDLE
+        if phase in (Phase.IDLE, Phase.BACKOFF):
+            if self.halt is not None and now < self.halt.until:
+                return "halted"
+            if name in self.gate.no_start:
+                return "over_budget"
+        return str(phase)
 
     def running_count(self) -> int:
         return sum(1 for s in self.streams.values() if s.phase in (Phase.RUNNING, Phase.STALLED))

@@ -28,6 +28,7 @@ from streamwatch.mavi.errors import (
     RejectedRequest,
     TransientError,
 )
+from streamwatch.metrics import Metrics
 
 __all__ = ["StartRequest", "StreamClient", "parse_retry_after"]
 
@@ -91,7 +92,9 @@ class StreamClient:
         api_key: SecretStr,
         retry: RetryConfig,
         timeout_seconds: float,
+        metrics: Metrics | None = None,
     ) -> None:
+        self._metrics = metrics
         self._session = session
         self._base = base_url.rstrip("/")
         self._key = api_key
@@ -131,6 +134,19 @@ class StreamClient:
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
     async def _once(self, endpoint: str, body: dict[str, Any]) -> Any:
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await self._request(endpoint, body)
+        except MaviError as exc:
+            outcome = _outcome(exc)
+            raise
+        finally:
+            if self._metrics is not None:
+                self._metrics.mavi_requests.labels(endpoint, outcome).inc()
+                self._metrics.mavi_seconds.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _request(self, endpoint: str, body: dict[str, Any]) -> Any:
         url = f"{self._base}/stream/{endpoint}"
         headers = {"Authorization": self._key.get_secret_value()}
         try:
@@ -147,6 +163,21 @@ class StreamClient:
 
 class _AlreadyStopped(MaviError):
     pass
+
+
+def _outcome(exc: MaviError) -> str:
+    """The `outcome` label of a failed request."""
+    for kind, name in (
+        (_AlreadyStopped, "already_stopped"),
+        (AuthError, "auth"),
+        (InsufficientBalance, "balance"),
+        (RateLimited, "rate_limited"),
+        (CapacityError, "refused"),
+        (RejectedRequest, "bad_answer"),
+    ):
+        if isinstance(exc, kind):
+            return name
+    return "server_error" if exc.status else "unreachable"
 
 
 def _interpret(endpoint: str, status: int, text: str, retry_after: float | None) -> Any:
