@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import structlog
+from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
 from streamwatch import __version__
@@ -113,6 +114,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = _load(args.config)
     configure_logging(level=config.logging.level, fmt=config.logging.format)
+    # `_created` series would double every labelled counter and histogram for no operator use.
+    disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
     secrets = resolve_secrets(config)
     app = App(config, config_path=args.config, secrets=secrets)
     try:

@@ -96,6 +96,10 @@ def test_run_status_reload_and_graceful_stop(daemon_proc, tmp_path: Path):
         return live == names and {s["name"] for s in doc["streams"]} == names
 
     wait_for(lambda: running({"alpha", "beta"}), "both streams to run")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        metrics = r.read().decode()
+    assert 'streamwatch_stream_up{stream="alpha"} 1.0' in metrics
+    assert "_created" not in metrics, "run turns off prometheus_client's _created series"
     out = cli("status", "-c", str(path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0].split()[:3] == ["STREAM", "STATE", "TASK"]

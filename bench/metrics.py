@@ -1,0 +1,114 @@
+"""How long a /metrics scrape takes with many streams, against a small baseline.
+
+Runs the daemon with the built-in emulator twice in one process — a baseline fleet and a large
+one — lets segments flow so that every per-stream series exists, then times repeated scrapes
+over HTTP. Prints the median and worst scrape, the payload size and series count, and the
+ratios large/baseline. A benchmark, not a test: it asserts nothing about time.
+
+    python -m bench.metrics [--streams 1000] [--baseline 10] [--scrapes 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from prometheus_client import disable_created_metrics, generate_latest
+
+from streamwatch.app import App
+from streamwatch.config import parse_config
+from streamwatch.logs import configure_logging
+
+
+def config(n: int, db: Path, segment_seconds: float) -> str:
+    streams = "".join(
+        f'[[streams]]\nname = "cam-{i:04d}"\nurl = "rtmp://bench.invalid/{i}"\n'
+        f"fps = {1 + i % 3}\nlogo_detection = {'true' if i % 2 else 'false'}\n"
+        f'labels = {{ site = "site-{i % 7}", team = "team-{i % 3}" }}\n'
+        for i in range(n)
+    )
+    return f"""
+[mavi]
+backend = "emulator"
+segment_seconds = {segment_seconds}
+[server]
+listen = "127.0.0.1:0"
+[storage]
+path = "{db}"
+[budgets]
+daily_usd = "1000.00"
+[emulator]
+balance_usd = "1000000"
+[logging]
+level = "warning"
+{streams}
+"""
+
+
+async def measure(n: int, scrapes: int, workdir: Path) -> tuple[float, float, int, int, float]:
+    segment_seconds = 5.0  # MAVI's real rate: n / 5 callbacks a second keep arriving
+    app = App(
+        parse_config(config(n, workdir / f"m{n}.db", segment_seconds), environ={}), environ={}
+    )
+    serving = asyncio.create_task(app.serve())
+    await app.started.wait()
+    assert app.supervisor is not None
+    assert app.server is not None
+    sup = app.supervisor
+    async with asyncio.timeout(120):
+        await sup.wait_until(lambda: sum(s.run_segments > 0 for s in sup.streams.values()) == n)
+    url = f"{app.server.base_url}/metrics"
+    times = []
+    size = series = 0
+    registry = app.registry
+    render = []
+    for _ in range(scrapes):
+        started = time.perf_counter()
+        generate_latest(registry)
+        render.append(time.perf_counter() - started)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(scrapes):
+            started = time.perf_counter()
+            async with session.get(url) as resp:
+                body = await resp.read()
+            times.append(time.perf_counter() - started)
+        size = len(body)
+        series = sum(1 for line in body.decode().splitlines() if line and line[0] != "#")
+    app.request_stop()
+    await serving
+    return statistics.median(times), max(times), size, series, statistics.median(render)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--baseline", type=int, default=10)
+    parser.add_argument("--scrapes", type=int, default=20)
+    args = parser.parse_args()
+    configure_logging(level="error")
+    disable_created_metrics()  # as `streamwatch run` does
+    with tempfile.TemporaryDirectory() as tmp:
+        base = await measure(args.baseline, args.scrapes, Path(tmp))
+        big = await measure(args.streams, args.scrapes, Path(tmp))
+    for label, n, (median, worst, size, series, render) in (
+        ("baseline", args.baseline, base),
+        ("large", args.streams, big),
+    ):
+        print(
+            f"{label:<8} {n:>5} streams: scrape median {median * 1000:7.1f} ms, worst "
+            f"{worst * 1000:7.1f} ms (rendering alone {render * 1000:6.1f} ms), "
+            f"{size / 1024:8.1f} KiB, {series} series"
+        )
+    print(
+        f"ratio large/baseline: time {big[0] / base[0]:.1f}x for "
+        f"{args.streams / args.baseline:.0f}x the streams and {big[3] / base[3]:.1f}x the series"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
