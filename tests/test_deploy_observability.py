@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamwatch.emulator import Script
-from tests.conftest import stream_toml
+from tests.conftest import stream_toml, until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
@@ -103,3 +103,76 @@ async def test_rules_and_dashboard_only_name_metrics_the_daemon_exposes(daemon, 
     used = set(NAME.findall((PROM / "streamwatch.rules.yml").read_text()))
     used |= {n for e in dashboard_exprs() for n in NAME.findall(e)}
     assert used - exposed == set()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="the prometheus server is missing")
+async def test_a_real_prometheus_scrapes_the_daemon(daemon, emulator, tmp_path: Path):
+    """A Prometheus server on loopback scrapes a daemon under traffic; what it stores matches
+    the daemon's store for segments, unsafe segments and cost."""
+    url = "rtmp://cams.test/scraped"
+    emulator.scripts[url] = Script(outcomes=["safe", "unsafe", "safe"])
+    await daemon.start(stream_toml("scraped", url, fps=2))
+    await daemon.wait(lambda: daemon.state("scraped").run_segments >= 4)
+    task_id = daemon.state("scraped").task_id
+    assert task_id is not None
+    emulator._end(emulator.tasks[task_id], 14)  # stopped in the console: the numbers freeze
+    await until(emulator, lambda: all(d.delivered for d in emulator.deliveries))
+    await daemon.wait(lambda: daemon.state("scraped").task_id is None)
+    assert daemon.app is not None
+    assert daemon.app.server is not None
+    target = f"127.0.0.1:{daemon.app.server.port}"
+    port = free_port()
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: streamwatch\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    exe = shutil.which("prometheus")
+    assert exe is not None
+    proc = await asyncio.create_subprocess_exec(
+        exe,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as s:
+
+            async def query(expr: str) -> float | None:
+                try:
+                    async with s.get(
+                        f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}
+                    ) as resp:
+                        doc = await resp.json()
+                except aiohttp.ClientError:
+                    return None
+                result = doc.get("data", {}).get("result", [])
+                return float(result[0]["value"][1]) if result else None
+
+            async with asyncio.timeout(30):
+                # Prometheus is another process scraping on its own clock: nothing to await.
+                while await query('streamwatch_stream_segments_total{stream="scraped"}') is None:  # noqa: ASYNC110
+                    await asyncio.sleep(0.2)
+            totals = (await daemon.store.stream_totals())["scraped"]
+            ticks = (await daemon.store.charge_totals(since=0, until=10**12))[0].ticks
+            assert await query('up{job="streamwatch"}') == 1
+            assert await query('streamwatch_stream_segments_total{stream="scraped"}') == (
+                totals.segments
+            )
+            assert await query('streamwatch_stream_unsafe_segments_total{stream="scraped"}') == (
+                totals.unsafe_segments
+            )
+            cost = await query('streamwatch_stream_cost_usd_total{stream="scraped"}')
+            assert cost == pytest.approx(ticks / 2880)
+    finally:
+        proc.terminate()
+        await proc.communicate()
