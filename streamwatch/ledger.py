@@ -168,6 +168,7 @@ class Spending:
         segment_seconds: float,
     ) -> None:
         self._counters: dict[tuple[str, Period, str], int] = {}
+        self._account: dict[tuple[Period, str], int] = {}  # the same, summed over streams
         self.all_time: dict[str, int] = {}  # every charge ever recorded, per stream
         self.segment_seconds = segment_seconds
         self.configure(budgets, streams)
@@ -182,20 +183,36 @@ class Spending:
         """Seed one period's counters from the store."""
         for stream, ticks in by_stream.items():
             self._counters[(stream, period, key)] = ticks
+        self._account[(period, key)] = sum(by_stream.values())
 
     def add(self, stream: str, ticks: int, at: float) -> None:
         """Count a charge the store has recorded."""
         self.all_time[stream] = self.all_time.get(stream, 0) + ticks
         for period in PERIODS:
-            k = (stream, period, period_key(period, at))
+            key = period_key(period, at)
+            k = (stream, period, key)
             self._counters[k] = self._counters.get(k, 0) + ticks
+            self._account[(period, key)] = self._account.get((period, key), 0) + ticks
 
     def spent(self, stream: str | None, period: Period, now: float) -> int:
         """Confirmed spend of a stream (or the account, for None) in the period holding `now`."""
         key = period_key(period, now)
         if stream is not None:
             return self._counters.get((stream, period, key), 0)
-        return sum(t for (_, p, k), t in self._counters.items() if p == period and k == key)
+        return self._account.get((period, key), 0)
+
+    def near_cap(self, stream: str, at: float) -> bool:
+        """Whether the stream's or the account's spend is within one pre-charge of a cap, so
+        that the budget gate may have changed (cheap: for the callback path)."""
+        if self.budgets.action != "stop":
+            return False
+        spec = self.specs.get(stream)
+        margin = _segment_ticks(spec) if spec is not None else 0
+        return any(
+            self.spent(cap.stream, cap.period, at) + margin >= cap.ticks
+            for cap in self.caps
+            if cap.stream in (None, stream)
+        )
 
     def effective(self, cap: Cap, now: float, estimates: Mapping[str, int]) -> int:
         """Spend against `cap`: confirmed charges plus the estimates of unreported ones."""
@@ -301,6 +318,8 @@ class Spending:
         current = {period_key(p, now) for p in PERIODS}
         for k in [k for k in self._counters if k[2] not in current]:
             del self._counters[k]
+        for a in [a for a in self._account if a[1] not in current]:
+            del self._account[a]
         return {f for f in fired if f.split(":")[2] in current}
 
 

@@ -399,6 +399,7 @@ class Supervisor:
             self.halt = None
             self._spawn(self._store.set_setting("account_halt", None))
         estimates = self.estimates(now)
+        self._flag_unreported(estimates)
         self.gate = self.spending.gate(now, estimates)
         self._check_budgets(now, estimates)
         actions = plan(
@@ -409,7 +410,8 @@ class Supervisor:
         return actions
 
     def estimates(self, now: float) -> dict[str, int]:
-        """Ticks MAVI has presumably billed per stream but not reported by callback yet."""
+        """Ticks MAVI has presumably billed per stream but not reported by callback yet.
+        Reads state only: status and metrics call it too."""
         slack = self.spending.budgets.unreported_after_segments
         out: dict[str, int] = {}
         for s in self.streams.values():
@@ -424,23 +426,30 @@ class Supervisor:
             )
             if missing:
                 out[s.name] = missing * s.segment_ticks
-                if s.task_id not in self._unreported_flagged:
-                    self._unreported_flagged.add(s.task_id)
-                    log.warning(
-                        "supervisor.billing_unreported",
-                        stream=s.name,
-                        task_id=s.task_id,
-                        missing_segments=missing,
-                    )
-                    self._spawn(
-                        self._store.add_event(
-                            "billing_unreported",
-                            stream=s.name,
-                            task_id=s.task_id,
-                            detail=f"{missing} segment(s) billed but not reported",
-                        )
-                    )
         return out
+
+    def _flag_unreported(self, estimates: Mapping[str, int]) -> None:
+        """Record once per task that it is billing without reporting."""
+        for name in estimates:
+            task_id = self.streams[name].task_id
+            if task_id is None or task_id in self._unreported_flagged:
+                continue
+            self._unreported_flagged.add(task_id)
+            missing = estimates[name] // max(1, self.streams[name].segment_ticks)
+            log.warning(
+                "supervisor.billing_unreported",
+                stream=name,
+                task_id=task_id,
+                missing_segments=missing,
+            )
+            self._spawn(
+                self._store.add_event(
+                    "billing_unreported",
+                    stream=name,
+                    task_id=task_id,
+                    detail=f"{missing} segment(s) billed but not reported",
+                )
+            )
 
     def _check_budgets(self, now: float, estimates: Mapping[str, int]) -> None:
         pruned = self.spending.prune(self._fired, now)
@@ -637,10 +646,13 @@ class Supervisor:
         if outcome.kind != "stored" or outcome.stream is None:
             return
         name = outcome.stream
+        # Plain segments change nothing plan() looks at (stalls are found on ticks), so they
+        # do not wake the planner; an end, a recovery or a charge near a cap does.
+        replan = False
         if outcome.ticks:
             # Counted whichever task it came from: an old task's late segment costs money too.
             self.spending.add(name, outcome.ticks, outcome.at)
-            self._notify()
+            replan = self.spending.near_cap(name, outcome.at)
         state = self.streams.get(name)
         cb = outcome.callback
         if state is None or state.task_id != cb.task_id or state.phase is Phase.STOPPING:
@@ -654,6 +666,7 @@ class Supervisor:
             phase = state.phase
             if phase is Phase.STALLED:
                 phase = Phase.RUNNING
+                replan = True
                 log.info("supervisor.stream_recovered", stream=name, task_id=cb.task_id)
                 self._spawn(
                     self._store.add_event("stream_recovered", stream=name, task_id=cb.task_id)
@@ -698,7 +711,8 @@ class Supervisor:
                 self._spawn(self._store.set_held(name, new.held_reason))
             if halt is not None:
                 self._impose_halt(halt)
-        self._notify()
+            replan = True
+        self._notify(replan=replan)
 
     # -- people ------------------------------------------------------------------------------
 
@@ -745,8 +759,10 @@ class Supervisor:
         while self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
 
-    def _notify(self) -> None:
-        self._wake.set()
+    def _notify(self, *, replan: bool = True) -> None:
+        """Tell waiters that state changed; with `replan`, also run plan() now."""
+        if replan:
+            self._wake.set()
         self._changed.set()
         self._changed = asyncio.Event()
 

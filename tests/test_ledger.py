@@ -199,3 +199,14 @@ def test_thresholds_config_is_validated():
     with pytest.raises(ValueError, match="percentages"):
         BudgetsConfig(thresholds=[0])
     assert timedelta(days=1).total_seconds() == 86_400
+
+
+def test_near_cap_wakes_the_planner_only_close_to_a_cap():
+    """The callback path replans only when a charge brings spend within a pre-charge of a cap."""
+    spending = spending_for(stream("a", daily_usd=CAP), stream("b"))
+    spending.add("a", CAP_TICKS - 2 * PER, NOON)
+    assert not spending.near_cap("a", NOON)
+    assert not spending.near_cap("b", NOON), "b has no cap and there is no account cap"
+    spending.add("a", PER, NOON)
+    assert spending.near_cap("a", NOON)
+    assert not spending_for(stream("a", daily_usd=CAP), action="alert-only").near_cap("a", NOON)
