@@ -32,6 +32,9 @@ from pydantic import (
 )
 
 __all__ = [
+    "AlertRule",
+    "AlertSink",
+    "AlertsConfig",
     "BudgetCaps",
     "BudgetsConfig",
     "Config",
@@ -379,6 +382,69 @@ class EmulatorConfig(_Model):
     scripts: list[EmulatorScript] = Field(default_factory=list)
 
 
+class AlertSink(_Model):
+    """Where alerts go. The URL (and signing secret) are secrets: env or file, never inline."""
+
+    name: Annotated[str, Field(pattern=_NAME_RE)]
+    type: Literal["slack", "discord", "webhook"]
+    url: SecretSource = Field(description="The endpoint, e.g. a Slack incoming-webhook URL.")
+    secret: SecretSource | None = Field(
+        default=None, description="webhook only: the whsec_… signing secret (Standard Webhooks)."
+    )
+    max_in_flight: int = Field(default=1, ge=1, le=64, description="Concurrent deliveries.")
+    max_attempts: int = Field(default=8, ge=1, le=100, description="Tries before dead-letter.")
+    timeout_seconds: float = Field(default=15.0, gt=0, le=120)
+
+    @model_validator(mode="after")
+    def _secret_for_webhooks(self) -> AlertSink:
+        if self.type == "webhook" and self.secret is None:
+            raise ValueError("a webhook sink needs `secret` (whsec_…) so receivers can verify")
+        if self.type != "webhook" and self.secret is not None:
+            raise ValueError("only webhook sinks sign their requests; remove `secret`")
+        return self
+
+
+class AlertRule(_Model):
+    """Which events go to which sinks, and how often."""
+
+    name: Annotated[str, Field(pattern=_NAME_RE)]
+    events: list[str] = Field(default_factory=list, description="Event kinds; empty = all.")
+    streams: list[str] = Field(default_factory=list, description="Stream name globs; empty = all.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels that must match.")
+    min_severity: Literal["info", "warning", "critical"] = "info"
+    sinks: list[str] = Field(min_length=1)
+    min_consecutive: int = Field(
+        default=1, ge=1, description="Unsafe/logo segments in a row before firing."
+    )
+    cooldown_seconds: float = Field(default=300, ge=0, description="Per rule and subject.")
+    group_seconds: float = Field(default=10, ge=0, description="Fold a burst into one message.")
+    send_resolved: bool = Field(default=True, description="Say when the condition clears.")
+
+
+class AlertsConfig(_Model):
+    """Alert sinks, rules, and the delivery worker's retry bounds."""
+
+    sinks: list[AlertSink] = Field(default_factory=list)
+    rules: list[AlertRule] = Field(default_factory=list)
+    retry_initial_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0, le=60, description="Outbox scan interval.")
+
+    @model_validator(mode="after")
+    def _names(self) -> AlertsConfig:
+        sinks = [s.name for s in self.sinks]
+        if len(set(sinks)) != len(sinks):
+            raise ValueError("sink names must be unique")
+        rules = [r.name for r in self.rules]
+        if len(set(rules)) != len(rules):
+            raise ValueError("rule names must be unique")
+        for rule in self.rules:
+            unknown = sorted(set(rule.sinks) - set(sinks))
+            if unknown:
+                raise ValueError(f"rule {rule.name!r} names unknown sinks: {', '.join(unknown)}")
+        return self
+
+
 class MetricsConfig(_Model):
     """The Prometheus endpoint."""
 
@@ -415,6 +481,7 @@ class Config(_Model):
     emulator: EmulatorConfig = EmulatorConfig()
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
+    alerts: AlertsConfig = AlertsConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     ledger: LedgerConfig = LedgerConfig()
     streams: list[StreamConfig] = Field(default_factory=list)

@@ -115,6 +115,12 @@ class Metrics:
             ["stream", "status"],
             registry=registry,
         )
+        self.alert_deliveries = Counter(
+            "streamwatch_alert_deliveries",
+            "Alert delivery attempts by sink and outcome: delivered, retry, dead.",
+            ["sink", "outcome"],
+            registry=registry,
+        )
         InfoBuild(registry)
 
     def callback(self, outcome: CallbackOutcome) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "CallbackOutcome",
     "ChargeTotal",
     "EventRow",
+    "OutboxRow",
     "Registered",
     "SchemaError",
     "Store",
@@ -147,6 +148,25 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT s.received_at, s.stream, s.task_id, 'segment', s.segment_index, t.segment_ticks
         FROM segments s JOIN tasks t ON t.task_id = s.task_id;
     """,
+    # 3: the alert outbox. An alert is here before any delivery is tried; `alert_id` is stable
+    # across redeliveries so receivers can deduplicate.
+    """
+    CREATE TABLE alert_outbox (
+        id           INTEGER PRIMARY KEY,
+        alert_id     TEXT NOT NULL UNIQUE,
+        sink         TEXT NOT NULL,
+        rule         TEXT NOT NULL,
+        grp          TEXT NOT NULL,
+        event        TEXT NOT NULL,
+        state        TEXT NOT NULL DEFAULT 'pending',
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        next_at      REAL NOT NULL,
+        last_error   TEXT,
+        created_at   REAL NOT NULL,
+        delivered_at REAL
+    );
+    CREATE INDEX alert_outbox_due ON alert_outbox (state, next_at);
+    """,
 )
 
 
@@ -170,6 +190,24 @@ class CallbackOutcome:
     # What MAVI charged for it (a stored segment), in ticks of 1/2880 USD, and when.
     ticks: int = 0
     at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One alert for one sink, as kept in the outbox."""
+
+    id: int
+    alert_id: str
+    sink: str
+    rule: str
+    group: str
+    event: dict[str, Any]
+    state: str
+    attempts: int
+    next_at: float
+    last_error: str | None
+    created_at: float
+    delivered_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -616,6 +654,74 @@ class Store:
 
         await self._run(op)
 
+    # -- the alert outbox ----------------------------------------------------------------------
+
+    async def enqueue_alerts(
+        self, alerts: list[tuple[str, str, str, str, dict[str, object], float]]
+    ) -> None:
+        """Add (alert_id, sink, rule, group, event, send_after) rows, committed on return."""
+        now = self._clock()
+        await self._run(
+            lambda c: c.executemany(
+                "INSERT INTO alert_outbox (alert_id, sink, rule, grp, event, next_at, created_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                [(a, s, r, g, json.dumps(e), t, now) for a, s, r, g, e, t in alerts],
+            )
+        )
+
+    async def due_alerts(self, now: float, *, limit: int = 500) -> list[OutboxRow]:
+        """Pending alerts whose time has come, oldest first."""
+        return await self._run(
+            lambda c: [
+                _outbox_row(r)
+                for r in c.execute(
+                    f"{_OUTBOX_SELECT} WHERE state = 'pending' AND next_at <= ?"
+                    " ORDER BY id LIMIT ?",
+                    (now, limit),
+                )
+            ]
+        )
+
+    async def next_alert_at(self) -> float | None:
+        """When the next pending alert falls due, if any is pending."""
+        return await self._run(
+            lambda c: c.execute(
+                "SELECT min(next_at) FROM alert_outbox WHERE state = 'pending'"
+            ).fetchone()[0]
+        )
+
+    async def settle_alerts(
+        self,
+        ids: list[int],
+        *,
+        state: str,
+        next_at: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Record a delivery attempt for these rows: delivered, to retry at `next_at`, or dead."""
+        now = self._clock()
+
+        def op(conn: sqlite3.Connection) -> None:
+            for row_id in ids:
+                conn.execute(
+                    "UPDATE alert_outbox SET state = ?, attempts = attempts + 1,"
+                    " next_at = coalesce(?, next_at), last_error = ?,"
+                    " delivered_at = CASE WHEN ? = 'delivered' THEN ? ELSE delivered_at END"
+                    " WHERE id = ?",
+                    (state, next_at, error, state, now, row_id),
+                )
+
+        await self._run(op)
+
+    async def recent_alerts(self, *, limit: int = 50) -> list[OutboxRow]:
+        """The newest outbox rows, newest last."""
+        return await self._run(
+            lambda c: [
+                _outbox_row(r)
+                for r in c.execute(f"{_OUTBOX_SELECT} ORDER BY id DESC LIMIT ?", (limit,))
+            ][::-1]
+        )
+
     async def check_writable(self) -> None:
         """Raise unless a write transaction commits (for readiness probes)."""
         await self._run(lambda c: c.execute("UPDATE settings SET key = key WHERE 0"))
@@ -626,6 +732,29 @@ _TASK_SELECT = (
     " started_at, stop_requested, ended_at, end_status, end_reason, last_callback_at, segments,"
     " failed_segments, segment_ticks FROM tasks"
 )
+
+
+_OUTBOX_SELECT = (
+    "SELECT id, alert_id, sink, rule, grp, event, state, attempts, next_at, last_error,"
+    " created_at, delivered_at FROM alert_outbox"
+)
+
+
+def _outbox_row(r: tuple[Any, ...]) -> OutboxRow:
+    return OutboxRow(
+        id=r[0],
+        alert_id=r[1],
+        sink=r[2],
+        rule=r[3],
+        group=r[4],
+        event=json.loads(r[5]),
+        state=r[6],
+        attempts=r[7],
+        next_at=r[8],
+        last_error=r[9],
+        created_at=r[10],
+        delivered_at=r[11],
+    )
 
 
 def _task_row(r: tuple[Any, ...]) -> TaskRow:

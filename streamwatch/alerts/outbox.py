@@ -1,0 +1,187 @@
+"""Deliver what the outbox holds: due alerts grouped per sink and grouping window, at most
+`max_in_flight` deliveries per sink, retried with exponential backoff and jitter (never sooner
+than a 429 asks), dead-lettered after the sink's `max_attempts` or a permanent refusal.
+
+A daemon killed mid-delivery finds the alerts still pending on restart and sends them again:
+delivery is at least once, and the stable alert id lets receivers deduplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+
+import structlog
+
+from streamwatch.alerts.events import AlertEvent
+from streamwatch.alerts.rules import Router
+from streamwatch.alerts.sinks import Alert, HttpSink
+from streamwatch.metrics import Metrics
+from streamwatch.store import OutboxRow, Store
+
+__all__ = ["Alerts", "Outbox"]
+
+log = structlog.get_logger("streamwatch.alerts")
+
+
+class Outbox:
+    """The delivery worker."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        sinks: Mapping[str, HttpSink],
+        retry_initial: float,
+        retry_max: float,
+        poll_seconds: float,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self.sinks = dict(sinks)
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._poll = poll_seconds
+        self._metrics = metrics
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._limits = {name: asyncio.Semaphore(s.max_in_flight) for name, s in sinks.items()}
+        self._inflight: set[int] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver until `stop()`, waking on new alerts and when retries fall due."""
+        while not self._stopping:
+            await self.deliver_due()
+            self._wake.clear()
+            due = await self._store.next_alert_at()
+            wait = self._poll if due is None else min(self._poll, max(0.0, due - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+
+    async def stop(self) -> None:
+        """Stop picking new work and let deliveries under way finish."""
+        self._stopping = True
+        self._wake.set()
+        await self.settle()
+
+    async def settle(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def deliver_due(self) -> int:
+        """Start delivering every due group not already under way. Returns groups started."""
+        rows = await self._store.due_alerts(self._clock())
+        groups: dict[tuple[str, str], list[OutboxRow]] = {}
+        for row in rows:
+            if row.id not in self._inflight:
+                groups.setdefault((row.sink, row.group), []).append(row)
+        for (sink, _), members in groups.items():
+            self._inflight.update(r.id for r in members)
+            task = asyncio.create_task(self._deliver(sink, members))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return len(groups)
+
+    def _backoff(self, attempts: int) -> float:
+        base = min(self._retry_max, self._retry_initial * 2.0 ** max(0, attempts - 1))
+        return base * (0.5 + self._rng.random() / 2)
+
+    async def _deliver(self, sink_name: str, rows: list[OutboxRow]) -> None:
+        ids = [r.id for r in rows]
+        try:
+            sink = self.sinks.get(sink_name)
+            if sink is None:
+                await self._settle(sink_name, ids, "dead", error="sink no longer configured")
+                return
+            alerts = [Alert(r.alert_id, AlertEvent.from_json(r.event)) for r in rows]
+            async with self._limits[sink_name]:
+                result = await sink.deliver(alerts)
+            attempts = max(r.attempts for r in rows) + 1
+            if result.ok:
+                await self._settle(sink_name, ids, "delivered")
+            elif result.retry and attempts < sink.max_attempts:
+                delay = max(result.retry_after or 0.0, self._backoff(attempts))
+                await self._settle(
+                    sink_name, ids, "pending", next_at=self._clock() + delay, error=result.detail
+                )
+            else:
+                await self._settle(sink_name, ids, "dead", error=result.detail)
+        finally:
+            self._inflight.difference_update(ids)
+            self._wake.set()
+
+    async def _settle(
+        self,
+        sink: str,
+        ids: list[int],
+        state: str,
+        *,
+        next_at: float | None = None,
+        error: str | None = None,
+    ) -> None:
+        await self._store.settle_alerts(ids, state=state, next_at=next_at, error=error)
+        outcome = {"delivered": "delivered", "pending": "retry", "dead": "dead"}[state]
+        if self._metrics is not None:
+            self._metrics.alert_deliveries.labels(sink, outcome).inc(len(ids))
+        if state == "dead":
+            log.error("alerts.dead_letter", sink=sink, alerts=len(ids), error=error)
+        elif state == "pending":
+            log.warning("alerts.retry_scheduled", sink=sink, alerts=len(ids), error=error)
+        else:
+            log.info("alerts.delivered", sink=sink, alerts=len(ids))
+
+
+class Alerts:
+    """Routes events to the outbox and runs the delivery worker."""
+
+    def __init__(
+        self,
+        *,
+        router: Router,
+        outbox: Outbox,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.router = router
+        self.outbox = outbox
+        self._store = store
+        self._clock = clock
+        self._writes: set[asyncio.Task[None]] = set()
+
+    def emit(self, event: AlertEvent) -> None:
+        """Route an event; what a rule selects is written to the outbox, then delivered."""
+        routed = self.router.route(event, self._clock())
+        if not routed:
+            return
+        rows = [
+            (str(uuid.uuid4()), r.sink, r.rule, r.group, r.event.to_json(), r.send_after)
+            for r in routed
+        ]
+        task = asyncio.create_task(self._enqueue(rows))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _enqueue(
+        self, rows: list[tuple[str, str, str, str, dict[str, object], float]]
+    ) -> None:
+        await self._store.enqueue_alerts(rows)
+        self.outbox.wake()
+
+    async def settle(self) -> None:
+        """Wait until every emitted alert is in the outbox and every delivery under way ended."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.outbox.settle()
