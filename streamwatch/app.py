@@ -16,12 +16,19 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
+from streamwatch.alerts import Router
+from streamwatch.alerts.outbox import Alerts, Outbox
+from streamwatch.alerts.sinks import HttpSink
+from streamwatch.alerts.sinks.discord import DiscordSink
+from streamwatch.alerts.sinks.slack import SlackSink
+from streamwatch.alerts.sinks.webhook import WebhookSink
 from streamwatch.config import Config, ConfigError, Secrets, load_config, resolve_secrets
 from streamwatch.emulator import Emulator, Script
 from streamwatch.ledger import Spending
@@ -60,6 +67,7 @@ class App:
         self.supervisor: Supervisor | None = None
         self.server: Server | None = None
         self.emulator: Emulator | None = None
+        self.alerts: Alerts | None = None
         self.reloads = 0
         # One registry per App: tests build as many daemons as they like, side by side.
         self.registry = CollectorRegistry()
@@ -136,6 +144,23 @@ class App:
                 clock=self._clock,
             )
             await self.supervisor.load(cfg.streams)
+            if cfg.alerts.rules:
+                outbox = Outbox(
+                    store=self.store,
+                    sinks=_build_sinks(cfg, self.secrets, session, self._clock),
+                    retry_initial=cfg.alerts.retry_initial_seconds,
+                    retry_max=cfg.alerts.retry_max_seconds,
+                    poll_seconds=cfg.alerts.poll_seconds,
+                    metrics=metrics,
+                    clock=self._clock,
+                )
+                self.alerts = Alerts(
+                    router=Router(cfg.alerts.rules),
+                    outbox=outbox,
+                    store=self.store,
+                    clock=self._clock,
+                )
+                self.supervisor.on_record = self.alerts.record
             self.server = Server(
                 config=cfg,
                 store=self.store,
@@ -144,6 +169,7 @@ class App:
                 status_token=self.secrets.status_token,
                 metrics=metrics,
                 collector=StateCollector(self.registry, spending),
+                alerts=self.alerts,
                 clock=self._clock,
             )
             await stack.enter_async_context(self.server.running())
@@ -159,8 +185,14 @@ class App:
             self.started.set()
             async with asyncio.TaskGroup() as group:
                 loop_task = group.create_task(self.supervisor.run(), name="supervisor")
+                if self.alerts is not None:
+                    group.create_task(self.alerts.outbox.run(), name="alert-outbox")
                 await self._stop.wait()
                 await self._drain(loop_task)
+                if self.alerts is not None:
+                    # What is in the outbox now is delivered by this or the next process.
+                    await self.alerts.settle()
+                    await self.alerts.outbox.stop()
         log.info("app.stopped")
 
     async def _drain(self, loop_task: asyncio.Task[None]) -> None:
@@ -236,3 +268,28 @@ class App:
             segment_seconds=cfg.mavi.segment_seconds,
             max_running=cfg.mavi.max_running,
         )
+
+
+def _build_sinks(
+    cfg: Config, secrets: Secrets, session: aiohttp.ClientSession, clock: Callable[[], float]
+) -> dict[str, HttpSink]:
+    """One sink object per configured sink, with its secrets."""
+    sinks: dict[str, HttpSink] = {}
+    for sink in cfg.alerts.sinks:
+        url, signing = secrets.sinks[sink.name]
+        common: dict[str, Any] = {
+            "name": sink.name,
+            "url": url,
+            "session": session,
+            "timeout_seconds": sink.timeout_seconds,
+            "max_in_flight": sink.max_in_flight,
+            "max_attempts": sink.max_attempts,
+        }
+        if sink.type == "slack":
+            sinks[sink.name] = SlackSink(**common)
+        elif sink.type == "discord":
+            sinks[sink.name] = DiscordSink(**common)
+        else:
+            assert signing is not None, "config validation requires a webhook secret"
+            sinks[sink.name] = WebhookSink(secret=signing, clock=clock, **common)
+    return sinks

@@ -16,7 +16,7 @@ import secrets
 import tomllib
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -221,6 +221,10 @@ class SupervisorConfig(_Model):
     stable_after_segments: int = Field(
         default=12, ge=1, description="Segments a task must deliver before its backoff resets."
     )
+    restart_loop_count: int = Field(
+        default=5, ge=2, description="Restarts within the window that make a restart loop."
+    )
+    restart_loop_window_seconds: float = Field(default=1800, gt=0)
     error_threshold: int = Field(
         default=3, ge=1, description="Consecutive -1 segments that make a stream problem event."
     )
@@ -308,6 +312,9 @@ class StreamConfig(_Model):
     max_logos: int = Field(ge=1, le=50)
     labels: dict[str, str] = Field(default_factory=dict)
     budget: BudgetCaps = Field(default_factory=BudgetCaps, description="This stream's caps.")
+    watch_logos: list[str] = Field(
+        default_factory=list, description="Alert only on these logo names (empty: on any)."
+    )
 
     @field_validator("url")
     @classmethod
@@ -507,6 +514,8 @@ class Secrets:
     callback_secret: SecretStr
     callback_secret_generated: bool
     status_token: SecretStr | None
+    # sink name -> (url, signing secret)
+    sinks: dict[str, tuple[SecretStr, SecretStr | None]] = field(default_factory=dict)
 
 
 def _interpolate(
@@ -686,7 +695,21 @@ def resolve_secrets(config: Config, *, environ: Mapping[str, str] | None = None)
     status: SecretStr | None = None
     if config.server.status_token is not None:
         status = read_secret(config.server.status_token, "server.status_token", env, problems)
+    sinks: dict[str, tuple[SecretStr, SecretStr | None]] = {}
+    for i, sink in enumerate(config.alerts.sinks):
+        url = read_secret(sink.url, f"alerts.sinks[{i}].url", env, problems)
+        signing = (
+            read_secret(sink.secret, f"alerts.sinks[{i}].secret", env, problems)
+            if sink.secret is not None
+            else None
+        )
+        if signing is not None and not signing.get_secret_value().startswith("whsec_"):
+            problems.append(
+                ConfigProblem(f"alerts.sinks[{i}].secret", "must start with whsec_ (base64 key)")
+            )
+        if url is not None:
+            sinks[sink.name] = (url, signing)
     if problems:
         raise ConfigError("secrets", problems)
     assert callback is not None
-    return Secrets(api_key, callback, generated, status)
+    return Secrets(api_key, callback, generated, status, sinks)

@@ -26,11 +26,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 
 from streamwatch import __version__
+from streamwatch.alerts.outbox import Alerts
 from streamwatch.config import Config
 from streamwatch.ledger import summary
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
 from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
-from streamwatch.store import Store, StoreError
+from streamwatch.store import CallbackOutcome, Store, StoreError
 from streamwatch.supervisor import Supervisor
 
 __all__ = ["CALLBACK_PREFIX", "Server", "build_status", "close_runner", "iso"]
@@ -150,8 +151,11 @@ class Server:
         status_token: SecretStr | None,
         metrics: Metrics,
         collector: StateCollector,
+        alerts: Alerts | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._alerts = alerts
+        self._orphans_seen: set[str] = set()
         self._metrics = metrics
         self._collector = collector
         self._config = config
@@ -266,6 +270,8 @@ class Server:
             return web.json_response({"error": "not stored, retry"}, status=503)
         self._supervisor.observe(outcome)
         self._metrics.callback(outcome)
+        if self._alerts is not None:
+            self._alert(outcome)
         if outcome.kind == "orphan":
             log.warning("callback.orphan", task_id=callback.task_id)
         elif isinstance(callback, SegmentReport) and outcome.kind == "stored":
@@ -284,6 +290,26 @@ class Server:
                 status=getattr(callback, "status", 0),
             )
         return web.json_response({"ok": True, "outcome": outcome.kind})
+
+    def _alert(self, outcome: CallbackOutcome) -> None:
+        cb = outcome.callback
+        if outcome.kind == "orphan" and cb.task_id not in self._orphans_seen:
+            self._orphans_seen.add(cb.task_id)
+            assert self._alerts is not None
+            self._alerts.record(
+                "orphan_task",
+                task_id=cb.task_id,
+                detail=f"task {cb.task_id} sends callbacks but was not started by this daemon",
+            )
+        elif outcome.kind == "stored" and outcome.stream and isinstance(cb, SegmentReport):
+            spec = self._supervisor.desired.get(outcome.stream)
+            assert self._alerts is not None
+            self._alerts.segment(
+                cb,
+                stream=outcome.stream,
+                labels=spec.labels if spec else {},
+                watched=tuple(spec.watch_logos) if spec else (),
+            )
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         sup = self._supervisor

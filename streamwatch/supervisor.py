@@ -127,6 +127,8 @@ class Policy:
     restart_jitter: float
     stable_after_segments: int
     error_threshold: int
+    restart_loop_count: int
+    restart_loop_window: float
     balance_recheck: float
     max_running: int | None
 
@@ -142,6 +144,8 @@ class Policy:
             restart_jitter=sup.restart_jitter,
             stable_after_segments=sup.stable_after_segments,
             error_threshold=sup.error_threshold,
+            restart_loop_count=sup.restart_loop_count,
+            restart_loop_window=sup.restart_loop_window_seconds,
             balance_recheck=sup.balance_recheck_seconds,
             max_running=max_running,
         )
@@ -311,6 +315,9 @@ class Supervisor:
     ) -> None:
         self._client = client
         self.spending = spending
+        # Told of every recorded event (kind, stream=, task_id=, status=, detail=, labels=).
+        self.on_record: Callable[..., None] | None = None
+        self._restart_times: dict[str, list[float]] = {}
         self.gate = BudgetGate()
         self._fired: set[str] = set()  # budget events already raised, this period
         self._unreported_flagged: set[str] = set()  # tasks flagged as billing unreported
@@ -367,7 +374,7 @@ class Supervisor:
             )
             self._by_task[task.task_id] = task.stream
             log.info("supervisor.task_adopted", stream=task.stream, task_id=task.task_id)
-            await self._store.add_event("task_adopted", stream=task.stream, task_id=task.task_id)
+            await self._record("task_adopted", stream=task.stream, task_id=task.task_id)
         self._notify()
 
     def reload(self, streams: Iterable[StreamConfig], budgets: BudgetsConfig) -> None:
@@ -395,7 +402,7 @@ class Supervisor:
         now = self._clock()
         if self.halt is not None and now >= self.halt.until:
             log.info("supervisor.halt_expired", reason=self.halt.reason)
-            self._spawn(self._store.add_event("halt_expired", detail=self.halt.reason))
+            self._spawn(self._record("halt_expired", detail=self.halt.reason))
             self.halt = None
             self._spawn(self._store.set_setting("account_halt", None))
         estimates = self.estimates(now)
@@ -408,6 +415,22 @@ class Supervisor:
         for action in actions:
             self._launch(action)
         return actions
+
+    def _note_restart(self, name: str, now: float) -> None:
+        window = self.policy.restart_loop_window
+        times = [t for t in self._restart_times.get(name, []) if now - t < window]
+        times.append(now)
+        self._restart_times[name] = times
+        if len(times) == self.policy.restart_loop_count:
+            log.warning("supervisor.restart_loop", stream=name, restarts=len(times))
+            self._spawn(
+                self._record(
+                    "restart_loop",
+                    stream=name,
+                    detail=f"{len(times)} restarts in {window / 60:.0f} min; each costs a"
+                    " pre-charge",
+                )
+            )
 
     def estimates(self, now: float) -> dict[str, int]:
         """Ticks MAVI has presumably billed per stream but not reported by callback yet.
@@ -443,7 +466,7 @@ class Supervisor:
                 missing_segments=missing,
             )
             self._spawn(
-                self._store.add_event(
+                self._record(
                     "billing_unreported",
                     stream=name,
                     task_id=task_id,
@@ -470,9 +493,7 @@ class Supervisor:
                 percent=event.percent,
                 detail=event.detail,
             )
-            self._spawn(
-                self._store.add_event(event.kind, stream=event.cap.stream, detail=event.detail)
-            )
+            self._spawn(self._record(event.kind, stream=event.cap.stream, detail=event.detail))
         self._spawn(self._store.set_setting("budget_fired", sorted(self._fired)))
 
     def _launch(self, action: Action) -> None:
@@ -489,9 +510,7 @@ class Supervisor:
         elif isinstance(action, MarkStalled):
             self.streams[name] = replace(state, phase=Phase.STALLED)
             log.warning("supervisor.stream_stalled", stream=name, task_id=action.task_id)
-            self._spawn(
-                self._store.add_event("stream_stalled", stream=name, task_id=action.task_id)
-            )
+            self._spawn(self._record("stream_stalled", stream=name, task_id=action.task_id))
         else:
             self.streams.pop(name, None)
         self._notify()
@@ -531,9 +550,7 @@ class Supervisor:
             if halt is not None:
                 self._impose_halt(halt)
             log.warning("supervisor.start_failed", stream=name, error=str(exc))
-            await self._store.add_event(
-                "start_failed", stream=name, status=exc.status, detail=str(exc)
-            )
+            await self._record("start_failed", stream=name, status=exc.status, detail=str(exc))
             return
         now = self._clock()
         registered = await self._store.record_task_started(
@@ -565,7 +582,9 @@ class Supervisor:
         )
         self._by_task[task_id] = name
         log.info("supervisor.task_started", stream=name, task_id=task_id, fps=spec.fps)
-        await self._store.add_event("task_started", stream=name, task_id=task_id)
+        if restarted:
+            self._note_restart(name, now)
+        await self._record("task_started", stream=name, task_id=task_id)
         for outcome in registered.claimed:
             self.observe(outcome)
 
@@ -581,7 +600,7 @@ class Supervisor:
                     state, phase=Phase.RUNNING, stop_reason=None, last_error=str(exc)
                 )
             log.warning("supervisor.stop_failed", stream=action.stream, error=str(exc))
-            await self._store.add_event(
+            await self._record(
                 "stop_failed", stream=action.stream, task_id=action.task_id, detail=str(exc)
             )
             return
@@ -596,7 +615,7 @@ class Supervisor:
             reason=action.reason,
             was_running=stopped_now,
         )
-        await self._store.add_event(
+        await self._record(
             "task_stopped", stream=action.stream, task_id=action.task_id, detail=action.reason
         )
         state = self.streams.get(action.stream)
@@ -627,7 +646,7 @@ class Supervisor:
 
     async def _persist_halt(self, halt: Halt, *, new: bool) -> None:
         if new:
-            await self._store.add_event("account_halted", detail=f"{halt.reason}: {halt.detail}")
+            await self._record("account_halted", detail=f"{halt.reason}: {halt.detail}")
         await self._store.set_setting(
             "account_halt",
             {
@@ -668,9 +687,7 @@ class Supervisor:
                 phase = Phase.RUNNING
                 replan = True
                 log.info("supervisor.stream_recovered", stream=name, task_id=cb.task_id)
-                self._spawn(
-                    self._store.add_event("stream_recovered", stream=name, task_id=cb.task_id)
-                )
+                self._spawn(self._record("stream_recovered", stream=name, task_id=cb.task_id))
             self.streams[name] = replace(
                 state,
                 phase=phase,
@@ -687,7 +704,7 @@ class Supervisor:
             if errors == self.policy.error_threshold:
                 log.warning("supervisor.segment_errors", stream=name, consecutive=errors)
                 self._spawn(
-                    self._store.add_event(
+                    self._record(
                         "segment_errors",
                         stream=name,
                         task_id=cb.task_id,
@@ -707,6 +724,13 @@ class Supervisor:
             )
             self.streams[name] = new
             log.warning("supervisor.task_ended", stream=name, task_id=cb.task_id, status=cb.status)
+            self._tell(
+                "task_ended",
+                stream=name,
+                task_id=cb.task_id,
+                status=cb.status,
+                detail=cb.message,
+            )
             if new.phase is Phase.HELD:
                 self._spawn(self._store.set_held(name, new.held_reason))
             if halt is not None:
@@ -723,7 +747,7 @@ class Supervisor:
         if self.halt is not None:
             self.halt = None
             await self._store.set_setting("account_halt", None)
-            await self._store.add_event("account_resumed")
+            await self._record("account_resumed")
         released = []
         for name, state in list(self.streams.items()):
             if (not names or name in names) and state.phase in (Phase.HELD, Phase.BACKOFF):
@@ -731,7 +755,7 @@ class Supervisor:
                     state, phase=Phase.IDLE, held_reason=None, retry_at=None, failures=0
                 )
                 await self._store.set_held(name, None)
-                await self._store.add_event("stream_resumed", stream=name)
+                await self._record("stream_resumed", stream=name)
                 released.append(name)
         self._notify()
         return released
@@ -758,6 +782,42 @@ class Supervisor:
         """Wait until every action and record launched so far has finished."""
         while self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _record(
+        self,
+        kind: str,
+        *,
+        stream: str | None = None,
+        task_id: str | None = None,
+        status: int | None = None,
+        detail: str = "",
+    ) -> None:
+        """Write an event to the store, then hand it to whoever listens (the alerts)."""
+        await self._store.add_event(
+            kind, stream=stream, task_id=task_id, status=status, detail=detail
+        )
+        self._tell(kind, stream=stream, task_id=task_id, status=status, detail=detail)
+
+    def _tell(
+        self,
+        kind: str,
+        *,
+        stream: str | None = None,
+        task_id: str | None = None,
+        status: int | None = None,
+        detail: str = "",
+    ) -> None:
+        if self.on_record is None:
+            return
+        spec = self.desired.get(stream) if stream else None
+        self.on_record(
+            kind,
+            stream=stream,
+            task_id=task_id,
+            status=status,
+            detail=detail,
+            labels=spec.labels if spec else {},
+        )
 
     def _notify(self, *, replan: bool = True) -> None:
         """Tell waiters that state changed; with `replan`, also run plan() now."""

@@ -121,17 +121,18 @@ class Daemon:
         self.app: App | None = None
         self._task: asyncio.Task[None] | None = None
         self.clock: Callable[[], float] = time.time
+        self.env = dict(ENV)
 
     def write(self, streams: str, **kwargs: Any) -> Config:
         text = config_text(self.db, base_url=self.emulator.base_url, streams=streams, **kwargs)
         self.config_path.write_text(text)
-        return parse_config(text, environ=ENV)
+        return parse_config(text, environ=self.env)
 
     async def start(self, streams: str | None = None, **kwargs: Any) -> App:
         if streams is not None:
             self.write(streams, **kwargs)
-        config = parse_config(self.config_path.read_text(), environ=ENV)
-        app = App(config, config_path=self.config_path, environ=ENV, clock=self.clock)
+        config = parse_config(self.config_path.read_text(), environ=self.env)
+        app = App(config, config_path=self.config_path, environ=self.env, clock=self.clock)
         self._task = asyncio.create_task(app.serve())
         started = asyncio.create_task(app.started.wait())
         done, _ = await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)

@@ -31,6 +31,8 @@ POLICY = Policy(
     restart_jitter=0.2,
     stable_after_segments=12,
     error_threshold=3,
+    restart_loop_count=5,
+    restart_loop_window=1800,
     balance_recheck=900,
     max_running=None,
 )

@@ -20,6 +20,8 @@ import structlog
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.alerts.rules import Router
 from streamwatch.alerts.sinks import Alert, HttpSink
+from streamwatch.alerts.sources import from_record, from_segment
+from streamwatch.mavi.callbacks import SegmentReport
 from streamwatch.metrics import Metrics
 from streamwatch.store import OutboxRow, Store
 
@@ -160,6 +162,55 @@ class Alerts:
         self._store = store
         self._clock = clock
         self._writes: set[asyncio.Task[None]] = set()
+        self._unsafe: dict[str, int] = {}
+        self._logos: dict[str, int] = {}
+
+    def record(
+        self,
+        kind: str,
+        *,
+        stream: str | None = None,
+        task_id: str | None = None,
+        status: int | None = None,
+        detail: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        """Alert on something the daemon recorded, if it is alert-worthy."""
+        event = from_record(
+            kind,
+            at=self._clock(),
+            stream=stream,
+            task_id=task_id,
+            status=status,
+            detail=detail,
+            labels=labels,
+        )
+        if event is not None:
+            self.emit(event)
+
+    def segment(
+        self,
+        report: SegmentReport,
+        *,
+        stream: str,
+        labels: Mapping[str, str],
+        watched: tuple[str, ...],
+    ) -> None:
+        """Alert on a stored segment, counting unsafe and logo segments in a row."""
+        self._unsafe[stream] = self._unsafe.get(stream, 0) + 1 if report.unsafe else 0
+        names = {logo.name for logo in report.logos if logo.name}
+        hit = bool(names & set(watched)) if watched else bool(names)
+        self._logos[stream] = self._logos.get(stream, 0) + 1 if hit else 0
+        for event in from_segment(
+            report,
+            stream=stream,
+            at=self._clock(),
+            unsafe_streak=self._unsafe[stream],
+            logo_streak=self._logos[stream],
+            watched=watched,
+            labels=labels,
+        ):
+            self.emit(event)
 
     def emit(self, event: AlertEvent) -> None:
         """Route an event; what a rule selects is written to the outbox, then delivered."""

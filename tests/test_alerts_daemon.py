@@ -1,0 +1,161 @@
+"""Alerts from a running daemon to fake chat services: what fires, once, and resolves."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from streamwatch.emulator import Script
+from tests.conftest import SECRET, Daemon, stream_toml
+from tests.fakes.chat import ChatFakes
+from tests.fakes.serve import serve
+from tests.test_alerts import SECRET as WHSEC
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[ChatFakes, str]]:
+    f = ChatFakes(WHSEC)
+    async with serve(f.app) as base:
+        yield f, base
+
+
+def alerting(daemon: Daemon, base: str, rules: str) -> str:
+    daemon.env.update(
+        {"SLACK_URL": f"{base}/slack", "HOOK_URL": f"{base}/webhook", "HOOK_SECRET": WHSEC}
+    )
+    return f"""
+[alerts]
+retry_initial_seconds = 0.01
+retry_max_seconds = 0.05
+poll_seconds = 0.05
+[[alerts.sinks]]
+name = "chat"
+type = "slack"
+url = {{ env = "SLACK_URL" }}
+[[alerts.sinks]]
+name = "hook"
+type = "webhook"
+url = {{ env = "HOOK_URL" }}
+secret = {{ env = "HOOK_SECRET" }}
+{rules}
+"""
+
+
+def texts(f: ChatFakes) -> list[str]:
+    return [m["doc"]["text"] for m in f.received["slack"]]
+
+
+async def hook_alerts(f: ChatFakes) -> list[dict[str, Any]]:
+    return [a for m in f.received["webhook"] for a in m["doc"]["data"]["alerts"]]
+
+
+async def test_unsafe_content_needs_the_configured_streak(daemon, emulator, fakes):
+    """With min_consecutive = 2, a lone unsafe segment is ridden out; two in a row alert once
+    (cooldown), with the clip link and the stream's labels."""
+    f, base = fakes
+    url = "rtmp://cams.test/lobby"
+    emulator.scripts[url] = Script(
+        outcomes=["unsafe", "safe", "unsafe", "unsafe", "unsafe", "safe"]
+    )
+    extra = alerting(
+        daemon,
+        base,
+        """
+[[alerts.rules]]
+name = "unsafe"
+events = ["unsafe_content"]
+sinks = ["chat", "hook"]
+min_consecutive = 2
+cooldown_seconds = 3600
+group_seconds = 0
+""",
+    )
+    await daemon.start(stream_toml("lobby", url) + 'labels = { site = "paris" }\n', extra=extra)
+    await daemon.wait(lambda: daemon.state("lobby").run_segments >= 12)
+    async with asyncio.timeout(10):
+        await f.wait(lambda: f.received["webhook"] and f.received["slack"])
+    assert daemon.app is not None
+    assert daemon.app.alerts is not None
+    await daemon.app.alerts.settle()
+    alerts = await hook_alerts(f)
+    assert len(alerts) == 1, "two in a row fire once; the cooldown holds the rest"
+    assert alerts[0]["kind"] == "unsafe_content"
+    assert alerts[0]["segment_index"] == 3
+    assert alerts[0]["labels"] == {"site": "paris"}
+    assert alerts[0]["clip_url"].endswith("segment_3.mp4")
+    assert len(f.received["slack"]) == 1
+    assert f.invalid == []
+
+
+async def test_stream_stop_alerts_and_resolves_on_restart(daemon, emulator, fakes):
+    """A 15 (no video) alerts once; the next task's start sends the resolution."""
+    f, base = fakes
+    url = "rtmp://cams.test/flaky"
+    emulator.scripts[url] = Script(outcomes=["safe", "safe"], then="end:15")
+    extra = alerting(
+        daemon,
+        base,
+        """
+[[alerts.rules]]
+name = "stops"
+events = ["stream_stopped"]
+sinks = ["hook"]
+cooldown_seconds = 3600
+group_seconds = 0
+""",
+    )
+    await daemon.start(stream_toml("flaky", url), extra=extra)
+    await daemon.wait(lambda: daemon.state("flaky").restarts >= 2)
+    async with asyncio.timeout(10):
+        await f.wait(lambda: len(f.received["webhook"]) >= 2)
+    alerts = await hook_alerts(f)
+    assert [(a["kind"], a["resolved"]) for a in alerts[:2]] == [
+        ("stream_stopped", False),
+        ("stream_stopped", True),
+    ]
+    assert "no video" in alerts[0]["text"]
+    ids = [a["id"] for a in alerts]
+    assert len(set(ids)) == len(ids), "every alert has its own stable id"
+
+
+async def test_watch_list_and_orphans(daemon, emulator, fakes):
+    """Only watch-listed logos alert; a callback from an unknown task alerts once."""
+    f, base = fakes
+    url = "rtmp://cams.test/brands"
+    emulator.scripts[url] = Script(outcomes=["logo:Other", "logo:Acme"])
+    extra = alerting(
+        daemon,
+        base,
+        """
+[[alerts.rules]]
+name = "brands"
+events = ["logo_detected", "orphan_task"]
+sinks = ["hook"]
+cooldown_seconds = 3600
+group_seconds = 0
+""",
+    )
+    await daemon.start(
+        stream_toml("brands", url, logo_detection=True) + 'watch_logos = ["Acme"]\n', extra=extra
+    )
+    await daemon.wait(lambda: daemon.state("brands").run_segments >= 4)
+    assert daemon.app is not None
+    assert daemon.app.server is not None
+    body = {"task_id": "stranger", "data": {"status": 0, "data": {"segment_index": 1}}}
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            await s.post(f"{daemon.app.server.callback_url()}", json=body)
+    async with asyncio.timeout(10):
+        await f.wait(lambda: len(f.received["webhook"]) >= 2)
+    assert daemon.app.alerts is not None
+    await daemon.app.alerts.settle()
+    alerts = await hook_alerts(f)
+    kinds = sorted(a["kind"] for a in alerts)
+    assert kinds == ["logo_detected", "orphan_task"]
+    logo = next(a for a in alerts if a["kind"] == "logo_detected")
+    assert logo["logos"] == ["Acme"]
+    assert SECRET not in str(f.received)
