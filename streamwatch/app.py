@@ -147,7 +147,7 @@ class App:
             if cfg.alerts.rules:
                 outbox = Outbox(
                     store=self.store,
-                    sinks=_build_sinks(cfg, self.secrets, session, self._clock),
+                    sinks=build_sinks(cfg, self.secrets, session, self._clock),
                     retry_initial=cfg.alerts.retry_initial_seconds,
                     retry_max=cfg.alerts.retry_max_seconds,
                     poll_seconds=cfg.alerts.poll_seconds,
@@ -270,7 +270,7 @@ class App:
         )
 
 
-def _build_sinks(
+def build_sinks(
     cfg: Config, secrets: Secrets, session: aiohttp.ClientSession, clock: Callable[[], float]
 ) -> dict[str, HttpSink]:
     """One sink object per configured sink, with its secrets."""

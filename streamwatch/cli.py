@@ -11,6 +11,7 @@ import os
 import sys
 import time
 import tomllib
+import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -23,11 +24,13 @@ from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
 from streamwatch import __version__
+from streamwatch.alerts.events import AlertEvent
 from streamwatch.config import (
     Config,
     ConfigError,
     ConfigProblem,
     EmulatorScript,
+    Secrets,
     load_config,
     read_secret,
     resolve_secrets,
@@ -78,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--until", help="UTC date or time, exclusive (default: now)")
     p.add_argument("--by", choices=["stream", "label"], default="stream")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = sub.add_parser("alerts", help="send a test alert, or list recent alerts")
+    with_config(p)
+    p.add_argument("action", choices=["test", "list"])
+    p.add_argument("--sink", help="test: only this sink (default: every sink)")
+    p.add_argument("--limit", type=int, default=30, help="list: how many (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = sub.add_parser("callback-url", help="print the URL to register in the MAVI console")
     with_config(p)
     p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
@@ -94,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Library logs go to stderr and only when they matter, so that stdout stays the command's
+    # own output (tables, JSON). `run` and `emulator` configure their own.
+    configure_logging(level="warning")
     verb = args.verb.replace("-", "_")
     handler = globals()[f"_cmd_{verb}"]
     try:
@@ -457,6 +469,113 @@ def render_estimate(doc: dict[str, Any]) -> str:
         lines.append(f"{cap['scope']} {cap['period']} budget ${_money(cap['usd'])}: reached {when}")
     lines.append(f"({doc['note']})")
     return "\n".join(lines)
+
+
+def _cmd_alerts(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if args.action == "list":
+        return _alerts_list(config, limit=args.limit, as_json=args.json)
+    secrets = resolve_secrets(config)
+    names = [s.name for s in config.alerts.sinks]
+    if args.sink and args.sink not in names:
+        print(
+            f"error: no sink named {args.sink!r} (have: {', '.join(names) or 'none'})",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    chosen = [args.sink] if args.sink else names
+    if not chosen:
+        print("error: no [[alerts.sinks]] configured", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(_alerts_test(config, secrets, chosen))
+
+
+async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> int:
+    """Send one sample alert to each chosen sink through the outbox, as the daemon would."""
+    from streamwatch.alerts.outbox import Outbox
+    from streamwatch.app import build_sinks
+
+    now = time.time()
+    event = AlertEvent(
+        kind="test",
+        severity="info",
+        title="streamwatch test alert",
+        text="If you can read this, alerts from streamwatch reach you.",
+        at=now,
+    )
+    async with aiohttp.ClientSession() as session, Store(config.storage.path) as store:
+        sinks = {
+            k: v for k, v in build_sinks(config, secrets, session, time.time).items() if k in chosen
+        }
+        ids = {name: str(uuid.uuid4()) for name in chosen}
+        await store.enqueue_alerts(
+            [(ids[n], n, "cli-test", f"cli-test:{ids[n]}", event.to_json(), now) for n in chosen]
+        )
+        outbox = Outbox(
+            store=store, sinks=sinks, retry_initial=0.5, retry_max=2.0, poll_seconds=0.5
+        )
+        for _ in range(3):  # a few quick tries; what is left, the daemon retries
+            await outbox.deliver_due()
+            await outbox.settle()
+            rows = {r.alert_id: r for r in await store.recent_alerts(limit=200)}
+            if all(rows[i].state != "pending" for i in ids.values()):
+                break
+            await asyncio.sleep(1.0)
+    failed = 0
+    for name in chosen:
+        row = rows[ids[name]]
+        print(f"{name}: {row.state}" + (f" ({row.last_error})" if row.last_error else ""))
+        failed += row.state != "delivered"
+    return EXIT_OK if not failed else EXIT_UNREACHABLE
+
+
+def _alerts_list(config: Config, *, limit: int, as_json: bool) -> int:
+    if not config.storage.path.exists():
+        print(f"error: no state file at {config.storage.path}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def read() -> list[Any]:
+        async with Store(config.storage.path) as store:
+            return await store.recent_alerts(limit=limit)
+
+    rows = asyncio.run(read())
+    docs = [
+        {
+            "alert_id": r.alert_id,
+            "sink": r.sink,
+            "rule": r.rule,
+            "state": r.state,
+            "attempts": r.attempts,
+            "kind": r.event["kind"],
+            "title": r.event["title"],
+            "stream": r.event.get("stream"),
+            "resolved": r.event.get("resolved", False),
+            "created_at": datetime.fromtimestamp(r.created_at, UTC).isoformat(),
+            "last_error": r.last_error,
+        }
+        for r in rows
+    ]
+    if as_json:
+        print(json.dumps(docs, indent=2))
+        return EXIT_OK
+    table = [("WHEN", "SINK", "STATE", "TRIES", "KIND", "TITLE")]
+    table += [
+        (
+            _short(d["created_at"]),
+            d["sink"],
+            d["state"],
+            str(d["attempts"]),
+            d["kind"],
+            ("resolved: " if d["resolved"] else "") + d["title"],
+        )
+        for d in docs
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
+    if not docs:
+        print("(no alerts yet)")
+    return EXIT_OK
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
+from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -159,3 +163,48 @@ group_seconds = 0
     logo = next(a for a in alerts if a["kind"] == "logo_detected")
     assert logo["logos"] == ["Acme"]
     assert SECRET not in str(f.received)
+
+
+async def run_cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamwatch",
+        *args,
+        stdout=PIPE,
+        stderr=PIPE,
+        env={**os.environ, **env},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_alerts_test_and_list_commands(daemon, emulator, fakes, tmp_path):
+    """`alerts test` sends a sample through the real outbox and sinks; `alerts list` shows it."""
+    f, base = fakes
+    extra = alerting(
+        daemon,
+        base,
+        """
+[[alerts.rules]]
+name = "all"
+sinks = ["chat", "hook"]
+""",
+    )
+    daemon.write(stream_toml("cam"), extra=extra)
+    config = str(daemon.config_path)
+    code, out, err = await run_cli("alerts", "test", "-c", config, env=daemon.env)
+    assert code == 0, err
+    assert out.splitlines() == ["chat: delivered", "hook: delivered"]
+    assert [a["kind"] for a in await hook_alerts(f)] == ["test"]
+    assert f.invalid == []
+    code, out, err = await run_cli("alerts", "list", "-c", config, "--json", env=daemon.env)
+    assert code == 0, err
+    assert {(a["sink"], a["state"]) for a in json.loads(out)} == {
+        ("chat", "delivered"),
+        ("hook", "delivered"),
+    }
+    code, _, err = await run_cli("alerts", "test", "--sink", "nope", "-c", config, env=daemon.env)
+    assert code == 1
+    assert "no sink named 'nope'" in err
