@@ -28,6 +28,7 @@ from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.sinks import HttpSink
 from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
+from streamwatch.alerts.sinks.teams import TeamsSink
 from streamwatch.alerts.sinks.webhook import WebhookSink
 from streamwatch.config import Config, ConfigError, Secrets, load_config, resolve_secrets
 from streamwatch.emulator import Emulator, Script
@@ -289,6 +290,8 @@ def build_sinks(
             sinks[sink.name] = SlackSink(**common)
         elif sink.type == "discord":
             sinks[sink.name] = DiscordSink(**common)
+        elif sink.type == "teams":
+            sinks[sink.name] = TeamsSink(**common)
         else:
             assert signing is not None, "config validation requires a webhook secret"
             sinks[sink.name] = WebhookSink(secret=signing, clock=clock, **common)

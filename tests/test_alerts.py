@@ -18,6 +18,7 @@ from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.sinks import HttpSink
 from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
+from streamwatch.alerts.sinks.teams import TeamsSink
 from streamwatch.alerts.sinks.webhook import WebhookSink
 from streamwatch.config import AlertRule
 from streamwatch.store import Store
@@ -131,6 +132,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         sinks: dict[str, HttpSink] = {
             "slack": SlackSink(name="slack", url=SecretStr(f"{base}/slack"), **common),
             "discord": DiscordSink(name="discord", url=SecretStr(f"{base}/discord"), **common),
+            "teams": TeamsSink(name="teams", url=SecretStr(f"{base}/teams"), **common),
             "hook": WebhookSink(
                 name="hook", url=SecretStr(f"{base}/webhook"), secret=SecretStr(SECRET), **common
             ),
@@ -180,10 +182,11 @@ async def test_failures_are_retried_until_delivered_exactly_once(rig):
     assert {k: len(v) for k, v in rig.fakes.received.items()} == {
         "slack": 1,
         "discord": 1,
+        "teams": 1,
         "webhook": 1,
     }
     rows = await rig.store.recent_alerts()
-    assert {r.sink: r.attempts for r in rows} == {"slack": 3, "discord": 2, "hook": 2}
+    assert {r.sink: r.attempts for r in rows} == {"slack": 3, "discord": 2, "teams": 1, "hook": 2}
     assert {r.state for r in rows} == {"delivered"}
 
 
@@ -211,6 +214,7 @@ async def test_permanent_refusal_and_exhaustion_dead_letter(rig):
             await rig.alerts.settle()
             await asyncio.sleep(0.01)
     rows = {r.sink: r for r in await rig.store.recent_alerts()}
+    assert rows["teams"].state == "delivered", "a Workflows 202 with an empty body is success"
     assert (rows["slack"].state, rows["slack"].attempts) == ("dead", 1)
     assert (rows["discord"].state, rows["discord"].attempts) == ("dead", 4)
     assert rows["discord"].last_error is not None
@@ -228,6 +232,7 @@ async def test_a_burst_is_one_message_per_sink(rig):
     assert {k: len(v) for k, v in rig.fakes.received.items()} == {
         "slack": 1,
         "discord": 1,
+        "teams": 1,
         "webhook": 1,
     }
     assert len(rig.fakes.received["webhook"][0]["doc"]["data"]["alerts"]) == 40

@@ -62,13 +62,30 @@ def discord_problems(doc: dict[str, Any]) -> list[str]:
     return problems
 
 
+def teams_problems(doc: dict[str, Any], raw: bytes) -> list[str]:
+    problems = []
+    if len(raw) > 28_000:
+        problems.append("payload over 28 KB")
+    attachments = doc.get("attachments", [])
+    if doc.get("type") != "message" or len(attachments) != 1:
+        problems.append("not a message with one attachment")
+    else:
+        card = attachments[0].get("content", {})
+        if attachments[0].get("contentType") != "application/vnd.microsoft.card.adaptive":
+            problems.append("not an Adaptive Card")
+        if card.get("type") != "AdaptiveCard" or not card.get("body"):
+            problems.append("card without body")
+    return problems
+
+
 class ChatFakes:
     """One app with /slack, /discord and /webhook; `script[path]` answers in order."""
 
     def __init__(self, webhook_secret: str) -> None:
-        self.script: dict[str, list[Answer]] = {"slack": [], "discord": [], "webhook": []}
-        self.received: dict[str, list[dict[str, Any]]] = {"slack": [], "discord": [], "webhook": []}
-        self.attempts: dict[str, int] = {"slack": 0, "discord": 0, "webhook": 0}
+        services = ("slack", "discord", "teams", "webhook")
+        self.script: dict[str, list[Answer]] = {s: [] for s in services}
+        self.received: dict[str, list[dict[str, Any]]] = {s: [] for s in services}
+        self.attempts: dict[str, int] = dict.fromkeys(services, 0)
         self.invalid: list[str] = []
         self._verifier = Webhook(webhook_secret)
         self.changed = asyncio.Event()
@@ -88,6 +105,8 @@ class ChatFakes:
                 problems = slack_problems(doc, raw)
             elif service == "discord":
                 problems = discord_problems(doc)
+            elif service == "teams":
+                problems = teams_problems(doc, raw)
             else:
                 try:
                     self._verifier.verify(raw, dict(request.headers))
@@ -103,6 +122,8 @@ class ChatFakes:
             self.received[service].append({"doc": doc, "headers": dict(request.headers)})
             if service == "discord":
                 return web.Response(status=204)
+            if service == "teams":
+                return web.Response(status=202)  # Workflows: accepted, empty body
             return web.Response(text="ok")
         finally:
             self.changed.set()
