@@ -26,6 +26,7 @@ from pydantic import SecretStr
 from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.sinks import HttpSink
+from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
 from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
 from streamwatch.alerts.sinks.teams import TeamsSink
@@ -292,6 +293,10 @@ def build_sinks(
             sinks[sink.name] = DiscordSink(**common)
         elif sink.type == "teams":
             sinks[sink.name] = TeamsSink(**common)
+        elif sink.type == "alertmanager":
+            sinks[sink.name] = AlertmanagerSink(
+                repeat_seconds=sink.repeat_seconds, clock=clock, **common
+            )
         else:
             assert signing is not None, "config validation requires a webhook secret"
             sinks[sink.name] = WebhookSink(secret=signing, clock=clock, **common)

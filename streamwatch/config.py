@@ -393,7 +393,7 @@ class AlertSink(_Model):
     """Where alerts go. The URL (and signing secret) are secrets: env or file, never inline."""
 
     name: Annotated[str, Field(pattern=_NAME_RE)]
-    type: Literal["slack", "discord", "teams", "webhook"]
+    type: Literal["slack", "discord", "teams", "webhook", "alertmanager"]
     url: SecretSource = Field(description="The endpoint, e.g. a Slack incoming-webhook URL.")
     secret: SecretSource | None = Field(
         default=None, description="webhook only: the whsec_… signing secret (Standard Webhooks)."
@@ -401,6 +401,9 @@ class AlertSink(_Model):
     max_in_flight: int = Field(default=1, ge=1, le=64, description="Concurrent deliveries.")
     max_attempts: int = Field(default=8, ge=1, le=100, description="Tries before dead-letter.")
     timeout_seconds: float = Field(default=15.0, gt=0, le=120)
+    repeat_seconds: float = Field(
+        default=60, gt=0, le=3600, description="alertmanager: re-post active alerts this often."
+    )
 
     @model_validator(mode="after")
     def _secret_for_webhooks(self) -> AlertSink:

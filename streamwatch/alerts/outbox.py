@@ -20,6 +20,7 @@ import structlog
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.alerts.rules import Router
 from streamwatch.alerts.sinks import Alert, HttpSink
+from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
 from streamwatch.alerts.sources import from_record, from_segment
 from streamwatch.mavi.callbacks import SegmentReport
 from streamwatch.metrics import Metrics
@@ -58,6 +59,7 @@ class Outbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
+        self._reposted: dict[str, float] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -66,12 +68,27 @@ class Outbox:
         """Deliver until `stop()`, waking on new alerts and when retries fall due."""
         while not self._stopping:
             await self.deliver_due()
+            await self.repost_due()
             self._wake.clear()
             due = await self._store.next_alert_at()
             wait = self._poll if due is None else min(self._poll, max(0.0, due - self._clock()))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._wake.wait()
+
+    async def repost_due(self) -> None:
+        """Re-post the active alerts of sinks that want it (Alertmanager) when due."""
+        now = self._clock()
+        for name, sink in self.sinks.items():
+            if not isinstance(sink, AlertmanagerSink):
+                continue
+            if now < self._reposted.get(name, 0.0) + sink.repeat_seconds:
+                continue
+            self._reposted[name] = now
+            result = await sink.repost_active()
+            if result is not None and self._metrics is not None:
+                outcome = "reposted" if result.ok else "repost_failed"
+                self._metrics.alert_deliveries.labels(name, outcome).inc()
 
     async def stop(self) -> None:
         """Stop picking new work and let deliveries under way finish."""

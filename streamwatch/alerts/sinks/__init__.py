@@ -68,6 +68,9 @@ class HttpSink:
 
     async def deliver(self, alerts: list[Alert]) -> Delivery:
         body, headers = self.payload(alerts)
+        return await self._post(body, headers)
+
+    async def _post(self, body: bytes, headers: Mapping[str, str]) -> Delivery:
         try:
             async with self._session.post(
                 self._url.get_secret_value(),

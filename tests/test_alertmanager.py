@@ -1,0 +1,152 @@
+"""Alerts through a real Prometheus Alertmanager on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import time
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from pydantic import SecretStr
+
+from streamwatch.alerts import Router
+from streamwatch.alerts.outbox import Alerts, Outbox
+from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
+from streamwatch.store import Store
+from tests.test_alerts import event, rule
+
+AM = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+pytestmark = pytest.mark.skipif(AM is None, reason="Alertmanager is not installed")
+
+CONFIG = """
+route:
+  receiver: "null"
+  group_by: ["alertname", "stream"]
+  group_wait: 0s
+  group_interval: 1s
+  repeat_interval: 1h
+receivers:
+  - name: "null"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def alertmanager(tmp_path: Path) -> AsyncIterator[str]:
+    assert AM is not None
+    (tmp_path / "am.yml").write_text(CONFIG)
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        AM,
+        f"--config.file={tmp_path / 'am.yml'}",
+        f"--storage.path={tmp_path / 'am'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as s, asyncio.timeout(20):
+            while True:  # another process: poll its readiness endpoint
+                try:
+                    async with s.get(f"{base}/-/ready") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        await proc.communicate()
+
+
+async def active(base: str) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as s, s.get(f"{base}/api/v2/alerts") as resp:
+        doc: list[dict[str, Any]] = await resp.json()
+        return doc
+
+
+async def test_alertmanager_receives_groups_and_resolves(alertmanager, tmp_path: Path):
+    """A lasting condition stays active (and is re-posted) until resolved; a one-off event is
+    listed too; amtool sees them; a resolution clears the condition."""
+    async with aiohttp.ClientSession() as session, Store(tmp_path / "s.db") as store:
+        sink = AlertmanagerSink(
+            name="am",
+            url=SecretStr(alertmanager),
+            session=session,
+            timeout_seconds=5,
+            repeat_seconds=0.01,
+        )
+        outbox = Outbox(
+            store=store, sinks={"am": sink}, retry_initial=0.01, retry_max=0.05, poll_seconds=0.05
+        )
+        alerts = Alerts(router=Router([rule(sinks=["am"])]), outbox=outbox, store=store)
+
+        async def flush() -> None:
+            await alerts.settle()
+            await outbox.deliver_due()
+            await outbox.settle()
+
+        now = time.time()  # Alertmanager compares startsAt/endsAt with its own clock
+        alerts.emit(event(kind="stream_stalled", severity="warning", stream="cam", at=now))
+        alerts.emit(
+            event(kind="unsafe_content", stream="cam", at=now, clip_url="https://cdn.test/1.mp4")
+        )
+        await flush()
+        listed = await active(alertmanager)
+        names = sorted(a["labels"]["alertname"] for a in listed)
+        assert names == ["streamwatch_stream_stalled", "streamwatch_unsafe_content"]
+        stalled = next(a for a in listed if a["labels"]["alertname"].endswith("stalled"))
+        assert stalled["labels"]["stream"] == "cam"
+        assert stalled["labels"]["severity"] == "warning"
+        assert stalled["labels"]["label_site"] == "paris"
+        assert sink.active, "the lasting condition is kept for re-posting"
+        await outbox.repost_due()
+        assert (await sink.repost_active()) is not None
+
+        amtool = shutil.which("amtool")
+        if amtool is not None:
+            proc = await asyncio.create_subprocess_exec(
+                amtool,
+                "alert",
+                "query",
+                f"--alertmanager.url={alertmanager}",
+                "-o",
+                "json",
+                stdout=PIPE,
+                stderr=PIPE,
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            assert len(json.loads(out)) == 2
+
+        async with session.get(f"{alertmanager}/api/v2/alerts/groups") as resp:
+            groups = await resp.json()
+        assert {tuple(sorted(g["labels"].items())) for g in groups} == {
+            (("alertname", "streamwatch_stream_stalled"), ("stream", "cam")),
+            (("alertname", "streamwatch_unsafe_content"), ("stream", "cam")),
+        }
+
+        alerts.emit(
+            event(
+                kind="stream_stalled", severity="info", stream="cam", resolved=True, at=time.time()
+            )
+        )
+        await flush()
+        names = [a["labels"]["alertname"] for a in await active(alertmanager)]
+        assert names == ["streamwatch_unsafe_content"]
+        assert not sink.active
