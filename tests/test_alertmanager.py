@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import time
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
 from streamwatch.store import Store
+from tests.conftest import free_port
 from tests.test_alerts import event, rule
 
 AM = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
@@ -35,12 +35,6 @@ route:
 receivers:
   - name: "null"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

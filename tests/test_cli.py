@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import SECRET, cli
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.conftest import SECRET, cli, free_port
 
 
 def wait_for(check: Callable[[], bool], what: str, within: float = 20.0) -> None:

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamwatch.emulator import Script
-from tests.conftest import stream_toml, until
+from tests.conftest import free_port, stream_toml, until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
@@ -103,14 +103,6 @@ async def test_rules_and_dashboard_only_name_metrics_the_daemon_exposes(daemon, 
     used = set(NAME.findall((PROM / "streamwatch.rules.yml").read_text()))
     used |= {n for e in dashboard_exprs() for n in NAME.findall(e)}
     assert used - exposed == set()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="the prometheus server is missing")

@@ -1,0 +1,112 @@
+"""SIGKILL while alerts are pending: after a restart every one of them still arrives."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+from asyncio.subprocess import DEVNULL
+from pathlib import Path
+
+from tests.conftest import free_port
+from tests.fakes.chat import Answer, ChatFakes
+from tests.fakes.serve import serve
+from tests.test_alerts import SECRET as WHSEC
+
+
+def config(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "streams.toml"
+    path.write_text(f"""
+[mavi]
+backend = "emulator"
+segment_seconds = 0.05
+[server]
+listen = "127.0.0.1:{port}"
+[storage]
+path = "{tmp_path / "state.db"}"
+[supervisor]
+tick_seconds = 0.02
+[[emulator.scripts]]
+url = "rtmp://cams.test/bad"
+outcomes = ["unsafe"]
+[alerts]
+retry_initial_seconds = 0.05
+retry_max_seconds = 0.1
+poll_seconds = 0.05
+[[alerts.sinks]]
+name = "hook"
+type = "webhook"
+url = {{ env = "HOOK_URL" }}
+secret = {{ env = "HOOK_SECRET" }}
+max_attempts = 100
+[[alerts.rules]]
+name = "unsafe"
+events = ["unsafe_content"]
+sinks = ["hook"]
+cooldown_seconds = 0
+group_seconds = 0
+[[streams]]
+name = "bad"
+url = "rtmp://cams.test/bad"
+""")
+    return path
+
+
+def outbox(db: Path) -> dict[str, str]:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        return dict(conn.execute("SELECT alert_id, state FROM alert_outbox"))
+
+
+async def start(path: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamwatch",
+        "run",
+        "-c",
+        str(path),
+        env={**os.environ, **env},
+        stdout=DEVNULL,
+        stderr=DEVNULL,
+    )
+
+
+async def test_pending_alerts_survive_sigkill(tmp_path: Path):
+    """Alerts the receiver refused are in the outbox; SIGKILL loses none of them."""
+    fakes = ChatFakes(WHSEC)
+    fakes.script["webhook"] = [Answer(503)] * 10_000  # the receiver is down
+    async with serve(fakes.app) as base:
+        env = {"HOOK_URL": f"{base}/webhook", "HOOK_SECRET": WHSEC}
+        path = config(tmp_path, free_port())
+        db = tmp_path / "state.db"
+        daemon = await start(path, env)
+        async with asyncio.timeout(30):
+            await fakes.wait(lambda: fakes.attempts["webhook"] >= 10)
+        daemon.send_signal(signal.SIGKILL)
+        await daemon.wait()
+        pending = outbox(db)
+        assert pending, "alerts were written before delivery was tried"
+        assert set(pending.values()) == {"pending"}
+
+        fakes.script["webhook"] = []  # the receiver is back
+        daemon = await start(path, env)
+        try:
+            async with asyncio.timeout(30):
+                await fakes.wait(
+                    lambda: (
+                        set(pending)
+                        <= {
+                            a["id"]
+                            for m in fakes.received["webhook"]
+                            for a in m["doc"]["data"]["alerts"]
+                        }
+                    )
+                )
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            await daemon.wait()
+    delivered = [a["id"] for m in fakes.received["webhook"] for a in m["doc"]["data"]["alerts"]]
+    assert len(delivered) == len(set(delivered)), "each alert arrives once here"
+    assert fakes.invalid == []
