@@ -25,8 +25,9 @@ from pydantic import SecretStr
 
 from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
-from streamwatch.alerts.sinks import HttpSink
+from streamwatch.alerts.sinks import Sink
 from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
+from streamwatch.alerts.sinks.apprise import AppriseSink
 from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
 from streamwatch.alerts.sinks.teams import TeamsSink
@@ -274,9 +275,9 @@ class App:
 
 def build_sinks(
     cfg: Config, secrets: Secrets, session: aiohttp.ClientSession, clock: Callable[[], float]
-) -> dict[str, HttpSink]:
+) -> dict[str, Sink]:
     """One sink object per configured sink, with its secrets."""
-    sinks: dict[str, HttpSink] = {}
+    sinks: dict[str, Sink] = {}
     for sink in cfg.alerts.sinks:
         url, signing = secrets.sinks[sink.name]
         common: dict[str, Any] = {
@@ -293,6 +294,8 @@ def build_sinks(
             sinks[sink.name] = DiscordSink(**common)
         elif sink.type == "teams":
             sinks[sink.name] = TeamsSink(**common)
+        elif sink.type == "apprise":
+            sinks[sink.name] = AppriseSink(**common)
         elif sink.type == "alertmanager":
             sinks[sink.name] = AlertmanagerSink(
                 repeat_seconds=sink.repeat_seconds, clock=clock, **common

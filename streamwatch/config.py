@@ -393,7 +393,7 @@ class AlertSink(_Model):
     """Where alerts go. The URL (and signing secret) are secrets: env or file, never inline."""
 
     name: Annotated[str, Field(pattern=_NAME_RE)]
-    type: Literal["slack", "discord", "teams", "webhook", "alertmanager"]
+    type: Literal["slack", "discord", "teams", "webhook", "alertmanager", "apprise"]
     url: SecretSource = Field(description="The endpoint, e.g. a Slack incoming-webhook URL.")
     secret: SecretSource | None = Field(
         default=None, description="webhook only: the whsec_… signing secret (Standard Webhooks)."

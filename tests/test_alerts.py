@@ -280,3 +280,35 @@ async def test_pending_alerts_survive_a_restart(tmp_path: Path):
             rows = await store.recent_alerts()
     assert len(fakes.received["slack"]) == 1
     assert rows[0].state == "delivered"
+
+
+async def test_apprise_sink_delivers_through_apprise(tmp_path: Path):
+    """An Apprise URL (here its generic json:// notifier, pointed at loopback) gets the alert."""
+    from streamwatch.alerts.sinks.apprise import AppriseSink
+
+    fakes = ChatFakes(SECRET, services=("apprise",))
+    async with serve(fakes.app) as base, Store(tmp_path / "s.db") as store:
+        target = base.replace("http://", "json://") + "/apprise"
+        sink = AppriseSink(name="many", url=SecretStr(target), max_attempts=3)
+        outbox = Outbox(
+            store=store, sinks={"many": sink}, retry_initial=0.01, retry_max=0.05, poll_seconds=0.05
+        )
+        alerts = Alerts(router=Router([rule(sinks=["many"])]), outbox=outbox, store=store)
+        alerts.emit(event(clip_url="https://cdn.test/9.mp4"))
+        await alerts.settle()
+        await outbox.deliver_due()
+        await outbox.settle()
+        rows = await store.recent_alerts()
+    assert rows[0].state == "delivered"
+    doc = fakes.received["apprise"][0]["doc"]
+    assert doc["title"] == "Unsafe content on lobby"
+    assert "https://cdn.test/9.mp4" in doc["message"]
+    assert rows[0].alert_id in doc["message"]
+
+
+def test_apprise_rejects_urls_it_does_not_know():
+    """A misspelt Apprise URL fails at start, not at the first alert."""
+    from streamwatch.alerts.sinks.apprise import AppriseSink
+
+    with pytest.raises(ValueError, match="does not understand"):
+        AppriseSink(name="x", url=SecretStr("nosuchscheme://whatever"))

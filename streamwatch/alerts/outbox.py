@@ -19,7 +19,7 @@ import structlog
 
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.alerts.rules import Router
-from streamwatch.alerts.sinks import Alert, HttpSink
+from streamwatch.alerts.sinks import Alert, Sink
 from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
 from streamwatch.alerts.sources import from_record, from_segment
 from streamwatch.mavi.callbacks import SegmentReport
@@ -38,7 +38,7 @@ class Outbox:
         self,
         *,
         store: Store,
-        sinks: Mapping[str, HttpSink],
+        sinks: Mapping[str, Sink],
         retry_initial: float,
         retry_max: float,
         poll_seconds: float,

@@ -81,8 +81,11 @@ def teams_problems(doc: dict[str, Any], raw: bytes) -> list[str]:
 class ChatFakes:
     """One app with /slack, /discord and /webhook; `script[path]` answers in order."""
 
-    def __init__(self, webhook_secret: str) -> None:
-        services = ("slack", "discord", "teams", "webhook")
+    def __init__(
+        self,
+        webhook_secret: str,
+        services: tuple[str, ...] = ("slack", "discord", "teams", "webhook"),
+    ) -> None:
         self.script: dict[str, list[Answer]] = {s: [] for s in services}
         self.received: dict[str, list[dict[str, Any]]] = {s: [] for s in services}
         self.attempts: dict[str, int] = dict.fromkeys(services, 0)
@@ -107,6 +110,8 @@ class ChatFakes:
                 problems = discord_problems(doc)
             elif service == "teams":
                 problems = teams_problems(doc, raw)
+            elif service == "apprise":
+                problems = [] if {"title", "message", "type"} <= set(doc) else ["not Apprise JSON"]
             else:
                 try:
                     self._verifier.verify(raw, dict(request.headers))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import aiohttp
 from pydantic import SecretStr
@@ -13,7 +13,7 @@ from pydantic import SecretStr
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.mavi.streams import parse_retry_after
 
-__all__ = ["Alert", "Delivery", "HttpSink", "truncate"]
+__all__ = ["Alert", "Delivery", "HttpSink", "Sink", "truncate"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +32,16 @@ class Delivery:
     retry: bool = False
     retry_after: float | None = None
     detail: str = ""
+
+
+class Sink(Protocol):
+    """What the outbox needs of a sink."""
+
+    name: str
+    max_in_flight: int
+    max_attempts: int
+
+    async def deliver(self, alerts: list[Alert]) -> Delivery: ...
 
 
 def truncate(text: str, limit: int) -> str:
