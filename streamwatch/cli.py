@@ -264,6 +264,9 @@ def render_status(doc: dict[str, Any]) -> str:
                 f"${_money(cost['budget'][f'{label}_usd'])}"
             )
     lines.append(line)
+    dead = doc.get("alerts", {}).get("dead", 0)
+    if dead:
+        lines.append(f"{dead} alert(s) could not be delivered: `streamwatch alerts list`")
     orphans = doc["orphans"]
     if orphans["tasks"]:
         lines.append(

@@ -200,6 +200,7 @@ class Snapshot:
     orphans: dict[str, int] = field(default_factory=dict)
     halt_reason: str | None = None
     all_time_ticks: dict[str, int] = field(default_factory=dict)
+    outbox: dict[str, int] = field(default_factory=dict)
     now: float = 0.0
 
 
@@ -386,6 +387,14 @@ class StateCollector(Collector):
             "Task ids that sent callbacks but were not started by this daemon.",
             value=len(snap.orphans),
         )
+        outbox = GaugeMetricFamily(
+            "streamwatch_alert_outbox",
+            "Alerts in the outbox by state: pending, delivered, dead (dead letters).",
+            labels=["state"],
+        )
+        for state in ("pending", "delivered", "dead"):
+            outbox.add_metric([state], snap.outbox.get(state, 0))
+        yield outbox
         yield CounterMetricFamily(
             "streamwatch_orphan_callbacks",
             "Callbacks kept from tasks this daemon did not start.",

@@ -55,6 +55,7 @@ async def build_status(
     (they may carry credentials)."""
     totals = await store.stream_totals()
     orphans = await store.orphan_summary()
+    outbox = await store.alert_counts()
     now = clock()
     halt = supervisor.halt
     estimates = supervisor.estimates(now)
@@ -115,6 +116,7 @@ async def build_status(
         },
         "streams": streams,
         "orphans": {"tasks": len(orphans), "callbacks": sum(orphans.values())},
+        "alerts": outbox,
         "cost": {
             **costs["account"],  # type: ignore[dict-item]
             "by_label": costs["by_label"],
@@ -333,6 +335,7 @@ class Server:
             orphans=await self._store.orphan_summary(),
             halt_reason=sup.halt.reason if sup.halt is not None and now < sup.halt.until else None,
             all_time_ticks=dict(sup.spending.all_time),
+            outbox=await self._store.alert_counts(),
             now=now,
         )
         body = generate_latest(self._metrics.registry)

@@ -713,6 +713,17 @@ class Store:
 
         await self._run(op)
 
+    async def alert_counts(self) -> dict[str, int]:
+        """Outbox rows by state: pending, delivered, dead."""
+        counts = {"pending": 0, "delivered": 0, "dead": 0}
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT state, count(*) FROM alert_outbox GROUP BY state"
+            ).fetchall()
+        )
+        counts.update(dict(rows))
+        return counts
+
     async def recent_alerts(self, *, limit: int = 50) -> list[OutboxRow]:
         """The newest outbox rows, newest last."""
         return await self._run(

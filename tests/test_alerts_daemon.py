@@ -15,7 +15,7 @@ import pytest
 
 from streamwatch.emulator import Script
 from tests.conftest import SECRET, Daemon, stream_toml
-from tests.fakes.chat import ChatFakes
+from tests.fakes.chat import Answer, ChatFakes
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
 
@@ -208,3 +208,38 @@ sinks = ["chat", "hook"]
     code, _, err = await run_cli("alerts", "test", "--sink", "nope", "-c", config, env=daemon.env)
     assert code == 1
     assert "no sink named 'nope'" in err
+
+
+async def test_dead_letters_show_in_status_and_metrics(daemon, emulator, fakes):
+    """An alert no sink could take is counted as dead in the status API and in /metrics."""
+    f, base = fakes
+    f.script["webhook"] = [Answer(410)]  # the receiver says: gone for good
+    url = "rtmp://cams.test/bad"
+    emulator.scripts[url] = Script(outcomes=["unsafe", "safe"])
+    extra = alerting(
+        daemon,
+        base,
+        """
+[[alerts.rules]]
+name = "unsafe"
+events = ["unsafe_content"]
+sinks = ["hook"]
+cooldown_seconds = 3600
+group_seconds = 0
+""",
+    )
+    await daemon.start(stream_toml("bad", url), extra=extra)
+    assert daemon.app is not None
+    assert daemon.app.alerts is not None
+    assert daemon.app.server is not None
+    async with asyncio.timeout(10):
+        await f.wait(lambda: f.attempts["webhook"] >= 1)
+    await daemon.app.alerts.settle()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{daemon.app.server.base_url}/api/v1/status") as resp:
+            status = await resp.json()
+        async with s.get(f"{daemon.app.server.base_url}/metrics") as resp:
+            metrics = await resp.text()
+    assert status["alerts"]["dead"] == 1
+    assert 'streamwatch_alert_outbox{state="dead"} 1.0' in metrics
+    assert 'streamwatch_alert_deliveries_total{outcome="dead",sink="hook"} 1.0' in metrics

@@ -113,7 +113,17 @@ async def test_status_document_fields_and_no_secrets(daemon, http):
     await daemon.wait(lambda: daemon.state("cam").run_segments >= 2)
     text = await (await http.get(f"{base}/api/v1/status")).text()
     doc = json.loads(text)
-    assert set(doc) == {"version", "now", "backend", "account", "streams", "orphans", "cost"}
+    assert set(doc) == {
+        "version",
+        "now",
+        "backend",
+        "account",
+        "streams",
+        "orphans",
+        "cost",
+        "alerts",
+    }
+    assert doc["alerts"] == {"pending": 0, "delivered": 0, "dead": 0}
     stream = doc["streams"][0]
     assert stream["name"] == "cam"
     assert stream["state"] == "running"
