@@ -27,6 +27,7 @@ import structlog
 from aiohttp import web
 
 from streamwatch.config import EmulatorScript
+from streamwatch.emulator.videos import BATCH_PREFIX, VideoLibrary
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.server import close_runner
 
@@ -156,6 +157,7 @@ class Emulator:
         self._changed = asyncio.Event()
         self.port: int | None = None
         self.host = "127.0.0.1"
+        self.library = VideoLibrary(api_key=api_key)
         self.app = self._make_app()
 
     # -- serving -------------------------------------------------------------------------------
@@ -164,6 +166,11 @@ class Emulator:
     def base_url(self) -> str:
         """What to put in `[mavi] base_url`."""
         return f"http://{self.host}:{self.port}{API_PREFIX}"
+
+    @property
+    def batch_url(self) -> str:
+        """The base URL of the emulated v1 batch video API."""
+        return f"http://{self.host}:{self.port}{BATCH_PREFIX}"
 
     @contextlib.asynccontextmanager
     async def running(self, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Emulator]:
@@ -184,6 +191,7 @@ class Emulator:
             for task in [*self._loops.values(), *self._senders]:
                 task.cancel()
             await asyncio.gather(*self._loops.values(), *self._senders, return_exceptions=True)
+            await self.library.close()
             await close_runner(runner)
             await self._session.close()
 
@@ -195,6 +203,7 @@ class Emulator:
         app.router.add_put("/_emulator/webhook", self._set_webhook)
         app.router.add_put("/_emulator/scripts", self._set_scripts)
         app.router.add_post("/_emulator/balance", self._add_balance)
+        self.library.add_routes(app)
         return app
 
     # -- state for tests -----------------------------------------------------------------------
