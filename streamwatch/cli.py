@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
-from streamwatch import __version__
+from streamwatch import __version__, videocmd
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.config import (
     Config,
@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", help="test: only this sink (default: every sink)")
     p.add_argument("--limit", type=int, default=30, help="list: how many (default %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    videocmd.add_parsers(sub, with_config)
     p = sub.add_parser("callback-url", help="print the URL to register in the MAVI console")
     with_config(p)
     p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
@@ -579,6 +580,10 @@ def _alerts_list(config: Config, *, limit: int, as_json: bool) -> int:
     if not docs:
         print("(no alerts yet)")
     return EXIT_OK
+
+
+def _cmd_video(args: argparse.Namespace) -> int:
+    return videocmd.run(args, _load(args.config))
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:

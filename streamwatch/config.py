@@ -151,6 +151,10 @@ class MaviConfig(_Model):
     segment_seconds: float = Field(
         default=5.0, gt=0, le=300, description="Length of one MAVI segment (5 s at MAVI)."
     )
+    batch_base_url: str = Field(
+        default="https://mavi-backend.openinterx.com/api/serve/video",
+        description="Base URL of the v1 batch video API.",
+    )
     request_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
     max_running: int | None = Field(
         default=None, ge=1, description="Never run more tasks at once than this (account limit)."

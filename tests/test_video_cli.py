@@ -1,0 +1,94 @@
+"""`streamwatch video …` as a user runs it, against the emulator's batch API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from streamwatch.emulator import Emulator
+
+KEY = "sk-mai-cli"
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[Emulator]:
+    e = Emulator(api_key=KEY)
+    async with e.running():
+        yield e
+
+
+async def video(emu: Emulator, config: Path, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamwatch",
+        "video",
+        args[0],
+        "-c",
+        str(config),
+        "--url",
+        emu.batch_url,
+        *args[1:],
+        stdout=PIPE,
+        stderr=PIPE,
+        env={**os.environ, "MAVI_API_KEY": KEY},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_folder_upload_resumes_and_every_verb_works(emu, tmp_path: Path):
+    """An upload cut short by refusals resumes without re-uploading; then list, search, clips,
+    chat, transcribe and delete all work and print JSON."""
+    config = tmp_path / "streams.toml"
+    config.write_text("[mavi.retry]\nattempts = 2\ninitial_seconds = 0.01\nmax_seconds = 0.02\n")
+    folder = tmp_path / "evidence"
+    folder.mkdir()
+    for name in ("red car.mp4", "blue car.mp4", "dog.mp4"):
+        (folder / name).write_bytes(os.urandom(50_000))
+    (folder / "notes.txt").write_text("not a video")
+
+    emu.library.per_minute["upload"] = 2  # the third upload is refused: the run is cut short
+    code, out, err = await video(emu, config, "upload", str(folder), "--jobs", "1", "--json")
+    assert code == 1
+    first = json.loads(out)
+    assert (first["uploaded"], first["failed"]) == (2, 1)
+    assert "[3/3]" in err, "progress is shown"
+
+    emu.library.per_minute["upload"] = 100
+    code, out, _ = await video(emu, config, "upload", str(folder), "--json")
+    assert code == 0
+    second = json.loads(out)
+    assert (second["uploaded"], second["skipped"], second["failed"]) == (1, 2, 0)
+    assert sorted(v.name for v in emu.library.videos.values()) == [
+        "blue car.mp4",
+        "dog.mp4",
+        "red car.mp4",
+    ]
+
+    await emu.library.settle()  # parsed
+    code, out, _ = await video(emu, config, "list", "--json")
+    nos = [v["videoNo"] for v in json.loads(out)]
+    assert len(nos) == 3
+    code, out, _ = await video(emu, config, "search", "car", "--json")
+    assert sorted(v["name"] for v in json.loads(out)) == ["blue car.mp4", "red car.mp4"]
+    code, out, _ = await video(emu, config, "clips", "a car", *nos, "--json")
+    assert len(json.loads(out)) == 3
+    code, out, _ = await video(emu, config, "chat", "what happens?", nos[0])
+    assert code == 0
+    assert "what happens?" in out
+    code, out, _ = await video(emu, config, "transcribe", nos[0], "--json")
+    assert json.loads(out)["segments"][0]["text"] == "hello from the emulator"
+    code, out, _ = await video(emu, config, "delete", *nos, "--json")
+    assert json.loads(out) == {"deleted": 3}
+    code, _, err = await video(emu, config, "delete", nos[0])
+    assert code == 1
+    assert "0409" in err
