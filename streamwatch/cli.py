@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     videocmd.add_parsers(sub, with_config)
     p = sub.add_parser("callback-url", help="print the URL to register in the MAVI console")
     with_config(p)
+    p.add_argument("--video", action="store_true", help="the batch upload callback URL instead")
     p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
     p.add_argument("--listen", default="127.0.0.1:9400", help="host:port (default %(default)s)")
     p.add_argument("--webhook", help="the account's callback URL")
@@ -606,7 +607,8 @@ def _cmd_callback_url(args: argparse.Namespace) -> int:
         )
         return EXIT_CONFIG
     base = config.server.public_url or _daemon_url(config, None)
-    print(f"{base.rstrip('/')}/callbacks/mavi/{secrets.callback_secret.get_secret_value()}")
+    route = "mavi-video" if args.video else "mavi"
+    print(f"{base.rstrip('/')}/callbacks/{route}/{secrets.callback_secret.get_secret_value()}")
     if not config.server.public_url:
         print(
             "note: [server] public_url is unset; this URL is only reachable locally",

@@ -3,6 +3,7 @@
 Routes (stable; see README):
 - ``POST /callbacks/mavi/{secret}``: segment callbacks. Wrong secret → 404, body over the
   limit → 413, not a callback → 400, store failure → 503 (MAVI retries); 200 only once stored.
+- ``POST /callbacks/mavi-video/{secret}``: batch upload callbacks (library video status).
 - ``GET /healthz``: the process is alive.
 - ``GET /readyz``: the store takes writes and the daemon is serving; 503 with reasons if not.
 - ``GET /api/v1/status``: streams, tasks and the account, as JSON (bearer token if configured).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -39,6 +41,7 @@ __all__ = ["CALLBACK_PREFIX", "Server", "build_status", "close_runner", "iso"]
 log = structlog.get_logger("streamwatch.server")
 
 CALLBACK_PREFIX = "/callbacks/mavi/"
+VIDEO_CALLBACK_PREFIX = "/callbacks/mavi-video/"
 
 
 def iso(ts: float | None) -> str | None:
@@ -170,6 +173,7 @@ class Server:
         self.ready = False
         app = web.Application(client_max_size=config.server.max_body_bytes)
         app.router.add_post(CALLBACK_PREFIX + "{secret}", self._callback)
+        app.router.add_post(VIDEO_CALLBACK_PREFIX + "{secret}", self._video_callback)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/api/v1/status", self._status)
@@ -312,6 +316,34 @@ class Server:
                 labels=spec.labels if spec else {},
                 watched=tuple(spec.watch_logos) if spec else (),
             )
+
+    async def _video_callback(self, request: web.Request) -> web.Response:
+        """Upload callbacks of the batch API: {"videoNo", "clientId", "status"}."""
+        if not hmac.compare_digest(request.match_info["secret"].encode(), self._secret):
+            self._metrics.rejected("secret")
+            return web.json_response({"error": "not found"}, status=404)
+        try:
+            doc = json.loads(await request.read())
+        except web.HTTPRequestEntityTooLarge:
+            return web.json_response({"error": "body too large"}, status=413)
+        except ValueError:
+            return web.json_response({"error": "body is not JSON"}, status=400)
+        if (
+            not isinstance(doc, dict)
+            or not isinstance(doc.get("videoNo"), str)
+            or not isinstance(doc.get("status"), str)
+        ):
+            return web.json_response({"error": "videoNo and status are required"}, status=400)
+        client_id = doc.get("clientId")
+        try:
+            changed = await self._store.record_library_video(
+                doc["videoNo"], doc["status"], client_id if isinstance(client_id, str) else None
+            )
+        except StoreError:
+            return web.json_response({"error": "not stored, retry"}, status=503)
+        if changed:
+            log.info("library.video_status", video=doc["videoNo"], status=doc["status"])
+        return web.json_response({"ok": True})
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
         sup = self._supervisor

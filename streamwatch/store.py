@@ -167,6 +167,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX alert_outbox_due ON alert_outbox (state, next_at);
     """,
+    # 4: library videos as their upload callbacks report them.
+    """
+    CREATE TABLE library_videos (
+        video_no   TEXT PRIMARY KEY,
+        status     TEXT NOT NULL,
+        client_id  TEXT,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 
 
@@ -712,6 +721,31 @@ class Store:
                 )
 
         await self._run(op)
+
+    async def record_library_video(
+        self, video_no: str, status: str, client_id: str | None, *, at: float | None = None
+    ) -> bool:
+        """Store a library video's reported status. True if it changed."""
+        when = self._clock() if at is None else at
+
+        def op(conn: sqlite3.Connection) -> bool:
+            old = conn.execute(
+                "SELECT status FROM library_videos WHERE video_no = ?", (video_no,)
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO library_videos (video_no, status, client_id, updated_at)"
+                " VALUES (?,?,?,?) ON CONFLICT(video_no) DO UPDATE SET status = excluded.status,"
+                " client_id = excluded.client_id, updated_at = excluded.updated_at",
+                (video_no, status, client_id, when),
+            )
+            return old is None or old[0] != status
+
+        return await self._run(op)
+
+    async def library_videos(self) -> dict[str, str]:
+        return await self._run(
+            lambda c: dict(c.execute("SELECT video_no, status FROM library_videos"))
+        )
 
     async def alert_counts(self) -> dict[str, int]:
         """Outbox rows by state: pending, delivered, dead."""

@@ -151,3 +151,25 @@ async def test_resume_api_validates_names(daemon, http):
     assert resp.status == 400
     resp = await http.post(f"{base}/api/v1/resume", json={"streams": []})
     assert resp.status == 200
+
+
+async def test_upload_callbacks_record_library_status(daemon, http, emulator, tmp_path):
+    """The batch API's upload callback reaches the daemon and records the video's status."""
+    from pydantic import SecretStr
+
+    from streamwatch.mavi.videos import VideoClient
+
+    base = await started(daemon)
+    hook = f"{base}/callbacks/mavi-video/{SECRET}"
+    client = VideoClient(
+        session=http, base_url=emulator.batch_url, api_key=SecretStr(emulator.api_key)
+    )
+    clip = tmp_path / "evidence.mp4"
+    clip.write_bytes(b"\x00" * 4096)
+    video = await client.upload(clip, callback_uri=hook)
+    await emulator.library.settle()
+    assert await daemon.store.library_videos() == {video.video_no: "PARSE"}
+    wrong = await http.post(f"{base}/callbacks/mavi-video/{SECRET[:-1]}x", json={})
+    assert wrong.status == 404
+    bad = await http.post(hook, json={"videoNo": 5})
+    assert bad.status == 400
