@@ -34,8 +34,10 @@ from streamwatch.alerts.sinks.teams import TeamsSink
 from streamwatch.alerts.sinks.webhook import WebhookSink
 from streamwatch.config import Config, ConfigError, Secrets, load_config, resolve_secrets
 from streamwatch.emulator import Emulator, Script
+from streamwatch.evidence import Evidence
 from streamwatch.ledger import Spending
 from streamwatch.mavi.streams import StreamClient
+from streamwatch.mavi.videos import VideoClient
 from streamwatch.metrics import Metrics, StateCollector
 from streamwatch.pricing import usd_to_ticks
 from streamwatch.server import Server
@@ -71,6 +73,7 @@ class App:
         self.server: Server | None = None
         self.emulator: Emulator | None = None
         self.alerts: Alerts | None = None
+        self.evidence: Evidence | None = None
         self.reloads = 0
         # One registry per App: tests build as many daemons as they like, side by side.
         self.registry = CollectorRegistry()
@@ -147,6 +150,21 @@ class App:
                 clock=self._clock,
             )
             await self.supervisor.load(cfg.streams)
+            self.evidence = Evidence(
+                config=cfg.evidence,
+                store=self.store,
+                session=session,
+                videos=VideoClient(
+                    session=session,
+                    base_url=self.emulator.batch_url if self.emulator else cfg.mavi.batch_base_url,
+                    api_key=api_key,
+                    retry=cfg.mavi.retry,
+                )
+                if cfg.evidence.upload
+                else None,
+                clock=self._clock,
+            )
+            stack.push_async_callback(self.evidence.settle)
             if cfg.alerts.rules:
                 outbox = Outbox(
                     store=self.store,
@@ -173,6 +191,7 @@ class App:
                 metrics=metrics,
                 collector=StateCollector(self.registry, spending),
                 alerts=self.alerts,
+                evidence=self.evidence,
                 clock=self._clock,
             )
             await stack.enter_async_context(self.server.running())

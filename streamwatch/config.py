@@ -42,6 +42,7 @@ __all__ = [
     "ConfigProblem",
     "EmulatorConfig",
     "EmulatorScript",
+    "EvidenceConfig",
     "LedgerConfig",
     "LoggingConfig",
     "MaviConfig",
@@ -316,6 +317,7 @@ class StreamConfig(_Model):
     max_logos: int = Field(ge=1, le=50)
     labels: dict[str, str] = Field(default_factory=dict)
     budget: BudgetCaps = Field(default_factory=BudgetCaps, description="This stream's caps.")
+    evidence: bool = Field(default=False, description="Archive clips of flagged segments.")
     watch_logos: list[str] = Field(
         default_factory=list, description="Alert only on these logo names (empty: on any)."
     )
@@ -459,6 +461,17 @@ class AlertsConfig(_Model):
         return self
 
 
+class EvidenceConfig(_Model):
+    """Where flagged segments' clips are archived, and for how long."""
+
+    path: Path = Field(default=Path("evidence"), description="Archive folder.")
+    retention_days: float = Field(default=30, gt=0, description="Delete clips older than this.")
+    max_bytes: int = Field(default=10 * 1024**3, ge=1, description="Keep the archive under this.")
+    max_clip_bytes: int = Field(default=512 * 1024**2, ge=1, description="Refuse larger clips.")
+    download_timeout_seconds: float = Field(default=120, gt=0)
+    upload: bool = Field(default=False, description="Also upload each clip to the MAVI library.")
+
+
 class MetricsConfig(_Model):
     """The Prometheus endpoint."""
 
@@ -496,6 +509,7 @@ class Config(_Model):
     logging: LoggingConfig = LoggingConfig()
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
+    evidence: EvidenceConfig = EvidenceConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     ledger: LedgerConfig = LedgerConfig()
     streams: list[StreamConfig] = Field(default_factory=list)

@@ -30,6 +30,7 @@ from pydantic import SecretStr
 from streamwatch import __version__
 from streamwatch.alerts.outbox import Alerts
 from streamwatch.config import Config
+from streamwatch.evidence import Evidence
 from streamwatch.ledger import summary
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
 from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
@@ -157,9 +158,11 @@ class Server:
         metrics: Metrics,
         collector: StateCollector,
         alerts: Alerts | None = None,
+        evidence: Evidence | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._alerts = alerts
+        self._evidence = evidence
         self._orphans_seen: set[str] = set()
         self._metrics = metrics
         self._collector = collector
@@ -276,7 +279,7 @@ class Server:
             return web.json_response({"error": "not stored, retry"}, status=503)
         self._supervisor.observe(outcome)
         self._metrics.callback(outcome)
-        if self._alerts is not None:
+        if self._alerts is not None or self._evidence is not None:
             self._alert(outcome)
         if outcome.kind == "orphan":
             log.warning("callback.orphan", task_id=callback.task_id)
@@ -301,7 +304,8 @@ class Server:
         cb = outcome.callback
         if outcome.kind == "orphan" and cb.task_id not in self._orphans_seen:
             self._orphans_seen.add(cb.task_id)
-            assert self._alerts is not None
+            if self._alerts is None:
+                return
             self._alerts.record(
                 "orphan_task",
                 task_id=cb.task_id,
@@ -309,13 +313,20 @@ class Server:
             )
         elif outcome.kind == "stored" and outcome.stream and isinstance(cb, SegmentReport):
             spec = self._supervisor.desired.get(outcome.stream)
-            assert self._alerts is not None
-            self._alerts.segment(
-                cb,
-                stream=outcome.stream,
-                labels=spec.labels if spec else {},
-                watched=tuple(spec.watch_logos) if spec else (),
-            )
+            watched = tuple(spec.watch_logos) if spec else ()
+            path = None
+            if self._evidence is not None and spec is not None and spec.evidence:
+                names = {logo.name for logo in cb.logos if logo.name}
+                if cb.unsafe or (names & set(watched) if watched else names):
+                    path = self._evidence.capture(outcome.stream, cb)
+            if self._alerts is not None:
+                self._alerts.segment(
+                    cb,
+                    stream=outcome.stream,
+                    labels=spec.labels if spec else {},
+                    watched=watched,
+                    evidence=str(path) if path else None,
+                )
 
     async def _video_callback(self, request: web.Request) -> web.Response:
         """Upload callbacks of the batch API: {"videoNo", "clientId", "status"}."""

@@ -176,6 +176,21 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    # 5: the evidence archive's clips.
+    """
+    CREATE TABLE evidence (
+        id            INTEGER PRIMARY KEY,
+        stream        TEXT NOT NULL,
+        task_id       TEXT NOT NULL,
+        segment_index INTEGER NOT NULL,
+        path          TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        video_no      TEXT,
+        error         TEXT,
+        created_at    REAL NOT NULL
+    );
+    CREATE INDEX evidence_by_age ON evidence (created_at);
+    """,
 )
 
 
@@ -745,6 +760,62 @@ class Store:
     async def library_videos(self) -> dict[str, str]:
         return await self._run(
             lambda c: dict(c.execute("SELECT video_no, status FROM library_videos"))
+        )
+
+    async def record_evidence(
+        self,
+        *,
+        stream: str,
+        task_id: str,
+        segment_index: int,
+        path: str,
+        size: int,
+        video_no: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        now = self._clock()
+        await self._run(
+            lambda c: c.execute(
+                "INSERT INTO evidence (stream, task_id, segment_index, path, size, video_no,"
+                " error, created_at) VALUES (?,?,?,?,?,?,?,?)",
+                (stream, task_id, segment_index, path, size, video_no, error, now),
+            )
+        )
+
+    async def evidence_rows(self) -> list[tuple[str, float, int]]:
+        """(path, created_at, size) of archived clips, oldest first."""
+        return await self._run(
+            lambda c: [
+                (r[0], r[1], r[2])
+                for r in c.execute(
+                    "SELECT path, created_at, size FROM evidence WHERE error IS NULL"
+                    " ORDER BY created_at, id"
+                )
+            ]
+        )
+
+    async def evidence(self) -> list[dict[str, Any]]:
+        """Every evidence record, oldest first."""
+        cols = (
+            "stream",
+            "task_id",
+            "segment_index",
+            "path",
+            "size",
+            "video_no",
+            "error",
+            "created_at",
+        )
+        return await self._run(
+            lambda c: [
+                dict(zip(cols, r, strict=True))
+                for r in c.execute(f"SELECT {', '.join(cols)} FROM evidence ORDER BY id")
+            ]
+        )
+
+    async def forget_evidence(self, paths: list[str]) -> None:
+        await self._run(
+            lambda c: c.executemany("DELETE FROM evidence WHERE path = ?", [(p,) for p in paths])
         )
 
     async def alert_counts(self) -> dict[str, int]:

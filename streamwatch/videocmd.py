@@ -66,6 +66,18 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _run(args: argparse.Namespace, config: Config) -> int:
+    if config.mavi.backend == "emulator" and args.url is None:
+        raise ConfigError(
+            "--url",
+            [
+                ConfigProblem(
+                    "mavi.backend",
+                    "the built-in emulator runs inside the daemon; give "
+                    "--url, e.g. http://127.0.0.1:9400/api/serve/video of "
+                    '`streamwatch emulator`, or set backend = "mavi"',
+                )
+            ],
+        )
     problems: list[ConfigProblem] = []
     key = read_secret(config.mavi.api_key, "mavi.api_key", os.environ, problems)
     if key is None and args.url is None:

@@ -50,11 +50,13 @@ def config_text(
     mavi: str = "",
     token: bool = False,
     stall_after_segments: int = 40,
+    batch_url: str = "http://127.0.0.1:9/api/serve/video",
 ) -> str:
     return f"""
 [mavi]
 backend = "mavi"
 base_url = "{base_url}"
+batch_base_url = "{batch_url}"
 api_key = {{ env = "MAVI_KEY" }}
 segment_seconds = {SEGMENT}
 {mavi}
@@ -125,7 +127,13 @@ class Daemon:
         self.env = dict(ENV)
 
     def write(self, streams: str, **kwargs: Any) -> Config:
-        text = config_text(self.db, base_url=self.emulator.base_url, streams=streams, **kwargs)
+        text = config_text(
+            self.db,
+            base_url=self.emulator.base_url,
+            batch_url=self.emulator.batch_url,
+            streams=streams,
+            **kwargs,
+        )
         self.config_path.write_text(text)
         return parse_config(text, environ=self.env)
 

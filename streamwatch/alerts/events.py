@@ -32,6 +32,7 @@ class AlertEvent:
     logos: tuple[str, ...] = ()
     consecutive: int = 1
     resolved: bool = False
+    evidence: str | None = None  # where the segment's clip is archived
 
     @property
     def subject(self) -> str:

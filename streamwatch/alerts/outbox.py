@@ -212,6 +212,7 @@ class Alerts:
         stream: str,
         labels: Mapping[str, str],
         watched: tuple[str, ...],
+        evidence: str | None = None,
     ) -> None:
         """Alert on a stored segment, counting unsafe and logo segments in a row."""
         self._unsafe[stream] = self._unsafe.get(stream, 0) + 1 if report.unsafe else 0
@@ -226,6 +227,7 @@ class Alerts:
             logo_streak=self._logos[stream],
             watched=watched,
             labels=labels,
+            evidence=evidence,
         ):
             self.emit(event)
 

@@ -126,6 +126,7 @@ def from_segment(
     logo_streak: int,
     watched: tuple[str, ...],
     labels: Mapping[str, str],
+    evidence: str | None = None,
 ) -> list[AlertEvent]:
     """Alerts for one stored segment: unsafe content, and logos (only the watched names when
     the stream has a watch list)."""
@@ -139,6 +140,7 @@ def from_segment(
         "start_time": report.start_time,
         "end_time": report.end_time,
         "clip_url": report.video_url,
+        "evidence": evidence,
     }
     if report.unsafe:
         events.append(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import random
 import time
@@ -200,6 +201,7 @@ class Emulator:
         app.router.add_post(API_PREFIX + "/stream/start", self._start)
         app.router.add_post(API_PREFIX + "/stream/stop", self._stop)
         app.router.add_get("/_emulator/state", self._state)
+        app.router.add_get("/_emulator/clips/{task}/{name}", self._clip)
         app.router.add_put("/_emulator/webhook", self._set_webhook)
         app.router.add_put("/_emulator/scripts", self._set_scripts)
         app.router.add_post("/_emulator/balance", self._add_balance)
@@ -331,6 +333,15 @@ class Emulator:
 
     # -- test and demo controls ---------------------------------------------------------------
 
+    def _clips_base(self) -> str:
+        return f"http://{self.host}:{self.port}/_emulator/clips"
+
+    async def _clip(self, request: web.Request) -> web.Response:
+        """A stand-in segment clip: deterministic bytes, so downloads can be checked."""
+        name = f"{request.match_info['task']}/{request.match_info['name']}"
+        seed = hashlib.sha256(name.encode()).digest()
+        return web.Response(body=seed * 2048, content_type="video/mp4")  # 64 KiB
+
     async def _state(self, request: web.Request) -> web.Response:
         return web.json_response(self.state())
 
@@ -410,7 +421,7 @@ class Emulator:
                     self._end(task, 402)
                     return
                 self._charge(task, "segment")
-                payload = _segment(task, index, outcome, self.segment_seconds)
+                payload = _segment(task, index, outcome, self.segment_seconds, self._clips_base())
                 task.segments_sent += 1
                 if reorder and held is None:
                     held = (payload, index)
@@ -518,13 +529,13 @@ def _failed(task_id: str) -> dict[str, Any]:
     }
 
 
-def _segment(task: EmuTask, index: int, outcome: str, period: float) -> dict[str, Any]:
+def _segment(task: EmuTask, index: int, outcome: str, period: float, clips: str) -> dict[str, Any]:
     frames = task.fps * 5
     data: dict[str, Any] = {
         "segment_index": index,
         "start_time": f"{index * 5:.1f}",
         "end_time": f"{(index + 1) * 5:.1f}",
-        "video_url": f"https://emulator.invalid/{task.task_id}/segment_{index}.mp4",
+        "video_url": f"{clips}/{task.task_id}/segment_{index}.mp4",
     }
     if task.content_moderation:
         data["content_moderation"] = {
