@@ -55,7 +55,7 @@ def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser], None]
     p.add_argument("videos", nargs="+", help="videoNos")
     p = verb("transcribe", "transcribe a video and wait for the text")
     p.add_argument("video")
-    p.add_argument("--type", choices=["AUDIO", "VIDEO"], default="AUDIO")
+    p.add_argument("--type", choices=["AUDIO", "VIDEO", "AUDIO/VIDEO"], default="AUDIO")
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait")
     p = verb("delete", "delete videos from the library")
     p.add_argument("videos", nargs="+", help="videoNos")

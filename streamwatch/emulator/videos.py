@@ -260,8 +260,9 @@ class VideoLibrary:
         body = await self._body(request)
         if not isinstance(body, dict) or body.get("videoNo") not in self.videos:
             return self._answer("0001", msg="videoNo is not in the library")
-        if body.get("type", "AUDIO") not in ("AUDIO", "VIDEO"):
-            return self._answer("0001", msg="type is AUDIO or VIDEO")
+        # The vendor's own example also sends "AUDIO/VIDEO" (both).
+        if body.get("type", "AUDIO") not in ("AUDIO", "VIDEO", "AUDIO/VIDEO"):
+            return self._answer("0001", msg="type is AUDIO, VIDEO or AUDIO/VIDEO")
         task = _Task(
             self._next_no("TR"), body["videoNo"], body.get("type", "AUDIO"), self.polls_to_finish
         )

@@ -296,7 +296,7 @@ class VideoClient:
         self,
         video_no: str,
         *,
-        kind: Literal["AUDIO", "VIDEO"] = "AUDIO",
+        kind: Literal["AUDIO", "VIDEO", "AUDIO/VIDEO"] = "AUDIO",
         callback_uri: str | None = None,
     ) -> str:
         """Submit a transcription; returns its task number."""
