@@ -190,7 +190,10 @@ class VideoClient:
                     "upload",
                     data=form,
                     params=params,
-                    client_timeout=aiohttp.ClientTimeout(total=None),
+                    # No total for big files, but a stalled connection still times out.
+                    client_timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=30, sock_read=300
+                    ),
                 )
 
         return Video.from_wire(await self._call("upload", send))
