@@ -43,6 +43,7 @@ from streamwatch.pricing import usd_to_ticks
 from streamwatch.server import Server
 from streamwatch.store import Store
 from streamwatch.supervisor import Policy, Supervisor
+from streamwatch.systemd import Notifier
 
 __all__ = ["App"]
 
@@ -77,6 +78,7 @@ class App:
         self.reloads = 0
         # One registry per App: tests build as many daemons as they like, side by side.
         self.registry = CollectorRegistry()
+        self.systemd = Notifier(self._environ)
         self.metrics = Metrics(self.registry, max_logo_names=config.metrics.max_logo_names)
 
     def request_stop(self) -> None:
@@ -205,17 +207,48 @@ class App:
                 status_url=f"{self.server.base_url}/api/v1/status",
             )
             self.started.set()
+            self.systemd.notify(ready=1, status=self._status_line())
             async with asyncio.TaskGroup() as group:
                 loop_task = group.create_task(self.supervisor.run(), name="supervisor")
+                if self.systemd.enabled:
+                    group.create_task(self._tell_systemd(), name="systemd")
                 if self.alerts is not None:
                     group.create_task(self.alerts.outbox.run(), name="alert-outbox")
                 await self._stop.wait()
+                self.systemd.notify(stopping=1, status="draining")
                 await self._drain(loop_task)
                 if self.alerts is not None:
                     # What is in the outbox now is delivered by this or the next process.
                     await self.alerts.settle()
                     await self.alerts.outbox.stop()
         log.info("app.stopped")
+
+    def _status_line(self) -> str:
+        """A short summary for `systemctl status`."""
+        if self.supervisor is None or self.store is None:
+            return "starting"
+        now = self._clock()
+        running = self.supervisor.running_count()
+        seen = [s.last_seen for s in self.supervisor.streams.values() if s.last_seen]
+        last = f", last callback {now - max(seen):.0f}s ago" if seen else ""
+        halted = ", account HALTED" if self.supervisor.halt is not None else ""
+        return f"{running}/{len(self.supervisor.desired)} streams running{last}{halted}"
+
+    async def _tell_systemd(self) -> None:
+        """WATCHDOG=1 from the event loop itself (so a wedged loop stops the pings), and a
+        fresh STATUS now and then."""
+        interval = self.systemd.watchdog_seconds or 10.0
+        status_every = max(1, int(10.0 / interval))
+        beats = 0
+        while not self._stop.is_set():
+            if self.systemd.watchdog_seconds is not None:
+                self.systemd.notify(watchdog=1)
+            if beats % status_every == 0:
+                self.systemd.notify(status=self._status_line())
+            beats += 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._stop.wait()
 
     async def _drain(self, loop_task: asyncio.Task[None]) -> None:
         assert self.supervisor is not None
@@ -249,10 +282,12 @@ class App:
         restart and are reported. A bad file changes nothing. True if applied."""
         if self.config_path is None or self.supervisor is None:
             return False
+        self.systemd.reloading()
         try:
             new = load_config(self.config_path, environ=self._environ)
         except ConfigError as exc:
             log.error("app.reload_failed", problems=[str(p) for p in exc.problems])
+            self.systemd.notify(ready=1, status="reload failed: " + self._status_line())
             return False
         reloadable = ("streams", "budgets")
         untouched = [
@@ -269,6 +304,7 @@ class App:
             self.server.set_config(self.config)
         self.supervisor.reload(new.streams, new.budgets)
         self.reloads += 1
+        self.systemd.notify(ready=1, status=self._status_line())
         log.info("app.reloaded", streams=len(new.streams))
         return True
 
