@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import stamina
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -129,6 +130,19 @@ def _check_host_port(v: str) -> str:
 
 class RetryConfig(_Model):
     """Bounds for retrying transient MAVI API failures (429, 5xx, timeouts)."""
+
+    def context(self, on: Any) -> Any:
+        """A stamina retry context with these bounds: exponential backoff from
+        `initial_seconds` (plus as much again as jitter) up to `max_seconds`, at most `attempts`
+        tries within `timeout_seconds`. `on` says which exceptions retry (or how long)."""
+        return stamina.retry_context(
+            on=on,
+            attempts=self.attempts,
+            timeout=self.timeout_seconds,
+            wait_initial=self.initial_seconds,
+            wait_max=self.max_seconds,
+            wait_jitter=self.initial_seconds,
+        )
 
     attempts: int = Field(default=6, ge=1, le=100, description="Tries in all, the first included.")
     initial_seconds: float = Field(default=1.0, gt=0, description="First backoff.")

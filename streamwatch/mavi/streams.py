@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-import stamina
 import structlog
 from pydantic import SecretStr
 
@@ -118,15 +117,7 @@ class StreamClient:
         return True
 
     async def _call(self, endpoint: str, body: dict[str, Any]) -> Any:
-        retry = self._retry
-        async for attempt in stamina.retry_context(
-            on=_retry_hook,
-            attempts=retry.attempts,
-            timeout=retry.timeout_seconds,
-            wait_initial=retry.initial_seconds,
-            wait_max=retry.max_seconds,
-            wait_jitter=retry.initial_seconds,
-        ):
+        async for attempt in self._retry.context(_retry_hook):
             with attempt:
                 if attempt.num > 1:
                     log.info("mavi.request_retry", endpoint=endpoint, attempt=attempt.num)

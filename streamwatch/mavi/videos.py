@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
-import stamina
 from aiolimiter import AsyncLimiter
 from pydantic import SecretStr
 
@@ -351,15 +350,7 @@ class VideoClient:
         return {"Authorization": self._key.get_secret_value()}
 
     async def _call(self, endpoint: str, send: Any) -> Any:
-        r = self._retry
-        async for attempt in stamina.retry_context(
-            on=_retry_busy,
-            attempts=r.attempts,
-            timeout=r.timeout_seconds,
-            wait_initial=r.initial_seconds,
-            wait_max=r.max_seconds,
-            wait_jitter=r.initial_seconds,
-        ):
+        async for attempt in self._retry.context(_retry_busy):
             with attempt:
                 limiter = self._limiters.get(endpoint)
                 async with limiter if limiter is not None else contextlib.nullcontext():
