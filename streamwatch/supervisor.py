@@ -724,13 +724,15 @@ class Supervisor:
             )
             self.streams[name] = new
             log.warning("supervisor.task_ended", stream=name, task_id=cb.task_id, status=cb.status)
-            self._tell(
-                "task_ended",
-                stream=name,
-                task_id=cb.task_id,
-                status=cb.status,
-                detail=cb.message,
-            )
+            if not (cb.status == STATUS_USER_STOPPED and outcome.stop_requested):
+                # A 14 this daemon asked for is no news to anyone.
+                self._tell(
+                    "task_ended",
+                    stream=name,
+                    task_id=cb.task_id,
+                    status=cb.status,
+                    detail=cb.message,
+                )
             if new.phase is Phase.HELD:
                 self._spawn(self._store.set_held(name, new.held_reason))
             if halt is not None:
@@ -772,6 +774,12 @@ class Supervisor:
                 for s in self.streams.values()
                 if s.task_id is not None and s.phase in (Phase.RUNNING, Phase.STALLED)
             ]
+            for stop in stops:
+                # As _launch does: the stop in flight owns what its final 14 means.
+                state = self.streams[stop.stream]
+                self.streams[stop.stream] = replace(
+                    state, phase=Phase.STOPPING, stop_reason="shutdown"
+                )
             await asyncio.gather(*(self._stop(a) for a in stops), return_exceptions=True)
             stopped = [a.task_id for a in stops]
         return stopped
