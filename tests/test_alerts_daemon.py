@@ -249,15 +249,20 @@ async def test_own_stops_at_shutdown_raise_no_alert(daemon, emulator, fakes):
     """Stopping the daemon with on_shutdown = stop ends every task with a 14 it asked for:
     nobody is told a stream was 'stopped outside streamwatch'."""
     f, base = fakes
-    extra = alerting(daemon, base, """
+    extra = alerting(
+        daemon,
+        base,
+        """
 [[alerts.rules]]
 name = "stops"
 events = ["stream_stopped"]
 sinks = ["hook"]
 group_seconds = 0
-""")
-    await daemon.start(stream_toml("a") + stream_toml("b"), extra=extra,
-                       supervisor='on_shutdown = "stop"')
+""",
+    )
+    await daemon.start(
+        stream_toml("a") + stream_toml("b"), extra=extra, supervisor='on_shutdown = "stop"'
+    )
     await daemon.wait(lambda: daemon.sup.running_count() == 2)
     await daemon.stop()
     assert all(t.end_status == 14 for t in emulator.tasks.values())
