@@ -32,6 +32,7 @@ from streamwatch.config import (
     EmulatorScript,
     Secrets,
     load_config,
+    local_url,
     read_secret,
     resolve_secrets,
 )
@@ -154,12 +155,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _daemon_url(config: Config, override: str | None) -> str:
     if override:
         return override.rstrip("/")
-    host = config.server.host
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming the wildcard, not binding it
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.server.port}"
+    return local_url(config.server.host, config.server.port)
 
 
 def _headers(config: Config) -> dict[str, str]:

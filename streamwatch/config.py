@@ -56,6 +56,7 @@ __all__ = [
     "StreamConfig",
     "SupervisorConfig",
     "load_config",
+    "local_url",
     "parse_config",
     "read_secret",
     "resolve_secrets",
@@ -126,6 +127,16 @@ def _check_host_port(v: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError('must be "host:port", e.g. "127.0.0.1:8080"')
     return v
+
+
+def local_url(host: str, port: int) -> str:
+    """The http URL a local client uses for a server bound to host:port (a wildcard bind is
+    reached on 127.0.0.1; IPv6 hosts get brackets)."""
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming the wildcard, not binding it
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 class RetryConfig(_Model):

@@ -216,15 +216,12 @@ class Spending:
 
     def effective(self, cap: Cap, now: float, estimates: Mapping[str, int]) -> int:
         """Spend against `cap`: confirmed charges plus the estimates of unreported ones."""
-        return self._effective(cap, now, estimates)
+        unreported = estimates.get(cap.stream, 0) if cap.stream else sum(estimates.values())
+        return self.spent(cap.stream, cap.period, now) + unreported
 
     def streams_charged(self) -> set[str]:
         """Every stream with a charge in a counted period (configured or not)."""
         return {k[0] for k in self._counters}
-
-    def _effective(self, cap: Cap, now: float, estimates: Mapping[str, int]) -> int:
-        unreported = estimates.get(cap.stream, 0) if cap.stream else sum(estimates.values())
-        return self.spent(cap.stream, cap.period, now) + unreported
 
     def gate(self, now: float, estimates: Mapping[str, int] | None = None) -> BudgetGate:
         """Which streams must stop and which may not start, counting estimates of billed but
@@ -236,7 +233,7 @@ class Spending:
         no_start: set[str] = set()
         reasons: dict[str, str] = {}
         for cap in self.caps:
-            spent = self._effective(cap, now, est)
+            spent = self.effective(cap, now, est)
             affected = [cap.stream] if cap.stream else list(self.specs)
             for name in affected:
                 spec = self.specs.get(name) if name else None
@@ -272,7 +269,7 @@ class Spending:
         events = []
         for cap in self.caps:
             key = period_key(cap.period, now)
-            spent = self._effective(cap, now, est)
+            spent = self.effective(cap, now, est)
             percent = spent * 100 // cap.ticks if cap.ticks else 100
             base = f"{cap.stream or '*'}:{cap.period}:{key}"
             for threshold in self.budgets.thresholds:

@@ -29,7 +29,7 @@ from pydantic import SecretStr
 
 from streamwatch import __version__
 from streamwatch.alerts.outbox import Alerts
-from streamwatch.config import Config
+from streamwatch.config import Config, local_url
 from streamwatch.evidence import Evidence
 from streamwatch.ledger import summary
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
@@ -195,12 +195,8 @@ class Server:
 
     @property
     def base_url(self) -> str:
-        host = self._config.server.host
-        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming the wildcard, not binding it
-            host = "127.0.0.1"
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        assert self.port is not None, "known once bound"
+        return local_url(self._config.server.host, self.port)
 
     def callback_url(self, *, public: bool = False) -> str:
         """The URL MAVI must post to. Contains the secret: never log it."""
