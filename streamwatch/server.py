@@ -32,6 +32,7 @@ from streamwatch.alerts.outbox import Alerts
 from streamwatch.config import Config, local_url
 from streamwatch.evidence import Evidence
 from streamwatch.ledger import summary
+from streamwatch.listen import bind
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
 from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
 from streamwatch.store import CallbackOutcome, Store, StoreError
@@ -212,17 +213,9 @@ class Server:
         """Bind and serve; on exit, stop accepting and let in-flight requests finish."""
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
         await runner.setup()
-        site = web.TCPSite(runner, self._config.server.host, self._config.server.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise OSError(
-                f"cannot listen on {self._config.server.listen}: {exc.strerror}"
-            ) from None
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.port = await bind(
+            runner, self._config.server.host, self._config.server.port, what="the server"
+        )
         log.info("server.listening", address=self._config.server.host, port=self.port)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(close_runner, runner)
@@ -232,11 +225,10 @@ class Server:
                 host, _, port = listen.rpartition(":")
                 metrics_runner = web.AppRunner(self.metrics_app, access_log=None)
                 await metrics_runner.setup()
+                self.metrics_port = await bind(
+                    metrics_runner, host.strip("[]"), int(port), what="[metrics] listen"
+                )
                 stack.push_async_callback(close_runner, metrics_runner)
-                site = web.TCPSite(metrics_runner, host.strip("[]"), int(port))
-                await site.start()
-                assert site._server is not None
-                self.metrics_port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
                 log.info("server.metrics_listening", address=host, port=self.metrics_port)
             self.ready = True
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import time
@@ -37,14 +38,23 @@ receivers:
 """
 
 
+SHIPPED = Path(__file__).parent.parent / "deploy" / "alertmanager" / "alertmanager.yml"
+
+
 @pytest.fixture
 async def alertmanager(tmp_path: Path) -> AsyncIterator[str]:
-    assert AM is not None
     (tmp_path / "am.yml").write_text(CONFIG)
+    async with running_alertmanager(tmp_path / "am.yml", tmp_path) as base:
+        yield base
+
+
+@contextlib.asynccontextmanager
+async def running_alertmanager(config: Path, tmp_path: Path) -> AsyncIterator[str]:
+    assert AM is not None
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         AM,
-        f"--config.file={tmp_path / 'am.yml'}",
+        f"--config.file={config}",
         f"--storage.path={tmp_path / 'am'}",
         f"--web.listen-address=127.0.0.1:{port}",
         "--cluster.listen-address=",
@@ -144,3 +154,36 @@ async def test_alertmanager_receives_groups_and_resolves(alertmanager, tmp_path:
         names = [a["labels"]["alertname"] for a in await active(alertmanager)]
         assert names == ["streamwatch_unsafe_content"]
         assert not sink.active
+
+
+async def test_shipped_config_pages_for_a_balance_halt_not_for_each_stream(tmp_path: Path):
+    """deploy/alertmanager/alertmanager.yml: while the account is halted, the streams' "stopped"
+    alerts (from the daemon's sink) and "down" alerts (from the Prometheus rules) are inhibited;
+    the halt itself is not."""
+    async with (
+        running_alertmanager(SHIPPED, tmp_path) as base,
+        aiohttp.ClientSession() as session,
+        Store(tmp_path / "s.db") as store,
+    ):
+        sink = AlertmanagerSink(
+            name="am", url=SecretStr(base), session=session, timeout_seconds=5, repeat_seconds=60
+        )
+        outbox = Outbox(
+            store=store, sinks={"am": sink}, retry_initial=0.01, retry_max=0.05, poll_seconds=0.05
+        )
+        alerts = Alerts(router=Router([rule(sinks=["am"])]), outbox=outbox, store=store)
+        now = time.time()
+        alerts.emit(event(kind="balance_halt", stream=None, at=now))
+        alerts.emit(event(kind="stream_stopped", severity="warning", stream="cam", at=now))
+        await alerts.settle()
+        await outbox.deliver_due()
+        await outbox.settle()
+        down = [{"labels": {"alertname": "StreamwatchStreamDown", "stream": "cam2"}}]
+        async with session.post(f"{base}/api/v2/alerts", json=down) as resp:
+            assert resp.status == 200
+        states = {a["labels"]["alertname"]: a["status"]["state"] for a in await active(base)}
+        assert states == {
+            "streamwatch_balance_halt": "active",
+            "streamwatch_stream_stopped": "suppressed",
+            "StreamwatchStreamDown": "suppressed",
+        }

@@ -44,14 +44,14 @@ async def receive_until(sock: socket.socket, key: str, seen: list[str]) -> None:
             return
 
 
-def config(tmp_path: Path) -> Path:
+def config(tmp_path: Path, port: int | None = None) -> Path:
     path = tmp_path / "streams.toml"
     path.write_text(f"""
 [mavi]
 backend = "emulator"
 segment_seconds = 0.05
 [server]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:{port or free_port()}"
 [storage]
 path = "{tmp_path / "state.db"}"
 [[streams]]
@@ -142,4 +142,36 @@ async def test_a_wedged_event_loop_stops_the_watchdog(tmp_path: Path):
     finally:
         app.request_stop()
         await serving
+        sock.close()
+
+
+async def test_no_ready_when_the_port_is_taken(tmp_path: Path):
+    """READY=1 means the server is bound: with its port taken the daemon exits 1, names the
+    address in its error, and never says READY (systemd then reports a failed start)."""
+    sock = listener(tmp_path)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    path = config(tmp_path, port)
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "streamwatch",
+            "run",
+            "-c",
+            str(path),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        async with asyncio.timeout(30):
+            output, _ = await proc.communicate()
+        assert proc.returncode == 1
+        assert f"the server cannot listen on 127.0.0.1:{port}" in output.decode()
+        assert not any("READY=1" in m for m in drain(sock))
+    finally:
+        busy.close()
         sock.close()

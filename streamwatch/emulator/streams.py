@@ -29,6 +29,7 @@ from aiohttp import web
 
 from streamwatch.config import EmulatorScript
 from streamwatch.emulator.videos import BATCH_PREFIX, VideoLibrary
+from streamwatch.listen import bind
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.server import close_runner
 
@@ -177,14 +178,10 @@ class Emulator:
     async def running(self, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Emulator]:
         """Serve on host:port (0 = any free port) until the block ends."""
         self.host = host
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         runner = web.AppRunner(self.app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.port = await bind(runner, host, port, what="the emulator")
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         log.info("emulator.listening", host=host, port=self.port)
         try:
             yield self
