@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -222,6 +223,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def tool(name: str, *alternatives: str) -> str:
+    """The path of an external checker (promtool, amtool, systemd-analyze, kubernetes-validate…):
+    on PATH, or installed next to this interpreter by a dev dependency. Missing, the test is
+    skipped, unless STREAMWATCH_REQUIRE_TOOLS=1 (set by .ci/run): then it fails, so that CI
+    cannot pass by checking nothing."""
+    here = str(Path(sys.executable).parent)
+    for candidate in (name, *alternatives):
+        found = shutil.which(candidate) or shutil.which(candidate, path=here)
+        if found:
+            return found
+    why = f"{name} is not installed"
+    if os.environ.get("STREAMWATCH_REQUIRE_TOOLS") == "1":
+        pytest.fail(f"{why} (STREAMWATCH_REQUIRE_TOOLS=1)")
+    pytest.skip(why)
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

