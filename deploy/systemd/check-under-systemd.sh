@@ -159,16 +159,19 @@ for _ in $(seq 60); do
     sleep 0.5
 done
 [ "$restarted" = 1 ] || fail "the watchdog did not restart the frozen daemon"
-inside journalctl -u streamwatch --no-pager | grep -q "Watchdog timeout" ||
-    fail "the restart was not the watchdog's"
+# The journal is read whole first: `journalctl | grep -q` fails under pipefail when grep stops
+# reading early (journalctl gets SIGPIPE).
+journal="$(inside journalctl -u streamwatch --no-pager)"
+grep -q "Watchdog timeout" <<<"$journal" || fail "the restart was not the watchdog's"
 echo "restarted by the watchdog: pid $pid_before -> $pid_now"
 
 step "stop: clean exit, nothing denied by the sandbox"
 inside systemctl stop streamwatch
 [ "$(inside systemctl show -P Result streamwatch)" = success ] || fail "stop did not succeed"
-if inside journalctl -u streamwatch --no-pager | grep -iE "permission denied|operation not permitted|seccomp"; then
+journal="$(inside journalctl -u streamwatch --no-pager)"
+if grep -iE "permission denied|operation not permitted|seccomp" <<<"$journal"; then
     fail "the sandbox denied something (above)"
 fi
-inside journalctl -u streamwatch --no-pager -o cat | grep -q '"app.stopped"' || fail "no app.stopped"
+grep -q '"app.stopped"' <<<"$journal" || fail "no app.stopped"
 
 echo "check-under-systemd: all checks passed"
