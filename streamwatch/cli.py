@@ -1,5 +1,5 @@
 """The `streamwatch` command. Verbs (stable; see README): run, check-config, status, resume,
-callback-url, emulator."""
+cost, alerts, video, callback-url, backup, emulator."""
 
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from streamwatch.store import ChargeTotal, Store
 __all__ = ["main"]
 
 EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # as a shell reports a program killed by SIGPIPE
 DEFAULT_CONFIG = "streams.toml"
 
 
@@ -92,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("callback-url", help="print the URL to register in the MAVI console")
     with_config(p)
     p.add_argument("--video", action="store_true", help="the batch upload callback URL instead")
+    p = sub.add_parser("backup", help="copy the state file safely, even while the daemon runs")
+    with_config(p)
+    p.add_argument("dest", type=Path, help="the backup file, or a folder for a dated one")
     p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
     p.add_argument("--listen", default="127.0.0.1:9400", help="host:port (default %(default)s)")
     p.add_argument("--webhook", help="the account's callback URL")
@@ -112,12 +116,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb = args.verb.replace("-", "_")
     handler = globals()[f"_cmd_{verb}"]
     try:
-        return int(handler(args))
+        code = int(handler(args))
+        sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
+        return code
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`streamwatch cost | head`): no traceback. Python flushes stdout
+        # again at exit, so point it somewhere that accepts the rest.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 def _load(path: Path) -> Config:
@@ -610,6 +621,29 @@ def _cmd_callback_url(args: argparse.Namespace) -> int:
             "note: [server] public_url is unset; this URL is only reachable locally",
             file=sys.stderr,
         )
+    return EXIT_OK
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from streamwatch.store import StoreError, backup
+
+    config = _load(args.config)
+    shown = sys.stderr.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if shown:
+            print(f"\rbacking up: {done * 100 // max(total, 1)}%", end="", file=sys.stderr)
+
+    try:
+        result = backup(config.storage.path, args.dest, progress=progress)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        if shown:
+            print(file=sys.stderr)
+    size = result.bytes / 2**20
+    print(f"{result.path}: schema {result.schema_version}, {size:.1f} MiB, integrity ok")
     return EXIT_OK
 
 

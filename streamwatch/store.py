@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -892,6 +893,70 @@ def _task_row(r: tuple[Any, ...]) -> TaskRow:
         failed_segments=r[14],
         segment_ticks=r[15],
     )
+
+
+@dataclass(frozen=True, slots=True)
+class BackupResult:
+    path: Path
+    schema_version: int
+    bytes: int
+
+
+def backup(
+    source: Path, dest: Path, *, progress: Callable[[int, int], None] | None = None
+) -> BackupResult:
+    """Copy the state file to `dest` with SQLite's online backup, safe while the daemon runs
+    (a consistent snapshot, the WAL included). The copy is written beside `dest`, checked with
+    `PRAGMA integrity_check`, made a single self-contained file (no -wal), readable by its owner
+    only, and renamed into place: a failed backup never replaces a good one. `dest` may be a
+    directory: the copy is then named streamwatch-YYYYMMDDTHHMMSSZ.db. `progress(done, total)`
+    is called in pages as the copy goes."""
+    if not source.is_file():
+        raise StoreError(f"no state file at {source}")
+    if dest.is_dir():
+        dest = dest / time.strftime("streamwatch-%Y%m%dT%H%M%SZ.db", time.gmtime())
+    if dest.resolve() == source.resolve():
+        raise StoreError("the backup cannot be the state file itself")
+    part = dest.with_name(dest.name + ".part")
+    part.unlink(missing_ok=True)
+    try:
+        os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise StoreError(f"cannot write the backup {part}: {exc.strerror}") from None
+    try:
+        # mode=rw: never create a state file where there was none; no migration either.
+        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=rw", uri=True, timeout=30)
+        try:
+            dst = sqlite3.connect(part)
+            try:
+
+                def step(_status: int, remaining: int, total: int) -> None:
+                    if progress is not None:
+                        progress(total - remaining, total)
+
+                src.backup(dst, pages=1024, progress=step)
+                (version,) = src.execute("PRAGMA user_version").fetchone()
+                dst.execute("PRAGMA journal_mode=DELETE")
+                (check,) = dst.execute("PRAGMA integrity_check").fetchone()
+                if check != "ok":
+                    raise StoreError(f"the backup failed its integrity check: {check}")
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        with part.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(part, dest)
+    except sqlite3.Error as exc:
+        part.unlink(missing_ok=True)
+        raise StoreError(f"cannot back up {source}: {exc}") from None
+    except OSError as exc:
+        part.unlink(missing_ok=True)
+        raise StoreError(f"cannot write the backup {dest}: {exc.strerror}") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return BackupResult(dest, int(version), dest.stat().st_size)
 
 
 def _split_sql(script: str) -> list[str]:
