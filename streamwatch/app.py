@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -41,7 +42,7 @@ from streamwatch.mavi.videos import VideoClient
 from streamwatch.metrics import Metrics, StateCollector
 from streamwatch.pricing import usd_to_ticks
 from streamwatch.server import Server
-from streamwatch.store import Store
+from streamwatch.store import Store, StoreError
 from streamwatch.supervisor import Policy, Supervisor
 from streamwatch.systemd import Notifier
 
@@ -214,6 +215,10 @@ class App:
                     group.create_task(self._tell_systemd(), name="systemd")
                 if self.alerts is not None:
                     group.create_task(self.alerts.outbox.run(), name="alert-outbox")
+                if cfg.storage.segment_retention_days is not None:
+                    group.create_task(
+                        self._prune(cfg.storage.segment_retention_days * 86_400), name="prune"
+                    )
                 await self._stop.wait()
                 self.systemd.notify(stopping=1, status="draining")
                 await self._drain(loop_task)
@@ -246,6 +251,24 @@ class App:
             if beats % status_every == 0:
                 self.systemd.notify(status=self._status_line())
             beats += 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._stop.wait()
+
+    async def _prune(self, keep_seconds: float) -> None:
+        """Apply `[storage] segment_retention_days` at start and then hourly (more often for
+        a retention shorter than ten hours), until the daemon stops."""
+        assert self.store is not None
+        interval = min(3600.0, keep_seconds / 10)
+        while not self._stop.is_set():
+            before = self._clock() - keep_seconds
+            try:
+                pruned = await self.store.prune(before, stop=self._stop.is_set)
+            except StoreError as exc:
+                log.error("store.prune_failed", error=str(exc))
+            else:
+                if any(dataclasses.astuple(pruned)):
+                    log.info("store.pruned", before=before, **dataclasses.asdict(pruned))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._stop.wait()

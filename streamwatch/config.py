@@ -231,6 +231,12 @@ class StorageConfig(_Model):
 
     path: Path = Field(default=Path("streamwatch.db"), description="SQLite file.")
     batch_max: int = Field(default=512, ge=1, le=100_000, description="Writes per commit, at most.")
+    segment_retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="Delete segment records older than this (unset: keep them all). Task "
+        "totals, charges and events are kept.",
+    )
 
 
 class SupervisorConfig(_Model):

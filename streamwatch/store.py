@@ -11,6 +11,7 @@ MAVI has no list endpoint, so the `tasks` table is the registry of what this dae
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sqlite3
@@ -191,6 +192,11 @@ MIGRATIONS: tuple[str, ...] = (
         created_at    REAL NOT NULL
     );
     CREATE INDEX evidence_by_age ON evidence (created_at);
+    """,
+    # 6: segment retention. The highest segment index pruned from each task: a redelivery of a
+    # pruned segment is a duplicate, never stored or charged again.
+    """
+    ALTER TABLE tasks ADD COLUMN pruned_through INTEGER;
     """,
 )
 
@@ -566,6 +572,60 @@ class Store:
 
         return await self._run(op)
 
+    async def prune(
+        self, before: float, *, chunk: int = 2000, stop: Callable[[], bool] = lambda: False
+    ) -> Pruned:
+        """Delete what is older than `before`: segment records, segment failures, orphan
+        callbacks, and alerts already delivered or dead. Segments go a chunk per write, by
+        stream (its index), so callbacks are stored in between, and `stop()` is asked between
+        chunks (the rest waits for the next run). Task totals, charges and events stay:
+        counters, costs and history do not change."""
+
+        def segments(conn: sqlite3.Connection, stream: str) -> int:
+            rows = conn.execute(
+                "SELECT task_id, segment_index FROM segments"
+                " WHERE stream = ? AND received_at < ? LIMIT ?",
+                (stream, before, chunk),
+            ).fetchall()
+            conn.executemany("DELETE FROM segments WHERE task_id = ? AND segment_index = ?", rows)
+            highest: dict[str, int] = {}
+            for task_id, index in rows:
+                highest[task_id] = max(index, highest.get(task_id, index))
+            conn.executemany(
+                "UPDATE tasks SET pruned_through = max(coalesce(pruned_through, -1), ?)"
+                " WHERE task_id = ?",
+                [(index, task_id) for task_id, index in highest.items()],
+            )
+            return len(rows)
+
+        def rest(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            failures = conn.execute(
+                "DELETE FROM segment_failures WHERE received_at < ?", (before,)
+            ).rowcount
+            orphans = conn.execute(
+                "DELETE FROM orphan_callbacks WHERE received_at < ?", (before,)
+            ).rowcount
+            alerts = conn.execute(
+                "DELETE FROM alert_outbox WHERE state IN ('delivered', 'dead') AND created_at < ?",
+                (before,),
+            ).rowcount
+            return failures, orphans, alerts
+
+        streams = await self._run(
+            lambda c: [r[0] for r in c.execute("SELECT DISTINCT stream FROM tasks")]
+        )
+        pruned = 0
+        for stream in streams:
+            while True:
+                count = await self._run(functools.partial(segments, stream=stream))
+                pruned += count
+                if count < chunk:
+                    break
+                if stop():
+                    return Pruned(pruned, 0, 0, 0)
+        failures, orphans, alerts = await self._run(rest)
+        return Pruned(pruned, failures, orphans, alerts)
+
     async def segment_count(self, *, task_id: str | None = None) -> int:
         where, args = ("WHERE task_id = ?", (task_id,)) if task_id else ("", ())
         return await self._run(
@@ -896,6 +956,16 @@ def _task_row(r: tuple[Any, ...]) -> TaskRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one `Store.prune` deleted."""
+
+    segments: int
+    failures: int
+    orphans: int
+    alerts: int
+
+
+@dataclass(frozen=True, slots=True)
 class BackupResult:
     path: Path
     schema_version: int
@@ -967,7 +1037,8 @@ def _apply(
     conn: sqlite3.Connection, cb: Callback, body: str, at: float, first_free: bool
 ) -> CallbackOutcome:
     row = conn.execute(
-        "SELECT stream, stop_requested, segment_ticks, segments FROM tasks WHERE task_id = ?",
+        "SELECT stream, stop_requested, segment_ticks, segments, pruned_through FROM tasks"
+        " WHERE task_id = ?",
         (cb.task_id,),
     ).fetchone()
     if row is None:
@@ -981,6 +1052,8 @@ def _apply(
         return CallbackOutcome("orphan" if cur.rowcount else "duplicate", None, cb)
     stream, stop_requested, segment_ticks, stored_before = row[0], bool(row[1]), row[2], row[3]
     if isinstance(cb, SegmentReport):
+        if row[4] is not None and cb.segment_index <= row[4]:
+            return CallbackOutcome("duplicate", stream, cb)  # stored once, pruned since
         cur = conn.execute(
             "INSERT OR IGNORE INTO segments (task_id, segment_index, stream, received_at,"
             " start_time, end_time, unsafe, has_logo, logos, frames, processing_ms, tokens,"

@@ -51,6 +51,7 @@ def config_text(
     mavi: str = "",
     token: bool = False,
     stall_after_segments: int = 40,
+    storage: str = "",
     batch_url: str = "http://127.0.0.1:9/api/serve/video",
 ) -> str:
     return f"""
@@ -74,6 +75,7 @@ callback_secret = {{ env = "SW_SECRET" }}
 
 [storage]
 path = "{db}"
+{storage}
 
 [supervisor]
 tick_seconds = 0.02

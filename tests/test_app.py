@@ -8,6 +8,7 @@ from pathlib import Path
 from streamwatch.app import App
 from streamwatch.config import parse_config
 from streamwatch.store import Store
+from tests.conftest import stream_toml
 
 
 def builtin_config(db: Path) -> str:
@@ -56,3 +57,23 @@ async def test_builtin_emulator_runs_and_stops_its_tasks_on_shutdown(tmp_path: P
     assert len(tasks) == 2
     assert all(t.ended_at is not None for t in tasks)
     assert "task_adopted" not in kinds
+
+
+async def test_segment_retention_prunes_while_the_daemon_runs(daemon):
+    """With `segment_retention_days` set, segment records older than it are deleted while
+    callbacks keep being stored; the stream's totals (counters, status) keep every segment."""
+    # 0.00002 days = 1.7 s: pruned every 0.17 s. Segments come every 0.05 s here.
+    await daemon.start(stream_toml("a"), storage="segment_retention_days = 0.00002")
+    await daemon.wait(lambda: daemon.state("a").run_segments >= 60)
+    task_id = daemon.state("a").task_id
+    assert task_id is not None
+    async with asyncio.timeout(10):
+        # Pruning runs on its own clock in the daemon: nothing to await but the result.
+        while (await daemon.store.segment_indexes(task_id))[0] == 0:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    kept = await daemon.store.segment_count(task_id=task_id)
+    row = await daemon.store.task(task_id)
+    assert row is not None
+    assert row.segments > kept
+    now = daemon.state("a").run_segments
+    await daemon.wait(lambda: daemon.state("a").run_segments > now)

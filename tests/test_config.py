@@ -39,6 +39,11 @@ def test_minimal_config_takes_defaults():
         ("[server]\nlisten = '8080'", "server.listen", "host:port"),
         ("[server]\nlistn = 'x'", "server.listn", "unknown key"),
         ("[storage]\nbatch_max = 0", "storage.batch_max", "greater than or equal to 1"),
+        (
+            "[storage]\nsegment_retention_days = 0",
+            "storage.segment_retention_days",
+            "greater than 0",
+        ),
         ("[supervisor]\non_stall = 'panic'", "supervisor.on_stall", "'wait' or 'restart'"),
         ("[mavi]\napi_key = 'sk-mai-inline'", "mavi.api_key", "valid dictionary"),
         ("[mavi.api_key]\nenv = 'A'\nfile = '/k'", "mavi.api_key", "exactly one"),

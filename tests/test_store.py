@@ -199,3 +199,50 @@ async def test_upgrade_from_schema_1_backfills_the_ledger(tmp_path: Path):
     assert row is not None
     assert row.segment_ticks == 12
     assert [(t.stream, t.precharges, t.segments, t.ticks) for t in totals] == [("cam", 1, 3, 48)]
+
+
+async def test_prune_deletes_old_segments_and_keeps_counts_costs_and_dedupe(tmp_path: Path):
+    """Segments received before the cutoff go (in chunks, across streams); task totals and
+    charges stay; a pruned segment redelivered later is a duplicate, not a second charge; newer
+    segments and later callbacks are unaffected."""
+    async with Store(tmp_path / "s.db") as store:
+        await register(store, "t1", "cam")
+        await register(store, "t2", "door")
+        for i in range(25):
+            for task in ("t1", "t2"):
+                cb, body = segment(task, i, unsafe=i % 5 == 0)
+                await store.apply_callback(cb, body=body, received_at=1000.0 + i)
+        failed = parse_callback(
+            json.dumps(
+                {"task_id": "t1", "data": {"status": -1, "message": "decode error"}}
+            ).encode()
+        )
+        assert isinstance(failed, SegmentFailed)
+        await store.apply_callback(failed, body=b"{}", received_at=1001.0)
+        totals_before = await store.stream_totals()
+        charges_before = await store.charge_totals(since=0, until=10**12)
+
+        pruned = await store.prune(1010.0, chunk=3)  # segments 0..9 of both tasks
+
+        assert (pruned.segments, pruned.failures) == (20, 1)
+        assert await store.segment_indexes("t1") == list(range(10, 25))
+        assert await store.segment_indexes("t2") == list(range(10, 25))
+        assert await store.stream_totals() == totals_before
+        assert await store.charge_totals(since=0, until=10**12) == charges_before
+        cb, body = segment("t1", 4)
+        assert (await store.apply_callback(cb, body=body)).kind == "duplicate"
+        assert await store.charge_totals(since=0, until=10**12) == charges_before
+        cb, body = segment("t1", 25)
+        assert (await store.apply_callback(cb, body=body)).kind == "stored"
+        assert (await store.prune(1010.0)).segments == 0
+
+
+async def test_prune_stops_between_chunks_when_asked(tmp_path: Path):
+    async with Store(tmp_path / "s.db") as store:
+        await register(store, "t1")
+        for i in range(10):
+            cb, body = segment("t1", i)
+            await store.apply_callback(cb, body=body, received_at=float(i))
+        pruned = await store.prune(100.0, chunk=4, stop=lambda: True)
+        assert pruned.segments == 4
+        assert await store.segment_count() == 6
