@@ -243,6 +243,24 @@ def tool(name: str, *alternatives: str) -> str:
     pytest.skip(why)
 
 
+async def spawn_daemon(
+    config: Path, env: dict[str, str], *, capture: bool = False
+) -> asyncio.subprocess.Process:
+    """`streamwatch run -c CONFIG` in its own process, as a service manager starts it; `env`
+    adds to this environment. With `capture`, stdout and stderr come back as one pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamwatch",
+        "run",
+        "-c",
+        str(config),
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE if capture else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.STDOUT if capture else asyncio.subprocess.DEVNULL,
+    )
+
+
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed `streamwatch` command as a user would, with a time limit."""
     return subprocess.run(

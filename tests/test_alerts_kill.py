@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
-import sys
-from asyncio.subprocess import DEVNULL
 from pathlib import Path
 
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_daemon
 from tests.fakes.chat import Answer, ChatFakes
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
@@ -59,20 +56,6 @@ def outbox(db: Path) -> dict[str, str]:
         return dict(conn.execute("SELECT alert_id, state FROM alert_outbox"))
 
 
-async def start(path: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "streamwatch",
-        "run",
-        "-c",
-        str(path),
-        env={**os.environ, **env},
-        stdout=DEVNULL,
-        stderr=DEVNULL,
-    )
-
-
 async def test_pending_alerts_survive_sigkill(tmp_path: Path):
     """Alerts the receiver refused are in the outbox; SIGKILL loses none of them."""
     fakes = ChatFakes(WHSEC)
@@ -81,7 +64,7 @@ async def test_pending_alerts_survive_sigkill(tmp_path: Path):
         env = {"HOOK_URL": f"{base}/webhook", "HOOK_SECRET": WHSEC}
         path = config(tmp_path, free_port())
         db = tmp_path / "state.db"
-        daemon = await start(path, env)
+        daemon = await spawn_daemon(path, env)
         async with asyncio.timeout(30):
             await fakes.wait(lambda: fakes.attempts["webhook"] >= 10)
         daemon.send_signal(signal.SIGKILL)
@@ -91,7 +74,7 @@ async def test_pending_alerts_survive_sigkill(tmp_path: Path):
         assert set(pending.values()) == {"pending"}
 
         fakes.script["webhook"] = []  # the receiver is back
-        daemon = await start(path, env)
+        daemon = await spawn_daemon(path, env)
         try:
             async with asyncio.timeout(30):
                 await fakes.wait(

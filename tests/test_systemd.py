@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import sys
 import time
-from asyncio.subprocess import DEVNULL
 from pathlib import Path
 
 from streamwatch.app import App
 from streamwatch.config import parse_config
 from streamwatch.systemd import Notifier
-from tests.conftest import free_port
+from tests.conftest import free_port, spawn_daemon
 
 
 def listener(tmp_path: Path) -> socket.socket:
@@ -86,18 +83,8 @@ async def test_lifecycle_messages_in_order(tmp_path: Path):
             while sum(key in m for m in messages) < count:
                 await receive_until(sock, key, messages)
 
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "streamwatch",
-        "run",
-        "-c",
-        str(config(tmp_path)),
-        env=env,
-        stdout=DEVNULL,
-        stderr=DEVNULL,
-    )
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"}
+    proc = await spawn_daemon(config(tmp_path), env)
     try:
         await until("WATCHDOG=1", 3)
         proc.send_signal(signal.SIGHUP)
@@ -154,19 +141,9 @@ async def test_no_ready_when_the_port_is_taken(tmp_path: Path):
     busy.listen()
     port = busy.getsockname()[1]
     path = config(tmp_path, port)
-    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "streamwatch",
-            "run",
-            "-c",
-            str(path),
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        proc = await spawn_daemon(path, env, capture=True)
         async with asyncio.timeout(30):
             output, _ = await proc.communicate()
         assert proc.returncode == 1
