@@ -251,9 +251,13 @@ class App:
             if beats % status_every == 0:
                 self.systemd.notify(status=self._status_line())
             beats += 1
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._stop.wait()
+            await self._pause(interval)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep for `seconds`, or less if the daemon is asked to stop meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
 
     async def _prune(self, keep_seconds: float) -> None:
         """Apply `[storage] segment_retention_days` at start and then hourly (more often for
@@ -269,9 +273,7 @@ class App:
             else:
                 if any(dataclasses.astuple(pruned)):
                     log.info("store.pruned", before=before, **dataclasses.asdict(pruned))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._stop.wait()
+            await self._pause(interval)
 
     async def _drain(self, loop_task: asyncio.Task[None]) -> None:
         assert self.supervisor is not None

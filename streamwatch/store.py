@@ -11,6 +11,7 @@ MAVI has no list endpoint, so the `tasks` table is the registry of what this dae
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
@@ -993,38 +994,33 @@ def backup(
         os.close(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except OSError as exc:
         raise StoreError(f"cannot write the backup {part}: {exc.strerror}") from None
+
+    def step(_status: int, remaining: int, total: int) -> None:
+        if progress is not None:
+            progress(total - remaining, total)
+
     try:
         # mode=rw: never create a state file where there was none; no migration either.
-        src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=rw", uri=True, timeout=30)
-        try:
-            dst = sqlite3.connect(part)
-            try:
-
-                def step(_status: int, remaining: int, total: int) -> None:
-                    if progress is not None:
-                        progress(total - remaining, total)
-
-                src.backup(dst, pages=1024, progress=step)
-                (version,) = src.execute("PRAGMA user_version").fetchone()
-                dst.execute("PRAGMA journal_mode=DELETE")
-                (check,) = dst.execute("PRAGMA integrity_check").fetchone()
-                if check != "ok":
-                    raise StoreError(f"the backup failed its integrity check: {check}")
-            finally:
-                dst.close()
-        finally:
-            src.close()
+        uri = f"{source.resolve().as_uri()}?mode=rw"
+        with (
+            contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as src,
+            contextlib.closing(sqlite3.connect(part)) as dst,
+        ):
+            src.backup(dst, pages=1024, progress=step)
+            (version,) = src.execute("PRAGMA user_version").fetchone()
+            dst.execute("PRAGMA journal_mode=DELETE")
+            (check,) = dst.execute("PRAGMA integrity_check").fetchone()
+            if check != "ok":
+                raise StoreError(f"the backup failed its integrity check: {check}")
         with part.open("rb") as f:
             os.fsync(f.fileno())
         os.replace(part, dest)
-    except sqlite3.Error as exc:
+    except BaseException as exc:
         part.unlink(missing_ok=True)
-        raise StoreError(f"cannot back up {source}: {exc}") from None
-    except OSError as exc:
-        part.unlink(missing_ok=True)
-        raise StoreError(f"cannot write the backup {dest}: {exc.strerror}") from None
-    except BaseException:
-        part.unlink(missing_ok=True)
+        if isinstance(exc, sqlite3.Error):
+            raise StoreError(f"cannot back up {source}: {exc}") from None
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot write the backup {dest}: {exc.strerror}") from None
         raise
     return BackupResult(dest, int(version), dest.stat().st_size)
 
