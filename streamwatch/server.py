@@ -38,7 +38,15 @@ from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
 from streamwatch.store import CallbackOutcome, Store, StoreError
 from streamwatch.supervisor import Supervisor
 
-__all__ = ["CALLBACK_PREFIX", "Server", "build_status", "close_runner", "iso"]
+__all__ = [
+    "CALLBACK_PREFIX",
+    "BadBody",
+    "Server",
+    "build_status",
+    "close_runner",
+    "iso",
+    "read_json",
+]
 
 log = structlog.get_logger("streamwatch.server")
 
@@ -143,6 +151,55 @@ async def close_runner(runner: web.AppRunner) -> None:
             await asyncio.sleep(0)
         low.pre_shutdown()
         await low.shutdown(0)
+
+
+class BadBody(Exception):
+    """A request body that cannot be used; `response()` is the 4xx answer saying why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def response(self) -> web.Response:
+        return web.json_response({"error": str(self)}, status=self.status)
+
+
+_UTF8 = {"utf-8", "utf8", "us-ascii", "ascii"}
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, which must be UTF-8 (RFC 8259): another declared charset is
+    refused (415; an unknown one made aiohttp raise, a 500), and nesting too deep for the
+    parser is "not JSON" (400), not a server error. Raises `BadBody` (413, 415 or 400)."""
+    charset = request.charset
+    if charset is not None and charset.lower() not in _UTF8:
+        raise BadBody(415, "JSON bodies are UTF-8: send charset=utf-8 or none")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadBody(413, "body too large") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadBody(400, "body is not JSON (UTF-8)") from None
+
+
+def _raw(text: str) -> bytes:
+    """A path segment or header value as the bytes the client sent: aiohttp decodes them with
+    surrogateescape, and a plain `encode()` of invalid UTF-8 raised (a 500)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _is_text(value: Any, *, limit: int = 256) -> bool:
+    """True for a non-empty string of at most `limit` characters that is valid Unicode (a
+    JSON "\\udc80" escape gives a lone surrogate, which no UTF-8 store or log accepts)."""
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Server:
@@ -318,25 +375,26 @@ class Server:
 
     async def _video_callback(self, request: web.Request) -> web.Response:
         """Upload callbacks of the batch API: {"videoNo", "clientId", "status"}."""
-        if not hmac.compare_digest(request.match_info["secret"].encode(), self._secret):
+        if not hmac.compare_digest(_raw(request.match_info["secret"]), self._secret):
             self._metrics.rejected("secret")
             return web.json_response({"error": "not found"}, status=404)
         try:
-            doc = json.loads(await request.read())
-        except web.HTTPRequestEntityTooLarge:
-            return web.json_response({"error": "body too large"}, status=413)
-        except ValueError:
-            return web.json_response({"error": "body is not JSON"}, status=400)
+            doc = await read_json(request)
+        except BadBody as exc:
+            return exc.response()
         if (
             not isinstance(doc, dict)
-            or not isinstance(doc.get("videoNo"), str)
-            or not isinstance(doc.get("status"), str)
+            or not _is_text(doc.get("videoNo"))
+            or not _is_text(doc.get("status"))
         ):
-            return web.json_response({"error": "videoNo and status are required"}, status=400)
-        client_id = doc.get("clientId")
+            return web.json_response(
+                {"error": "videoNo and status are required, as text of up to 256 characters"},
+                status=400,
+            )
+        client_id = doc.get("clientId") if _is_text(doc.get("clientId")) else None
         try:
             changed = await self._store.record_library_video(
-                doc["videoNo"], doc["status"], client_id if isinstance(client_id, str) else None
+                doc["videoNo"], doc["status"], client_id
             )
         except StoreError:
             return web.json_response({"error": "not stored, retry"}, status=503)
@@ -390,9 +448,9 @@ class Server:
     def _authorized(self, request: web.Request) -> bool:
         if self._token is None:
             return True
-        header = request.headers.get("Authorization", "")
+        header = _raw(request.headers.get("Authorization", ""))
         expected = f"Bearer {self._token.get_secret_value()}"
-        return hmac.compare_digest(header.encode(), expected.encode())
+        return hmac.compare_digest(header, expected.encode())
 
     async def _status(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -406,9 +464,9 @@ class Server:
         if not self._authorized(request):
             return web.json_response({"error": "unauthorized"}, status=401)
         try:
-            doc = await request.json() if request.can_read_body else {}
-        except ValueError:
-            return web.json_response({"error": "body is not JSON"}, status=400)
+            doc = await read_json(request) if request.can_read_body else {}
+        except BadBody as exc:
+            return exc.response()
         names = doc.get("streams", []) if isinstance(doc, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             return web.json_response({"error": '"streams" must be a list of names'}, status=400)
