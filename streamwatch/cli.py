@@ -139,6 +139,7 @@ def _load(path: Path) -> Config:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from streamwatch.app import App
+    from streamwatch.guard import raise_file_limit
 
     config = _load(args.config)
     secrets = resolve_secrets(config)
@@ -146,6 +147,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     configure_logging(level=config.logging.level, fmt=config.logging.format, redactor=redactor)
     # `_created` series would double every labelled counter and histogram for no operator use.
     disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+    # Each connection is a file descriptor: take all the process may have (the server fits its
+    # connection cap under it).
+    raise_file_limit()
     app = App(config, config_path=args.config, secrets=secrets, redactor=redactor)
     try:
         asyncio.run(app.run())

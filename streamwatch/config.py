@@ -220,6 +220,30 @@ class ServerConfig(_Model):
         default=None, description="Bearer token for the status API; unset = no auth."
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Open connections at most (lowered to fit the file limit).",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A new connection must send a complete request's headers within this.",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="A request's body must arrive in full within this after its headers.",
+    )
+    idle_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="A keep-alive connection waiting longer for its next request is closed.",
+    )
 
     @field_validator("listen")
     @classmethod

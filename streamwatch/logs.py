@@ -3,14 +3,17 @@
 Every line, whether from structlog or from a library's standard `logging` call, goes through
 the same processors: tracebacks are rendered without local variables (a frame's locals hold
 API keys, headers and stream URLs), and then every string in the event, the exception text
-included, passes through a `Redactor`.
+included, passes through a `Redactor`. A library's repeated line (aiohttp's "Error handling
+request" for each malformed request, asyncio's errors) is let through once a minute, with the
+count of those held back: a flood of bad requests cannot become a flood of tracebacks.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Mapping, MutableMapping
+import time
+from collections.abc import Callable, Hashable, Mapping, MutableMapping
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -18,7 +21,10 @@ from structlog.tracebacks import ExceptionDictTransformer
 
 from streamwatch.redact import Redactor
 
-__all__ = ["configure_logging", "scrub"]
+__all__ = ["REPEAT_SECONDS", "Throttle", "configure_logging", "scrub"]
+
+# The same library line (or rate-limited daemon report) at most once per this many seconds.
+REPEAT_SECONDS = 60.0
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -41,6 +47,57 @@ def scrub(value: Any, redact: Callable[[str], str]) -> Any:
     if isinstance(value, list | tuple | set | frozenset):
         return [scrub(v, redact) for v in value]
     return redact(repr(value))
+
+
+class Throttle:
+    """Lets the first occurrence of each key through, then at most one per `interval`
+    seconds, and counts the ones held back in between."""
+
+    def __init__(
+        self,
+        interval: float = REPEAT_SECONDS,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = 1024,
+    ) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._max_keys = max_keys
+        self._last: dict[Hashable, float] = {}
+        self._held: dict[Hashable, int] = {}
+
+    def allow(self, key: Hashable = None) -> int | None:
+        """None if this occurrence is to be held back; otherwise how many were held back
+        since the last one let through."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        if len(self._last) >= self._max_keys and key not in self._last:
+            # Keys are message templates; a library formatting its own text could make them
+            # unbounded. Forgetting them all costs at most one extra line each.
+            self._last.clear()
+            self._held.clear()
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
+class _Repeats(logging.Filter):
+    """Standard-library records: each (logger, message template, level) through `Throttle`;
+    a record let through after others were held back carries `suppressed=N`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._throttle = Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held = self._throttle.allow((record.name, str(record.msg), record.levelno))
+        if held is None:
+            return False
+        if held:
+            record.suppressed = held
+        return True
 
 
 class _Scrub:
@@ -103,11 +160,13 @@ def configure_logging(
     )
     handler = logging.StreamHandler(out)
     handler.set_name("streamwatch")
+    handler.addFilter(_Repeats())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,
+                structlog.stdlib.ExtraAdder(allow=["suppressed"]),
                 timestamper,
             ],
             processors=[

@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import hmac
 import json
+import resource
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +32,7 @@ from streamwatch import __version__
 from streamwatch.alerts.outbox import Alerts
 from streamwatch.config import Config, local_url
 from streamwatch.evidence import Evidence
+from streamwatch.guard import ConnectionGuard, effective_limit, listen_backlog
 from streamwatch.ledger import summary
 from streamwatch.listen import bind
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
@@ -232,7 +234,27 @@ class Server:
         self._clock = clock
         self.port: int | None = None
         self.ready = False
-        app = web.Application(client_max_size=config.server.max_body_bytes)
+        file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._backlog = listen_backlog(file_limit)
+        limit = effective_limit(config.server.max_connections, file_limit)
+        if limit < config.server.max_connections:
+            log.warning(
+                "server.connection_limit_lowered",
+                max_connections=config.server.max_connections,
+                limit=limit,
+                file_limit=file_limit,
+                hint="raise the file limit (LimitNOFILE=, ulimit -n) to allow more",
+            )
+        self.guard = ConnectionGuard(
+            limit=limit,
+            header_timeout=config.server.header_timeout_seconds,
+            body_timeout=config.server.body_timeout_seconds,
+            idle_timeout=config.server.idle_timeout_seconds,
+            metrics=metrics,
+        )
+        app = web.Application(
+            client_max_size=config.server.max_body_bytes, middlewares=[self.guard.middleware]
+        )
         app.router.add_post(CALLBACK_PREFIX + "{secret}", self._callback)
         app.router.add_post(VIDEO_CALLBACK_PREFIX + "{secret}", self._video_callback)
         app.router.add_get("/healthz", self._healthz)
@@ -242,7 +264,7 @@ class Server:
         self.metrics_app: web.Application | None = None
         self.metrics_port: int | None = None
         if config.metrics.listen:
-            self.metrics_app = web.Application()
+            self.metrics_app = web.Application(middlewares=[self.guard.middleware])
             self.metrics_app.router.add_get("/metrics", self._metrics_page)
         else:
             app.router.add_get("/metrics", self._metrics_page)
@@ -270,20 +292,38 @@ class Server:
         """Bind and serve; on exit, stop accepting and let in-flight requests finish."""
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
         await runner.setup()
+        assert runner.server is not None
+        self.guard.attach(runner.server)
         self.port = await bind(
-            runner, self._config.server.host, self._config.server.port, what="the server"
+            runner,
+            self._config.server.host,
+            self._config.server.port,
+            what="the server",
+            backlog=self._backlog,
         )
-        log.info("server.listening", address=self._config.server.host, port=self.port)
+        log.info(
+            "server.listening",
+            address=self._config.server.host,
+            port=self.port,
+            max_connections=self.guard.limit,
+        )
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(close_runner, runner)
+            stack.enter_context(self._accept_errors_reported())
             if self.metrics_app is not None:
                 listen = self._config.metrics.listen
                 assert listen is not None
                 host, _, port = listen.rpartition(":")
                 metrics_runner = web.AppRunner(self.metrics_app, access_log=None)
                 await metrics_runner.setup()
+                assert metrics_runner.server is not None
+                self.guard.attach(metrics_runner.server)
                 self.metrics_port = await bind(
-                    metrics_runner, host.strip("[]"), int(port), what="[metrics] listen"
+                    metrics_runner,
+                    host.strip("[]"),
+                    int(port),
+                    what="[metrics] listen",
+                    backlog=self._backlog,
                 )
                 stack.push_async_callback(close_runner, metrics_runner)
                 log.info("server.metrics_listening", address=host, port=self.metrics_port)
@@ -292,6 +332,29 @@ class Server:
                 yield self
             finally:
                 self.ready = False
+
+    @contextlib.contextmanager
+    def _accept_errors_reported(self) -> Iterator[None]:
+        """While serving, asyncio's failures to accept for lack of file descriptors go to the
+        guard (one rate-limited line, idle connections shed) instead of one traceback each;
+        every other loop error goes where it went before."""
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = self.guard.out_of_resources(context)
+            if exc is not None:
+                self.guard.accept_failed(exc)
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+        try:
+            yield
+        finally:
+            loop.set_exception_handler(previous)
 
     # -- handlers ------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from streamwatch.logs import configure_logging
+from streamwatch.logs import Throttle, configure_logging
 from streamwatch.redact import Redactor
 
 KEY = "sk-mai-live-0123456789abcdef"
@@ -124,3 +124,34 @@ def test_non_string_values_are_scrubbed_too():
     assert KEY not in text
     assert "RtspSecret987" not in text
     assert json.loads(text)["urls"][1]["nested"] == ["rtsp://admin:***@cam.test:554/live"]
+
+
+def test_throttle_lets_one_through_per_interval_and_counts_the_rest():
+    """The first occurrence passes at once, later ones within the interval are held back
+    and counted, and the next one let through carries that count; keys are independent."""
+    now = [0.0]
+    throttle = Throttle(60, clock=lambda: now[0])
+    assert throttle.allow("a") == 0
+    assert [throttle.allow("a") for _ in range(3)] == [None, None, None]
+    assert throttle.allow("b") == 0
+    now[0] = 60.0
+    assert throttle.allow("a") == 3
+    assert throttle.allow("a") is None
+
+
+def test_a_flood_of_library_errors_is_one_line():
+    """aiohttp logging a traceback for each of a thousand malformed requests writes one line;
+    another message still gets through."""
+    out = io.StringIO()
+    configure_logging(level="info", fmt="json", stream=out)
+    server = logging.getLogger("aiohttp.server")
+    for i in range(1000):
+        try:
+            raise ValueError(i)
+        except ValueError:
+            server.exception("Error handling request from %s", f"127.0.0.{i % 250}")
+    server.error("something else")
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == [
+        "Error handling request from 127.0.0.0",
+        "something else",
+    ]
