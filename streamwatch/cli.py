@@ -674,7 +674,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         if not api_key:
             print(f"error: {args.api_key_env} is not set", file=sys.stderr)
             return EXIT_CONFIG
-    configure_logging(redactor=Redactor([api_key]))
+    configure_logging(redactor=Redactor([api_key, args.webhook]))
     host, _, port = args.listen.rpartition(":")
     emulator = Emulator(
         segment_seconds=args.segment_seconds,
