@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import stamina
@@ -237,7 +237,11 @@ def tool(name: str, *alternatives: str) -> str:
         found = shutil.which(candidate) or shutil.which(candidate, path=here)
         if found:
             return found
-    why = f"{name} is not installed"
+    missing(f"{name} is not installed")
+
+
+def missing(why: str) -> NoReturn:
+    """Skip the test for want of an external tool, or fail it under STREAMWATCH_REQUIRE_TOOLS=1."""
     if os.environ.get("STREAMWATCH_REQUIRE_TOOLS") == "1":
         pytest.fail(f"{why} (STREAMWATCH_REQUIRE_TOOLS=1)")
     pytest.skip(why)
@@ -277,3 +281,12 @@ async def until(emulator: Emulator, predicate: Callable[[], bool], within: float
     """Wait for a condition on the emulator's own records."""
     async with asyncio.timeout(within):
         await emulator.wait_until(predicate)
+
+
+@pytest.fixture
+async def live_sources(tmp_path: Path) -> AsyncIterator[Any]:
+    """Live RTMP/RTSP sources on real servers, started and stopped on demand (tests/media.py)."""
+    from tests.media import LiveSources
+
+    async with LiveSources(tmp_path / "live") as sources:
+        yield sources
