@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -304,7 +305,7 @@ def _float(value: Any) -> float | None:
 
 
 def _rate(value: Any) -> float | None:
-    """ "30000/1001" -> 29.97; "0/0" (unknown) -> None."""
+    """A frame rate as ffprobe writes it ("30000/1001" -> 29.97); None when unknown ("0/0")."""
     try:
         rate = Fraction(str(value))
     except (ValueError, ZeroDivisionError):
@@ -332,6 +333,8 @@ def redact_url(url: str) -> str:
         has_password = parts.password is not None
     except ValueError:
         return "<a URL that cannot be parsed>"
+    if not _secrets_in(url):
+        return url
     netloc = parts.netloc
     if has_password:
         userinfo, _, hostport = netloc.rpartition("@")
@@ -489,15 +492,16 @@ _HTTP = {
     _fferrtag(0xF8, "4", "X", "X"): (ProbeError, "the server refused the request (4xx)"),
     _fferrtag(0xF8, "5", "X", "X"): (SourceUnreachable, "the server failed (5xx)"),
 }
+# FFmpeg reports system errors as AVERROR(errno), the negated errno.
 _ERRNO = {
-    -111: (SourceUnreachable, "connection refused"),
-    -110: (SourceUnreachable, "connection timed out"),
-    -104: (SourceUnreachable, "connection reset by the server"),
-    -113: (SourceUnreachable, "no route to host"),
-    -101: (SourceUnreachable, "network unreachable"),
-    -2: (SourceUnreachable, "no such file"),
-    -13: (SourceRefused, "permission denied"),
-    -21: (NotMedia, "a directory, not a media file"),
+    -errno.ECONNREFUSED: (SourceUnreachable, "connection refused"),
+    -errno.ETIMEDOUT: (SourceUnreachable, "connection timed out"),
+    -errno.ECONNRESET: (SourceUnreachable, "connection reset by the server"),
+    -errno.EHOSTUNREACH: (SourceUnreachable, "no route to host"),
+    -errno.ENETUNREACH: (SourceUnreachable, "network unreachable"),
+    -errno.ENOENT: (SourceUnreachable, "no such file"),
+    -errno.EACCES: (SourceRefused, "permission denied"),
+    -errno.EISDIR: (NotMedia, "a directory, not a media file"),
 }
 _AUTH_WORDS = re.compile(r"(?i)auth|unauthori[sz]ed|forbidden|rejected|denied|password")
 
@@ -532,7 +536,7 @@ def failure(code: int | None, text: str, stderr: str, *, url: str) -> ProbeError
     if code in _ERRNO:
         cls, message = _ERRNO[code]
         return cls(message)
-    if code == -5:  # EIO: an RTMP server that closes the connection says nothing more
+    if code == -errno.EIO:  # an RTMP server that closes the connection says nothing more
         return SourceUnreachable(
             "the server closed the connection (nothing published there, or access refused)"
         )
