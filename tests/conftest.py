@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import stamina
@@ -27,6 +27,9 @@ from streamwatch.config import Config, parse_config
 from streamwatch.emulator import Emulator
 from streamwatch.store import EventRow, Store
 from streamwatch.supervisor import StreamState, Supervisor
+
+if TYPE_CHECKING:
+    from tests.media import LiveSources
 
 SECRET = "test-callback-secret-0123456789"
 API_KEY = "sk-mai-test-key"
@@ -284,7 +287,7 @@ async def until(emulator: Emulator, predicate: Callable[[], bool], within: float
 
 
 @pytest.fixture
-async def live_sources(tmp_path: Path) -> AsyncIterator[Any]:
+async def live_sources(tmp_path: Path) -> AsyncIterator[LiveSources]:
     """Live RTMP/RTSP sources on real servers, started and stopped on demand (tests/media.py)."""
     from tests.media import LiveSources
 
