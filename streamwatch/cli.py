@@ -1,5 +1,5 @@
 """The `streamwatch` command. Verbs (stable; see README): run, check-config, status, resume,
-cost, alerts, video, callback-url, backup, emulator."""
+cost, alerts, video, callback-url, backup, probe, emulator."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
-from streamwatch import __version__, videocmd
+from streamwatch import __version__, probecmd, videocmd
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.config import (
     Config,
@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backup", help="copy the state file safely, even while the daemon runs")
     with_config(p)
     p.add_argument("dest", type=Path, help="the backup file, or a folder for a dated one")
+    probecmd.add_parser(sub, with_config)
     p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
     p.add_argument("--listen", default="127.0.0.1:9400", help="host:port (default %(default)s)")
     p.add_argument("--webhook", help="the account's callback URL")
@@ -645,6 +646,10 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     size = result.bytes / 2**20
     print(f"{result.path}: schema {result.schema_version}, {size:.1f} MiB, integrity ok")
     return EXIT_OK
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    return probecmd.run(args)
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:

@@ -398,6 +398,11 @@ class EmulatorScript(_Model):
     )
     duplicate: bool = Field(default=False, description="Deliver every callback twice.")
     reorder: bool = Field(default=False, description="Swap each pair of segment callbacks.")
+    follow_source: bool = Field(
+        default=False,
+        description="Probe the URL (ffprobe) while the task runs: no segment before the source "
+        "is seen, and the task ends with status 15 once it is gone.",
+    )
 
     @field_validator("outcomes")
     @classmethod
