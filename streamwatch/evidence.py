@@ -14,7 +14,8 @@ The URL comes from a callback, so it is fetched through `Egress` (public address
 cookies), with a size cap and a timeout, on the archive's own connection pool with at most
 `max_downloads` captures at once: slow clip hosts never hold connections MAVI's API needs.
 A failed download removes its ``.part`` file; ``.part`` files older than the download timeout
-(left by a crash) are removed at start and by retention.
+(left by a crash) are removed at start and by retention. At stop, captures under way get
+`STOP_GRACE_SECONDS`; the rest are abandoned, each recorded as such.
 """
 
 from __future__ import annotations
@@ -38,11 +39,12 @@ from streamwatch.mavi.callbacks import SegmentReport
 from streamwatch.mavi.videos import BatchError, VideoClient
 from streamwatch.store import Store
 
-__all__ = ["MAX_REDIRECTS", "DownloadError", "Evidence"]
+__all__ = ["MAX_REDIRECTS", "STOP_GRACE_SECONDS", "DownloadError", "Evidence"]
 
 log = structlog.get_logger("streamwatch.evidence")
 
 MAX_REDIRECTS = 5
+STOP_GRACE_SECONDS = 2.0  # captures under way at stop get this long, then are abandoned
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 256 * 1024
 _URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
@@ -154,8 +156,8 @@ class Evidence:
                 await self.prune()
                 yield self
             finally:
-                await self.settle()
-                self._session = None
+                self._session = None  # no new captures
+                await self._stop_captures()
 
     @property
     def partial_bytes(self) -> int:
@@ -197,6 +199,15 @@ class Evidence:
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    async def _stop_captures(self) -> None:
+        """Give captures under way `STOP_GRACE_SECONDS`, then abandon the rest (each records
+        that it was abandoned and removes its ``.part``)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_SECONDS)
+        for task in self._tasks:
+            task.cancel()
+        await self.settle()
+
     async def _refused(self, stream: str, report: SegmentReport, path: Path, error: str) -> None:
         log.warning("evidence.refused", stream=stream, segment=report.segment_index, error=error)
         await self._record(stream, report, path, size=0, error=error)
@@ -222,6 +233,9 @@ class Evidence:
         )
 
     async def _capture(self, stream: str, report: SegmentReport, url: URL, path: Path) -> None:
+        size: int | None = None
+        video_no: str | None = None
+        error: str | None = None
         waiting = True
         try:
             async with self._slots:
@@ -232,20 +246,27 @@ class Evidence:
                 except (OSError, aiohttp.ClientError, TimeoutError, Refused, DownloadError) as exc:
                     error = _scrub(_describe(exc, self.config.download_timeout_seconds))
                     log.warning("evidence.download_failed", stream=stream, error=error)
-                    await self._record(stream, report, path, size=0, error=error)
-                    return
-                video_no = None
-                if self.config.upload and self._videos is not None:
+                if size is not None and self.config.upload and self._videos is not None:
                     try:
                         video_no = (await self._videos.upload(path)).video_no
                     except BatchError as exc:
                         log.warning("evidence.upload_failed", stream=stream, error=str(exc))
+        except asyncio.CancelledError:
+            # Stopping: say what became of the clip (kept if it was downloaded), then stop.
+            if size is None:
+                error = "abandoned: streamwatch stopped before the clip was downloaded"
+            await self._record(stream, report, path, size=size or 0, video_no=video_no, error=error)
+            raise
         finally:
             if waiting:
                 self._queued -= 1
-        await self._record(stream, report, path, size=size, video_no=video_no)
-        log.info("evidence.captured", stream=stream, segment=report.segment_index, bytes=size)
-        await self.prune()
+        # Shielded: a clip on disk always gets its row, or retention would never see it.
+        await asyncio.shield(
+            self._record(stream, report, path, size=size or 0, video_no=video_no, error=error)
+        )
+        if error is None:
+            log.info("evidence.captured", stream=stream, segment=report.segment_index, bytes=size)
+            await self.prune()
 
     async def _download(self, url: URL, path: Path) -> int:
         partial = path.with_suffix(".part")

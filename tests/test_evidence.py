@@ -12,12 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from streamwatch.config import EvidenceConfig
+from streamwatch.app import App
+from streamwatch.config import EvidenceConfig, parse_config
 from streamwatch.emulator import Script
 from streamwatch.evidence import Evidence
 from streamwatch.mavi.callbacks import SegmentReport
 from streamwatch.store import Store
 from tests.conftest import stream_toml
+from tests.test_app import builtin_config, run_until_segments
 from tests.fakes.chat import ChatFakes
 from tests.fakes.clips import ClipHost
 from tests.fakes.serve import serve
@@ -363,3 +365,37 @@ async def test_slow_clip_downloads_do_not_delay_a_stream_start(daemon, emulator,
         host.release.set()
         await app.evidence.settle()
     assert len(host.requests) == 150
+
+
+async def test_builtin_emulator_clips_are_archived_without_allow_hosts(tmp_path: Path):
+    """With backend = "emulator" the in-process emulator's clips (and only its clip prefix)
+    are trusted: flagged segments are archived without any allow_hosts."""
+    text = (
+        builtin_config(tmp_path / "s.db")
+        + "evidence = true\n"
+        + f'[emulator]\nunsafe_every = 1\n[evidence]\npath = "{tmp_path / "archive"}"\n'
+    )
+    await run_until_segments(App(parse_config(text, environ={}), environ={}), 2)
+    async with Store(tmp_path / "s.db") as store:
+        rows = await store.evidence()
+    assert len(rows) >= 2
+    assert [r["error"] for r in rows] == [None] * len(rows)
+    assert all(r["size"] == 64 * 1024 for r in rows)
+
+
+async def test_stop_abandons_stuck_downloads_and_says_so(tmp_path: Path):
+    """Stopping does not wait out the download timeout: captures still stuck after the short
+    grace are abandoned, their .part removed and their rows saying why."""
+    host = ClipHost()
+    async with serve(host.app()) as base:
+        async with archive(tmp_path, allow_hosts=["127.0.0.1"], max_downloads=1) as rig:
+            rig.evidence.capture("cam", report(f"{base}/stall/1000", 0))
+            rig.evidence.capture("cam", report(f"{base}/clip/10", 1))
+            await host.wait(lambda: host.stalled == 1)
+        host.release.set()
+    async with Store(tmp_path / "s.db") as store:
+        rows = sorted(await store.evidence(), key=lambda r: r["segment_index"])
+    assert [r["error"] for r in rows] == [
+        "abandoned: streamwatch stopped before the clip was downloaded"
+    ] * 2
+    assert list((tmp_path / "archive").rglob("*.part")) == []
