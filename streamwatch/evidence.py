@@ -146,7 +146,8 @@ class Evidence:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Evidence]:
         """Open the archive's connection pool and apply retention (stale ``.part`` files
-        included); on exit, wait for the captures under way, then close the pool."""
+        included); on exit, refuse new captures, give those under way `STOP_GRACE_SECONDS`,
+        abandon the rest, then close the pool."""
         session = self._egress.session(
             limit=self.config.max_downloads, limit_per_host=self.config.max_downloads_per_host
         )
@@ -246,6 +247,9 @@ class Evidence:
                 except (OSError, aiohttp.ClientError, TimeoutError, Refused, DownloadError) as exc:
                     error = _scrub(_describe(exc, self.config.download_timeout_seconds))
                     log.warning("evidence.download_failed", stream=stream, error=error)
+                except Exception as exc:  # a background task's edge: record it and go on
+                    error = f"unexpected {type(exc).__name__} while downloading"
+                    log.error("evidence.download_failed", stream=stream, error=error, exc_info=True)
                 if size is not None and self.config.upload and self._videos is not None:
                     try:
                         video_no = (await self._videos.upload(path)).video_no
