@@ -75,10 +75,10 @@ def address_problem(ip: IPAddress) -> str | None:
             return address_problem(ip.ipv4_mapped)
         if ip.sixtofour is not None:
             inner = address_problem(ip.sixtofour)
-            return f"6to4 form of a {inner}" if inner else None
+            return f"6to4 form of {_a(inner)}" if inner else None
         if any(ip in net for net in _NAT64):
             inner = address_problem(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-            return f"NAT64 form of a {inner}" if inner else None
+            return f"NAT64 form of {_a(inner)}" if inner else None
         if ip.is_site_local:
             return "site-local address"
     if ip in _METADATA:
@@ -101,6 +101,10 @@ def address_problem(ip: IPAddress) -> str | None:
     if not ip.is_global:
         return "address that is not globally routable"
     return None
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
 
 
 def _ip(text: str) -> IPAddress | None:
@@ -201,7 +205,7 @@ class Egress:
         if ip is not None:
             problem = self.address_allowed(ip)
             if problem:
-                raise Refused(f"refused {shown(url)}: {ip} is a {problem}")
+                raise Refused(f"refused {shown(url)}: {ip} is {_a(problem)}")
         return url
 
     # -- enforcement at connection time --------------------------------------------------------
@@ -232,7 +236,7 @@ class Egress:
         if (str(ip), port) not in self._vouched:
             problem = self.address_allowed(ip)
             if problem:
-                raise Refused(f"refused to connect to {ip}: a {problem}")
+                raise Refused(f"refused to connect to {ip}: {_a(problem)}")
         return socket.socket(family=family, type=type_, proto=proto)
 
     def _filter(self, host: str, port: int, found: list[ResolveResult]) -> list[ResolveResult]:

@@ -19,12 +19,12 @@ from streamwatch.evidence import Evidence
 from streamwatch.mavi.callbacks import SegmentReport
 from streamwatch.store import Store
 from tests.conftest import stream_toml
-from tests.test_app import builtin_config, run_until_segments
 from tests.fakes.chat import ChatFakes
 from tests.fakes.clips import ClipHost
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
 from tests.test_alerts_daemon import alerting, hook_alerts
+from tests.test_app import builtin_config, run_until_segments
 
 
 async def test_flagged_segments_are_archived_and_named_in_the_alert(daemon, emulator, tmp_path):
