@@ -129,7 +129,9 @@ class App:
             base_url, api_key = cfg.mavi.base_url, self.secrets.api_key
             if cfg.mavi.backend == "emulator":
                 self.emulator = self._build_emulator()
-                await stack.enter_async_context(self.emulator.running())
+                await stack.enter_async_context(
+                    self.emulator.running(host=cfg.emulator.host, port=cfg.emulator.port)
+                )
                 base_url = self.emulator.base_url
                 api_key = SecretStr(self.emulator.api_key or "emulator")
             assert api_key is not None, "resolve_secrets requires a key with backend = mavi"

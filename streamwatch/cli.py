@@ -681,7 +681,10 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with emulator.running(host=host, port=int(port)):
+            # Both APIs, as the [mavi] keys that take them; a program reads these lines to learn
+            # the port (--listen with port 0 picks a free one).
             print(f"MAVI emulator: base_url = {emulator.base_url}", flush=True)
+            print(f"MAVI emulator: batch_base_url = {emulator.batch_url}", flush=True)
             await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):

@@ -426,6 +426,23 @@ class EmulatorConfig(_Model):
         default=7, ge=0, description="Unscripted streams: every Nth segment is unsafe (0 = never)."
     )
     scripts: list[EmulatorScript] = Field(default_factory=list)
+    listen: str = Field(
+        default="127.0.0.1:0",
+        description="host:port it serves both APIs on; port 0 = any free port (see the log).",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        return _check_host_port(v)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
 
 
 class AlertSink(_Model):

@@ -27,7 +27,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from streamwatch.config import EmulatorScript
+from streamwatch.config import EmulatorScript, local_url
 from streamwatch.emulator.videos import BATCH_PREFIX, VideoLibrary
 from streamwatch.listen import bind
 from streamwatch.pricing import segment_cost_ticks
@@ -167,12 +167,12 @@ class Emulator:
     @property
     def base_url(self) -> str:
         """What to put in `[mavi] base_url`."""
-        return f"http://{self.host}:{self.port}{API_PREFIX}"
+        return f"{local_url(self.host, self.port or 0)}{API_PREFIX}"
 
     @property
     def batch_url(self) -> str:
-        """The base URL of the emulated v1 batch video API."""
-        return f"http://{self.host}:{self.port}{BATCH_PREFIX}"
+        """The base URL of the emulated v1 batch video API: `[mavi] batch_base_url`."""
+        return f"{local_url(self.host, self.port or 0)}{BATCH_PREFIX}"
 
     @contextlib.asynccontextmanager
     async def running(self, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Emulator]:
@@ -182,7 +182,13 @@ class Emulator:
         await runner.setup()
         self.port = await bind(runner, host, port, what="the emulator")
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        log.info("emulator.listening", host=host, port=self.port)
+        log.info(
+            "emulator.listening",
+            host=host,
+            port=self.port,
+            base_url=self.base_url,
+            batch_base_url=self.batch_url,
+        )
         try:
             yield self
         finally:
