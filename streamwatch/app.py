@@ -155,10 +155,11 @@ class App:
                 clock=self._clock,
             )
             await self.supervisor.load(cfg.streams)
+            # The archive fetches clip URLs from callbacks on its own guarded pool, so slow
+            # or hostile clip hosts never hold the connections MAVI's API needs.
             self.evidence = Evidence(
                 config=cfg.evidence,
                 store=self.store,
-                session=session,
                 videos=VideoClient(
                     session=session,
                     base_url=self.emulator.batch_url if self.emulator else cfg.mavi.batch_base_url,
@@ -168,8 +169,9 @@ class App:
                 if cfg.evidence.upload
                 else None,
                 clock=self._clock,
+                trusted_prefixes=[self.emulator.clips_url + "/"] if self.emulator else [],
             )
-            stack.push_async_callback(self.evidence.settle)
+            await stack.enter_async_context(self.evidence.running())
             if cfg.alerts.rules:
                 outbox = Outbox(
                     store=self.store,

@@ -32,6 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from streamwatch.egress import parse_allow_entry
+
 __all__ = [
     "AlertRule",
     "AlertSink",
@@ -521,8 +523,31 @@ class EvidenceConfig(_Model):
     retention_days: float = Field(default=30, gt=0, description="Delete clips older than this.")
     max_bytes: int = Field(default=10 * 1024**3, ge=1, description="Keep the archive under this.")
     max_clip_bytes: int = Field(default=512 * 1024**2, ge=1, description="Refuse larger clips.")
-    download_timeout_seconds: float = Field(default=120, gt=0)
+    download_timeout_seconds: float = Field(
+        default=120, gt=0, description="Per clip, redirects included; older .part files are stale."
+    )
     upload: bool = Field(default=False, description="Also upload each clip to the MAVI library.")
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names, addresses or CIDR networks clips may come from although they"
+        " are internal (loopback, private, link-local); everything public is allowed anyway.",
+    )
+    max_downloads: int = Field(
+        default=4, ge=1, le=256, description="Clips downloaded (and uploaded) at once."
+    )
+    max_downloads_per_host: int = Field(
+        default=4, ge=1, le=256, description="Connections to one clip host at once."
+    )
+    max_queued_downloads: int = Field(
+        default=1000, ge=1, description="Captures waiting for a slot; beyond it, refused."
+    )
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _allow_entries(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_allow_entry(entry)  # raises ValueError with a hint
+        return v
 
 
 class MetricsConfig(_Model):

@@ -347,7 +347,9 @@ class Emulator:
 
     # -- test and demo controls ---------------------------------------------------------------
 
-    def _clips_base(self) -> str:
+    @property
+    def clips_url(self) -> str:
+        """Where the emulator serves segment clips (`video_url` points under it)."""
         return f"http://{self.host}:{self.port}/_emulator/clips"
 
     async def _clip(self, request: web.Request) -> web.Response:
@@ -444,7 +446,7 @@ class Emulator:
                     self._end(task, 402)
                     return
                 self._charge(task, "segment")
-                payload = _segment(task, index, outcome, self.segment_seconds, self._clips_base())
+                payload = _segment(task, index, outcome, self.segment_seconds, self.clips_url)
                 task.segments_sent += 1
                 if reorder and held is None:
                     held = (payload, index)
