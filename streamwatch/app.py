@@ -143,7 +143,9 @@ class App:
             base_url, api_key = cfg.mavi.base_url, self.secrets.api_key
             if cfg.mavi.backend == "emulator":
                 self.emulator = self._build_emulator()
-                await stack.enter_async_context(self.emulator.running())
+                await stack.enter_async_context(
+                    self.emulator.running(host=cfg.emulator.host, port=cfg.emulator.port)
+                )
                 base_url = self.emulator.base_url
                 api_key = SecretStr(self.emulator.api_key or "emulator")
             assert api_key is not None, "resolve_secrets requires a key with backend = mavi"
@@ -169,10 +171,11 @@ class App:
                 redact=self.redactor,
             )
             await self.supervisor.load(cfg.streams)
+            # The archive fetches clip URLs from callbacks on its own guarded pool, so slow
+            # or hostile clip hosts never hold the connections MAVI's API needs.
             self.evidence = Evidence(
                 config=cfg.evidence,
                 store=self.store,
-                session=session,
                 videos=VideoClient(
                     session=session,
                     base_url=self.emulator.batch_url if self.emulator else cfg.mavi.batch_base_url,
@@ -182,8 +185,9 @@ class App:
                 if cfg.evidence.upload
                 else None,
                 clock=self._clock,
+                trusted_prefixes=[self.emulator.clips_url + "/"] if self.emulator else [],
             )
-            stack.push_async_callback(self.evidence.settle)
+            await stack.enter_async_context(self.evidence.running())
             if cfg.alerts.rules:
                 outbox = Outbox(
                     store=self.store,

@@ -1,5 +1,5 @@
 """The `streamwatch` command. Verbs (stable; see README): run, check-config, status, resume,
-cost, alerts, video, callback-url, backup, emulator."""
+cost, alerts, video, callback-url, backup, probe, emulator."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import structlog
 from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
-from streamwatch import __version__, videocmd
+from streamwatch import __version__, probecmd, videocmd
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.config import (
     Config,
@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backup", help="copy the state file safely, even while the daemon runs")
     with_config(p)
     p.add_argument("dest", type=Path, help="the backup file, or a folder for a dated one")
+    probecmd.add_parser(sub, with_config)
     p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
     p.add_argument("--listen", default="127.0.0.1:9400", help="host:port (default %(default)s)")
     p.add_argument("--webhook", help="the account's callback URL")
@@ -654,6 +655,10 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_probe(args: argparse.Namespace) -> int:
+    return probecmd.run(args)
+
+
 def _cmd_emulator(args: argparse.Namespace) -> int:
     from streamwatch.emulator import Emulator, Script
     from streamwatch.pricing import usd_to_ticks
@@ -688,7 +693,10 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
 
     async def serve() -> None:
         async with emulator.running(host=host, port=int(port)):
+            # Both APIs, as the [mavi] keys that take them; a program reads these lines to learn
+            # the port (--listen with port 0 picks a free one).
             print(f"MAVI emulator: base_url = {emulator.base_url}", flush=True)
+            print(f"MAVI emulator: batch_base_url = {emulator.batch_url}", flush=True)
             await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):

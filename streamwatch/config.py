@@ -32,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from streamwatch.egress import parse_allow_entry
 from streamwatch.redact import MIN_SECRET_LENGTH, looks_secret, redact_urls, url_secrets
 
 __all__ = [
@@ -431,6 +432,11 @@ class EmulatorScript(_Model):
     )
     duplicate: bool = Field(default=False, description="Deliver every callback twice.")
     reorder: bool = Field(default=False, description="Swap each pair of segment callbacks.")
+    follow_source: bool = Field(
+        default=False,
+        description="Probe the URL (ffprobe) while the task runs: no segment before the source "
+        "is seen, and the task ends with status 15 once it is gone.",
+    )
 
     @field_validator("outcomes")
     @classmethod
@@ -457,6 +463,23 @@ class EmulatorConfig(_Model):
         default=7, ge=0, description="Unscripted streams: every Nth segment is unsafe (0 = never)."
     )
     scripts: list[EmulatorScript] = Field(default_factory=list)
+    listen: str = Field(
+        default="127.0.0.1:0",
+        description="host:port it serves both APIs on; port 0 = any free port (see the log).",
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        return _check_host_port(v)
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
 
 
 class AlertSink(_Model):
@@ -532,8 +555,31 @@ class EvidenceConfig(_Model):
     retention_days: float = Field(default=30, gt=0, description="Delete clips older than this.")
     max_bytes: int = Field(default=10 * 1024**3, ge=1, description="Keep the archive under this.")
     max_clip_bytes: int = Field(default=512 * 1024**2, ge=1, description="Refuse larger clips.")
-    download_timeout_seconds: float = Field(default=120, gt=0)
+    download_timeout_seconds: float = Field(
+        default=120, gt=0, description="Per clip, redirects included; older .part files are stale."
+    )
     upload: bool = Field(default=False, description="Also upload each clip to the MAVI library.")
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names, addresses or CIDR networks clips may come from although they"
+        " are internal (loopback, private, link-local); everything public is allowed anyway.",
+    )
+    max_downloads: int = Field(
+        default=4, ge=1, le=256, description="Clips downloaded (and uploaded) at once."
+    )
+    max_downloads_per_host: int = Field(
+        default=4, ge=1, le=256, description="Connections to one clip host at once."
+    )
+    max_queued_downloads: int = Field(
+        default=1000, ge=1, description="Captures waiting for a slot; beyond it, refused."
+    )
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _allow_entries(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            parse_allow_entry(entry)  # raises ValueError with a hint
+        return v
 
 
 class MetricsConfig(_Model):

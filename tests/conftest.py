@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import stamina
@@ -27,6 +27,9 @@ from streamwatch.config import Config, parse_config
 from streamwatch.emulator import Emulator
 from streamwatch.store import EventRow, Store
 from streamwatch.supervisor import StreamState, Supervisor
+
+if TYPE_CHECKING:
+    from tests.media import LiveSources
 
 SECRET = "test-callback-secret-0123456789"
 API_KEY = "sk-mai-test-key"
@@ -239,7 +242,11 @@ def tool(name: str, *alternatives: str) -> str:
         found = shutil.which(candidate) or shutil.which(candidate, path=here)
         if found:
             return found
-    why = f"{name} is not installed"
+    missing(f"{name} is not installed")
+
+
+def missing(why: str) -> NoReturn:
+    """Skip the test for want of an external tool, or fail it under STREAMWATCH_REQUIRE_TOOLS=1."""
     if os.environ.get("STREAMWATCH_REQUIRE_TOOLS") == "1":
         pytest.fail(f"{why} (STREAMWATCH_REQUIRE_TOOLS=1)")
     pytest.skip(why)
@@ -279,3 +286,12 @@ async def until(emulator: Emulator, predicate: Callable[[], bool], within: float
     """Wait for a condition on the emulator's own records."""
     async with asyncio.timeout(within):
         await emulator.wait_until(predicate)
+
+
+@pytest.fixture
+async def live_sources(tmp_path: Path) -> AsyncIterator[LiveSources]:
+    """Live RTMP/RTSP sources on real servers, started and stopped on demand (tests/media.py)."""
+    from tests.media import LiveSources
+
+    async with LiveSources(tmp_path / "live") as sources:
+        yield sources

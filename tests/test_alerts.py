@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pydantic import SecretStr
 
 from streamwatch.alerts import AlertEvent, Router
 from streamwatch.alerts.outbox import Alerts, Outbox
-from streamwatch.alerts.sinks import HttpSink
+from streamwatch.alerts.sinks import HttpSink, safe_link
 from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
 from streamwatch.alerts.sinks.teams import TeamsSink
@@ -312,3 +313,205 @@ def test_apprise_rejects_urls_it_does_not_know():
 
     with pytest.raises(ValueError, match="does not understand"):
         AppriseSink(name="x", url=SecretStr("nosuchscheme://whatever"))
+
+
+# -- hostile text, links, sizes -------------------------------------------------------------------
+
+HOSTILE = (
+    "<!channel> <!here> <!everyone> <@U024BE7LH> <#C024BE7LR> <https://evil.test|your bank>"
+    " @everyone @here [click](https://evil.test) [js](javascript:alert(1)) **bold** _it_"
+    " {{DATE(2017-02-14T06:00:00Z)}} & done\n- item\n1. item"
+)
+
+
+def strings(doc: Any) -> list[str]:
+    """Every string in a JSON document."""
+    if isinstance(doc, str):
+        return [doc]
+    if isinstance(doc, dict):
+        return [s for v in doc.values() for s in strings(v)]
+    if isinstance(doc, list):
+        return [s for v in doc for s in strings(v)]
+    return []
+
+
+async def test_hostile_text_is_shown_not_obeyed(rig):
+    """Logo names and texts from callbacks cannot mention, link or format in chat: Slack gets
+    &, <, > escaped everywhere, Discord allows no mentions and escapes markdown, Teams escapes
+    card markdown; a javascript: clip URL gives no button; the webhook carries the raw text."""
+    rig.alerts.emit(
+        event(
+            title=f"Logo on lobby: {HOSTILE}",
+            text=HOSTILE,
+            logos=(HOSTILE, "<!subteam^S123>"),
+            labels={"site": "<!here>"},
+            clip_url="javascript:alert(1)",
+        )
+    )
+    await delivered(rig)
+    assert rig.fakes.invalid == []
+    slack = rig.fakes.received["slack"][0]["doc"]
+    for text in strings(slack):
+        assert "<" not in text, text
+        assert ">" not in text, text
+    assert any("&lt;!channel&gt;" in t for t in strings(slack))
+    assert any("&lt;https://evil.test|your bank&gt;" in t for t in strings(slack))
+    assert not [b for b in slack["blocks"] if b["type"] == "actions"]
+
+    discord = rig.fakes.received["discord"][0]["doc"]
+    assert discord["allowed_mentions"] == {"parse": []}
+    embed = discord["embeds"][0]
+    assert "url" not in embed
+    for text in [embed["title"], embed["description"], *(f["value"] for f in embed["fields"])]:
+        assert "@everyone" not in text.replace("\\@everyone", "")
+        assert "[click](" not in text
+        assert "**bold**" not in text
+        assert "<@" not in text
+    assert "\\[click\\]\\(https\\://evil.test\\)" in embed["description"]
+
+    card = rig.fakes.received["teams"][0]["doc"]["attachments"][0]["content"]
+    assert "actions" not in card
+    for text in strings(card["body"]):
+        assert "[click](" not in text
+        assert "**bold**" not in text
+        assert "{{DATE(" not in text
+        assert "\n- item" not in text
+    assert any("\\[click\\]\\(https://evil.test\\)" in t for t in strings(card["body"]))
+
+    hook = rig.fakes.received["webhook"][0]["doc"]["data"]["alerts"][0]
+    assert hook["text"] == HOSTILE
+    assert hook["clip_url"] is None
+
+
+async def test_links_are_http_only_and_carry_no_credentials(rig):
+    """A clip link keeps to http(s) and loses any user:password before it reaches a chat."""
+    rig.alerts.emit(event(clip_url="https://user:s3cret@cdn.test/12.mp4?sig=abc"))
+    await delivered(rig)
+    slack = rig.fakes.received["slack"][0]["doc"]
+    button = next(b for b in slack["blocks"] if b["type"] == "actions")["elements"][0]
+    assert button["url"] == "https://cdn.test/12.mp4?sig=abc"
+    assert rig.fakes.received["discord"][0]["doc"]["embeds"][0]["url"] == button["url"]
+    card = rig.fakes.received["teams"][0]["doc"]["attachments"][0]["content"]
+    assert card["actions"][0]["url"] == button["url"]
+    assert (
+        rig.fakes.received["webhook"][0]["doc"]["data"]["alerts"][0]["clip_url"] == (button["url"])
+    )
+    for service in ("slack", "discord", "teams", "webhook"):
+        assert "s3cret" not in json.dumps(rig.fakes.received[service][0]["doc"])
+
+
+def burst(rig: Rig, n: int, **fields: Any) -> None:
+    """Emit `n` alerts that fold into one group per sink."""
+    rig.alerts.router = Router([rule(name="all", sinks=list(rig.sinks), group_seconds=0.3)])
+    for i in range(n):
+        rig.alerts.emit(event(stream=f"cam-{i}", **fields))
+
+
+async def states(rig: Rig) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for row in await rig.store.recent_alerts(limit=1000):
+        out.setdefault(row.sink, []).append(row.state)
+    return out
+
+
+async def until_final(rig: Rig, sink: str, n: int) -> list[str]:
+    """The states of `sink`'s alerts once `n` of them are delivered or dead."""
+    async with asyncio.timeout(10):
+        while True:
+            changed = rig.fakes.changed
+            await rig.alerts.settle()
+            found = (await states(rig)).get(sink, [])
+            if len([s for s in found if s != "pending"]) >= n:
+                return found
+            await changed.wait()
+
+
+async def test_one_huge_alert_does_not_sink_its_group(rig):
+    """Every field is cut to its documented limit before sending, so one enormous alert in a
+    group of small ones still goes out with the rest (the receiver takes 64 KB)."""
+    rig.fakes.max_body["webhook"] = 64_000
+    burst(rig, 40)
+    rig.alerts.emit(
+        event(
+            stream="cam-huge",
+            title="T" * 100_000,
+            text="x" * 1_000_000,
+            logos=tuple(f"logo-{i}-" + "n" * 5000 for i in range(500)),
+            labels={f"k{i}": "v" * 5000 for i in range(200)},
+            clip_url="https://cdn.test/" + "p" * 10_000,
+        )
+    )
+    assert set(await until_final(rig, "hook", 41)) == {"delivered"}
+    assert rig.fakes.invalid == []
+    (message,) = rig.fakes.received["webhook"]
+    sent = message["doc"]["data"]["alerts"]
+    assert len(sent) == 41
+    huge = next(a for a in sent if a["stream"] == "cam-huge")
+    assert len(huge["title"]) == 300
+    assert len(huge["text"]) == 4000
+    assert len(huge["logos"]) == 30
+    assert max(len(n) for n in huge["logos"]) == 200
+    assert len(huge["labels"]) == 30
+    assert huge["clip_url"] is None, "a link longer than 2,000 characters is dropped, not cut"
+
+
+async def test_a_group_refused_as_too_large_is_split_and_all_delivered(rig):
+    """A 413 for the whole group makes the sink send halves until each fits; every alert
+    arrives once, each message is signed and under the receiver's limit."""
+    rig.fakes.max_body["webhook"] = 8_000
+    burst(rig, 40, text="y" * 400)
+    assert set(await until_final(rig, "hook", 40)) == {"delivered"}
+    assert rig.fakes.invalid == []
+    ids = [a["id"] for m in rig.fakes.received["webhook"] for a in m["doc"]["data"]["alerts"]]
+    assert len(ids) == len(set(ids)) == 40
+    assert len(rig.fakes.received["webhook"]) > 1
+
+
+async def test_an_alert_too_large_even_cut_short_is_dead_alone(rig):
+    """When one alert does not fit even cut to the hard limits, it alone is dead-lettered;
+    the rest of its group is delivered."""
+    rig.fakes.max_body["webhook"] = 1_500
+    burst(rig, 6)
+    rig.alerts.emit(event(stream="cam-big", labels={f"key{i:02}": "v" * 300 for i in range(30)}))
+    await until_final(rig, "hook", 7)
+    rows = [r for r in await rig.store.recent_alerts(limit=100) if r.sink == "hook"]
+    dead = [r for r in rows if r.state == "dead"]
+    assert len(dead) == 1
+    assert dead[0].event["stream"] == "cam-big"
+    assert dead[0].last_error is not None
+    assert dead[0].last_error.startswith("too large even cut short")
+    assert sorted(r.state for r in rows) == ["dead"] + ["delivered"] * 6
+
+
+async def test_slack_groups_over_its_size_are_split_before_sending(rig):
+    """A Slack group whose message would pass Slack's practical size limit is sent in parts
+    that each pass, instead of being refused with msg_blocks_too_long."""
+    burst(rig, 10, logos=tuple(f"brand-{i}-" + "z" * 190 for i in range(30)), text="t" * 900)
+    assert set(await until_final(rig, "slack", 10)) == {"delivered"}
+    assert rig.fakes.invalid == []
+    assert len(rig.fakes.received["slack"]) > 1
+
+
+@pytest.mark.parametrize(
+    ("url", "link"),
+    [
+        ("https://cdn.test/a.mp4", "https://cdn.test/a.mp4"),
+        ("http://cdn.test/a.mp4?x=1", "http://cdn.test/a.mp4?x=1"),
+        ("https://u:p@cdn.test/a", "https://cdn.test/a"),
+        ("javascript:alert(1)", None),
+        ("JavaScript:alert(1)", None),
+        ("data:text/html,<script>", None),
+        ("vbscript:x", None),
+        ("ftp://cdn.test/a", None),
+        ("//cdn.test/a", None),
+        ("https://cdn.test/a b", None),
+        ("https://cdn.test/a>", None),
+        ("https://cdn.test/" + "p" * 2000, None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_only_http_links_reach_a_chat(url, link):
+    """A clip link is kept only as an absolute http(s) URL without credentials, whitespace or
+    angle brackets, and not cut (a cut link would point elsewhere)."""
+    assert safe_link(url) == link

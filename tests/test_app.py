@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from pymavi import MaviClient
+from structlog.testing import capture_logs
+
 from streamwatch.app import App
 from streamwatch.config import parse_config
 from streamwatch.store import Store
-from tests.conftest import stream_toml
+from tests.conftest import free_port, stream_toml
 
 
 def builtin_config(db: Path) -> str:
@@ -57,6 +60,33 @@ async def test_builtin_emulator_runs_and_stops_its_tasks_on_shutdown(tmp_path: P
     assert len(tasks) == 2
     assert all(t.ended_at is not None for t in tasks)
     assert "task_adopted" not in kinds
+
+
+async def test_builtin_emulator_listens_where_configured(tmp_path: Path):
+    """`[emulator] listen` puts the built-in emulator on a known port, so a program (here the
+    vendor's SDK) reaches its batch API while the daemon runs; the startup log names both URLs."""
+    port = free_port()
+    text = builtin_config(tmp_path / "s.db") + f'[emulator]\nlisten = "127.0.0.1:{port}"\n'
+    app = App(parse_config(text, environ={}), environ={})
+    with capture_logs() as logs:
+        serving = asyncio.create_task(app.serve())
+        await app.started.wait()
+    assert app.emulator is not None
+    listening = [e for e in logs if e["event"] == "emulator.listening"]
+    batch = f"http://127.0.0.1:{port}/api/serve/video"
+    assert [(e["base_url"], e["batch_base_url"]) for e in listening] == [
+        (f"http://127.0.0.1:{port}/serve/api/v2", batch)
+    ]
+    sdk = MaviClient("any-key", base_url=batch + "/")
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00" * 1024)
+    try:
+        video_no, _ = await asyncio.to_thread(sdk.upload_video, str(video))
+        await app.emulator.library.settle()
+        assert list(await asyncio.to_thread(sdk.search_video_metadata)) == [video_no]
+    finally:
+        app.request_stop()
+        await serving
 
 
 async def test_segment_retention_prunes_while_the_daemon_runs(daemon):

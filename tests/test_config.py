@@ -38,6 +38,7 @@ def test_minimal_config_takes_defaults():
         ("[mavi]\nbackend = 'cloud'", "mavi.backend", "'mavi' or 'emulator'"),
         ("[mavi]\nbase_url = 'ftp://x'", "mavi.base_url", "http"),
         ("[server]\nlisten = '8080'", "server.listen", "host:port"),
+        ("[emulator]\nlisten = '9400'", "emulator.listen", "host:port"),
         ("[server]\nlistn = 'x'", "server.listn", "unknown key"),
         ("[storage]\nbatch_max = 0", "storage.batch_max", "greater than or equal to 1"),
         (

@@ -11,10 +11,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from streamwatch.config import EmulatorScript
 from streamwatch.emulator import Emulator, Script
 from streamwatch.pricing import segment_cost_ticks
 from tests.conftest import until
 from tests.fakes.serve import serve
+from tests.media import Pattern
 
 KEY = "sk-mai-emu"
 
@@ -201,3 +203,44 @@ async def test_state_endpoint_masks_stream_credentials(emu):
     assert [t["url"] for t in state["tasks"]] == [s["url"] for s in state["starts"]] == [shown]
     assert "RtspSecret987" not in text
     assert "abcdef" not in text
+
+
+async def follow(emu: Emulator, url: str) -> str:
+    """Start a task on `url` scripted (as in a config file) to follow its real source."""
+    emu.balance_ticks = 10**9
+    emu.scripts[url] = Script.from_config(EmulatorScript(url=url, follow_source=True))
+    status, started = await call(emu, "start", {**START, "url": url})
+    assert status == 200
+    task_id: str = started["data"]["task_id"]
+    return task_id
+
+
+async def test_a_task_following_its_source_ends_with_15_when_the_source_stops(
+    emu, receiver, live_sources
+):
+    """With follow_source, a task sends segments while its real RTMP source is live; when the
+    feed stops mid-task, the task ends with status 15 (no video), its last callback."""
+    source = await live_sources.rtmp(Pattern(width=320, height=240, fps=15, audio=False))
+    task = emu.tasks[await follow(emu, source.url)]
+    await until(emu, lambda: task.segments_sent >= 3, within=30)
+    assert task.state == "running"
+    await source.stop()
+    await until(emu, lambda: task.state == "ended", within=30)
+    assert task.end_status == 15
+    await until(emu, lambda: all(d.delivered for d in emu.deliveries))
+    assert [d.status for d in emu.deliveries][-1] == 15
+    assert {d.status for d in emu.deliveries[:-1]} == {0}
+
+
+async def test_a_task_whose_source_is_down_at_start_pays_the_precharge_and_ends_with_15(
+    emu, live_sources
+):
+    """A following task whose source is offline when it starts sends no segment: the
+    pre-charge, then status 15 (what a look before starting would have saved)."""
+    source = await live_sources.rtsp(Pattern(width=320, height=240, fps=15, audio=False))
+    await source.stop()  # the server is up, nothing publishes
+    task = emu.tasks[await follow(emu, source.url)]
+    await until(emu, lambda: task.state == "ended", within=30)
+    assert task.end_status == 15
+    assert task.segments_sent == 0
+    assert [c.kind for c in emu.charges if c.task_id == task.task_id] == ["precharge"]

@@ -19,7 +19,7 @@ import structlog
 
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.alerts.rules import Router
-from streamwatch.alerts.sinks import Alert, Sink
+from streamwatch.alerts.sinks import Alert, Delivery, Sink
 from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
 from streamwatch.alerts.sources import from_record, from_segment
 from streamwatch.mavi.callbacks import SegmentReport
@@ -128,19 +128,29 @@ class Outbox:
             alerts = [Alert(r.alert_id, AlertEvent.from_json(r.event)) for r in rows]
             async with self._limits[sink_name]:
                 result = await sink.deliver(alerts)
-            attempts = max(r.attempts for r in rows) + 1
-            if result.ok:
-                await self._settle(sink_name, ids, "delivered")
-            elif result.retry and attempts < sink.max_attempts:
-                delay = max(result.retry_after or 0.0, self._backoff(attempts))
-                await self._settle(
-                    sink_name, ids, "pending", next_at=self._clock() + delay, error=result.detail
-                )
-            else:
-                await self._settle(sink_name, ids, "dead", error=result.detail)
+            # A sink may have split the group (one part too large): settle each part alone.
+            by_id = {r.alert_id: r for r in rows}
+            for part_ids, part in result.outcomes([a.alert_id for a in alerts]):
+                part_rows = [by_id[i] for i in part_ids]
+                await self._conclude(sink_name, sink.max_attempts, part_rows, part)
         finally:
             self._inflight.difference_update(ids)
             self._wake.set()
+
+    async def _conclude(
+        self, sink_name: str, max_attempts: int, rows: list[OutboxRow], result: Delivery
+    ) -> None:
+        ids = [r.id for r in rows]
+        attempts = max(r.attempts for r in rows) + 1
+        if result.ok:
+            await self._settle(sink_name, ids, "delivered")
+        elif result.retry and attempts < max_attempts:
+            delay = max(result.retry_after or 0.0, self._backoff(attempts))
+            await self._settle(
+                sink_name, ids, "pending", next_at=self._clock() + delay, error=result.detail
+            )
+        else:
+            await self._settle(sink_name, ids, "dead", error=result.detail)
 
     async def _settle(
         self,

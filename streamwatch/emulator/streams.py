@@ -27,10 +27,11 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from streamwatch.config import EmulatorScript
+from streamwatch.config import EmulatorScript, local_url
 from streamwatch.emulator.videos import BATCH_PREFIX, VideoLibrary
 from streamwatch.listen import bind
 from streamwatch.pricing import segment_cost_ticks
+from streamwatch.probe import ProbeError, probe
 from streamwatch.redact import redact_url
 from streamwatch.server import close_runner
 
@@ -50,13 +51,14 @@ END_MESSAGES = {
 @dataclass
 class Script:
     """What one stream URL does: per-segment outcomes, then repeat or end; start failures;
-    duplicate and out-of-order delivery."""
+    duplicate and out-of-order delivery; whether its task follows the real source."""
 
     outcomes: list[str] = field(default_factory=lambda: ["safe"])
     then: str = "repeat"
     start_failures: list[int] = field(default_factory=list)
     duplicate: bool = False
     reorder: bool = False
+    follow_source: bool = False
 
     @classmethod
     def from_config(cls, script: EmulatorScript) -> Script:
@@ -66,6 +68,7 @@ class Script:
             start_failures=list(script.start_failures),
             duplicate=script.duplicate,
             reorder=script.reorder,
+            follow_source=script.follow_source,
         )
 
 
@@ -136,6 +139,8 @@ class Emulator:
         redelivery_initial_seconds: float = 1.0,
         string_codes: bool = False,
         seed: int = 0,
+        source_check_seconds: float | None = None,
+        source_timeout_seconds: float = 10.0,
     ) -> None:
         self.segment_seconds = segment_seconds
         self.balance_ticks = balance_ticks
@@ -147,6 +152,10 @@ class Emulator:
         self.redelivery_attempts = redelivery_attempts
         self.redelivery_initial = redelivery_initial_seconds
         self.string_codes = string_codes
+        # Scripts with follow_source: probe the source this often (default: once a segment),
+        # each probe within this long.
+        self.source_check_seconds = source_check_seconds or segment_seconds
+        self.source_timeout_seconds = source_timeout_seconds
         self.tasks: dict[str, EmuTask] = {}
         self.charges: list[Charge] = []
         self.starts: list[StartRecord] = []
@@ -155,6 +164,7 @@ class Emulator:
         self._rng = random.Random(seed)
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._senders: set[asyncio.Task[None]] = set()
+        self._followers: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._start_failures_used: dict[str, int] = {}
         self._changed = asyncio.Event()
@@ -168,12 +178,12 @@ class Emulator:
     @property
     def base_url(self) -> str:
         """What to put in `[mavi] base_url`."""
-        return f"http://{self.host}:{self.port}{API_PREFIX}"
+        return f"{local_url(self.host, self.port or 0)}{API_PREFIX}"
 
     @property
     def batch_url(self) -> str:
-        """The base URL of the emulated v1 batch video API."""
-        return f"http://{self.host}:{self.port}{BATCH_PREFIX}"
+        """The base URL of the emulated v1 batch video API: `[mavi] batch_base_url`."""
+        return f"{local_url(self.host, self.port or 0)}{BATCH_PREFIX}"
 
     @contextlib.asynccontextmanager
     async def running(self, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[Emulator]:
@@ -183,13 +193,20 @@ class Emulator:
         await runner.setup()
         self.port = await bind(runner, host, port, what="the emulator")
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        log.info("emulator.listening", host=host, port=self.port)
+        log.info(
+            "emulator.listening",
+            host=host,
+            port=self.port,
+            base_url=self.base_url,
+            batch_base_url=self.batch_url,
+        )
         try:
             yield self
         finally:
-            for task in [*self._loops.values(), *self._senders]:
+            running = [*self._loops.values(), *self._followers, *self._senders]
+            for task in running:
                 task.cancel()
-            await asyncio.gather(*self._loops.values(), *self._senders, return_exceptions=True)
+            await asyncio.gather(*running, return_exceptions=True)
             await self.library.close()
             await close_runner(runner)
             await self._session.close()
@@ -333,7 +350,9 @@ class Emulator:
 
     # -- test and demo controls ---------------------------------------------------------------
 
-    def _clips_base(self) -> str:
+    @property
+    def clips_url(self) -> str:
+        """Where the emulator serves segment clips (`video_url` points under it)."""
         return f"http://{self.host}:{self.port}/_emulator/clips"
 
     async def _clip(self, request: web.Request) -> web.Response:
@@ -397,7 +416,16 @@ class Emulator:
                 held = None
 
         index = 0
+        follower: asyncio.Task[None] | None = None
         try:
+            if script is not None and script.follow_source:
+                seen = asyncio.Event()
+                follower = asyncio.create_task(
+                    self._follow_source(task, seen, asyncio.current_task())
+                )
+                self._followers.add(follower)
+                follower.add_done_callback(self._followers.discard)
+                await seen.wait()  # MAVI has nothing to process before the video arrives
             while task.state == "running":
                 await asyncio.sleep(self.segment_seconds)
                 if task.state != "running":
@@ -421,7 +449,7 @@ class Emulator:
                     self._end(task, 402)
                     return
                 self._charge(task, "segment")
-                payload = _segment(task, index, outcome, self.segment_seconds, self._clips_base())
+                payload = _segment(task, index, outcome, self.segment_seconds, self.clips_url)
                 task.segments_sent += 1
                 if reorder and held is None:
                     held = (payload, index)
@@ -433,6 +461,26 @@ class Emulator:
             # A held segment was processed and charged: deliver it even when the task was
             # stopped meanwhile.
             release()
+            if follower is not None:
+                follower.cancel()
+
+    async def _follow_source(
+        self, task: EmuTask, seen: asyncio.Event, segments: asyncio.Task[Any] | None
+    ) -> None:
+        """Probe the task's source until it is gone, then end the task with 15 (no video), as
+        MAVI does when a stream it reads stops. The first probe that finds media lets
+        segments begin."""
+        while task.state == "running":
+            try:
+                await probe(task.url, timeout=self.source_timeout_seconds)
+            except ProbeError as exc:
+                log.info("emulator.source_gone", task_id=task.task_id, reason=exc.kind)
+                self._end(task, 15)
+                if segments is not None:
+                    segments.cancel()
+                return
+            seen.set()
+            await asyncio.sleep(self.source_check_seconds)
 
     def _end(self, task: EmuTask, status: int) -> None:
         if task.state != "running":

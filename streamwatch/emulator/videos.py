@@ -1,6 +1,8 @@
 """The emulator's MAVI v1 batch video API, under ``/api/serve/video``: every answer is HTTP 200
-with a string `code` (`0000` success), as MAVI's own. Uploads are counted and hashed while they
-stream in, never kept; videos become `PARSE` after `parse_seconds`, and the upload callback is
+with a string `code` (`0000` success), as MAVI's own, and every `data` has exactly the fields and
+JSON types of the vendor's response examples (`LibraryVideo.wire()`, `clip_wire()`). Uploads are
+counted and hashed while they stream in, never kept or decoded (so every video lasts
+`DURATION_SECONDS`); videos become `PARSE` after `parse_seconds`, and the upload callback is
 posted if one was given. Per-minute limits answer `0429`; `busy_next` forces that for tests.
 """
 
@@ -18,9 +20,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-__all__ = ["BATCH_PREFIX", "LibraryVideo", "VideoLibrary"]
+__all__ = ["BATCH_PREFIX", "DURATION_SECONDS", "LibraryVideo", "VideoLibrary"]
 
 BATCH_PREFIX = "/api/serve/video"
+# Uploads are never decoded, so the emulator cannot know a video's length: it says this.
+DURATION_SECONDS = 30
 LIMITS = {
     "upload": 10,
     "searchDB": 200,
@@ -42,11 +46,22 @@ class LibraryVideo:
     status: str = "UNPARSE"
 
     def wire(self) -> dict[str, Any]:
+        """The video as upload, searchDB and searchAI show it: four strings."""
         return {
             "videoNo": self.video_no,
             "videoName": self.name,
             "videoStatus": self.status,
             "uploadTime": str(self.upload_ms),
+        }
+
+    def clip_wire(self, start_s: int, end_s: int) -> dict[str, Any]:
+        """One searchVideoFragment hit: the video's fields, its duration and the clip's bounds,
+        all strings of whole seconds."""
+        return {
+            **self.wire(),
+            "duration": str(DURATION_SECONDS),
+            "fragmentStartTime": str(start_s),
+            "fragmentEndTime": str(end_s),
         }
 
 
@@ -100,7 +115,12 @@ class VideoLibrary:
 
     @staticmethod
     def _answer(code: str, data: Any = None, msg: str = "success") -> web.Response:
-        return web.json_response({"code": code, "msg": msg, "data": data})
+        """`{"code", "msg", "data"}`; without `data` when there is none, as MAVI documents for
+        delete (`{"code", "msg"}`)."""
+        doc: dict[str, Any] = {"code": code, "msg": msg}
+        if data is not None:
+            doc["data"] = data
+        return web.json_response(doc)
 
     def _gate(self, request: web.Request, endpoint: str) -> web.Response | None:
         self.calls.append(endpoint)
@@ -224,16 +244,7 @@ class VideoLibrary:
             return self._answer("0001", msg="videoNos and searchValue are required")
         if len(nos) > 50:
             return self._answer("0003", msg="at most 50 videos per call")
-        clips = [
-            {
-                "videoNo": n,
-                "videoName": self.videos[n].name,
-                "fragmentStartTime": "5",
-                "fragmentEndTime": "10",
-            }
-            for n in nos
-            if n in self.videos
-        ]
+        clips = [self.videos[n].clip_wire(5, 10) for n in nos if n in self.videos]
         return self._answer("0000", {"videos": clips})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from slack_sdk.errors import SlackObjectFormationError
+from slack_sdk.models.blocks import Block
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 
@@ -23,6 +25,11 @@ class Answer:
 def slack_problems(doc: dict[str, Any], raw: bytes) -> list[str]:
     problems = []
     blocks = doc.get("blocks", [])
+    try:  # Slack's own SDK knows every block's field limits
+        for block in Block.parse_all(blocks):
+            block.validate_json()
+    except SlackObjectFormationError as exc:
+        problems.append(f"invalid_blocks: {exc}")
     if len(blocks) > 50:
         problems.append("more than 50 blocks")
     if len(raw) > 13_000:
@@ -90,6 +97,7 @@ class ChatFakes:
         self.received: dict[str, list[dict[str, Any]]] = {s: [] for s in services}
         self.attempts: dict[str, int] = dict.fromkeys(services, 0)
         self.invalid: list[str] = []
+        self.max_body: dict[str, int] = {}  # a bigger body gets 413, as from a real receiver
         self._verifier = Webhook(webhook_secret)
         self.changed = asyncio.Event()
         self.app = web.Application()
@@ -103,6 +111,8 @@ class ChatFakes:
             answer = self.script[service].pop(0) if self.script[service] else Answer()
             if answer.delay:
                 await asyncio.sleep(answer.delay)
+            if len(raw) > self.max_body.get(service, len(raw)):
+                return web.json_response({"error": "request entity too large"}, status=413)
             doc = json.loads(raw)
             if service == "slack":
                 problems = slack_problems(doc, raw)

@@ -1,19 +1,40 @@
-"""Alert sinks: one module per service, sharing the HTTP delivery and its answer handling."""
+"""Alert sinks: one module per service, sharing the HTTP delivery and its answer handling.
+
+Every alert is cut to `LIMITS` (`clamp`) before a sink formats it, so no field can make a
+message too large by itself; each sink then escapes the text for its service in one place
+(`escape_event`) and links only to http(s) URLs (`safe_link`). A group the service refuses as
+too large (or that is over the sink's own `max_body`) is split in halves and each half sent;
+a single alert still too large is cut harder (`HARD_LIMITS`) and, if refused again,
+dead-lettered alone: `Delivery.parts` says how each part went.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Protocol
 
 import aiohttp
 from pydantic import SecretStr
+from yarl import URL
 
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.mavi.streams import parse_retry_after
 
-__all__ = ["Alert", "Delivery", "HttpSink", "Sink", "truncate"]
+__all__ = [
+    "HARD_LIMITS",
+    "LIMITS",
+    "Alert",
+    "Delivery",
+    "HttpSink",
+    "Limits",
+    "Sink",
+    "clamp",
+    "escape_event",
+    "safe_link",
+    "truncate",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +47,39 @@ class Alert:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """How one delivery attempt went. Not `ok` and not `retry` means: give up (dead letter)."""
+    """How one delivery attempt went. Not `ok` and not `retry` means: give up (dead letter).
+
+    When the sink had to split the group, `parts` holds each part's alert ids and outcome, and
+    the fields above summarise them."""
 
     ok: bool
     retry: bool = False
     retry_after: float | None = None
     detail: str = ""
+    too_large: bool = False
+    parts: tuple[tuple[tuple[str, ...], Delivery], ...] = ()
+
+    def outcomes(self, alert_ids: Sequence[str]) -> list[tuple[tuple[str, ...], Delivery]]:
+        """(alert ids, outcome) for every part of the group `alert_ids` was sent as."""
+        return list(self.parts) if self.parts else [(tuple(alert_ids), self)]
+
+    @staticmethod
+    def split(parts: Sequence[tuple[Sequence[str], Delivery]]) -> Delivery:
+        """One outcome for a group sent as several messages."""
+        leaves = tuple(
+            leaf for ids, result in parts for leaf in (result.parts or ((tuple(ids), result),))
+        )
+        sent = sum(1 for _, r in leaves if r.ok)
+        waits = [r.retry_after for _, r in leaves if r.retry_after is not None]
+        failed = [r.detail for _, r in leaves if not r.ok]
+        return Delivery(
+            ok=not failed,
+            retry=any(r.retry for _, r in leaves),
+            retry_after=max(waits) if waits else None,
+            detail=f"split into {len(leaves)} messages, {sent} accepted"
+            + (f"; {failed[0]}" if failed else ""),
+            parts=leaves,
+        )
 
 
 class Sink(Protocol):
@@ -49,11 +97,110 @@ def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(0, limit - 1)] + "…"
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The most of each alert field any sink is given (characters; counts for lists)."""
+
+    title: int
+    text: int
+    stream: int
+    task_id: int
+    label_key: int
+    label_value: int
+    labels: int
+    logo: int
+    logos: int
+    evidence: int
+    link: int
+
+
+LIMITS = Limits(
+    title=300,
+    text=4000,
+    stream=200,
+    task_id=200,
+    label_key=100,
+    label_value=300,
+    labels=30,
+    logo=200,
+    logos=30,
+    evidence=1000,
+    link=2000,
+)
+# For a single alert its service refused as too large even so.
+HARD_LIMITS = Limits(
+    title=150,
+    text=500,
+    stream=100,
+    task_id=100,
+    label_key=50,
+    label_value=100,
+    labels=10,
+    logo=100,
+    logos=10,
+    evidence=300,
+    link=1000,
+)
+
+
+def safe_link(url: str | None, limit: int = LIMITS.link) -> str | None:
+    """`url` as a link a chat message may carry: absolute http(s) with a host, user info
+    removed, at most `limit` characters; None for anything else (javascript:, data:, …)."""
+    if not url:
+        return None
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return None
+    if parsed.scheme not in ("http", "https") or not parsed.absolute or not parsed.host:
+        return None
+    if any(c.isspace() or c in '<>"' for c in url):
+        return None
+    shown = str(parsed.with_user(None)) if parsed.user or parsed.password else url
+    return shown if len(shown) <= limit else None
+
+
+def clamp(event: AlertEvent, limits: Limits = LIMITS) -> AlertEvent:
+    """`event` with every field within `limits`, and its clip link only if it is safe."""
+    labels = {
+        truncate(k, limits.label_key): truncate(v, limits.label_value)
+        for k, v in list(event.labels.items())[: limits.labels]
+    }
+    return replace(
+        event,
+        title=truncate(event.title, limits.title),
+        text=truncate(event.text, limits.text),
+        stream=None if event.stream is None else truncate(event.stream, limits.stream),
+        task_id=None if event.task_id is None else truncate(event.task_id, limits.task_id),
+        labels=labels,
+        logos=tuple(truncate(n, limits.logo) for n in event.logos[: limits.logos]),
+        evidence=None if event.evidence is None else truncate(event.evidence, limits.evidence),
+        clip_url=safe_link(event.clip_url, limits.link),
+    )
+
+
+def escape_event(event: AlertEvent, escape: Callable[[str], str]) -> AlertEvent:
+    """`event` with every free text a message shows passed through a service's `escape`."""
+    return replace(
+        event,
+        title=escape(event.title),
+        text=escape(event.text),
+        stream=None if event.stream is None else escape(event.stream),
+        labels={escape(k): escape(v) for k, v in event.labels.items()},
+        logos=tuple(escape(n) for n in event.logos),
+        evidence=None if event.evidence is None else escape(event.evidence),
+    )
+
+
 class HttpSink:
     """Posts a JSON payload made by `payload()` and reads the answer the same way for every
     service. The URL is a secret: it never appears in errors or logs."""
 
     kind: ClassVar[str] = "http"
+    # A body over this many bytes is not sent: it is treated as refused for its size.
+    max_body: ClassVar[int | None] = None
+    # Text in a 400 answer that means "too large" (besides HTTP 413).
+    too_large_markers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -76,9 +223,49 @@ class HttpSink:
         """The body and extra headers for these alerts (one message)."""
         raise NotImplementedError  # pragma: no cover - every sink defines it
 
+    def accepted(self, alerts: list[Alert]) -> None:
+        """Called with the alerts of every message the service accepted."""
+
     async def deliver(self, alerts: list[Alert]) -> Delivery:
+        return await self._deliver([Alert(a.alert_id, clamp(a.event)) for a in alerts])
+
+    async def _deliver(self, alerts: list[Alert]) -> Delivery:
+        """Send; if refused as too large, send the halves; one alert is cut harder once."""
+        result = await self._send(alerts)
+        if not result.too_large:
+            return result
+        if len(alerts) == 1:
+            alert = alerts[0]
+            result = await self._send([Alert(alert.alert_id, clamp(alert.event, HARD_LIMITS))])
+            if result.too_large:
+                return replace(result, detail="too large even cut short: " + result.detail)
+            return result
+        half = len(alerts) // 2
+        first = await self._deliver(alerts[:half])
+        if first.retry:
+            # The service asks us to slow down or is failing: do not send the rest now.
+            second = Delivery(
+                False, retry=True, retry_after=first.retry_after, detail="not sent: " + first.detail
+            )
+        else:
+            second = await self._deliver(alerts[half:])
+        return Delivery.split(
+            [
+                ([a.alert_id for a in alerts[:half]], first),
+                ([a.alert_id for a in alerts[half:]], second),
+            ]
+        )
+
+    async def _send(self, alerts: list[Alert]) -> Delivery:
         body, headers = self.payload(alerts)
-        return await self._post(body, headers)
+        if self.max_body is not None and len(body) > self.max_body:
+            return Delivery(
+                False, too_large=True, detail=f"message of {len(body)} bytes over {self.max_body}"
+            )
+        result = await self._post(body, headers)
+        if result.ok:
+            self.accepted(alerts)
+        return result
 
     async def _post(self, body: bytes, headers: Mapping[str, str]) -> Delivery:
         try:
@@ -96,6 +283,8 @@ class HttpSink:
         if 200 <= status < 300:
             return Delivery(True, detail=f"HTTP {status}")
         detail = f"HTTP {status}: {truncate(text.strip(), 200)}"
+        if status == 413 or (status == 400 and any(m in text for m in self.too_large_markers)):
+            return Delivery(False, too_large=True, detail=detail)
         if status == 429:
             return Delivery(
                 False, retry=True, retry_after=_body_wait(text) or header_wait, detail=detail

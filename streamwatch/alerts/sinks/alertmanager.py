@@ -95,16 +95,13 @@ class AlertmanagerSink(HttpSink):
     def payload(self, alerts: list[Alert]) -> tuple[bytes, Mapping[str, str]]:
         return json.dumps([self._alert(a)[1] for a in alerts]).encode(), {}
 
-    async def deliver(self, alerts: list[Alert]) -> Delivery:
-        result = await super().deliver(alerts)
-        if result.ok:
-            for alert in alerts:
-                subject, posted = self._alert(alert)
-                if alert.event.resolved:
-                    self.active.pop(subject, None)
-                elif alert.event.kind in STATEFUL:
-                    self.active[subject] = posted
-        return result
+    def accepted(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            subject, posted = self._alert(alert)
+            if alert.event.resolved:
+                self.active.pop(subject, None)
+            elif alert.event.kind in STATEFUL:
+                self.active[subject] = posted
 
     async def repost_active(self) -> Delivery | None:
         """Re-send every active alert, as Alertmanager expects of a live source."""

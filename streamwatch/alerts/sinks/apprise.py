@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from streamwatch.alerts.sinks import Alert, Delivery, truncate
+from streamwatch.alerts.sinks import Alert, Delivery, clamp, truncate
 
 __all__ = ["AppriseMissing", "AppriseSink"]
 
@@ -46,6 +46,7 @@ class AppriseSink:
                 raise ValueError(f"sink {name!r}: Apprise does not understand one of its URLs")
 
     async def deliver(self, alerts: list[Alert]) -> Delivery:
+        alerts = [Alert(a.alert_id, clamp(a.event)) for a in alerts]
         first = alerts[0].event
         types = self._apprise.NotifyType
         kind = (

@@ -1,20 +1,31 @@
 """Discord webhooks: embeds coloured by severity, within Discord's limits (10 embeds; title
-256, description 4,096, 25 fields of 1,024; 6,000 characters across all embeds)."""
+256, description 4,096, 25 fields of 1,024; 6,000 characters across all embeds).
+
+Messages allow no mentions at all (``allowed_mentions: {"parse": []}``) and every text from an
+event has Discord's markdown escaped, so ``@everyone``, ``<@id>`` and ``[text](url)`` show as
+written; the embed links only to an http(s) clip URL."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from streamwatch.alerts.sinks import Alert, HttpSink, truncate
+from streamwatch.alerts.sinks import Alert, HttpSink, escape_event, truncate
 
 __all__ = ["DiscordSink"]
 
 COLOUR = {"critical": 0xD93025, "warning": 0xF29900, "info": 0x1A73E8}
 RESOLVED = 0x188038
 TOTAL_LIMIT = 5800  # under Discord's 6,000 across embeds, with room for the footer
+_MARKDOWN = re.compile(r"([\\*_~|`>#\-\[\]()<@:])")
+
+
+def escape_markdown(text: str) -> str:
+    """`text` with Discord's markdown, mention and link syntax escaped by backslashes."""
+    return _MARKDOWN.sub(r"\\\1", text)
 
 
 def _embed(alert: Alert, budget: int) -> dict[str, Any]:
@@ -41,7 +52,7 @@ def _embed(alert: Alert, budget: int) -> dict[str, Any]:
         "fields": fields[:25],
         "footer": {"text": f"alert {alert.alert_id}"},
     }
-    if e.clip_url and e.clip_url.startswith(("http://", "https://")):
+    if e.clip_url:  # http(s) only: clamp()
         embed["url"] = e.clip_url
     return embed
 
@@ -58,7 +69,10 @@ def _size(embed: dict[str, Any]) -> int:
 class DiscordSink(HttpSink):
     kind = "discord"
 
+    too_large_markers = ("BASE_TYPE_MAX_LENGTH", "MAX_EMBED_SIZE_EXCEEDED")
+
     def payload(self, alerts: list[Alert]) -> tuple[bytes, Mapping[str, str]]:
+        alerts = [Alert(a.alert_id, escape_event(a.event, escape_markdown)) for a in alerts]
         embeds: list[dict[str, Any]] = []
         left = TOTAL_LIMIT
         for alert in alerts[:10]:
@@ -70,4 +84,5 @@ class DiscordSink(HttpSink):
         content = ""
         if len(alerts) > len(embeds):
             content = f"…and {len(alerts) - len(embeds)} more alert(s)"
-        return json.dumps({"content": content, "embeds": embeds}).encode(), {}
+        doc = {"content": content, "embeds": embeds, "allowed_mentions": {"parse": []}}
+        return json.dumps(doc, ensure_ascii=False).encode(), {}

@@ -1,5 +1,9 @@
 """Slack incoming webhooks: Block Kit, kept far below Slack's limits (50 blocks, 3,000
-characters a section, whole messages rejected well under the documented 40k)."""
+characters a section, whole messages rejected well under the documented 40k).
+
+Every text from an event is escaped for Slack (``&``, ``<``, ``>``), so a logo named
+``<!channel>`` or ``<https://evil|click>`` shows as written and pings or links nobody; the
+clip button appears only for an http(s) URL."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 from collections.abc import Mapping
 
 from streamwatch.alerts.events import AlertEvent
-from streamwatch.alerts.sinks import Alert, HttpSink, truncate
+from streamwatch.alerts.sinks import Alert, HttpSink, escape_event, truncate
 
 __all__ = ["SlackSink"]
 
@@ -24,6 +28,11 @@ TEXT_BUDGET = 9000
 FIELD_LIMIT = 1900
 
 
+def mrkdwn(text: str) -> str:
+    """`text` escaped as Slack asks: control sequences (mentions, links) start with ``<``."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _fields(event: AlertEvent) -> list[str]:
     out = []
     if event.stream:
@@ -38,8 +47,11 @@ def _fields(event: AlertEvent) -> list[str]:
 
 class SlackSink(HttpSink):
     kind = "slack"
+    max_body = 12_000  # Slack refuses whole messages from about 13k
+    too_large_markers = ("msg_too_long", "msg_blocks_too_long")
 
     def payload(self, alerts: list[Alert]) -> tuple[bytes, Mapping[str, str]]:
+        alerts = [Alert(a.alert_id, escape_event(a.event, mrkdwn)) for a in alerts]
         first = alerts[0].event
         state = "resolved" if first.resolved else first.severity
         title = first.title if len(alerts) == 1 else f"{len(alerts)} alerts: {first.title}"
@@ -72,7 +84,7 @@ class SlackSink(HttpSink):
                             {
                                 "type": "button",
                                 "text": {"type": "plain_text", "text": "Open clip"},
-                                "url": truncate(e.clip_url, 3000),
+                                "url": e.clip_url,  # http(s) only, <= 2,000: clamp()
                             }
                         ],
                     }
@@ -101,4 +113,4 @@ class SlackSink(HttpSink):
             }
         )
         doc = {"text": truncate(title, 500), "blocks": blocks}
-        return json.dumps(doc).encode(), {}
+        return json.dumps(doc, ensure_ascii=False).encode(), {}

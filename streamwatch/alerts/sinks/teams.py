@@ -1,20 +1,36 @@
 """Microsoft Teams through a Workflows webhook: one Adaptive Card per message. The retired
 Office 365 connectors are not supported. A Workflows webhook answers 202 with an empty body
-(accepted, not yet delivered); the payload must stay under about 28 KB."""
+(accepted, not yet delivered); the payload must stay under about 28 KB.
+
+Adaptive Card text is a CommonMark subset (bold, italic, lists, ``[title](url)`` links) with
+``{{DATE()}}`` functions: every text from an event has those escaped with backslashes, so a
+logo name cannot make a link or format the card; the clip button appears only for an http(s)
+URL."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
-from streamwatch.alerts.sinks import Alert, HttpSink, truncate
+from streamwatch.alerts.sinks import Alert, HttpSink, escape_event, truncate
 
 __all__ = ["TeamsSink"]
 
 COLOUR = {"critical": "attention", "warning": "warning", "info": "accent"}
 TEXT_BUDGET = 18_000  # characters of text across the card, far under the ~28 KB limit
 MAX_ALERTS = 10
+_MARKDOWN = re.compile(r"([\\*_~`\[\]()<>{}!#|])")
+_LIST_START = re.compile(r"^(\s*)(\d+\.|[-+])(?=\s)", re.MULTILINE)
+
+
+def escape_markdown(text: str) -> str:
+    """`text` shown as written in an Adaptive Card TextBlock or Fact: markdown and template
+    syntax escaped, list markers at a line start too."""
+    return _LIST_START.sub(
+        lambda m: m.group(1) + m.group(2)[:-1] + "\\" + m.group(2)[-1], _MARKDOWN.sub(r"\\\1", text)
+    )
 
 
 def _facts(alert: Alert) -> list[dict[str, str]]:
@@ -39,8 +55,11 @@ def _facts(alert: Alert) -> list[dict[str, str]]:
 
 class TeamsSink(HttpSink):
     kind = "teams"
+    max_body = 27_000  # a Workflows webhook takes about 28 KB
+    too_large_markers = ("RequestEntityTooLarge",)
 
     def payload(self, alerts: list[Alert]) -> tuple[bytes, Mapping[str, str]]:
+        alerts = [Alert(a.alert_id, escape_event(a.event, escape_markdown)) for a in alerts]
         shown = alerts[:MAX_ALERTS]
         per_alert = TEXT_BUDGET // len(shown)
         body: list[dict[str, Any]] = []
@@ -59,14 +78,8 @@ class TeamsSink(HttpSink):
             )
             body.append({"type": "TextBlock", "wrap": True, "text": truncate(e.text, per_alert)})
             body.append({"type": "FactSet", "facts": _facts(alert)})
-            if e.clip_url and e.clip_url.startswith(("http://", "https://")) and len(actions) < 5:
-                actions.append(
-                    {
-                        "type": "Action.OpenUrl",
-                        "title": "Open clip",
-                        "url": truncate(e.clip_url, 2000),
-                    }
-                )
+            if e.clip_url and len(actions) < 5:  # http(s) only, <= 2,000: clamp()
+                actions.append({"type": "Action.OpenUrl", "title": "Open clip", "url": e.clip_url})
         if len(alerts) > len(shown):
             body.append(
                 {
@@ -94,4 +107,4 @@ class TeamsSink(HttpSink):
                 }
             ],
         }
-        return json.dumps(doc).encode(), {}
+        return json.dumps(doc, ensure_ascii=False).encode(), {}
