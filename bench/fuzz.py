@@ -15,6 +15,7 @@ any request got a 5xx or the daemon logged a traceback. A benchmark, not a test:
 nothing about time.
 
     python -m bench.fuzz [--n 100000] [--concurrency 32] [--seed 1] [--raw-share 0.02]
+                         [--keep-log FILE]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import socket
 import sys
 import tempfile
@@ -560,7 +562,9 @@ def _count_log(path: Path) -> tuple[int, int, collections.Counter[str]]:
     return tracebacks, lines, events
 
 
-async def fuzz(n: int, concurrency: int, seed: int, raw_share: float) -> int:
+async def fuzz(
+    n: int, concurrency: int, seed: int, raw_share: float, keep_log: Path | None = None
+) -> int:
     rng = random.Random(seed)
     port, hook_port = _free_port(), _free_port()
     hooked = 0
@@ -659,6 +663,8 @@ async def fuzz(n: int, concurrency: int, seed: int, raw_share: float) -> int:
                     await proc.wait()
             await sink_runner.cleanup()
         tracebacks, lines, events = _count_log(log_path)
+        if keep_log is not None:
+            shutil.copyfile(log_path, keep_log)
         escaped = _escaped()
 
     total = sum(statuses.values())
@@ -694,8 +700,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--raw-share", type=float, default=0.02)
+    parser.add_argument("--keep-log", type=Path, help="copy the daemon's log here")
     args = parser.parse_args()
-    sys.exit(asyncio.run(fuzz(args.n, args.concurrency, args.seed, args.raw_share)))
+    sys.exit(asyncio.run(fuzz(args.n, args.concurrency, args.seed, args.raw_share, args.keep_log)))
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ class Metrics:
         )
         self.callbacks_rejected = Counter(
             "streamwatch_callbacks_rejected",
-            "MAVI callbacks refused, by reason: secret, too_large, encoding, json, depth,"
-            " shape, field, range.",
+            "MAVI callbacks refused, by reason: secret, too_large, unreadable, encoding, json,"
+            " depth, shape, field, range.",
             ["reason"],
             registry=registry,
         )

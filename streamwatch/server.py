@@ -47,6 +47,8 @@ __all__ = ["CALLBACK_PREFIX", "Server", "build_status", "close_runner", "iso"]
 log = structlog.get_logger("streamwatch.server")
 
 CALLBACK_PREFIX = "/callbacks/mavi/"
+# A note on a request error a handler has answered and logged (see HttpLog).
+ANSWERED = "streamwatch: answered and logged by the handler"
 VIDEO_CALLBACK_PREFIX = "/callbacks/mavi-video/"
 
 
@@ -152,18 +154,18 @@ async def close_runner(runner: web.AppRunner) -> None:
 class HttpLog(logging.Logger):
     """aiohttp's server logger, as one structlog line per event. A request aiohttp refuses
     as malformed (bad request line or headers, broken chunking or compression) is a client's
-    error: one warning, `http.bad_request`, with the exception's type and status and no
-    traceback (its message may quote the request line, which holds the callback secret).
-    Anything else keeps its traceback: it is a bug."""
+    error: one warning, `http.bad_request`, with the exception's type and no traceback (its
+    message may quote the request line, which holds the callback secret). Anything else keeps
+    its traceback: it is a bug."""
 
     def __init__(self) -> None:
         super().__init__("aiohttp.server", logging.INFO)
 
     def handle(self, record: logging.LogRecord) -> None:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            level = log.debug if record.levelno < logging.WARNING else log.warning
-            level("http.bad_request", status=exc.code, error=type(exc).__name__)
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError | ConnectionError):
+            quiet = record.levelno < logging.WARNING or ANSWERED in getattr(exc, "__notes__", ())
+            (log.debug if quiet else log.warning)("http.bad_request", error=type(exc).__name__)
         elif record.levelno >= logging.WARNING:
             log.error("http.server_error", message=record.getMessage(), exc_info=record.exc_info)
 
@@ -271,8 +273,11 @@ class Server:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._reject("too_large", "body too large", status=413)
-        except HttpProcessingError as exc:  # broken chunking or compression
-            return self._reject("encoding", f"body could not be read ({type(exc).__name__})")
+        except (HttpProcessingError, web.RequestPayloadError, ConnectionError) as exc:
+            # Broken chunking or compression, or the client left mid-body. aiohttp meets the
+            # same error again when it drains the body after the answer: logged here only.
+            exc.add_note(ANSWERED)
+            return self._reject("unreadable", "the body could not be read")
         try:
             text = decode_body(body)
             callback = parse_callback(text)
@@ -306,7 +311,7 @@ class Server:
         for name, step in steps:
             try:
                 step(outcome)
-            except Exception:  # noqa: BLE001 - the edge of the callback path: log, count, go on
+            except Exception:  # the edge of the callback path: log with traceback, count, go on
                 log.exception("callback.after_commit_failed", step=name)
                 self._metrics.callback_errors.labels(name).inc()
 

@@ -7,7 +7,7 @@ alerted on without a surprise:
 
 - the body is UTF-8 (a leading UTF-8 byte-order mark is skipped, as RFC 8259 allows; UTF-16
   and UTF-32 are refused), at most `MAX_DEPTH` levels deep, with no NaN or Infinity, no
-  number a float or a 64-bit integer cannot hold, and no string with a lone surrogate;
+  number a float cannot hold, and no string with a lone surrogate;
 - the task id has the shape of an id (`streamwatch.mavi.ids`);
 - counters are whole numbers in a sane range (no negatives), times and durations are finite
   and in range, booleans are JSON booleans (``"false"`` is refused, never read as true);
@@ -71,7 +71,6 @@ MAX_LOGO_NAME = 128
 MAX_LOGOS = 64  # MAVI's max_logos is at most 50
 MAX_LOGO_BYTES = 1024
 MAX_URL = 2048
-_INT64 = 2**63
 _INT32 = 2**31
 _DIGITS = re.compile(r"[+-]?[0-9]{1,20}")
 
@@ -162,28 +161,35 @@ def _constant(name: str) -> Any:
     raise CallbackError("range", f"{name} is not a number JSON allows")
 
 
-def _check_tree(doc: Any) -> None:
-    """Depth, finite numbers, int64 integers and surrogate-free strings, everywhere."""
+def _float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise CallbackError("range", "a number is too large for a float")
+    return number
+
+
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_float)
+
+# Text decoded from UTF-8 holds no surrogates: a lone one can only come from a \uD800-\uDFFF
+# escape (pairs, as in an escaped emoji, are fine and are checked by the walk below).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _walk(doc: Any, *, depth: bool, strings: bool) -> None:
+    """Check nesting depth and/or strings (keys included) for lone surrogates."""
     stack: list[tuple[Any, int]] = [(doc, 1)]
     while stack:
-        node, depth = stack.pop()
-        if isinstance(node, dict):
-            if depth > MAX_DEPTH:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            if depth and level > MAX_DEPTH:
                 raise CallbackError("depth", f"nested deeper than {MAX_DEPTH} levels")
-            for key, value in node.items():
-                _check_str(key)
-                stack.append((value, depth + 1))
-        elif isinstance(node, list):
-            if depth > MAX_DEPTH:
-                raise CallbackError("depth", f"nested deeper than {MAX_DEPTH} levels")
-            stack.extend((value, depth + 1) for value in node)
-        elif isinstance(node, str):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for key, value in items:
+                if strings and isinstance(key, str):
+                    _check_str(key)
+                stack.append((value, level + 1))
+        elif strings and isinstance(node, str):
             _check_str(node)
-        elif isinstance(node, float):
-            if not math.isfinite(node):
-                raise CallbackError("range", "a number is too large for a float")
-        elif isinstance(node, int) and not isinstance(node, bool) and not -_INT64 <= node < _INT64:
-            raise CallbackError("range", "an integer does not fit in 64 bits")
 
 
 def _check_str(value: str) -> None:
@@ -195,16 +201,27 @@ def _check_str(value: str) -> None:
 
 
 def _load(body: bytes | str) -> Any:
-    text = body.removeprefix("\ufeff") if isinstance(body, str) else decode_body(body)
+    """Parse the JSON: no NaN or Infinity, finite floats, at most `MAX_DEPTH` levels, no
+    lone surrogates (integers are bounded where they are read). The checks that need a walk
+    run only when the text could fail them (more brackets than the depth limit, a surrogate
+    escape)."""
+    if isinstance(body, str):
+        text = body.removeprefix("\ufeff")
+        _check_str(text)
+    else:
+        text = decode_body(body)
     try:
-        doc = json.loads(text, parse_constant=_constant)
+        doc = _DECODER.decode(text)
     except RecursionError:
         raise CallbackError("depth", f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:
         if isinstance(exc, CallbackError):
             raise
         raise CallbackError("json", f"body is not JSON ({_short(exc)})") from None
-    _check_tree(doc)
+    deep = text.count("[") + text.count("{") > MAX_DEPTH
+    escaped = _SURROGATE_ESCAPE.search(text) is not None
+    if deep or escaped:
+        _walk(doc, depth=deep, strings=escaped)
     return doc
 
 
