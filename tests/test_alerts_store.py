@@ -283,3 +283,13 @@ async def test_upgrade_to_schema_7_counts_orphans_and_trims_their_bodies(tmp_pat
     kept = [r[0] for r in conn.execute("SELECT segment_index FROM orphan_callbacks ORDER BY id")]
     conn.close()
     assert kept == [0, 1, 3, 4]
+
+
+async def test_an_orphan_body_with_a_byte_order_mark_is_kept_clean_and_claimable(tmp_path: Path):
+    """A UTF-8 byte-order mark is not stored with an orphan body, so the body is claimed as
+    a segment when its task is registered (it used to be stored garbled and unparseable)."""
+    body = b"\xef\xbb\xbf" + orphan_body("early", 0)
+    async with Store(tmp_path / "s.db") as store:
+        assert (await store.apply_callback(parse_callback(body), body=body)).kind == "orphan"
+        claimed = await register(store, "early")
+    assert [(o.kind, o.stream) for o in claimed] == [("stored", "cam")]
