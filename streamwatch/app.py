@@ -198,13 +198,17 @@ class App:
                     metrics=metrics,
                     clock=self._clock,
                 )
+                supervisor = self.supervisor
                 self.alerts = Alerts(
                     router=Router(cfg.alerts.rules),
                     outbox=outbox,
                     store=self.store,
+                    specs=lambda: supervisor.desired,
+                    evidence=self.evidence,
                     clock=self._clock,
                 )
-                self.supervisor.on_record = self.alerts.record
+                # From here on, what the store records carries its alerts in the same commit.
+                self.store.set_alert_hook(self.alerts)
             self.server = Server(
                 config=cfg,
                 store=self.store,
@@ -213,7 +217,6 @@ class App:
                 status_token=self.secrets.status_token,
                 metrics=metrics,
                 collector=StateCollector(self.registry, spending),
-                alerts=self.alerts,
                 evidence=self.evidence,
                 clock=self._clock,
             )

@@ -30,7 +30,7 @@ from streamwatch import __version__
 from streamwatch.ledger import Spending, burn_ticks_per_second
 from streamwatch.mavi.callbacks import SegmentReport, StreamEnded
 from streamwatch.pricing import TICKS_PER_USD
-from streamwatch.store import CallbackOutcome, StreamTotals
+from streamwatch.store import CallbackOutcome, OrphanTotals, StreamTotals
 
 __all__ = ["OTHER_LOGO", "Metrics", "Snapshot", "StateCollector"]
 
@@ -55,8 +55,16 @@ class Metrics:
         )
         self.callbacks_rejected = Counter(
             "streamwatch_callbacks_rejected",
-            "MAVI callbacks refused, by reason: secret, too_large, json, shape, field.",
+            "MAVI callbacks refused, by reason: secret, too_large, unreadable, encoding, json,"
+            " depth, shape, field, range.",
             ["reason"],
+            registry=registry,
+        )
+        self.callback_errors = Counter(
+            "streamwatch_callback_errors",
+            "Failures after a callback was stored (it is still acknowledged), by step:"
+            " evidence, supervisor, metrics, log.",
+            ["step"],
             registry=registry,
         )
         self.callback_seconds = Histogram(
@@ -220,7 +228,7 @@ class Snapshot:
 
     streams: dict[str, StreamView] = field(default_factory=dict)
     totals: dict[str, StreamTotals] = field(default_factory=dict)
-    orphans: dict[str, int] = field(default_factory=dict)
+    orphans: OrphanTotals = field(default_factory=lambda: OrphanTotals(0, 0))
     halt_reason: str | None = None
     all_time_ticks: dict[str, int] = field(default_factory=dict)
     outbox: dict[str, int] = field(default_factory=dict)
@@ -408,7 +416,7 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "streamwatch_orphan_tasks",
             "Task ids that sent callbacks but were not started by this daemon.",
-            value=len(snap.orphans),
+            value=snap.orphans.tasks,
         )
         outbox = GaugeMetricFamily(
             "streamwatch_alert_outbox",
@@ -420,6 +428,6 @@ class StateCollector(Collector):
         yield outbox
         yield CounterMetricFamily(
             "streamwatch_orphan_callbacks",
-            "Callbacks kept from tasks this daemon did not start.",
-            value=sum(snap.orphans.values()),
+            "Callbacks received from tasks this daemon did not start.",
+            value=snap.orphans.callbacks,
         )

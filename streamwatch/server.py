@@ -2,7 +2,9 @@
 
 Routes (stable; see README):
 - ``POST /callbacks/mavi/{secret}``: segment callbacks. Wrong secret → 404, body over the
-  limit → 413, not a callback → 400, store failure → 503 (MAVI retries); 200 only once stored.
+  limit → 413, not a callback → 400 with the reason, store failure → 503 (MAVI retries); 200
+  only once stored, together with the alerts it raises. What follows the commit (evidence,
+  the supervisor, metrics) cannot turn a stored callback into an error.
 - ``POST /callbacks/mavi-video/{secret}``: batch upload callbacks (library video status).
 - ``GET /healthz``: the process is alive.
 - ``GET /readyz``: the store takes writes and the daemon is serving; 503 with reasons if not.
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import resource
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,17 +28,18 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 
 from streamwatch import __version__
-from streamwatch.alerts.outbox import Alerts
+from streamwatch.alerts.sources import logo_hit
 from streamwatch.config import Config, local_url
 from streamwatch.evidence import Evidence
 from streamwatch.guard import ConnectionGuard, effective_limit, listen_backlog
 from streamwatch.ledger import summary
 from streamwatch.listen import bind
-from streamwatch.mavi.callbacks import CallbackError, SegmentReport, parse_callback
+from streamwatch.mavi.callbacks import CallbackError, SegmentReport, decode_body, parse_callback
 from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
 from streamwatch.store import CallbackOutcome, Store, StoreError
 from streamwatch.supervisor import Supervisor
@@ -53,6 +57,8 @@ __all__ = [
 log = structlog.get_logger("streamwatch.server")
 
 CALLBACK_PREFIX = "/callbacks/mavi/"
+# A note on a request error a handler has answered and logged (see HttpLog).
+ANSWERED = "streamwatch: answered and logged by the handler"
 VIDEO_CALLBACK_PREFIX = "/callbacks/mavi-video/"
 
 
@@ -69,7 +75,7 @@ async def build_status(
     """The status document served by `/api/v1/status`. Holds no secrets and no stream URLs
     (they may carry credentials)."""
     totals = await store.stream_totals()
-    orphans = await store.orphan_summary()
+    orphans = await store.orphan_totals()
     outbox = await store.alert_counts()
     now = clock()
     halt = supervisor.halt
@@ -130,7 +136,7 @@ async def build_status(
             "halted_until": iso(halt.until) if halt else None,
         },
         "streams": streams,
-        "orphans": {"tasks": len(orphans), "callbacks": sum(orphans.values())},
+        "orphans": {"tasks": orphans.tasks, "callbacks": orphans.callbacks},
         "alerts": outbox,
         "cost": {
             **costs["account"],  # type: ignore[dict-item]
@@ -204,6 +210,25 @@ def _is_text(value: Any, *, limit: int = 256) -> bool:
     return True
 
 
+class HttpLog(logging.Logger):
+    """aiohttp's server logger, as one structlog line per event. A request aiohttp refuses
+    as malformed (bad request line or headers, broken chunking or compression) is a client's
+    error: one warning, `http.bad_request`, with the exception's type and no traceback (its
+    message may quote the request line, which holds the callback secret). Anything else keeps
+    its traceback: it is a bug."""
+
+    def __init__(self) -> None:
+        super().__init__("aiohttp.server", logging.INFO)
+
+    def handle(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError | web.RequestPayloadError | ConnectionError):
+            quiet = record.levelno < logging.WARNING or ANSWERED in getattr(exc, "__notes__", ())
+            (log.debug if quiet else log.warning)("http.bad_request", error=type(exc).__name__)
+        elif record.levelno >= logging.WARNING:
+            log.error("http.server_error", message=record.getMessage(), exc_info=record.exc_info)
+
+
 class Server:
     """The aiohttp application and its runner. `callback_url` is known once bound."""
 
@@ -217,13 +242,10 @@ class Server:
         status_token: SecretStr | None,
         metrics: Metrics,
         collector: StateCollector,
-        alerts: Alerts | None = None,
         evidence: Evidence | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._alerts = alerts
         self._evidence = evidence
-        self._orphans_seen: set[str] = set()
         self._metrics = metrics
         self._collector = collector
         self._config = config
@@ -290,7 +312,7 @@ class Server:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Server]:
         """Bind and serve; on exit, stop accepting and let in-flight requests finish."""
-        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0)
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0, logger=HttpLog())
         await runner.setup()
         assert runner.server is not None
         self.guard.attach(runner.server)
@@ -314,7 +336,7 @@ class Server:
                 listen = self._config.metrics.listen
                 assert listen is not None
                 host, _, port = listen.rpartition(":")
-                metrics_runner = web.AppRunner(self.metrics_app, access_log=None)
+                metrics_runner = web.AppRunner(self.metrics_app, access_log=None, logger=HttpLog())
                 await metrics_runner.setup()
                 assert metrics_runner.server is not None
                 self.guard.attach(metrics_runner.server)
@@ -370,71 +392,59 @@ class Server:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            log.warning("callback.rejected", reason="too_large")
-            self._metrics.rejected("too_large")
-            return web.json_response({"error": "body too large"}, status=413)
+            return self._reject("too_large", "body too large", status=413)
+        except (HttpProcessingError, web.RequestPayloadError, ConnectionError) as exc:
+            # Broken chunking or compression, or the client left mid-body. aiohttp meets the
+            # same error again when it drains the body after the answer: logged here only.
+            exc.add_note(ANSWERED)
+            return self._reject("unreadable", "the body could not be read")
         try:
-            callback = parse_callback(body)
+            text = decode_body(body)
+            callback = parse_callback(text)
         except CallbackError as exc:
-            log.warning("callback.rejected", reason=exc.reason, detail=str(exc))
-            self._metrics.rejected(exc.reason)
-            return web.json_response({"error": str(exc)}, status=400)
+            return self._reject(exc.reason, str(exc))
         try:
-            outcome = await self._store.apply_callback(callback, body=body)
-        except StoreError as exc:
-            log.error("callback.store_failed", error=str(exc))
+            outcome = await self._store.apply_callback(callback, body=text)
+        except Exception as exc:  # noqa: BLE001 - not stored, whatever the cause: MAVI retries
+            log.error("callback.store_failed", error=str(exc), error_type=type(exc).__name__)
             self._metrics.callbacks.labels("failed").inc()
             return web.json_response({"error": "not stored, retry"}, status=503)
-        self._supervisor.observe(outcome)
-        self._metrics.callback(outcome)
-        if self._alerts is not None or self._evidence is not None:
-            self._alert(outcome)
-        if outcome.kind == "orphan":
-            log.warning("callback.orphan", task_id=callback.task_id)
-        elif isinstance(callback, SegmentReport) and outcome.kind == "stored":
-            (log.warning if callback.unsafe else log.info)(
-                "segment.stored",
-                stream=outcome.stream,
-                segment=callback.segment_index,
-                unsafe=callback.unsafe,
-                logos=[logo.name for logo in callback.logos] or None,
-            )
-        elif outcome.kind == "stored":
-            log.info(
-                "callback.stored",
-                stream=outcome.stream,
-                task_id=callback.task_id,
-                status=getattr(callback, "status", 0),
-            )
+        self._after_commit(outcome)
         return web.json_response({"ok": True, "outcome": outcome.kind})
 
-    def _alert(self, outcome: CallbackOutcome) -> None:
-        cb = outcome.callback
-        if outcome.kind == "orphan" and cb.task_id not in self._orphans_seen:
-            self._orphans_seen.add(cb.task_id)
-            if self._alerts is None:
-                return
-            self._alerts.record(
-                "orphan_task",
-                task_id=cb.task_id,
-                detail=f"task {cb.task_id} sends callbacks but was not started by this daemon",
-            )
-        elif outcome.kind == "stored" and outcome.stream and isinstance(cb, SegmentReport):
-            spec = self._supervisor.desired.get(outcome.stream)
-            watched = tuple(spec.watch_logos) if spec else ()
-            path = None
-            if self._evidence is not None and spec is not None and spec.evidence:
-                names = {logo.name for logo in cb.logos if logo.name}
-                if cb.unsafe or (names & set(watched) if watched else names):
-                    path = self._evidence.capture(outcome.stream, cb)
-            if self._alerts is not None:
-                self._alerts.segment(
-                    cb,
-                    stream=outcome.stream,
-                    labels=spec.labels if spec else {},
-                    watched=watched,
-                    evidence=str(path) if path else None,
-                )
+    def _reject(self, reason: str, detail: str, *, status: int = 400) -> web.Response:
+        """One log line and one count per refused callback; the reason goes back to MAVI."""
+        log.warning("callback.rejected", reason=reason, detail=detail, status=status)
+        self._metrics.rejected(reason)
+        return web.json_response({"error": detail}, status=status)
+
+    def _after_commit(self, outcome: CallbackOutcome) -> None:
+        """What follows a committed callback: its clip, the supervisor, metrics, the log. The
+        callback and its alerts are stored: a failing step is logged and counted, and the
+        answer stays 200 (MAVI's retry would only be a duplicate)."""
+        steps: tuple[tuple[str, Callable[[CallbackOutcome], None]], ...] = (
+            ("evidence", self._capture),
+            ("supervisor", self._supervisor.observe),
+            ("metrics", self._metrics.callback),
+            ("log", _log_outcome),
+        )
+        for name, step in steps:
+            try:
+                step(outcome)
+            except Exception:  # the edge of the callback path: log with traceback, count, go on
+                log.exception("callback.after_commit_failed", step=name)
+                self._metrics.callback_errors.labels(name).inc()
+
+    def _capture(self, outcome: CallbackOutcome) -> None:
+        """Start archiving the clip of a flagged segment of a stream with evidence on."""
+        cb, stream = outcome.callback, outcome.stream
+        if self._evidence is None or outcome.kind != "stored" or stream is None:
+            return
+        if not isinstance(cb, SegmentReport):
+            return
+        spec = self._supervisor.desired.get(stream)
+        if spec is not None and spec.evidence and (cb.unsafe or logo_hit(cb, spec.watch_logos)):
+            self._evidence.capture(stream, cb)
 
     async def _video_callback(self, request: web.Request) -> web.Response:
         """Upload callbacks of the batch API: {"videoNo", "clientId", "status"}."""
@@ -484,7 +494,7 @@ class Server:
         self._collector.snapshot = Snapshot(
             streams=streams,
             totals=await self._store.stream_totals(),
-            orphans=await self._store.orphan_summary(),
+            orphans=await self._store.orphan_totals(),
             halt_reason=sup.halt.reason if sup.halt is not None and now < sup.halt.until else None,
             all_time_ticks=dict(sup.spending.all_time),
             outbox=await self._store.alert_counts(),
@@ -539,3 +549,24 @@ class Server:
         released = await self._supervisor.resume(names)
         log.info("supervisor.resumed", streams=released)
         return web.json_response({"ok": True, "released": released})
+
+
+def _log_outcome(outcome: CallbackOutcome) -> None:
+    callback = outcome.callback
+    if outcome.kind == "orphan":
+        log.warning("callback.orphan", task_id=callback.task_id)
+    elif isinstance(callback, SegmentReport) and outcome.kind == "stored":
+        (log.warning if callback.unsafe else log.info)(
+            "segment.stored",
+            stream=outcome.stream,
+            segment=callback.segment_index,
+            unsafe=callback.unsafe,
+            logos=[logo.name for logo in callback.logos] or None,
+        )
+    elif outcome.kind == "stored":
+        log.info(
+            "callback.stored",
+            stream=outcome.stream,
+            task_id=callback.task_id,
+            status=getattr(callback, "status", 0),
+        )

@@ -1,11 +1,20 @@
-"""Durable state in one SQLite file (WAL): tasks, segments, events, orphans, settings.
+"""Durable state in one SQLite file (WAL): tasks, segments, events, orphans, settings, alerts.
 
 Every operation goes through one writer: operations queued while a commit is in progress run
 together in the next transaction, so a burst of callbacks costs one fsync, not one each. Each
 operation runs in its own savepoint, so one failing operation does not fail its batch-mates.
 A coroutine awaiting an operation resumes only after the transaction holding it committed.
+Operations run in one thread of their own, one after another.
 
 MAVI has no list endpoint, so the `tasks` table is the registry of what this daemon started.
+
+Alerts are decided inside the operation that records what raises them (`AlertHook`): a stored
+segment or callback, or a recorded event, commits together with its outbox rows and the rule
+state (cooldowns, open conditions, grouping windows, streaks) they read and change.
+
+Callbacks from tasks this daemon did not start (orphans) are counted per task in
+`orphan_tasks`; only the first `ORPHAN_BODIES_PER_TASK` bodies of each, of at most
+`ORPHAN_BODY_MAX_BYTES`, and at most `ORPHAN_BODIES_MAX` in all, are kept.
 """
 
 from __future__ import annotations
@@ -18,26 +27,36 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
 from streamwatch.mavi.callbacks import (
     Callback,
+    CallbackError,
     SegmentFailed,
     SegmentReport,
     StreamEnded,
+    decode_body,
     parse_callback,
 )
 from streamwatch.pricing import segment_cost_ticks
 
 __all__ = [
+    "ORPHAN_BODIES_MAX",
+    "ORPHAN_BODIES_PER_TASK",
+    "ORPHAN_BODY_MAX_BYTES",
+    "AlertHook",
+    "AlertTx",
     "CallbackOutcome",
     "ChargeTotal",
     "EventRow",
+    "NewAlert",
+    "OrphanTotals",
     "OutboxRow",
     "Registered",
     "SchemaError",
@@ -49,6 +68,13 @@ __all__ = [
 
 log = structlog.get_logger("streamwatch.store")
 T = TypeVar("T")
+
+# What is kept of callbacks from tasks this daemon did not start: every one is counted, the
+# first few bodies (small ones) are kept to claim early callbacks of a task being registered
+# and to show what the stranger sends.
+ORPHAN_BODIES_PER_TASK = 5
+ORPHAN_BODY_MAX_BYTES = 8 * 1024
+ORPHAN_BODIES_MAX = 10_000
 
 # Each entry moves the schema from version i to i+1. Never edit a released entry: add one.
 MIGRATIONS: tuple[str, ...] = (
@@ -200,6 +226,46 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN pruned_through INTEGER;
     """,
+    # 7: alert rule state, kept with what raises alerts so that it survives restarts: per rule
+    # and subject the last firing sent and whether it is open, per rule and sink the grouping
+    # window, per stream the unsafe and logo streaks (a row only while one is non-zero).
+    # Orphan tasks are counted here; only the first few small bodies of each are kept.
+    """
+    CREATE TABLE alert_conditions (
+        rule      TEXT NOT NULL,
+        subject   TEXT NOT NULL,
+        last_sent REAL,
+        open      INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (rule, subject)
+    ) WITHOUT ROWID;
+    CREATE TABLE alert_windows (
+        rule  TEXT NOT NULL,
+        sink  TEXT NOT NULL,
+        grp   TEXT NOT NULL,
+        until REAL NOT NULL,
+        PRIMARY KEY (rule, sink)
+    ) WITHOUT ROWID;
+    CREATE TABLE alert_streaks (
+        stream TEXT PRIMARY KEY,
+        unsafe INTEGER NOT NULL DEFAULT 0,
+        logo   INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    CREATE TABLE orphan_tasks (
+        task_id   TEXT PRIMARY KEY,
+        first_at  REAL NOT NULL,
+        last_at   REAL NOT NULL,
+        callbacks INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    INSERT INTO orphan_tasks (task_id, first_at, last_at, callbacks)
+        SELECT task_id, min(received_at), max(received_at), count(*)
+        FROM orphan_callbacks GROUP BY task_id;
+    DELETE FROM orphan_callbacks WHERE length(CAST(body AS BLOB)) > 8192 OR id IN (
+        SELECT id FROM (
+            SELECT id, row_number() OVER (PARTITION BY task_id ORDER BY id) AS n
+            FROM orphan_callbacks
+        ) WHERE n > 5
+    );
+    """,
 )
 
 
@@ -223,6 +289,129 @@ class CallbackOutcome:
     # What MAVI charged for it (a stored segment), in ticks of 1/2880 USD, and when.
     ticks: int = 0
     at: float = 0.0
+    # For an orphan: is this the first callback seen from that task?
+    first_from_task: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanTotals:
+    """Tasks this daemon did not start that sent callbacks, and how many callbacks."""
+
+    tasks: int
+    callbacks: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewAlert:
+    """An outbox row to write: one alert for one sink."""
+
+    alert_id: str
+    sink: str
+    rule: str
+    group: str
+    event: Mapping[str, Any]
+    send_after: float
+
+
+class AlertTx:
+    """The alert hook's view of the transaction that records what raises an alert: the rule
+    state it reads and changes, and the outbox. Valid only inside that operation (the store's
+    thread); `now` is when the recorded thing happened."""
+
+    def __init__(self, conn: sqlite3.Connection, now: float, store: Store) -> None:
+        self._conn = conn
+        self.now = now
+        self._store = store
+        self.wrote = False  # outbox rows written through this view
+
+    def conditions(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[float | None, bool]]:
+        """(last_sent, open) per (rule, subject) that has a row."""
+        out = {}
+        for rule, subject in keys:
+            row = self._conn.execute(
+                "SELECT last_sent, open FROM alert_conditions WHERE rule = ? AND subject = ?",
+                (rule, subject),
+            ).fetchone()
+            if row is not None:
+                out[(rule, subject)] = (row[0], bool(row[1]))
+        return out
+
+    def windows(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], tuple[str, float]]:
+        """(group, until) per (rule, sink) that has a window."""
+        out = {}
+        for rule, sink in keys:
+            row = self._conn.execute(
+                "SELECT grp, until FROM alert_windows WHERE rule = ? AND sink = ?", (rule, sink)
+            ).fetchone()
+            if row is not None:
+                out[(rule, sink)] = (row[0], row[1])
+        return out
+
+    def save(
+        self,
+        *,
+        conditions: Mapping[tuple[str, str], tuple[float | None, bool]],
+        windows: Mapping[tuple[str, str], tuple[str, float]],
+        alerts: list[NewAlert],
+    ) -> None:
+        """Write changed rule state and new outbox rows."""
+        self._conn.executemany(
+            "INSERT INTO alert_conditions (rule, subject, last_sent, open) VALUES (?,?,?,?)"
+            " ON CONFLICT(rule, subject) DO UPDATE SET last_sent = excluded.last_sent,"
+            " open = excluded.open",
+            [(r, s, last, is_open) for (r, s), (last, is_open) in conditions.items()],
+        )
+        self._conn.executemany(
+            "INSERT INTO alert_windows (rule, sink, grp, until) VALUES (?,?,?,?)"
+            " ON CONFLICT(rule, sink) DO UPDATE SET grp = excluded.grp, until = excluded.until",
+            [(r, k, grp, until) for (r, k), (grp, until) in windows.items()],
+        )
+        if alerts:
+            _insert_alerts(self._conn, alerts, self.now)
+            self.wrote = self._store._alerts_written = True
+
+    def streaks(self, stream: str) -> tuple[int, int]:
+        """The stream's (unsafe, logo) segments in a row."""
+        row = self._conn.execute(
+            "SELECT unsafe, logo FROM alert_streaks WHERE stream = ?", (stream,)
+        ).fetchone()
+        return (row[0], row[1]) if row is not None else (0, 0)
+
+    def set_streaks(self, stream: str, unsafe: int, logo: int) -> None:
+        if unsafe or logo:
+            self._conn.execute(
+                "INSERT INTO alert_streaks (stream, unsafe, logo) VALUES (?,?,?)"
+                " ON CONFLICT(stream) DO UPDATE SET unsafe = excluded.unsafe,"
+                " logo = excluded.logo",
+                (stream, unsafe, logo),
+            )
+        else:
+            self._conn.execute("DELETE FROM alert_streaks WHERE stream = ?", (stream,))
+
+    def is_latest_task(self, stream: str, task_id: str) -> bool:
+        """Is `task_id` the stream's most recently started task?"""
+        row = self._conn.execute(
+            "SELECT task_id FROM tasks WHERE stream = ? ORDER BY started_at DESC, rowid DESC"
+            " LIMIT 1",
+            (stream,),
+        ).fetchone()
+        return row is not None and row[0] == task_id
+
+
+class AlertHook(Protocol):
+    """Decides the alerts of what the store records, inside the same operation. Runs in the
+    store's thread: it may only compute and use the `AlertTx` (no event-loop objects)."""
+
+    def callback(self, tx: AlertTx, outcome: CallbackOutcome) -> None:
+        """A callback was stored (or is the first from an unknown task)."""
+
+    def record(self, tx: AlertTx, event: EventRow) -> None:
+        """An event was recorded."""
+
+    def committed(self) -> None:
+        """Called in the event loop after a commit that wrote outbox rows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +521,16 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[Any]]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
+        # One thread runs every operation: SQLite's allocations stay in one malloc arena
+        # instead of one per thread of the default pool (which kept RSS high after bursts).
+        self._thread: ThreadPoolExecutor | None = None
+        self._hook: AlertHook | None = None
+        self._alerts_written = False  # set by AlertTx in the store thread, read after commit
         self.commits = 0  # transactions committed, for tests and benchmarks
+
+    def set_alert_hook(self, hook: AlertHook | None) -> None:
+        """Route alerts with `hook` inside the operations that record callbacks and events."""
+        self._hook = hook
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -343,8 +541,18 @@ class Store:
 
     async def open(self) -> None:
         """Open (creating if needed) the file, migrate it, and start the writer."""
-        self._conn = await asyncio.to_thread(self._connect)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamwatch-store")
+        try:
+            self._conn = await self._in_thread(self._connect)
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            self._thread = None
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def close(self) -> None:
         """Finish every queued operation, then close the file."""
@@ -355,7 +563,10 @@ class Store:
             self._writer = None
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            await asyncio.to_thread(conn.close)
+            await self._in_thread(conn.close)
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
 
     def _connect(self) -> sqlite3.Connection:
         if self.path.parent and not self.path.parent.exists():
@@ -415,10 +626,13 @@ class Store:
             while len(batch) < self._batch_max and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             started = time.perf_counter()
+            self._alerts_written = False
             try:
-                results = await asyncio.to_thread(self._run_batch, [op for op, _ in batch])
+                results = await self._in_thread(self._run_batch, [op for op, _ in batch])
                 if self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started, len(batch))
+                if self._alerts_written and self._hook is not None:
+                    self._hook.committed()
             except Exception as exc:  # noqa: BLE001 - the commit failed: nothing in the batch is stored
                 log.error("store.commit_failed", error=str(exc), batch=len(batch))
                 results = [StoreError(f"could not commit to {self.path}: {exc}")] * len(batch)
@@ -456,12 +670,36 @@ class Store:
     # -- callbacks ----------------------------------------------------------------------------
 
     async def apply_callback(
-        self, callback: Callback, *, body: bytes, received_at: float | None = None
+        self, callback: Callback, *, body: bytes | str, received_at: float | None = None
     ) -> CallbackOutcome:
-        """Store one parsed callback; returns once it is committed."""
+        """Store one parsed callback (and the alerts it raises); returns once committed.
+        `body` is what was parsed (kept only for orphans)."""
         at = self._clock() if received_at is None else received_at
-        text = body.decode("utf-8", "replace")
-        return await self._run(lambda c: _apply(c, callback, text, at, self._first_free))
+        text = body if isinstance(body, str) else decode_body(body)
+        return await self._run(lambda c: self._apply(c, callback, text, at))
+
+    def _apply(
+        self, conn: sqlite3.Connection, cb: Callback, body: str, at: float
+    ) -> CallbackOutcome:
+        outcome = _apply(conn, cb, body, at, self._first_free)
+        hook = self._hook
+        if hook is not None and (outcome.kind == "stored" or outcome.first_from_task):
+            hook.callback(AlertTx(conn, at, self), outcome)
+        return outcome
+
+    async def with_alert_tx(
+        self, fn: Callable[[AlertTx], None], *, now: float | None = None
+    ) -> bool:
+        """Run `fn` in an operation of its own (to route an event no record raised). True if
+        it wrote outbox rows."""
+        when = self._clock() if now is None else now
+
+        def op(conn: sqlite3.Connection) -> bool:
+            tx = AlertTx(conn, when, self)
+            fn(tx)
+            return tx.wrote
+
+        return await self._run(op)
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -509,12 +747,15 @@ class Store:
                 "SELECT id, body, received_at FROM orphan_callbacks WHERE task_id = ? ORDER BY id",
                 (task_id,),
             ).fetchall()
+            conn.execute("DELETE FROM orphan_callbacks WHERE task_id = ?", (task_id,))
+            conn.execute("DELETE FROM orphan_tasks WHERE task_id = ?", (task_id,))
             claimed = []
-            for row_id, body, received_at in rows:
-                conn.execute("DELETE FROM orphan_callbacks WHERE id = ?", (row_id,))
-                claimed.append(
-                    _apply(conn, parse_callback(body), body, received_at, self._first_free)
-                )
+            for _, body, received_at in rows:
+                try:
+                    early = parse_callback(body)
+                except CallbackError:
+                    continue  # kept by an older version that checked less: not claimable
+                claimed.append(self._apply(conn, early, body, received_at))
             return Registered(ticks, claimed)
 
         return await self._run(op)
@@ -611,6 +852,7 @@ class Store:
             orphans = conn.execute(
                 "DELETE FROM orphan_callbacks WHERE received_at < ?", (before,)
             ).rowcount
+            conn.execute("DELETE FROM orphan_tasks WHERE last_at < ?", (before,))
             alerts = conn.execute(
                 "DELETE FROM alert_outbox WHERE state IN ('delivered', 'dead') AND created_at < ?",
                 (before,),
@@ -665,8 +907,16 @@ class Store:
     async def orphan_summary(self) -> dict[str, int]:
         """Callbacks per task id this daemon never started."""
         return await self._run(
-            lambda c: dict(
-                c.execute("SELECT task_id, count(*) FROM orphan_callbacks GROUP BY task_id")
+            lambda c: dict(c.execute("SELECT task_id, callbacks FROM orphan_tasks"))
+        )
+
+    async def orphan_totals(self) -> OrphanTotals:
+        """How many unknown tasks sent callbacks, and how many (without loading the ids)."""
+        return await self._run(
+            lambda c: OrphanTotals(
+                *c.execute(
+                    "SELECT count(*), coalesce(sum(callbacks), 0) FROM orphan_tasks"
+                ).fetchone()
             )
         )
 
@@ -701,14 +951,19 @@ class Store:
         detail: str = "",
         at: float | None = None,
     ) -> None:
-        when = self._clock() if at is None else at
-        await self._run(
-            lambda c: c.execute(
+        """Record an event (and, with an alert hook, the alerts it raises, in one commit)."""
+        row = EventRow(self._clock() if at is None else at, stream, task_id, kind, status, detail)
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT INTO events (at, stream, task_id, kind, status, detail)"
                 " VALUES (?,?,?,?,?,?)",
-                (when, stream, task_id, kind, status, detail),
+                (row.at, stream, task_id, kind, status, detail),
             )
-        )
+            if self._hook is not None:
+                self._hook.record(AlertTx(conn, row.at, self), row)
+
+        await self._run(op)
 
     async def events(self, *, stream: str | None = None, limit: int = 1000) -> list[EventRow]:
         where, args = ("WHERE stream = ?", (stream,)) if stream else ("", ())
@@ -752,13 +1007,8 @@ class Store:
     ) -> None:
         """Add (alert_id, sink, rule, group, event, send_after) rows, committed on return."""
         now = self._clock()
-        await self._run(
-            lambda c: c.executemany(
-                "INSERT INTO alert_outbox (alert_id, sink, rule, grp, event, next_at, created_at)"
-                " VALUES (?,?,?,?,?,?,?)",
-                [(a, s, r, g, json.dumps(e), t, now) for a, s, r, g, e, t in alerts],
-            )
-        )
+        rows = [NewAlert(a, s, r, g, e, t) for a, s, r, g, e, t in alerts]
+        await self._run(lambda c: _insert_alerts(c, rows, now))
 
     async def due_alerts(self, now: float, *, limit: int = 500) -> list[OutboxRow]:
         """Pending alerts whose time has come, oldest first."""
@@ -1063,6 +1313,55 @@ def _split_sql(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
+def _insert_alerts(conn: sqlite3.Connection, alerts: list[NewAlert], now: float) -> None:
+    conn.executemany(
+        "INSERT INTO alert_outbox (alert_id, sink, rule, grp, event, next_at, created_at)"
+        " VALUES (?,?,?,?,?,?,?)",
+        [
+            (a.alert_id, a.sink, a.rule, a.group, json.dumps(a.event), a.send_after, now)
+            for a in alerts
+        ],
+    )
+
+
+def _orphan(conn: sqlite3.Connection, cb: Callback, body: str, at: float) -> CallbackOutcome:
+    """Count a callback from an unknown task; keep its body if it is among the first few."""
+    index = cb.segment_index if isinstance(cb, SegmentReport) else None
+    if (
+        index is not None
+        and conn.execute(
+            "SELECT 1 FROM orphan_callbacks WHERE task_id = ? AND segment_index = ?",
+            (cb.task_id, index),
+        ).fetchone()
+    ):
+        return CallbackOutcome("duplicate", None, cb)
+    row = conn.execute(
+        "UPDATE orphan_tasks SET callbacks = callbacks + 1, last_at = max(last_at, ?)"
+        " WHERE task_id = ? RETURNING callbacks",
+        (at, cb.task_id),
+    ).fetchone()
+    first = row is None
+    if first:
+        conn.execute(
+            "INSERT INTO orphan_tasks (task_id, first_at, last_at, callbacks) VALUES (?,?,?,1)",
+            (cb.task_id, at, at),
+        )
+    seen = 1 if first else row[0]
+    if (
+        seen <= ORPHAN_BODIES_PER_TASK
+        and len(body) <= ORPHAN_BODY_MAX_BYTES
+        and len(body.encode()) <= ORPHAN_BODY_MAX_BYTES
+        and conn.execute("SELECT count(*) FROM orphan_callbacks").fetchone()[0] < ORPHAN_BODIES_MAX
+    ):
+        status = 0 if isinstance(cb, SegmentReport) else cb.status
+        conn.execute(
+            "INSERT INTO orphan_callbacks (task_id, segment_index, status, received_at, body)"
+            " VALUES (?,?,?,?,?)",
+            (cb.task_id, index, status, at, body),
+        )
+    return CallbackOutcome("orphan", None, cb, first_from_task=first)
+
+
 def _apply(
     conn: sqlite3.Connection, cb: Callback, body: str, at: float, first_free: bool
 ) -> CallbackOutcome:
@@ -1072,14 +1371,7 @@ def _apply(
         (cb.task_id,),
     ).fetchone()
     if row is None:
-        index = cb.segment_index if isinstance(cb, SegmentReport) else None
-        status = 0 if isinstance(cb, SegmentReport) else cb.status
-        cur = conn.execute(
-            "INSERT OR IGNORE INTO orphan_callbacks (task_id, segment_index, status, received_at,"
-            " body) VALUES (?,?,?,?,?)",
-            (cb.task_id, index, status, at, body),
-        )
-        return CallbackOutcome("orphan" if cur.rowcount else "duplicate", None, cb)
+        return _orphan(conn, cb, body, at)
     stream, stop_requested, segment_ticks, stored_before = row[0], bool(row[1]), row[2], row[3]
     if isinstance(cb, SegmentReport):
         if row[4] is not None and cb.segment_index <= row[4]:

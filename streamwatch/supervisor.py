@@ -319,8 +319,6 @@ class Supervisor:
         # Every text that leaves through the status API, events and alerts passes here.
         self._redact = redact or Redactor()
         self.spending = spending
-        # Told of every recorded event (kind, stream=, task_id=, status=, detail=, labels=).
-        self.on_record: Callable[..., None] | None = None
         self._restart_times: dict[str, list[float]] = {}
         self.gate = BudgetGate()
         self._fired: set[str] = set()  # budget events already raised, this period
@@ -729,16 +727,8 @@ class Supervisor:
                 rand=self._rng.random(),
             )
             self.streams[name] = new
+            # Its event (and alert, unless this daemon asked for the stop) was recorded with it.
             log.warning("supervisor.task_ended", stream=name, task_id=cb.task_id, status=cb.status)
-            if not (cb.status == STATUS_USER_STOPPED and outcome.stop_requested):
-                # A 14 this daemon asked for is no news to anyone.
-                self._tell(
-                    "task_ended",
-                    stream=name,
-                    task_id=cb.task_id,
-                    status=cb.status,
-                    detail=cb.message,
-                )
             if new.phase is Phase.HELD:
                 self._spawn(self._store.set_held(name, new.held_reason))
             if halt is not None:
@@ -806,32 +796,9 @@ class Supervisor:
         status: int | None = None,
         detail: str = "",
     ) -> None:
-        """Write an event to the store, then hand it to whoever listens (the alerts)."""
-        detail = self._text(detail)
+        """Write an event to the store; the alerts it raises are written with it."""
         await self._store.add_event(
-            kind, stream=stream, task_id=task_id, status=status, detail=detail
-        )
-        self._tell(kind, stream=stream, task_id=task_id, status=status, detail=detail)
-
-    def _tell(
-        self,
-        kind: str,
-        *,
-        stream: str | None = None,
-        task_id: str | None = None,
-        status: int | None = None,
-        detail: str = "",
-    ) -> None:
-        if self.on_record is None:
-            return
-        spec = self.desired.get(stream) if stream else None
-        self.on_record(
-            kind,
-            stream=stream,
-            task_id=task_id,
-            status=status,
-            detail=self._text(detail),
-            labels=spec.labels if spec else {},
+            kind, stream=stream, task_id=task_id, status=status, detail=self._text(detail)
         )
 
     def _text(self, text: str) -> str:

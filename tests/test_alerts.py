@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ import pytest
 from pydantic import SecretStr
 
 from streamwatch.alerts import AlertEvent, Router
+from streamwatch.alerts.events import LIMITS
 from streamwatch.alerts.outbox import Alerts, Outbox
+from streamwatch.alerts.rules import Condition, Routed, RuleState, Window
 from streamwatch.alerts.sinks import HttpSink, safe_link
 from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
@@ -56,6 +59,22 @@ def rule(**kw: object) -> AlertRule:
 # -- routing ------------------------------------------------------------------------------------
 
 
+class Routing:
+    """The pure router with its state carried from call to call, as the store carries it."""
+
+    def __init__(self, rules: list[AlertRule]) -> None:
+        self.router = Router(rules)
+        self.state = RuleState()
+        self.suppressed = 0
+        self._ids = itertools.count(1)
+
+    def route(self, ev: AlertEvent, now: float) -> list[Routed]:
+        decision = self.router.route(ev, now, self.state, new_id=lambda: f"a{next(self._ids)}")
+        self.state = self.state.updated(decision)
+        self.suppressed += decision.suppressed
+        return decision.routed
+
+
 @pytest.mark.parametrize(
     ("rule_fields", "ev", "routed"),
     [
@@ -74,12 +93,12 @@ def rule(**kw: object) -> AlertRule:
 )
 def test_rules_match(rule_fields, ev, routed):
     """A rule selects events by kind, stream glob, labels, severity and streak length."""
-    assert bool(Router([rule(**rule_fields)]).route(ev, 0.0)) == routed
+    assert bool(Routing([rule(**rule_fields)]).route(ev, 0.0)) == routed
 
 
 def test_cooldown_per_rule_and_subject():
     """Within the cooldown the same subject is not sent again; another stream is."""
-    router = Router([rule(cooldown_seconds=60)])
+    router = Routing([rule(cooldown_seconds=60)])
     assert router.route(event(), 0.0)
     assert not router.route(event(), 30.0)
     assert router.route(event(stream="hall"), 30.0)
@@ -89,24 +108,64 @@ def test_cooldown_per_rule_and_subject():
 
 def test_resolution_only_after_a_firing_and_only_if_wanted():
     """A resolution goes out once, only for what was alerted, only with send_resolved."""
-    router = Router([rule()])
+    router = Routing([rule()])
     assert not router.route(event(kind="stream_stalled", resolved=True), 0.0)
     assert router.route(event(kind="stream_stalled"), 1.0)
     assert router.route(event(kind="stream_stalled", resolved=True), 2.0)
     assert not router.route(event(kind="stream_stalled", resolved=True), 3.0)
-    quiet = Router([rule(send_resolved=False)])
+    quiet = Routing([rule(send_resolved=False)])
     quiet.route(event(kind="stream_stalled"), 0.0)
     assert not quiet.route(event(kind="stream_stalled", resolved=True), 1.0)
 
 
 def test_grouping_window_folds_a_burst():
     """Events within group_seconds share one group and wait until the window closes."""
-    router = Router([rule(group_seconds=10)])
+    router = Routing([rule(group_seconds=10)])
     a = router.route(event(stream="a"), 100.0)[0]
     b = router.route(event(stream="b"), 105.0)[0]
     c = router.route(event(stream="c"), 111.0)[0]
     assert a.group == b.group != c.group
     assert a.send_after == b.send_after == 110.0
+
+
+def test_routing_is_a_pure_function_of_event_time_and_state():
+    """route() reads only the state it is given (the keys keys() names) and changes nothing:
+    the same inputs give the same decision, and the changes come back to be stored."""
+    router = Router([rule(name="r", cooldown_seconds=60, group_seconds=10, sinks=["s", "t"])])
+    ev = event()
+    assert router.keys(ev) == ([("r", "unsafe_content:lobby")], [("r", "s"), ("r", "t")])
+    state = RuleState(
+        {("r", "unsafe_content:lobby"): Condition(last_sent=0.0, open=True)},
+        {("r", "s"): Window("r:s:old", 75.0)},
+    )
+    ids = itertools.count()
+    first = router.route(ev, 70.0, state, new_id=lambda: f"x{next(ids)}")
+    ids = itertools.count()
+    again = router.route(ev, 70.0, state, new_id=lambda: f"x{next(ids)}")
+    assert first == again
+    assert state.conditions == {("r", "unsafe_content:lobby"): Condition(0.0, True)}
+    assert [(r.sink, r.group, r.send_after) for r in first.routed] == [
+        ("s", "r:s:old", 75.0),
+        ("t", "r:t:x1", 80.0),
+    ]
+    assert first.conditions == {("r", "unsafe_content:lobby"): Condition(70.0, True)}
+    assert first.windows == {("r", "t"): Window("r:t:x1", 80.0)}
+    held = router.route(ev, 30.0, state, new_id=lambda: "y")
+    assert (held.routed, held.conditions, held.suppressed) == ([], {}, 1)
+
+
+def test_routed_events_are_bounded_in_size():
+    """Whatever a callback or an error carried, the event written to the outbox stays small."""
+    huge = event(
+        title="T" * 100_000,
+        text="x" * 5_000_000,
+        logos=tuple("L" * 10_000 + str(i) for i in range(5_000)),
+        clip_url="https://cdn.test/" + "c" * 100_000,
+    )
+    (routed,) = Routing([rule()]).route(huge, 0.0)
+    assert len(json.dumps(routed.event.to_json())) < 10_000
+    assert routed.event.clip_url is None
+    assert len(routed.event.logos) == LIMITS.logos == 20
 
 
 # -- delivery -------------------------------------------------------------------------------------
@@ -449,8 +508,8 @@ async def test_one_huge_alert_does_not_sink_its_group(rig):
     huge = next(a for a in sent if a["stream"] == "cam-huge")
     assert len(huge["title"]) == 300
     assert len(huge["text"]) == 4000
-    assert len(huge["logos"]) == 30
-    assert max(len(n) for n in huge["logos"]) == 200
+    assert len(huge["logos"]) == 20
+    assert max(len(n) for n in huge["logos"]) == 128
     assert len(huge["labels"]) == 30
     assert huge["clip_url"] is None, "a link longer than 2,000 characters is dropped, not cut"
 

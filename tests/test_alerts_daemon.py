@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from streamwatch.emulator import Script
 from tests.conftest import SECRET, Daemon, stream_toml
@@ -267,3 +268,104 @@ group_seconds = 0
     await daemon.stop()
     assert all(t.end_status == 14 for t in emulator.tasks.values())
     assert f.attempts["webhook"] == 0
+
+
+async def test_a_failure_after_the_commit_keeps_the_alert_and_answers_200(
+    daemon, emulator, fakes, monkeypatch
+):
+    """A step after the commit that raises (here the metrics, as negative token counts once
+    did) loses neither the segment's alert nor the answer: 200, the alert is delivered, and
+    the failure is one logged, counted line."""
+    f, base = fakes
+    url = "rtmp://cams.test/quiet"
+    emulator.scripts[url] = Script(outcomes=["safe"] * 1000)
+    extra = alerting(
+        daemon,
+        base,
+        """
+[[alerts.rules]]
+name = "unsafe"
+events = ["unsafe_content"]
+sinks = ["hook"]
+group_seconds = 0
+""",
+    )
+    app = await daemon.start(stream_toml("quiet", url), extra=extra)
+    await daemon.wait(lambda: daemon.state("quiet").task_id is not None)
+    task_id = daemon.state("quiet").task_id
+
+    def broken(outcome: object) -> None:
+        raise ValueError("Counters can only be incremented by non-negative amounts.")
+
+    monkeypatch.setattr(app.metrics, "callback", broken)
+    body = {
+        "task_id": task_id,
+        "data": {
+            "status": 0,
+            "data": {"segment_index": 90_000, "content_moderation": {"has_unsafe_content": True}},
+        },
+    }
+    assert app.server is not None
+    with capture_logs() as logs:
+        async with aiohttp.ClientSession() as s:
+            resp = await s.post(app.server.callback_url(), json=body)
+    assert resp.status == 200
+    async with asyncio.timeout(10):
+        await f.wait(lambda: bool(f.received["webhook"]))
+    alerts = await hook_alerts(f)
+    assert [(a["kind"], a["segment_index"]) for a in alerts] == [("unsafe_content", 90_000)]
+    failed = [e for e in logs if e["event"] == "callback.after_commit_failed"]
+    assert failed
+    assert failed[0]["step"] == "metrics"
+    errors = app.registry.get_sample_value("streamwatch_callback_errors_total", {"step": "metrics"})
+    assert errors is not None
+    assert errors >= 1
+
+
+async def test_an_open_condition_is_resolved_after_a_restart_and_nothing_repeats(
+    daemon, emulator, fakes
+):
+    """A stream that stopped (15) before a daemon restart is resolved when the next process
+    starts its next task, and the firing is not sent again: alert memory is in the state file,
+    not in the process."""
+    f, base = fakes
+    url = "rtmp://cams.test/flaky"
+    emulator.scripts[url] = Script(outcomes=["safe", "safe"], then="end:15")
+    extra = alerting(
+        daemon,
+        base,
+        """
+[[alerts.rules]]
+name = "stops"
+events = ["stream_stopped"]
+sinks = ["hook"]
+cooldown_seconds = 3600
+group_seconds = 0
+""",
+    )
+    daemon.write(stream_toml("flaky", url), extra=extra)
+    # A long backoff: the stopped stream waits for the restart instead of restarting itself.
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(
+        text.replace("restart_initial_seconds = 0.05", "restart_initial_seconds = 600").replace(
+            "restart_max_seconds = 0.2", "restart_max_seconds = 600"
+        )
+    )
+    await daemon.start()
+    await daemon.wait(lambda: daemon.state("flaky").last_end_status == 15)
+    async with asyncio.timeout(10):
+        await f.wait(lambda: bool(f.received["webhook"]))
+    await daemon.stop()
+    emulator.scripts[url] = Script(outcomes=["safe"] * 1000)
+    await daemon.start()
+    await daemon.wait(lambda: daemon.state("flaky").run_segments >= 3)
+    async with asyncio.timeout(10):
+        await f.wait(lambda: len(f.received["webhook"]) >= 2)
+    assert daemon.app is not None
+    assert daemon.app.alerts is not None
+    await daemon.app.alerts.settle()
+    alerts = await hook_alerts(f)
+    assert [(a["kind"], a["resolved"]) for a in alerts] == [
+        ("stream_stopped", False),
+        ("stream_stopped", True),
+    ]

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import io
 import json
+import logging
+import random
+from collections.abc import MutableMapping
 from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
+from bench.fuzz import RAW_REQUESTS, Mutator
 from tests.conftest import SECRET, Daemon, stream_toml
 
 
@@ -242,3 +248,65 @@ async def test_upload_callbacks_refuse_unusable_bodies_with_400(daemon, http, bo
     resp = await http.post(f"{base}/callbacks/mavi-video/{SECRET}", data=body)
     assert resp.status == 400
     assert await daemon.store.library_videos() == {}
+
+
+async def raw_request(port: int, request: bytes) -> tuple[str, bytes]:
+    """Send raw bytes, read the status line, then wait for the server to close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            line = await reader.readline()
+            rest = await reader.read()  # until the server closes: its logging is done
+    finally:
+        writer.close()
+    parts = line.split()
+    return (parts[1].decode() if len(parts) > 1 else "closed"), rest
+
+
+def warnings_and_errors(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["log_level"] in ("warning", "error", "critical")]
+
+
+@pytest.mark.parametrize(
+    "name", ["bad-header", "bad-chunk", "gzip-garbage", "deflate-garbage", "long-header"]
+)
+async def test_malformed_http_is_one_log_line_and_400(daemon, name, caplog):
+    """A request aiohttp cannot parse, or whose body cannot be read (broken chunking or
+    compression), is answered 400 and logged as one warning line without a traceback and
+    without the request line (it holds the callback secret)."""
+    await started(daemon)
+    assert daemon.app is not None
+    assert daemon.app.server is not None
+    request = dict(RAW_REQUESTS)[name].replace(b"{path}", f"/callbacks/mavi/{SECRET}".encode())
+    with capture_logs() as logs:
+        status, _ = await raw_request(daemon.app.server.port or 0, request + b"\r\n" * 2)
+    assert status == "400"
+    lines = warnings_and_errors(logs)
+    assert len(lines) == 1, lines
+    assert lines[0]["event"] in ("http.bad_request", "callback.rejected")
+    assert "exc_info" not in lines[0]
+    assert SECRET not in repr(logs)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_mutated_bodies_never_get_a_5xx_or_a_traceback(daemon, http):
+    """Bodies from the bench fuzzer's mutator (known and unknown task ids) are answered 200 or
+    4xx, each refusal is one warning line, and nothing is logged as an error."""
+    base = await started(daemon)
+    await daemon.wait(lambda: daemon.state("cam").task_id is not None)
+    task_id = daemon.state("cam").task_id
+    assert task_id is not None
+    mutator = Mutator(random.Random(3), [task_id])
+    statuses: collections.Counter[int] = collections.Counter()
+    with capture_logs() as logs:
+        for _ in range(300):
+            _, body = mutator.body()
+            url = f"{base}/callbacks/mavi/{SECRET}"
+            async with http.post(url, data=io.BytesIO(body)) as resp:
+                statuses[resp.status] += 1
+    assert set(statuses) <= {200, 400, 413}, statuses
+    refused = sum(c for s, c in statuses.items() if s >= 400)
+    assert len([e for e in logs if e["event"] == "callback.rejected"]) == refused
+    assert [e for e in logs if e["log_level"] in ("error", "critical") or "exc_info" in e] == []

@@ -131,6 +131,18 @@ async def test_answers_without_a_task_id_are_rejected(fake, client, body):
         await client.start(REQUEST)
 
 
+@pytest.mark.parametrize(
+    "task_id", ["../../../../tmp/x", "/etc/passwd", "a/b", "..", "a\\b", "a\x00b", "x" * 129]
+)
+async def test_task_ids_that_are_not_ids_are_rejected(fake, client, task_id):
+    """A start answer whose task id could name a path (or is over 128 characters) is an
+    error: the id never reaches the store or the evidence archive."""
+    fake.answers = [Answer(200, {"code": 200, "data": {"task_id": task_id}})]
+    with pytest.raises(RejectedRequest) as info:
+        await client.start(REQUEST)
+    assert task_id not in str(info.value)
+
+
 async def test_stop_and_already_stopped(fake, client):
     """Stop returns True when stopped now and False on 400 (unknown or already stopped)."""
     fake.answers = [Answer(200, {"code": 200, "data": {"task_id": "t-1"}}), Answer(400, {})]

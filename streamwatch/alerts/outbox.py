@@ -14,17 +14,22 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import structlog
 
 from streamwatch.alerts.events import AlertEvent
-from streamwatch.alerts.rules import Router
+from streamwatch.alerts.rules import Condition, Router, RuleState, Window
 from streamwatch.alerts.sinks import Alert, Delivery, Sink
 from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
-from streamwatch.alerts.sources import from_record, from_segment
-from streamwatch.mavi.callbacks import SegmentReport
+from streamwatch.alerts.sources import from_record, from_segment, logo_hit
+from streamwatch.config import StreamConfig
+from streamwatch.mavi.callbacks import SegmentReport, StreamEnded
 from streamwatch.metrics import Metrics
-from streamwatch.store import OutboxRow, Store
+from streamwatch.store import AlertTx, CallbackOutcome, EventRow, NewAlert, OutboxRow, Store
+
+if TYPE_CHECKING:
+    from streamwatch.evidence import Evidence
 
 __all__ = ["Alerts", "Outbox"]
 
@@ -174,7 +179,13 @@ class Outbox:
 
 
 class Alerts:
-    """Routes events to the outbox and runs the delivery worker."""
+    """Decides alerts inside the store's operations (it is the store's `AlertHook`) and runs
+    the delivery worker.
+
+    The hook methods run in the store's thread, inside the transaction recording what raised
+    the alert: they read the stream's settings (`specs()`, replaced whole on reload, never
+    mutated) and the rule state through the `AlertTx`, and write outbox rows and state back.
+    """
 
     def __init__(
         self,
@@ -182,86 +193,142 @@ class Alerts:
         router: Router,
         outbox: Outbox,
         store: Store,
+        specs: Callable[[], Mapping[str, StreamConfig]] = dict,
+        evidence: Evidence | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.router = router
         self.outbox = outbox
         self._store = store
+        self._specs = specs
+        self._evidence = evidence
         self._clock = clock
         self._writes: set[asyncio.Task[None]] = set()
-        self._unsafe: dict[str, int] = {}
-        self._logos: dict[str, int] = {}
 
-    def record(
-        self,
-        kind: str,
-        *,
-        stream: str | None = None,
-        task_id: str | None = None,
-        status: int | None = None,
-        detail: str = "",
-        labels: Mapping[str, str] | None = None,
-    ) -> None:
-        """Alert on something the daemon recorded, if it is alert-worthy."""
-        event = from_record(
-            kind,
-            at=self._clock(),
-            stream=stream,
-            task_id=task_id,
-            status=status,
-            detail=detail,
-            labels=labels,
+    # -- the store's alert hook (store thread) -------------------------------------------------
+
+    def callback(self, tx: AlertTx, outcome: CallbackOutcome) -> None:
+        """Alerts for a stored callback: unsafe and logo segments (with their streaks), a task
+        that ended by itself, the first callback from a task this daemon did not start."""
+        cb = outcome.callback
+        if outcome.kind == "orphan":
+            if outcome.first_from_task:
+                event = from_record(
+                    "orphan_task",
+                    at=tx.now,
+                    task_id=cb.task_id,
+                    detail=f"task {cb.task_id} sends callbacks but was not started by this daemon",
+                )
+                assert event is not None
+                self._route(tx, event)
+            return
+        stream = outcome.stream
+        if stream is None:
+            return
+        spec = self._specs().get(stream)
+        labels = spec.labels if spec else {}
+        if isinstance(cb, SegmentReport):
+            watched = tuple(spec.watch_logos) if spec else ()
+            hit = logo_hit(cb, watched)
+            before = tx.streaks(stream)
+            streaks = (before[0] + 1 if cb.unsafe else 0, before[1] + 1 if hit else 0)
+            if streaks != before:
+                tx.set_streaks(stream, *streaks)
+            if not (cb.unsafe or hit):
+                return
+            for event in from_segment(
+                cb,
+                stream=stream,
+                at=tx.now,
+                unsafe_streak=streaks[0],
+                logo_streak=streaks[1],
+                watched=watched,
+                labels=labels,
+                evidence=self._evidence_path(stream, spec, cb),
+            ):
+                self._route(tx, event)
+        elif isinstance(cb, StreamEnded):
+            if outcome.stop_requested or not tx.is_latest_task(stream, cb.task_id):
+                return  # asked for by this daemon, or an older task's: no news
+            event = from_record(
+                "task_ended",
+                at=tx.now,
+                stream=stream,
+                task_id=cb.task_id,
+                status=cb.status,
+                detail=cb.message,
+                labels=labels,
+            )
+            if event is not None:
+                self._route(tx, event)
+
+    def record(self, tx: AlertTx, event: EventRow) -> None:
+        """Alerts for an event the supervisor recorded, if it is alert-worthy."""
+        spec = self._specs().get(event.stream) if event.stream else None
+        alert = from_record(
+            event.kind,
+            at=event.at,
+            stream=event.stream,
+            task_id=event.task_id,
+            status=event.status,
+            detail=event.detail,
+            labels=spec.labels if spec else {},
         )
-        if event is not None:
-            self.emit(event)
+        if alert is not None:
+            self._route(tx, alert)
 
-    def segment(
-        self,
-        report: SegmentReport,
-        *,
-        stream: str,
-        labels: Mapping[str, str],
-        watched: tuple[str, ...],
-        evidence: str | None = None,
-    ) -> None:
-        """Alert on a stored segment, counting unsafe and logo segments in a row."""
-        self._unsafe[stream] = self._unsafe.get(stream, 0) + 1 if report.unsafe else 0
-        names = {logo.name for logo in report.logos if logo.name}
-        hit = bool(names & set(watched)) if watched else bool(names)
-        self._logos[stream] = self._logos.get(stream, 0) + 1 if hit else 0
-        for event in from_segment(
-            report,
-            stream=stream,
-            at=self._clock(),
-            unsafe_streak=self._unsafe[stream],
-            logo_streak=self._logos[stream],
-            watched=watched,
-            labels=labels,
-            evidence=evidence,
-        ):
-            self.emit(event)
+    def committed(self) -> None:
+        self.outbox.wake()
+
+    def _evidence_path(
+        self, stream: str, spec: StreamConfig | None, report: SegmentReport
+    ) -> str | None:
+        """Where the segment's clip will be archived, known before it is downloaded."""
+        if self._evidence is None or spec is None or not spec.evidence:
+            return None
+        if not (report.video_url or "").startswith(("http://", "https://")):
+            return None
+        return str(self._evidence.path_for(stream, report))
+
+    def _route(self, tx: AlertTx, event: AlertEvent) -> None:
+        conditions, windows = self.router.keys(event)
+        if not conditions:
+            return
+        state = RuleState(
+            {k: Condition(*v) for k, v in tx.conditions(conditions).items()},
+            {k: Window(*v) for k, v in tx.windows(windows).items()},
+        )
+        decision = self.router.route(event, tx.now, state, new_id=_new_id)
+        tx.save(
+            conditions={k: (c.last_sent, c.open) for k, c in decision.conditions.items()},
+            windows={k: (w.group, w.until) for k, w in decision.windows.items()},
+            alerts=[
+                NewAlert(r.alert_id, r.sink, r.rule, r.group, r.event.to_json(), r.send_after)
+                for r in decision.routed
+            ],
+        )
+
+    # -- the event loop -------------------------------------------------------------------------
 
     def emit(self, event: AlertEvent) -> None:
-        """Route an event; what a rule selects is written to the outbox, then delivered."""
-        routed = self.router.route(event, self._clock())
-        if not routed:
-            return
-        rows = [
-            (str(uuid.uuid4()), r.sink, r.rule, r.group, r.event.to_json(), r.send_after)
-            for r in routed
-        ]
-        task = asyncio.create_task(self._enqueue(rows))
+        """Route an event nothing recorded (tests, tools) in an operation of its own."""
+        task = asyncio.create_task(self._emit(event))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 
-    async def _enqueue(
-        self, rows: list[tuple[str, str, str, str, dict[str, object], float]]
-    ) -> None:
-        await self._store.enqueue_alerts(rows)
-        self.outbox.wake()
+    async def _emit(self, event: AlertEvent) -> None:
+        routed = await self._store.with_alert_tx(
+            lambda tx: self._route(tx, event), now=self._clock()
+        )
+        if routed:
+            self.outbox.wake()
 
     async def settle(self) -> None:
         """Wait until every emitted alert is in the outbox and every delivery under way ended."""
         while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
         await self.outbox.settle()
+
+
+def _new_id() -> str:
+    return str(uuid.uuid4())

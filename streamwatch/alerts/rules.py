@@ -1,27 +1,41 @@
-"""Which rule sends which event to which sink, and when.
+"""Which rule sends which event to which sink, and when: a pure decision.
 
 A rule matches by event kind, stream name (glob), labels and minimum severity; it may require
 `min_consecutive` segments in a row (to ride out one false positive), keeps a cooldown per
 rule and subject, folds what arrives within `group_seconds` into one message per sink, and
 sends a resolution only if the firing went out and `send_resolved` is on.
+
+`Router.route(event, now, state)` returns a `Decision`: the alerts to write to the outbox and
+the rule state that changed. The state (per rule and subject: when it last sent and whether a
+firing is open; per rule and sink: the grouping window) is kept by the caller — the store, in
+the same transaction as what raised the event — so it survives restarts. Every routed event
+is cut to `LIMITS` (`events.clamp`) before it is written.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import itertools
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
-from streamwatch.alerts.events import SEVERITIES, AlertEvent
+from streamwatch.alerts.events import SEVERITIES, AlertEvent, clamp
 from streamwatch.config import AlertRule
 
-__all__ = ["Routed", "Router"]
+__all__ = [
+    "Condition",
+    "Decision",
+    "Routed",
+    "Router",
+    "RuleState",
+    "Window",
+]
 
 
 @dataclass(frozen=True, slots=True)
 class Routed:
     """One event for one sink: deliver with the rest of `group` once `send_after` has come."""
 
+    alert_id: str
     rule: str
     sink: str
     event: AlertEvent
@@ -29,17 +43,52 @@ class Routed:
     send_after: float
 
 
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """A rule's memory of one subject: when it last sent, and whether a firing is open."""
+
+    last_sent: float | None = None
+    open: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A rule's grouping window for one sink: alerts in it share `group`, sent at `until`."""
+
+    group: str
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
+class RuleState:
+    """The rule state a decision reads: conditions by (rule, subject), windows by (rule,
+    sink). Only the keys `Router.keys()` names need to be present."""
+
+    conditions: Mapping[tuple[str, str], Condition] = field(default_factory=dict)
+    windows: Mapping[tuple[str, str], Window] = field(default_factory=dict)
+
+    def updated(self, decision: Decision) -> RuleState:
+        """This state with a decision's changes applied."""
+        return RuleState(
+            {**self.conditions, **decision.conditions}, {**self.windows, **decision.windows}
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What routing one event decided: alerts to write, and the state that changed."""
+
+    routed: list[Routed]
+    conditions: dict[tuple[str, str], Condition]
+    windows: dict[tuple[str, str], Window]
+    suppressed: int = 0  # firings held back by a cooldown
+
+
 class Router:
-    """Routes events by the configured rules. Its memory (cooldowns, open alerts, grouping
-    windows) is in this object: a restarted daemon starts with none."""
+    """Routes events by the configured rules. Holds no memory: see `RuleState`."""
 
     def __init__(self, rules: list[AlertRule]) -> None:
         self.rules = rules
-        self._last_sent: dict[tuple[str, str], float] = {}
-        self._open: set[tuple[str, str]] = set()
-        self._windows: dict[tuple[str, str], tuple[str, float]] = {}
-        self._seq = itertools.count(1)
-        self.suppressed = 0
 
     def matches(self, rule: AlertRule, event: AlertEvent) -> bool:
         """Does the rule select this event (before cooldown and streak checks)?"""
@@ -54,36 +103,48 @@ class Router:
             return False
         return SEVERITIES[event.severity] >= SEVERITIES[rule.min_severity]
 
-    def route(self, event: AlertEvent, now: float) -> list[Routed]:
+    def keys(self, event: AlertEvent) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        """The condition and window keys that routing this event reads."""
+        rules = [r for r in self.rules if self.matches(r, event)]
+        return (
+            [(r.name, event.subject) for r in rules],
+            [(r.name, sink) for r in rules if r.group_seconds > 0 for sink in r.sinks],
+        )
+
+    def route(
+        self, event: AlertEvent, now: float, state: RuleState, *, new_id: Callable[[], str]
+    ) -> Decision:
+        """Decide where `event` goes. `new_id()` names each alert (and each new group)."""
         out: list[Routed] = []
+        conditions: dict[tuple[str, str], Condition] = {}
+        windows: dict[tuple[str, str], Window] = {}
+        suppressed = 0
+        sent = clamp(event)
         for rule in self.rules:
             if not self.matches(rule, event):
                 continue
             key = (rule.name, event.subject)
+            cond = state.conditions.get(key, Condition())
             if event.resolved:
-                if not rule.send_resolved or key not in self._open:
+                if not rule.send_resolved or not cond.open:
                     continue
-                self._open.discard(key)
+                conditions[key] = Condition(cond.last_sent, open=False)
             else:
                 if event.consecutive < rule.min_consecutive:
                     continue
-                last = self._last_sent.get(key)
-                if last is not None and now - last < rule.cooldown_seconds:
-                    self.suppressed += 1
+                if cond.last_sent is not None and now - cond.last_sent < rule.cooldown_seconds:
+                    suppressed += 1
                     continue
-                self._last_sent[key] = now
-                self._open.add(key)
+                conditions[key] = Condition(now, open=True)
             for sink in rule.sinks:
-                group, send_after = self._window(rule, sink, now)
-                out.append(Routed(rule.name, sink, event, group, send_after))
-        return out
-
-    def _window(self, rule: AlertRule, sink: str, now: float) -> tuple[str, float]:
-        if rule.group_seconds <= 0:
-            return f"{rule.name}:{sink}:{next(self._seq)}", now
-        current = self._windows.get((rule.name, sink))
-        if current is not None and now < current[1]:
-            return current
-        window = (f"{rule.name}:{sink}:{next(self._seq)}", now + rule.group_seconds)
-        self._windows[(rule.name, sink)] = window
-        return window
+                alert_id = new_id()
+                if rule.group_seconds <= 0:
+                    out.append(Routed(alert_id, rule.name, sink, sent, alert_id, now))
+                    continue
+                wkey = (rule.name, sink)
+                window = windows.get(wkey) or state.windows.get(wkey)
+                if window is None or now >= window.until:
+                    window = Window(f"{rule.name}:{sink}:{alert_id}", now + rule.group_seconds)
+                    windows[wkey] = window
+                out.append(Routed(alert_id, rule.name, sink, sent, window.group, window.until))
+        return Decision(out, conditions, windows, suppressed)

@@ -9,12 +9,12 @@ resume or when the recheck lifts it), `budget_threshold`, `budget_forecast`,
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from streamwatch.alerts.events import AlertEvent, Severity
 from streamwatch.mavi.callbacks import SegmentReport
 
-__all__ = ["KINDS", "from_record", "from_segment"]
+__all__ = ["KINDS", "from_record", "from_segment", "logo_hit"]
 
 KINDS = (
     "unsafe_content",
@@ -115,6 +115,13 @@ def from_record(
         task_id=task_id,
         resolved=resolves,
     )
+
+
+def logo_hit(report: SegmentReport, watched: Collection[str]) -> bool:
+    """Does the segment show a logo that counts: a watch-listed one, or any when there is no
+    watch list?"""
+    names = {logo.name for logo in report.logos if logo.name}
+    return bool(names & set(watched)) if watched else bool(names)
 
 
 def from_segment(

@@ -28,6 +28,7 @@ from streamwatch.mavi.errors import (
     RejectedRequest,
     TransientError,
 )
+from streamwatch.mavi.ids import TASK_ID_MAX, is_task_id
 from streamwatch.metrics import Metrics
 from streamwatch.redact import Redactor
 
@@ -124,6 +125,12 @@ class StreamClient:
         task_id = data.get("task_id") if isinstance(data, dict) else None
         if not isinstance(task_id, str) or not task_id:
             raise RejectedRequest("MAVI answered the start without a task_id")
+        if not is_task_id(task_id):
+            # It names files and rows: never let an answer choose a path.
+            raise RejectedRequest(
+                f"MAVI answered the start with a task_id that is not an id ({len(task_id)}"
+                f" characters; expected 1 to {TASK_ID_MAX} letters, digits, '-' or '_')"
+            )
         return task_id
 
     async def stop(self, task_id: str) -> bool:
