@@ -39,6 +39,7 @@ from streamwatch.evidence import Evidence
 from streamwatch.guard import ConnectionGuard, effective_limit, listen_backlog
 from streamwatch.ledger import summary
 from streamwatch.listen import bind
+from streamwatch.logs import Throttle
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, decode_body, parse_callback
 from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
 from streamwatch.store import CallbackOutcome, Store, StoreError
@@ -215,18 +216,36 @@ class HttpLog(logging.Logger):
     as malformed (bad request line or headers, broken chunking or compression) is a client's
     error: one warning, `http.bad_request`, with the exception's type and no traceback (its
     message may quote the request line, which holds the callback secret). Anything else keeps
-    its traceback: it is a bug."""
+    its traceback: it is a bug. Either line is written once a minute per kind at most, the next
+    one with `suppressed` (how many were held back): a flood of bad requests is not a flood of
+    log lines."""
 
     def __init__(self) -> None:
         super().__init__("aiohttp.server", logging.INFO)
+        self._repeats = Throttle()
 
     def handle(self, record: logging.LogRecord) -> None:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError | web.RequestPayloadError | ConnectionError):
-            quiet = record.levelno < logging.WARNING or ANSWERED in getattr(exc, "__notes__", ())
-            (log.debug if quiet else log.warning)("http.bad_request", error=type(exc).__name__)
+            if record.levelno < logging.WARNING or ANSWERED in getattr(exc, "__notes__", ()):
+                log.debug("http.bad_request", error=type(exc).__name__)
+                return
+            held = self._repeats.allow(("bad_request", type(exc).__name__))
+            if held is not None:
+                log.warning("http.bad_request", error=type(exc).__name__, **_suppressed(held))
         elif record.levelno >= logging.WARNING:
-            log.error("http.server_error", message=record.getMessage(), exc_info=record.exc_info)
+            held = self._repeats.allow(("server_error", type(exc).__name__, str(record.msg)))
+            if held is not None:
+                log.error(
+                    "http.server_error",
+                    message=record.getMessage(),
+                    exc_info=record.exc_info,
+                    **_suppressed(held),
+                )
+
+
+def _suppressed(held: int) -> dict[str, int]:
+    return {"suppressed": held} if held else {}
 
 
 class Server:

@@ -238,3 +238,28 @@ async def test_reload_refuses_a_label_holding_a_secret(daemon):
     daemon.write(stream_toml("one") + stream_toml("two", url=f"rtsp://u:{PASSWORD}@cam/x"))
     assert await daemon.app.reload()
     assert daemon.app.redactor(f"error near {PASSWORD}") == "error near ***"
+
+
+async def test_mavi_callback_messages_are_kept_without_url_credentials(daemon):
+    """A failed segment's and a task end's message quoting the credentialed stream URL is
+    stored, logged and turned into events with the password masked."""
+    from tests.test_server import segment_body
+
+    await daemon.start(stream_toml("cam", url=URL))
+    await daemon.wait(lambda: daemon.state("cam").task_id is not None)
+    task_id = daemon.state("cam").task_id
+    hook = daemon.app.server.callback_url()
+    said = f"cannot pull {URL}: 401"
+    failed = segment_body(task_id, 0)
+    failed["data"] = {"status": -1, "message": said, "data": None}
+    ended = {**failed, "data": {"status": 15, "message": said, "data": None}}
+    async with aiohttp.ClientSession() as http:
+        for body in (failed, ended):
+            async with http.post(hook, json=body) as resp:
+                assert resp.status == 200
+    await daemon.wait(lambda: daemon.state("cam").last_end_status == 15)
+    with sqlite3.connect(daemon.db) as conn:
+        kept = [m for (m,) in conn.execute("SELECT message FROM segment_failures")]
+        kept += [d for (d,) in conn.execute("SELECT detail FROM events WHERE kind='task_ended'")]
+    assert kept == ["cannot pull rtsp://admin:***@cams.test:554/live: 401"] * 2
+    assert state_file_leaks(daemon.db.parent) == {}

@@ -291,6 +291,20 @@ async def test_malformed_http_is_one_log_line_and_400(daemon, name, caplog):
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+async def test_a_flood_of_malformed_requests_is_one_log_line(daemon):
+    """Two hundred requests aiohttp cannot parse (no secret needed to send them) are each
+    answered 400, and logged as one `http.bad_request` line, not two hundred."""
+    await started(daemon)
+    assert daemon.app is not None
+    assert daemon.app.server is not None
+    request = dict(RAW_REQUESTS)["bad-header"].replace(b"{path}", b"/healthz") + b"\r\n" * 2
+    with capture_logs() as logs:
+        for _ in range(200):
+            status, _ = await raw_request(daemon.app.server.port or 0, request)
+            assert status == "400"
+    assert [e["event"] for e in warnings_and_errors(logs)] == ["http.bad_request"]
+
+
 async def test_mutated_bodies_never_get_a_5xx_or_a_traceback(daemon, http):
     """Bodies from the bench fuzzer's mutator (known and unknown task ids) are answered 200 or
     4xx, each refusal is one warning line, and nothing is logged as an error."""
