@@ -290,4 +290,7 @@ async def test_held_connections_do_not_starve_a_real_daemon(tmp_path: Path):
     seen = events(lines)  # every line is JSON: no traceback, no stray text
     assert seen["server.connections_dropped"] == 1
     assert seen["server.accept_failed"] <= 1
-    assert len(lines) < 100, seen
+    # One refusal line for each trickling body the test abandons (they used the secret);
+    # everything else, the attack included, is a handful of lines.
+    assert seen["callback.rejected"] <= 100
+    assert len(lines) - seen["callback.rejected"] < 60, seen
