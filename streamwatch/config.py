@@ -21,7 +21,6 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 import stamina
 from pydantic import (
     BaseModel,
@@ -651,21 +650,17 @@ def _field_at(loc: tuple[int | str, ...]) -> Any:
 
 
 def _range(loc: tuple[int | str, ...]) -> str | None:
-    """A field's allowed range when it has both ends, e.g. "1 to 60"."""
+    """A field's allowed range when it has both ends, e.g. "allowed: 1 to 60"."""
     info = _field_at(loc)
     if info is None:
         return None
-    low = next(
-        (m for m in info.metadata if isinstance(m, annotated_types.Ge | annotated_types.Gt)), None
-    )
-    high = next(
-        (m for m in info.metadata if isinstance(m, annotated_types.Le | annotated_types.Lt)), None
-    )
-    if low is None or high is None:
-        return None
-    above = f"{low.ge}" if isinstance(low, annotated_types.Ge) else f"more than {low.gt}"
-    below = f"{high.le}" if isinstance(high, annotated_types.Le) else f"less than {high.lt}"
-    return f"allowed: {above} to {below}"
+    # pydantic keeps `Field(ge=…, le=…)` as annotated-types constraints, one attribute each.
+    ends = {
+        k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)
+    }
+    low = next((f"{w}{ends[k]}" for k, w in (("ge", ""), ("gt", "more than ")) if k in ends), None)
+    high = next((f"{w}{ends[k]}" for k, w in (("le", ""), ("lt", "less than ")) if k in ends), None)
+    return f"allowed: {low} to {high}" if low and high else None
 
 
 def _problems_from(exc: ValidationError) -> list[ConfigProblem]:

@@ -252,7 +252,7 @@ class VideoLibrary:
             return self._answer("0001", msg="videoNos and searchValue are required")
         if len(nos) > 50:
             return self._answer("0003", msg="at most 50 videos per call")
-        if unknown := self._unknown(nos):
+        if (unknown := self._unknown(nos)) is not None:
             return unknown
         clips = [self.videos[n].clip_wire(5, 10) for n in nos]
         return self._answer("0000", {"videos": clips})
@@ -266,7 +266,7 @@ class VideoLibrary:
         nos = body.get("videoNos", [])
         if not isinstance(nos, list):
             return self._answer("0001", msg="videoNos is a list")
-        if unknown := self._unknown(nos):
+        if (unknown := self._unknown(nos)) is not None:
             return unknown
         answer = f"The {len(nos)} video(s) show what you asked about: {body['message']}"
         if not body.get("stream"):
