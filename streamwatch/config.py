@@ -800,14 +800,22 @@ def parse_config(
         known = {p.path for p in problems}
         problems.extend(p for p in _problems_from(exc) if p.path not in known)
         partial, failed = _sections(raw)
-        known = {p.path for p in problems}
-        problems.extend(p for p in _checked(checks, partial, env, failed) if p.path not in known)
+        problems.extend(_unreported(_checked(checks, partial, env, failed), problems))
         raise ConfigError(source, problems) from None
-    known = {p.path for p in problems}
-    problems.extend(p for p in _checked(checks, config, env, set()) if p.path not in known)
+    problems.extend(_unreported(_checked(checks, config, env, set()), problems))
     if problems:
         raise ConfigError(source, problems)
     return config
+
+
+def _unreported(found: list[ConfigProblem], reported: list[ConfigProblem]) -> list[ConfigProblem]:
+    """What a check found at places not already reported, nor inside or around one (a secret
+    read from "${UNSET}/key" is missing because the variable is unset: say that once)."""
+
+    def near(a: str, b: str) -> bool:
+        return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
+
+    return [p for p in found if not any(near(p.path, r.path) for r in reported)]
 
 
 def load_config(

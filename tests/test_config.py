@@ -315,3 +315,12 @@ def test_a_duplicate_stream_name_is_reported_once():
     assert [(p.path, "duplicate" in p.message) for p in info.value.problems] == [
         ("streams[1].name", True)
     ]
+
+
+def test_a_secret_behind_an_unset_variable_is_reported_once():
+    """A secret file named with an unset variable is one problem, the variable, not also an
+    empty secret."""
+    text = "[mavi]\nbackend = 'mavi'\napi_key = { file = '${NO_SUCH_DIR}/key' }\n"
+    found = problems(text, checks=[secret_problems])
+    assert set(found) == {"mavi.api_key.file", "server.callback_secret"}
+    assert "NO_SUCH_DIR" in found["mavi.api_key.file"]
