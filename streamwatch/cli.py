@@ -8,17 +8,19 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 import tomllib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
+import stamina.instrumentation
 import structlog
 from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
@@ -26,36 +28,114 @@ from pydantic import ValidationError
 from streamwatch import __version__, probecmd, videocmd
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.config import (
+    Check,
     Config,
     ConfigError,
     ConfigProblem,
     EmulatorScript,
     Secrets,
+    check_host_port,
     load_config,
     local_url,
     read_secret,
     resolve_secrets,
+    secret_problems,
     secret_values,
 )
 from streamwatch.ledger import caps_for, period_bounds, stream_ticks_per_hour, usd
 from streamwatch.logs import configure_logging
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.redact import Redactor, redact_urls
-from streamwatch.store import ChargeTotal, Store
+from streamwatch.store import ChargeTotal, Store, StoreError, check_state_file
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_CONFIG, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# What each exit code means, for every verb (README, "Command line").
+EXIT_OK = 0  # done
+EXIT_CONFIG = 1  # the config, its secrets or the state file are wrong, or the work failed
+EXIT_USAGE = 2  # a bad command-line argument (argparse uses 2 as well)
+EXIT_UNREACHABLE = 3  # the daemon (or, for `alerts test`, a sink) could not be reached
+EXIT_REFUSED = 4  # the daemon answered, and refused (wrong token, unknown stream)
+EXIT_NOT_MEDIA = 5  # `probe`: the source answered with something that is not media
 EXIT_BROKEN_PIPE = 141  # as a shell reports a program killed by SIGPIPE
 DEFAULT_CONFIG = "streams.toml"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: what is wrong, and where the help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _http_url(text: str) -> str:
+    """An http(s) base URL, without a trailing slash."""
+    if not re.match(r"^https?://[^/\s]+", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an http:// or https:// URL, e.g. http://127.0.0.1:8080"
+        )
+    return text.rstrip("/")
+
+
+def _when(text: str) -> float:
+    """A UTC date (2026-11-01), month (2026-11) or ISO time, as a unix time."""
+    try:
+        when = datetime.fromisoformat(text + "-01" if len(text) == 7 else text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a date: use YYYY-MM-DD, YYYY-MM or an ISO time (UTC)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    try:
+        check_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _usd(text: str) -> Decimal:
+    try:
+        amount = Decimal(text)
+    except ArithmeticError:
+        amount = Decimal("NaN")
+    if not amount.is_finite() or amount < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount in USD, e.g. 100 or 12.50")
+    return amount
+
+
+def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    """A converter to a number above 0 (of `kind`)."""
+    what = "a whole number" if kind is int else "a number"
+
+    def convert(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} above 0")
+        return value
+
+    return convert
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="streamwatch", description="Keep MAVI live-stream moderation running and watched."
     )
     parser.add_argument("--version", action="version", version=f"streamwatch {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def verb(name: str, text: str, about: str) -> argparse.ArgumentParser:
+        """A verb with its one-line help (in `streamwatch --help`) and its description."""
+        p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=about)
+        return p
 
     def with_config(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -66,45 +146,128 @@ def _parser() -> argparse.ArgumentParser:
             help="config file (default: $STREAMWATCH_CONFIG or ./streams.toml)",
         )
 
-    p = sub.add_parser("run", help="run the daemon")
+    daemon_url = "the daemon's base URL, e.g. http://127.0.0.1:8080 (default: from [server] listen)"
+    p = verb(
+        "run",
+        "run the daemon",
+        "Run the daemon in the foreground until SIGTERM or Ctrl-C: start a MAVI task for every "
+        "stream in the config, store their callbacks, account the cost and send alerts. SIGHUP "
+        "re-reads [[streams]]. Exits 1 when the config, its secrets or the state file are wrong, "
+        "or the server cannot listen.",
+    )
     with_config(p)
-    p = sub.add_parser("check-config", help="validate the config; print every problem")
+    p = verb(
+        "check-config",
+        "validate the config; print every problem",
+        "Validate the config file, its secrets and the state file ([storage] path) in one pass "
+        "and print every problem with its key path; when all is well, print what the config "
+        "will cost.",
+    )
     with_config(p)
-    p = sub.add_parser("status", help="show the running daemon's streams")
+    p = verb(
+        "status",
+        "show the running daemon's streams",
+        "Ask the running daemon for its streams, their state, last segment, counts and cost, "
+        "and print them as a table (or the raw JSON).",
+    )
     with_config(p)
-    p.add_argument("--url", help="daemon base URL (default: from [server] listen)")
+    p.add_argument("--url", type=_http_url, help=daemon_url)
     p.add_argument("--json", action="store_true", help="print the raw status JSON")
-    p = sub.add_parser("resume", help="lift a balance halt and release held streams")
+    p = verb(
+        "resume",
+        "lift a balance halt and release held streams",
+        "Tell the running daemon to lift an account halt (after a 402 or 401) and release held "
+        "and backing-off streams, so that they start again at once.",
+    )
     with_config(p)
-    p.add_argument("streams", nargs="*", help="streams to release (default: all)")
-    p.add_argument("--url", help="daemon base URL (default: from [server] listen)")
-    p = sub.add_parser("cost", help="what streams cost, from the state file; or `cost estimate`")
+    p.add_argument("streams", nargs="*", metavar="STREAM", help="streams to release (default: all)")
+    p.add_argument("--url", type=_http_url, help=daemon_url)
+    p = verb(
+        "cost",
+        "what streams cost, from the state file; or `cost estimate`",
+        "Total the charges recorded in the state file over a UTC range, by stream or by label "
+        "(the daemon need not run); `cost estimate` prices the config as written instead.",
+    )
     with_config(p)
     p.add_argument("what", nargs="?", choices=["estimate"], help="price the config as written")
-    p.add_argument("--since", help="UTC date or time (default: start of this month)")
-    p.add_argument("--until", help="UTC date or time, exclusive (default: now)")
-    p.add_argument("--by", choices=["stream", "label"], default="stream")
+    p.add_argument(
+        "--since", type=_when, help="UTC date, month or ISO time (default: start of this month)"
+    )
+    p.add_argument(
+        "--until", type=_when, help="UTC date, month or ISO time, exclusive (default: now)"
+    )
+    p.add_argument(
+        "--by",
+        choices=["stream", "label"],
+        default="stream",
+        help="total per stream, or per label value (key=value) (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p = sub.add_parser("alerts", help="send a test alert, or list recent alerts")
+    p = verb(
+        "alerts",
+        "send a test alert, or list recent alerts",
+        "`alerts test` sends a sample alert through the outbox to every sink (or one) and prints "
+        "each sink's result; `alerts list` shows recent alerts with their delivery state.",
+    )
     with_config(p)
-    p.add_argument("action", choices=["test", "list"])
+    p.add_argument(
+        "action",
+        choices=["test", "list"],
+        help="test: send a sample alert to the sinks; list: show recent alerts",
+    )
     p.add_argument("--sink", help="test: only this sink (default: every sink)")
-    p.add_argument("--limit", type=int, default=30, help="list: how many (default %(default)s)")
+    p.add_argument(
+        "--limit",
+        type=_positive(int),
+        default=30,
+        help="list: how many (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
-    videocmd.add_parsers(sub, with_config)
-    p = sub.add_parser("callback-url", help="print the URL to register in the MAVI console")
+    videocmd.add_parsers(sub, with_config, url=_http_url, positive=_positive(int))
+    p = verb(
+        "callback-url",
+        "print the URL to register in the MAVI console",
+        "Print the callback URL (public_url, route and secret) to paste into the MAVI console as "
+        "the account's webhook. It contains the secret: paste it, do not post it.",
+    )
     with_config(p)
     p.add_argument("--video", action="store_true", help="the batch upload callback URL instead")
-    p = sub.add_parser("backup", help="copy the state file safely, even while the daemon runs")
+    p = verb(
+        "backup",
+        "copy the state file safely, even while the daemon runs",
+        "Copy the state file with SQLite's online backup (safe while the daemon writes), check "
+        "the copy's integrity and write it only when complete.",
+    )
     with_config(p)
     p.add_argument("dest", type=Path, help="the backup file, or a folder for a dated one")
     probecmd.add_parser(sub, with_config)
-    p = sub.add_parser("emulator", help="run the MAVI emulator on its own")
-    p.add_argument("--listen", default="127.0.0.1:9400", help="host:port (default %(default)s)")
-    p.add_argument("--webhook", help="the account's callback URL")
-    p.add_argument("--balance-usd", default="100", help="starting balance (default %(default)s)")
-    p.add_argument("--segment-seconds", type=float, default=5.0)
-    p.add_argument("--capacity", type=int, help="concurrent task limit")
+    p = verb(
+        "emulator",
+        "run the MAVI emulator on its own",
+        "Serve the MAVI emulator (v2 stream API and v1 batch video API) on its own, for demos "
+        "and for programs under test; print its two base URLs on stdout. It reads no config "
+        "file: everything is given here.",
+    )
+    p.add_argument(
+        "--listen",
+        type=_host_port,
+        default="127.0.0.1:9400",
+        help="host:port to serve on; port 0 picks a free one (default %(default)s)",
+    )
+    p.add_argument("--webhook", help="the account's callback URL, where callbacks are posted")
+    p.add_argument(
+        "--balance-usd",
+        type=_usd,
+        default="100",
+        help="starting balance in USD (default %(default)s)",
+    )
+    p.add_argument(
+        "--segment-seconds",
+        type=_positive(float),
+        default=5.0,
+        help="seconds between a task's segment callbacks (default %(default)s, as MAVI)",
+    )
+    p.add_argument("--capacity", type=_positive(int), help="concurrent task limit (default: none)")
     p.add_argument("--api-key-env", help="require the key in this environment variable")
     p.add_argument("--script", type=Path, help="TOML file of [[scripts]] (see README)")
     p.add_argument("--string-codes", action="store_true", help='answer "code": "200" strings')
@@ -116,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Library logs go to stderr and only when they matter, so that stdout stays the command's
     # own output (tables, JSON). `run` and `emulator` configure their own.
     configure_logging(level="warning")
+    # The MAVI clients log each retry themselves (`mavi.request_retry`, with the endpoint);
+    # stamina's own hooks would add a second, vaguer line and a counter on the global registry.
+    stamina.instrumentation.set_on_retry_hooks([])
     verb = args.verb.replace("-", "_")
     handler = globals()[f"_cmd_{verb}"]
     try:
@@ -123,8 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
         return code
     except ConfigError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except _DaemonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -134,16 +306,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
 
 
+def _one_line(exc: ConfigError) -> str:
+    """The error as one line when there is one problem; else the list."""
+    if len(exc.problems) == 1:
+        return f"{exc.source}: {exc.problems[0]}"
+    return str(exc)
+
+
 def _load(path: Path) -> Config:
     return load_config(path)
+
+
+def _state_file_problems(config: Config, environ: Mapping[str, str]) -> list[ConfigProblem]:
+    """The state file as a config `Check`: its folder, and what is already there."""
+    problem = check_state_file(config.storage.path)
+    return [ConfigProblem("storage.path", problem)] if problem else []
+
+
+def _load_with_secrets(path: Path, *, state_file: bool = False) -> tuple[Config, Secrets]:
+    """The config and its secrets; every problem with them (and with the state file, if
+    asked) is reported in one `ConfigError`."""
+    checks: list[Check] = [secret_problems]
+    if state_file:
+        checks.append(_state_file_problems)
+    config = load_config(path, checks=checks)
+    return config, resolve_secrets(config)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from streamwatch.app import App
     from streamwatch.guard import raise_file_limit
 
-    config = _load(args.config)
-    secrets = resolve_secrets(config)
+    config, secrets = _load_with_secrets(args.config, state_file=True)
     redactor = Redactor(secret_values(config, secrets))
     configure_logging(level=config.logging.level, fmt=config.logging.format, redactor=redactor)
     # `_created` series would double every labelled counter and histogram for no operator use.
@@ -156,15 +350,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         asyncio.run(app.run())
     except asyncio.CancelledError:
         return 1
-    except OSError as exc:
+    except (OSError, StoreError) as exc:
         structlog.get_logger("streamwatch").error("app.failed", error=str(exc))
         return 1
     return 0
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    resolve_secrets(config)
+    config, _ = _load_with_secrets(args.config, state_file=True)
     print(f"{args.config}: OK — {len(config.streams)} stream(s), backend {config.mavi.backend}")
     print()
     print(render_estimate(estimate(config)))
@@ -172,9 +365,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _daemon_url(config: Config, override: str | None) -> str:
-    if override:
-        return override.rstrip("/")
-    return local_url(config.server.host, config.server.port)
+    return override or local_url(config.server.host, config.server.port)
 
 
 def _headers(config: Config) -> dict[str, str]:
@@ -187,38 +378,57 @@ def _headers(config: Config) -> dict[str, str]:
     return {"Authorization": f"Bearer {token.get_secret_value()}"}
 
 
+class _DaemonError(Exception):
+    """No usable answer from the daemon; `exit_code` says which kind."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class _Unreachable(_DaemonError):
+    """The daemon did not answer."""
+
+
+class _Refused(_DaemonError):
+    """The daemon answered, but refused (or not with what was asked for)."""
+
+    exit_code = EXIT_REFUSED
+
+
 async def _http(method: str, url: str, headers: dict[str, str], body: Any = None) -> Any:
     timeout = aiohttp.ClientTimeout(total=10)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.request(method, url, headers=headers, json=body) as resp,
-    ):
-        doc = await resp.json(content_type=None)
-        if resp.status != 200:
-            raise RuntimeError(f"HTTP {resp.status}: {doc.get('error', doc)}")
-        return doc
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.request(method, url, headers=headers, json=body) as resp,
+        ):
+            try:
+                doc = await resp.json(content_type=None)
+            except ValueError:
+                raise _Refused(
+                    f"{url} answered HTTP {resp.status} with a body that is not JSON: "
+                    "is it streamwatch?"
+                ) from None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _Unreachable(
+            f"cannot reach the daemon at {url} ({type(exc).__name__}); "
+            "is `streamwatch run` running with this config?"
+        ) from None
+    if resp.status != 200:
+        error = doc.get("error", doc) if isinstance(doc, dict) else doc
+        hint = " (check [server] status_token)" if resp.status == 401 else ""
+        raise _Refused(f"the daemon at {url} answered HTTP {resp.status}: {error}{hint}")
+    return doc
 
 
 def _call_daemon(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """The daemon's answer, or `_Unreachable` / `_Refused`."""
     config = _load(args.config)
     url = _daemon_url(config, args.url) + path
-    try:
-        return asyncio.run(_http(method, url, _headers(config), body))
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        print(
-            f"error: cannot reach the daemon at {url} ({type(exc).__name__}); "
-            "is `streamwatch run` running with this config?",
-            file=sys.stderr,
-        )
-    except RuntimeError as exc:
-        print(f"error: the daemon answered {exc}", file=sys.stderr)
-    return None
+    return asyncio.run(_http(method, url, _headers(config), body))
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     doc = _call_daemon(args, "GET", "/api/v1/status")
-    if doc is None:
-        return EXIT_UNREACHABLE
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -305,21 +515,6 @@ def _short(ts: str | None) -> str:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _parse_when(text: str, *, what: str) -> float:
-    """A UTC date (2026-11-01), month (2026-11) or ISO time, as a unix time."""
-    try:
-        if len(text) == 7:
-            text += "-01"
-        when = datetime.fromisoformat(text)
-    except ValueError:
-        raise ConfigError(
-            what, [ConfigProblem(what, f"{text!r} is not a date (YYYY-MM-DD, YYYY-MM or ISO time)")]
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
 def _cmd_cost(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if args.what == "estimate":
@@ -327,10 +522,8 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2) if args.json else render_estimate(doc))
         return EXIT_OK
     now = time.time()
-    since = (
-        _parse_when(args.since, what="--since") if args.since else period_bounds("month", now)[0]
-    )
-    until = _parse_when(args.until, what="--until") if args.until else now
+    since = args.since if args.since is not None else period_bounds("month", now)[0]
+    until = args.until if args.until is not None else now
     if not config.storage.path.exists():
         print(
             f"error: no state file at {config.storage.path}: nothing recorded yet", file=sys.stderr
@@ -492,17 +685,16 @@ def render_estimate(doc: dict[str, Any]) -> str:
 
 
 def _cmd_alerts(args: argparse.Namespace) -> int:
-    config = _load(args.config)
     if args.action == "list":
-        return _alerts_list(config, limit=args.limit, as_json=args.json)
-    secrets = resolve_secrets(config)
+        return _alerts_list(_load(args.config), limit=args.limit, as_json=args.json)
+    config, secrets = _load_with_secrets(args.config)
     names = [s.name for s in config.alerts.sinks]
     if args.sink and args.sink not in names:
         print(
-            f"error: no sink named {args.sink!r} (have: {', '.join(names) or 'none'})",
+            f"error: --sink: no sink named {args.sink!r} (have: {', '.join(names) or 'none'})",
             file=sys.stderr,
         )
-        return EXIT_CONFIG
+        return EXIT_USAGE
     chosen = [args.sink] if args.sink else names
     if not chosen:
         print("error: no [[alerts.sinks]] configured", file=sys.stderr)
@@ -604,16 +796,17 @@ def _cmd_video(args: argparse.Namespace) -> int:
 
 def _cmd_resume(args: argparse.Namespace) -> int:
     doc = _call_daemon(args, "POST", "/api/v1/resume", {"streams": args.streams})
-    if doc is None:
-        return EXIT_UNREACHABLE
-    released = doc.get("released", [])
-    print(f"resumed; released: {', '.join(released) if released else 'none'}")
+    done = []
+    if doc.get("halt_lifted"):
+        done.append(f"lifted the account halt ({doc['halt_lifted']})")
+    if doc.get("released"):
+        done.append(f"released {', '.join(doc['released'])}")
+    print(f"resumed: {'; '.join(done) if done else 'nothing was halted or held'}")
     return EXIT_OK
 
 
 def _cmd_callback_url(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    secrets = resolve_secrets(config)
+    config, secrets = _load_with_secrets(args.config)
     if secrets.callback_secret_generated:
         print(
             "error: [server] callback_secret is not set; with the emulator a fresh one is made "
@@ -633,7 +826,7 @@ def _cmd_callback_url(args: argparse.Namespace) -> int:
 
 
 def _cmd_backup(args: argparse.Namespace) -> int:
-    from streamwatch.store import StoreError, backup
+    from streamwatch.store import backup
 
     config = _load(args.config)
     shown = sys.stderr.isatty()
@@ -647,6 +840,9 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except _DaemonError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     finally:
         if shown:
             print(file=sys.stderr)
@@ -680,7 +876,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
             print(f"error: {args.api_key_env} is not set", file=sys.stderr)
             return EXIT_CONFIG
     configure_logging(redactor=Redactor([api_key, args.webhook]))
-    host, _, port = args.listen.rpartition(":")
+    host, port = args.listen
     emulator = Emulator(
         segment_seconds=args.segment_seconds,
         balance_ticks=usd_to_ticks(args.balance_usd),
@@ -692,13 +888,17 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     )
 
     async def serve() -> None:
-        async with emulator.running(host=host, port=int(port)):
+        async with emulator.running(host=host, port=port):
             # Both APIs, as the [mavi] keys that take them; a program reads these lines to learn
             # the port (--listen with port 0 picks a free one).
             print(f"MAVI emulator: base_url = {emulator.base_url}", flush=True)
             print(f"MAVI emulator: batch_base_url = {emulator.batch_url}", flush=True)
             await asyncio.Event().wait()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve())
+    except OSError as exc:  # the address is taken, or not ours to listen on
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return EXIT_OK

@@ -14,12 +14,12 @@ import os
 import re
 import secrets
 import tomllib
-from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import stamina
 from pydantic import (
@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -41,6 +42,7 @@ __all__ = [
     "AlertsConfig",
     "BudgetCaps",
     "BudgetsConfig",
+    "Check",
     "Config",
     "ConfigError",
     "ConfigProblem",
@@ -58,16 +60,19 @@ __all__ = [
     "StorageConfig",
     "StreamConfig",
     "SupervisorConfig",
+    "check_host_port",
     "load_config",
     "local_url",
     "parse_config",
     "public_value_problems",
     "read_secret",
     "resolve_secrets",
+    "secret_problems",
     "secret_values",
 ]
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_NO_FEATURE = "enable content_moderation, logo_detection or both"
 _LABEL_KEY_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _INTERP_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # Values published as they are: metric labels, the status API, alerts, log lines. No secret
@@ -132,7 +137,8 @@ class SecretSource(_Model):
         return SecretStr(value) if value else None
 
 
-def _check_host_port(v: str) -> str:
+def check_host_port(v: str) -> str:
+    """`v` if it is "host:port" (port 0 to 65535), else ValueError saying the form."""
     host, sep, port = v.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError('must be "host:port", e.g. "127.0.0.1:8080"')
@@ -249,7 +255,7 @@ class ServerConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, v: str) -> str:
-        return _check_host_port(v)
+        return check_host_port(v)
 
     @property
     def host(self) -> str:
@@ -375,7 +381,7 @@ class StreamConfig(_Model):
     """One stream to watch."""
 
     name: Annotated[str, Field(pattern=_NAME_RE, description="Unique, stable name.")]
-    url: str = Field(description="rtmp:// or rtsp:// source.")
+    url: str = Field(description="rtmp://, rtmps://, rtsp:// or rtsps:// source.")
     fps: int = Field(ge=1, le=60)
     content_moderation: bool
     logo_detection: bool
@@ -391,7 +397,7 @@ class StreamConfig(_Model):
     @classmethod
     def _stream_url(cls, v: str) -> str:
         if not re.match(r"^(rtmp|rtmps|rtsp|rtsps)://[^/\s]+", v):
-            raise ValueError("must be an rtmp:// or rtsp:// URL with a host")
+            raise ValueError("must be an rtmp://, rtmps://, rtsp:// or rtsps:// URL with a host")
         return v
 
     @field_validator("labels")
@@ -405,7 +411,7 @@ class StreamConfig(_Model):
     @model_validator(mode="after")
     def _a_feature(self) -> StreamConfig:
         if not (self.content_moderation or self.logo_detection):
-            raise ValueError("enable content_moderation, logo_detection or both")
+            raise ValueError(_NO_FEATURE)
         return self
 
     def spec_hash(self) -> str:
@@ -471,7 +477,7 @@ class EmulatorConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, v: str) -> str:
-        return _check_host_port(v)
+        return check_host_port(v)
 
     @property
     def host(self) -> str:
@@ -595,7 +601,7 @@ class MetricsConfig(_Model):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, v: str | None) -> str | None:
-        return None if v is None else _check_host_port(v)
+        return None if v is None else check_host_port(v)
 
 
 class LoggingConfig(_Model):
@@ -622,16 +628,9 @@ class Config(_Model):
     evidence: EvidenceConfig = EvidenceConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     ledger: LedgerConfig = LedgerConfig()
+    # Unique names are checked on the file (`_duplicate_names`), where each duplicate can be
+    # named with its index, together with every other problem.
     streams: list[StreamConfig] = Field(default_factory=list)
-
-    @field_validator("streams")
-    @classmethod
-    def _unique_names(cls, v: list[StreamConfig]) -> list[StreamConfig]:
-        counts = Counter(s.name for s in v)
-        dups = sorted(name for name, n in counts.items() if n > 1)
-        if dups:
-            raise ValueError(f"duplicate stream names: {', '.join(dups)}; names must be unique")
-        return v
 
     def stream(self, name: str) -> StreamConfig | None:
         return next((s for s in self.streams if s.name == name), None)
@@ -711,7 +710,42 @@ def _join(path: str, key: str | int) -> str:
 _HINTS = {
     "extra_forbidden": "unknown key: check its spelling against the README's config reference",
     "missing": "this key is required",
+    # Every Decimal in the config is an amount of US dollars.
+    "decimal_parsing": 'give an amount in USD as a string, e.g. "12.50"',
+    "decimal_type": 'give an amount in USD as a string, e.g. "12.50"',
 }
+_BOUNDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _field_at(loc: tuple[int | str, ...]) -> Any:
+    """The pydantic `FieldInfo` an error location points at (None if it is not a field)."""
+    model: Any = Config
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an index into a list: the next part is a field of its items
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return None
+        info = fields[part]
+        model = info.annotation
+        while get_origin(model) in (list, dict, Union, UnionType):
+            model = next(a for a in reversed(get_args(model)) if a is not type(None))
+    return info
+
+
+def _range(loc: tuple[int | str, ...]) -> str | None:
+    """A field's allowed range when it has both ends, e.g. "allowed: 1 to 60"."""
+    info = _field_at(loc)
+    if info is None:
+        return None
+    # pydantic keeps `Field(ge=…, le=…)` as annotated-types constraints, one attribute each.
+    ends = {
+        k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)
+    }
+    low = next((f"{w}{ends[k]}" for k, w in (("ge", ""), ("gt", "more than ")) if k in ends), None)
+    high = next((f"{w}{ends[k]}" for k, w in (("le", ""), ("lt", "less than ")) if k in ends), None)
+    return f"allowed: {low} to {high}" if low and high else None
 
 
 def _problems_from(exc: ValidationError, hidden: Mapping[str, str]) -> list[ConfigProblem]:
@@ -722,6 +756,8 @@ def _problems_from(exc: ValidationError, hidden: Mapping[str, str]) -> list[Conf
             path = _join(path, part)
         msg = str(err["msg"]).removeprefix("Value error, ")
         hint = _HINTS.get(err["type"])
+        if err["type"] in _BOUNDS:
+            hint = _range(err["loc"])
         if (
             err["type"] != "extra_forbidden"
             and "input" in err
@@ -764,6 +800,31 @@ def _duplicate_names(raw: dict[str, Any]) -> list[ConfigProblem]:
     return problems
 
 
+_BOOL: TypeAdapter[bool] = TypeAdapter(bool)
+
+
+def _no_feature(raw: dict[str, Any]) -> list[ConfigProblem]:
+    """Streams with neither feature on. `StreamConfig` says so too, but only once the entry's
+    other fields are valid; checked here, it is reported together with them."""
+    streams = raw.get("streams", [])
+    if not isinstance(streams, list):
+        return []
+    problems = []
+    for i, entry in enumerate(streams):
+        if not isinstance(entry, dict):
+            continue
+        try:
+            on = [
+                _BOOL.validate_python(entry.get(k))
+                for k in ("content_moderation", "logo_detection")
+            ]
+        except ValidationError:
+            continue  # not booleans: reported as such
+        if not any(on):
+            problems.append(ConfigProblem(f"streams[{i}]", _NO_FEATURE))
+    return problems
+
+
 def _apply_defaults(raw: dict[str, Any]) -> None:
     defaults = raw.get("defaults", {})
     streams = raw.get("streams", [])
@@ -776,10 +837,45 @@ def _apply_defaults(raw: dict[str, Any]) -> None:
                 entry.setdefault(key, defaults.get(key, field.default))
 
 
+Check = Callable[[Config, Mapping[str, str]], list[ConfigProblem]]
+"""A check beyond the file itself (secrets, the state file): the problems it finds."""
+
+
+def _sections(raw: dict[str, Any]) -> tuple[Config, set[str]]:
+    """A `Config` of the top-level sections that are valid on their own (defaults stand in for
+    the others), and the names of those that are not: what checks can look at in a file that
+    has problems."""
+    parts: dict[str, Any] = {}
+    failed: set[str] = set()
+    for name, info in Config.model_fields.items():
+        if name in raw:
+            try:
+                kind: Any = info.annotation  # every field of Config is annotated
+                parts[name] = TypeAdapter(kind).validate_python(raw[name])
+                continue
+            except ValidationError:
+                failed.add(name)
+        parts[name] = info.get_default(call_default_factory=True)
+    return Config.model_construct(**parts), failed
+
+
+def _checked(
+    checks: Sequence[Check], config: Config, env: Mapping[str, str], failed: set[str]
+) -> list[ConfigProblem]:
+    """What the checks find, leaving out sections that failed (their defaults stood in)."""
+    found = [p for check in checks for p in check(config, env)]
+    return [p for p in found if re.split(r"[.\[]", p.path, maxsplit=1)[0] not in failed]
+
+
 def parse_config(
-    text: str, *, source: str = "<config>", environ: Mapping[str, str] | None = None
+    text: str,
+    *,
+    source: str = "<config>",
+    environ: Mapping[str, str] | None = None,
+    checks: Sequence[Check] = (),
 ) -> Config:
-    """Validate TOML text into a `Config`, or raise `ConfigError` with every problem."""
+    """Validate TOML text into a `Config`, or raise `ConfigError` with every problem: those of
+    the file and those the `checks` find (e.g. `secret_problems`), all in one pass."""
     env = os.environ if environ is None else environ
     try:
         raw = tomllib.loads(text)
@@ -790,6 +886,7 @@ def parse_config(
     raw = _interpolate(raw, "", env, problems, hidden)
     _apply_defaults(raw)
     problems.extend(_duplicate_names(raw))
+    problems.extend(_no_feature(raw))
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
@@ -797,19 +894,34 @@ def parse_config(
         # not the empty string or the list it leaves behind.
         known = {p.path for p in problems}
         problems.extend(p for p in _problems_from(exc, hidden) if p.path not in known)
+        partial, failed = _sections(raw)
+        problems.extend(_unreported(_checked(checks, partial, env, failed), problems))
         raise ConfigError(source, problems) from None
+    problems.extend(_unreported(_checked(checks, config, env, set()), problems))
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-def load_config(path: Path, *, environ: Mapping[str, str] | None = None) -> Config:
+def _unreported(found: list[ConfigProblem], reported: list[ConfigProblem]) -> list[ConfigProblem]:
+    """What a check found at places not already reported, nor inside or around one (a secret
+    read from "${UNSET}/key" is missing because the variable is unset: say that once)."""
+
+    def near(a: str, b: str) -> bool:
+        return a == b or a.startswith((b + ".", b + "[")) or b.startswith((a + ".", a + "["))
+
+    return [p for p in found if not any(near(p.path, r.path) for r in reported)]
+
+
+def load_config(
+    path: Path, *, environ: Mapping[str, str] | None = None, checks: Sequence[Check] = ()
+) -> Config:
     """Read and validate a config file; relative storage paths are kept as written."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(str(path), [ConfigProblem("", f"cannot read: {exc.strerror}")]) from None
-    return parse_config(text, source=str(path), environ=environ)
+    return parse_config(text, source=str(path), environ=environ, checks=checks)
 
 
 def read_secret(
@@ -943,3 +1055,12 @@ def public_value_problems(config: Config, secrets: Secrets) -> list[ConfigProble
                 )
             )
     return problems
+
+
+def secret_problems(config: Config, environ: Mapping[str, str]) -> list[ConfigProblem]:
+    """`resolve_secrets` as a `Check`: the secrets that are missing or malformed."""
+    try:
+        resolve_secrets(config, environ=environ)
+    except ConfigError as exc:
+        return exc.problems
+    return []

@@ -385,25 +385,34 @@ class StateCollector(Collector):
         for period in ("day", "month"):
             spend.add_metric([period], _usd(self.spending.spent(None, period, snap.now)))
         yield spend
+        # The account's caps are {scope="account", period}; a stream's are {scope="stream",
+        # stream, period}, so that no stream name (not even "account") can share a label set
+        # with the account.
+        budget_help = (
+            " Labels: scope (account or stream), period (day or month), and stream for a stream."
+        )
         cap = GaugeMetricFamily(
-            "streamwatch_budget_cap_usd", "Configured budget caps.", labels=["scope", "period"]
+            "streamwatch_budget_cap_usd", "Configured budget caps." + budget_help
         )
         used = GaugeMetricFamily(
             "streamwatch_budget_spent_usd",
-            "Spend against each cap this period, estimates of unreported billing included.",
-            labels=["scope", "period"],
+            "Spend against each cap this period, estimates of unreported billing included."
+            + budget_help,
         )
         left = GaugeMetricFamily(
             "streamwatch_budget_remaining_usd",
-            "What is left of each cap this period.",
-            labels=["scope", "period"],
+            "What is left of each cap this period." + budget_help,
         )
         for c in self.spending.caps:
-            scope = c.stream or "account"
+            labels = (
+                {"scope": "stream", "stream": c.stream, "period": c.period}
+                if c.stream
+                else {"scope": "account", "period": c.period}
+            )
             spent = self.spending.effective(c, snap.now, {})
-            cap.add_metric([scope, c.period], _usd(c.ticks))
-            used.add_metric([scope, c.period], _usd(spent))
-            left.add_metric([scope, c.period], _usd(max(0, c.ticks - spent)))
+            cap.add_sample(cap.name, labels, _usd(c.ticks))
+            used.add_sample(used.name, labels, _usd(spent))
+            left.add_sample(left.name, labels, _usd(max(0, c.ticks - spent)))
         yield from (cap, used, left)
         halted = GaugeMetricFamily(
             "streamwatch_account_halted",

@@ -21,7 +21,7 @@ from streamwatch.probe import DEFAULT_TIMEOUT, MediaInfo, ProbeError, probe, red
 
 __all__ = ["EXIT_CODES", "Target", "UnknownSource", "add_parser", "probe_all", "run", "targets"]
 
-# By error kind; 0-3 mean what they mean for every verb (cli.py), 4 and 5 are the probe's own.
+# By error kind: the codes of every verb (cli.py EXIT_*), and 5 (EXIT_NOT_MEDIA) of its own.
 EXIT_CODES = {
     "unavailable": 1,  # ffprobe cannot run here
     "unsupported": 2,  # a usage error: not a URL or scheme that can be probed
@@ -37,7 +37,11 @@ AT_ONCE = 4  # probes running at the same time (each is an ffprobe process)
 
 def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser(
-        "probe", help="read sources (RTMP/RTSP, files, HTTP(S)) and show what media they carry"
+        "probe",
+        help="read sources (RTMP/RTSP, files, HTTP(S)) and show what media they carry",
+        description="Ask ffprobe what each source carries (container, codecs, resolution, frame "
+        "rate, bit rates; size and duration for files), before paying MAVI to watch it. "
+        "Credentials in URLs are never printed.",
     )
     with_config(p)
     p.add_argument(

@@ -565,9 +565,11 @@ class Server:
         unknown = [n for n in names if n not in self._supervisor.streams]
         if unknown:
             return web.json_response({"error": f"unknown streams: {unknown}"}, status=404)
+        halt = self._supervisor.halt
         released = await self._supervisor.resume(names)
         log.info("supervisor.resumed", streams=released)
-        return web.json_response({"ok": True, "released": released})
+        lifted = halt.reason if halt is not None else None
+        return web.json_response({"ok": True, "released": released, "halt_lifted": lifted})
 
 
 def _log_outcome(outcome: CallbackOutcome) -> None:

@@ -64,6 +64,7 @@ __all__ = [
     "StoreError",
     "StreamTotals",
     "TaskRow",
+    "check_state_file",
 ]
 
 log = structlog.get_logger("streamwatch.store")
@@ -1226,6 +1227,39 @@ class BackupResult:
     path: Path
     schema_version: int
     bytes: int
+
+
+def check_state_file(path: Path) -> str | None:
+    """What keeps `path` from being used as the state file, or None: its folder must exist and
+    be writable (SQLite keeps its -wal beside it), and a file already there must be a
+    streamwatch state file this version understands. Reads only; never creates or migrates."""
+    path = path.absolute()  # a relative path is relative to where the daemon starts: say where
+    folder = path.parent
+    if path.is_dir():
+        return f"{path} is a folder; name a file in it, e.g. {path / 'streamwatch.db'}"
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist; create it, or name a file in another folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot create files in {folder} (as this user); the state file needs to"
+    if not path.exists():
+        return None  # created at the first start
+    if not path.is_file():
+        return f"{path} is not a regular file"
+    try:
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error as exc:
+        return f"{path} is not a streamwatch state file ({exc}); move it away or name another file"
+    if version > len(MIGRATIONS):
+        return (
+            f"{path} has schema version {version}, newer than this streamwatch understands "
+            f"({len(MIGRATIONS)}); upgrade streamwatch or restore a backup"
+        )
+    if (version == 0 and tables) or (version > 0 and "tasks" not in tables):
+        return f"{path} is an SQLite database but not a streamwatch state file; name another file"
+    return None
 
 
 def backup(

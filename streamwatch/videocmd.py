@@ -28,37 +28,103 @@ MANIFEST = ".streamwatch-uploads.json"
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".ts"}
 
 
-def add_parsers(sub: Any, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
-    video = sub.add_parser("video", help="batch video: upload, list, search, chat, …")
+def add_parsers(
+    sub: Any,
+    with_config: Callable[[argparse.ArgumentParser], None],
+    *,
+    url: Callable[[str], str],
+    positive: Callable[[str], int],
+) -> None:
+    """The `video` verbs; `url` and `positive` check the --url and --jobs arguments."""
+    video = sub.add_parser(
+        "video",
+        help="batch video: upload, list, search, chat, …",
+        description="MAVI's batch video API: upload files, list and search the library, find "
+        "moments, chat about videos, transcribe and delete. VIDEO arguments are videoNos, as "
+        "`video list` and `video upload` print them.",
+    )
     verbs = video.add_subparsers(dest="video_verb", required=True, metavar="VERB")
 
-    def verb(name: str, text: str) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = verbs.add_parser(name, help=text)
+    def verb(name: str, text: str, about: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = verbs.add_parser(name, help=text, description=about)
         with_config(p)
-        p.add_argument("--url", help="batch API base URL (default: [mavi] batch_base_url)")
+        p.add_argument(
+            "--url", type=url, help="batch API base URL (default: [mavi] batch_base_url)"
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
         return p
 
-    p = verb("upload", "upload files or folders (resumable)")
-    p.add_argument("paths", nargs="+", type=Path)
-    p.add_argument("--jobs", type=int, default=3, help="uploads at once (default %(default)s)")
+    p = verb(
+        "upload",
+        "upload files or folders (resumable)",
+        "Upload video files, and the video files in folders, to the library, several at once. "
+        f"A manifest ({MANIFEST}) in each folder records what was uploaded, so a second run "
+        "skips it.",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        type=upload_path,
+        metavar="PATH",
+        help=f"a video file ({', '.join(sorted(VIDEO_SUFFIXES))}) or a folder of them",
+    )
+    p.add_argument("--jobs", type=positive, default=3, help="uploads at once (default %(default)s)")
     p.add_argument("--callback", help="callBackUri for parse notifications")
-    p = verb("list", "list the library")
-    p.add_argument("--status", choices=["PARSE", "UNPARSE", "FAIL", "PARSE_ERROR"])
-    p = verb("search", "find videos by an English prompt")
-    p.add_argument("query")
-    p = verb("clips", "find moments in videos by an English prompt")
-    p.add_argument("query")
-    p.add_argument("videos", nargs="+", help="videoNos")
-    p = verb("chat", "ask about videos; the answer streams to the terminal")
-    p.add_argument("message")
-    p.add_argument("videos", nargs="+", help="videoNos")
-    p = verb("transcribe", "transcribe a video and wait for the text")
-    p.add_argument("video")
-    p.add_argument("--type", choices=["AUDIO", "VIDEO", "AUDIO/VIDEO"], default="AUDIO")
+    p = verb("list", "list the library", "List every video in the library with its status.")
+    p.add_argument(
+        "--status",
+        choices=["PARSE", "UNPARSE", "FAIL", "PARSE_ERROR"],
+        help="only videos in this state: PARSE ready, UNPARSE pending, FAIL or PARSE_ERROR failed",
+    )
+    p = verb(
+        "search",
+        "find videos by an English prompt",
+        "Find the library's videos that match an English prompt.",
+    )
+    p.add_argument("query", help="what to look for, in English")
+    p = verb(
+        "clips",
+        "find moments in videos by an English prompt",
+        "Find the moments in the given videos that match an English prompt.",
+    )
+    p.add_argument("query", help="what to look for, in English")
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="videoNos to search in")
+    p = verb(
+        "chat",
+        "ask about videos; the answer streams to the terminal",
+        "Ask a question about videos; the answer is printed as it is written.",
+    )
+    p.add_argument("message", help="the question, in English")
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="videoNos to ask about")
+    p = verb(
+        "transcribe",
+        "transcribe a video and wait for the text",
+        "Transcribe a video's audio (or what is seen) and print the timed text when done.",
+    )
+    p.add_argument("video", metavar="VIDEO", help="the videoNo")
+    p.add_argument(
+        "--type",
+        choices=["AUDIO", "VIDEO", "AUDIO/VIDEO"],
+        default="AUDIO",
+        help="transcribe speech (AUDIO), what is seen (VIDEO) or both (default %(default)s)",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait")
-    p = verb("delete", "delete videos from the library")
-    p.add_argument("videos", nargs="+", help="videoNos")
+    p = verb("delete", "delete videos from the library", "Delete videos from the library for good.")
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="videoNos to delete")
+
+
+def upload_path(text: str) -> Path:
+    """An existing folder, or a file named like a video: the `upload` argument."""
+    path = Path(text)
+    if path.is_dir():
+        return path
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file or folder")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a video file (its name must end in {', '.join(sorted(VIDEO_SUFFIXES))})"
+        )
+    return path
 
 
 def run(args: argparse.Namespace, config: Config) -> int:
@@ -126,10 +192,8 @@ def _files(paths: list[Path]) -> list[Path]:
             out += sorted(
                 f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_SUFFIXES
             )
-        elif p.is_file():
-            out.append(p)
         else:
-            raise ConfigError("paths", [ConfigProblem(str(p), "no such file or folder")])
+            out.append(p)  # a video file: `upload_path` checked it
     return out
 
 
@@ -230,6 +294,8 @@ async def _clips(client: VideoClient, args: argparse.Namespace) -> int:
     else:
         for c in clips:
             print(f"{c.video_no}  {c.start:8.1f}s to {c.end:8.1f}s  {c.name or ''}")
+        if not clips:
+            print("(no moments found)")
     return 0
 
 

@@ -207,7 +207,7 @@ sinks = ["chat", "hook"]
         ("hook", "delivered"),
     }
     code, _, err = await run_cli("alerts", "test", "--sink", "nope", "-c", config, env=daemon.env)
-    assert code == 1
+    assert code == 2  # a bad argument
     assert "no sink named 'nope'" in err
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from streamwatch.cli import _parser
 from tests.conftest import SECRET, cli, free_port
 
 
@@ -34,15 +38,19 @@ def status(port: int) -> dict[str, Any]:
         return doc
 
 
-def config(tmp_path: Path, port: int, streams: list[str]) -> Path:
+def config(
+    tmp_path: Path, port: int, streams: list[str], *, server: str = "", extra: str = ""
+) -> Path:
     entries = "".join(f'[[streams]]\nname = "{n}"\nurl = "rtmp://cams.test/{n}"\n' for n in streams)
     path = tmp_path / "streams.toml"
     path.write_text(f"""
+{extra}
 [mavi]
 backend = "emulator"
 segment_seconds = 0.05
 [server]
 listen = "127.0.0.1:{port}"
+{server}
 [storage]
 path = "{tmp_path / "state.db"}"
 [supervisor]
@@ -129,7 +137,7 @@ def test_resume_through_the_cli(daemon_proc):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("resumed")
     out = cli("resume", "nosuch", "-c", str(path))
-    assert out.returncode == 3
+    assert out.returncode == 4  # the daemon answered, and refused
     assert "unknown streams" in out.stderr
 
 
@@ -163,3 +171,189 @@ def test_run_with_a_bad_config_fails_fast(tmp_path: Path):
     out = cli("run", "-c", str(path))
     assert out.returncode == 1
     assert "server.listen" in out.stderr
+
+
+def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
+    """The single line a failed command printed on stderr (no traceback)."""
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("setup", "fragment"),
+    [
+        (lambda d: d / "missing" / "state.db", "does not exist"),
+        (lambda d: d, "is a folder"),
+        (lambda d: _write(d / "notes.txt", "my notes\n"), "not a streamwatch state file"),
+    ],
+    ids=["no-folder", "a-folder", "not-a-database"],
+)
+def test_run_and_check_config_refuse_a_state_file_they_cannot_use(
+    tmp_path: Path, setup: Callable[[Path], Path], fragment: str
+):
+    """A state file in a missing folder, a folder, or a file that is not a state file: both
+    `check-config` and `run` exit 1 with one line naming [storage] path, no traceback."""
+    state = setup(tmp_path)
+    path = config(tmp_path, free_port(), ["alpha"])
+    path.write_text(path.read_text().replace(str(tmp_path / "state.db"), str(state)))
+    for verb in ("check-config", "run"):
+        out = cli(verb, "-c", str(path))
+        assert out.returncode == 1, (verb, out.stderr)
+        line = one_line_error(out)
+        assert "storage.path" in line
+        assert fragment in line
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_emulator_argument_mistakes_and_a_taken_port_are_one_line(tmp_path: Path):
+    """`streamwatch emulator` with a bad --balance-usd or --listen exits 2, and on a port that
+    is taken exits 1, each with one line on stderr."""
+    for args, name in (
+        (["--balance-usd", "abc"], "--balance-usd"),
+        (["--listen", "nonsense"], "--listen"),
+        (["--segment-seconds", "0"], "--segment-seconds"),
+    ):
+        out = cli("emulator", *args)
+        assert out.returncode == 2, out.stderr
+        assert name in one_line_error(out)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = cli("emulator", "--listen", f"127.0.0.1:{port}")
+    assert out.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(out)
+
+
+def test_argument_mistakes_are_not_called_config_errors(tmp_path: Path):
+    """A bad --since or --url exits 2 and names the argument; it is not "in the config"."""
+    path = config(tmp_path, free_port(), ["alpha"])
+    for args, name in (
+        (["cost", "--since", "yesterday"], "--since"),
+        (["cost", "--until", "2026-13-45"], "--until"),
+        (["status", "--url", "127.0.0.1:18100"], "--url"),
+        (["alerts", "list", "--limit", "0"], "--limit"),
+    ):
+        out = cli(*args, "-c", str(path))
+        assert out.returncode == 2, (args, out.stderr)
+        line = one_line_error(out)
+        assert name in line
+        assert "config" not in line
+
+
+def test_exit_codes_tell_unreachable_refused_and_bad_argument(tmp_path: Path):
+    """3 when nothing answers, 4 when the daemon answers no (wrong token, unknown stream), 2
+    for a URL without a scheme; a right token gets 0."""
+    port = free_port()
+    path = config(tmp_path, port, ["alpha"], server='status_token = { env = "SW_TOKEN" }')
+    right, wrong = {"SW_TOKEN": "the-right-token"}, {"SW_TOKEN": "a-wrong-token"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamwatch", "run", "-c", str(path)],
+        env={**os.environ, **right},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _listening(port), "the daemon")
+        assert cli("status", "-c", str(path), env=right).returncode == 0
+        out = cli("status", "-c", str(path), env=wrong)
+        assert out.returncode == 4
+        assert "HTTP 401" in one_line_error(out)
+        out = cli("resume", "no-such-stream", "-c", str(path), env=right)
+        assert out.returncode == 4
+        assert "HTTP 404" in one_line_error(out)
+        out = cli("status", "-c", str(path), "--url", f"127.0.0.1:{port}", env=right)
+        assert out.returncode == 2
+        assert "--url" in one_line_error(out)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    out = cli("status", "-c", str(path), env=right)
+    assert out.returncode == 3
+    assert "cannot reach the daemon" in one_line_error(out)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_resume_says_when_it_lifted_an_account_halt(tmp_path: Path):
+    """After a balance halt, `resume` says it lifted the halt instead of "released: none"."""
+    port = free_port()
+    path = config(tmp_path, port, ["alpha"], extra="[emulator]\nbalance_usd = 0")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamwatch", "run", "-c", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: _up(port) and status(port)["account"]["halted"], "the balance halt")
+        out = cli("resume", "-c", str(path))
+        assert out.returncode == 0, out.stderr
+        assert "lifted the account halt (balance)" in out.stdout
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_each_retry_is_one_documented_log_line(tmp_path: Path):
+    """Refused starts that are retried log `mavi.request_retry` once per retry, and nothing
+    from stamina itself."""
+    port = free_port()
+    script = 'url = "rtmp://cams.test/alpha"\nstart_failures = [503, 503]'
+    path = config(
+        tmp_path,
+        port,
+        ["alpha"],
+        extra=f"[mavi.retry]\ninitial_seconds = 0.01\nmax_seconds = 0.02\n"
+        f"[[emulator.scripts]]\n{script}",
+    )
+    log = (tmp_path / "daemon.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamwatch", "run", "-c", str(path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(lambda: _up(port) and status(port)["streams"][0]["state"] == "running", "alpha")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
+    events = [json.loads(line) for line in (tmp_path / "daemon.log").read_text().splitlines()]
+    retries = [e for e in events if "retry" in e["event"]]
+    assert [(e["event"], e["endpoint"], e["attempt"]) for e in retries] == [
+        ("mavi.request_retry", "start", 2),
+        ("mavi.request_retry", "start", 3),
+    ]
+
+
+def _actions(parser: argparse.ArgumentParser, prog: str) -> Iterator[tuple[str, Any, Any]]:
+    """(prog, parser, action) for every parser and sub-parser of the command line."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _actions(sub, f"{prog} {name}")
+        else:
+            yield prog, parser, action
+
+
+def test_every_verb_option_and_positional_has_help():
+    """Each verb's help page has a description, and every option and positional says what it
+    is for."""
+    seen = set()
+    for prog, parser, action in _actions(_parser(), "streamwatch"):
+        seen.add(prog)
+        assert parser.description, f"`{prog} --help` has no description"
+        if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            continue
+        what = "/".join(action.option_strings) or action.dest
+        assert action.help, f"{prog}: {what} has no help"
+    assert {"streamwatch cost", "streamwatch video clips", "streamwatch emulator"} <= seen

@@ -6,10 +6,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from streamwatch.config import ConfigError, parse_config, resolve_secrets
+from streamwatch.config import (
+    ConfigError,
+    load_config,
+    parse_config,
+    resolve_secrets,
+    secret_problems,
+)
 
 MINIMAL = """
 [[streams]]
@@ -18,9 +25,9 @@ url = "rtmp://h/live"
 """
 
 
-def problems(text: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+def problems(text: str, environ: dict[str, str] | None = None, **kwargs: Any) -> dict[str, str]:
     with pytest.raises(ConfigError) as info:
-        parse_config(text, environ=environ or {})
+        parse_config(text, environ=environ or {}, **kwargs)
     return {p.path: p.message for p in info.value.problems}
 
 
@@ -49,7 +56,11 @@ def test_minimal_config_takes_defaults():
         ("[supervisor]\non_stall = 'panic'", "supervisor.on_stall", "'wait' or 'restart'"),
         ("[mavi]\napi_key = 'sk-mai-inline'", "mavi.api_key", "valid dictionary"),
         ("[mavi.api_key]\nenv = 'A'\nfile = '/k'", "mavi.api_key", "exactly one"),
-        ("[[streams]]\nname='a'\nurl='http://h/x'", "streams[0].url", "rtmp:// or rtsp://"),
+        (
+            "[[streams]]\nname='a'\nurl='http://h/x'",
+            "streams[0].url",
+            "rtmp://, rtmps://, rtsp:// or rtsps://",
+        ),
         ("[[streams]]\nname='a'\nurl='rtmp://h'\nfps=0", "streams[0].fps", "got 0"),
         ("[[streams]]\nname='a'\nurl='rtmp://h'\nmax_logos=51", "streams[0].max_logos", "50"),
         ("[[streams]]\nname='a b'\nurl='rtmp://h'", "streams[0].name", "pattern"),
@@ -202,6 +213,117 @@ def test_check_config_accepts_the_shipped_file():
     )
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout
+
+
+TEN_PROBLEMS = """
+[mavi]
+backend = "mavi"
+api_key = { env = "NO_SUCH_KEY" }
+[server]
+callback_secret = { env = "NO_SUCH_SECRET" }
+[budgets]
+daily_usd = "abc"
+[supervisor]
+on_stall = "panic"
+[[streams]]
+name = "a"
+url = "http://bad"
+fps = 0
+content_moderation = false
+[[streams]]
+name = "b"
+url = "rtmp://h/b"
+content_moderation = false
+[[streams]]
+name = "b"
+url = "rtmp://h/b2"
+max_logos = 0
+"""
+
+
+def test_one_pass_reports_secrets_and_the_feature_rule_with_the_rest(tmp_path: Path):
+    """Missing secrets and "enable a feature" come in the same report as every other problem,
+    from `check-config` as from `load_config`, each place once."""
+    path = tmp_path / "bad.toml"
+    path.write_text(TEN_PROBLEMS)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={}, checks=[secret_problems])
+    paths = [p.path for p in info.value.problems]
+    assert sorted(paths) == sorted(
+        [
+            "mavi.api_key",
+            "server.callback_secret",
+            "budgets.daily_usd",
+            "supervisor.on_stall",
+            "streams[0].url",
+            "streams[0].fps",
+            "streams[0]",  # neither feature, reported with the entry's other problems
+            "streams[1]",
+            "streams[2].name",  # the duplicate, once
+            "streams[2].max_logos",
+        ]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamwatch", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,  # where the default state file would be
+        env={k: v for k, v in os.environ.items() if not k.startswith("NO_SUCH")},
+    )
+    assert proc.returncode == 1
+    assert "10 problem(s)" in proc.stderr
+    for where in paths:
+        assert f"  - {where}: " in proc.stderr
+
+
+def test_a_section_with_problems_is_not_checked_for_secrets():
+    """A secret is not reported missing for a section that is itself invalid (its defaults
+    would be checked instead of what the file says)."""
+    text = (
+        "[server]\nlisten = 'nowhere'\ncallback_secret = { env = 'CB' }\n[mavi]\nbackend = 'mavi'"
+    )
+    found = problems(text, checks=[secret_problems])
+    assert set(found) == {"server.listen", "mavi.api_key"}
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "fragment"),
+    [
+        ("[[streams]]\nname='a'\nurl='rtmp://h'\nfps=0", "streams[0].fps", "1 to 60"),
+        ("[[streams]]\nname='a'\nurl='rtmp://h'\nfps=61", "streams[0].fps", "1 to 60"),
+        ("[mavi]\nsegment_seconds = 0", "mavi.segment_seconds", "more than 0 to 300"),
+        ("[budgets]\ndaily_usd = 'abc'", "budgets.daily_usd", '"12.50"'),
+        (
+            "[[streams]]\nname='a'\nurl='rtmp://h'\nbudget={ monthly_usd = '1,000' }",
+            "streams[0].budget.monthly_usd",
+            '"12.50"',
+        ),
+    ],
+)
+def test_hints_say_the_whole_rule(text, path, fragment):
+    """A number out of range states both bounds; a bad amount shows the expected form."""
+    found = problems(text)
+    assert fragment in found[path], found
+
+
+def test_a_duplicate_stream_name_is_reported_once():
+    """Two streams with one name make one problem, at the second entry."""
+    text = MINIMAL + MINIMAL.replace("rtmp://h/live", "rtmp://h/other")
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, environ={})
+    assert [(p.path, "duplicate" in p.message) for p in info.value.problems] == [
+        ("streams[1].name", True)
+    ]
+
+
+def test_a_secret_behind_an_unset_variable_is_reported_once():
+    """A secret file named with an unset variable is one problem, the variable, not also an
+    empty secret."""
+    text = "[mavi]\nbackend = 'mavi'\napi_key = { file = '${NO_SUCH_DIR}/key' }\n"
+    found = problems(text, checks=[secret_problems])
+    assert set(found) == {"mavi.api_key.file", "server.callback_secret"}
+    assert "NO_SUCH_DIR" in found["mavi.api_key.file"]
 
 
 def test_secret_variables_cannot_be_interpolated_into_published_values():

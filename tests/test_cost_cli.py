@@ -76,9 +76,9 @@ async def test_cost_by_stream_and_label_in_a_range(tmp_path: Path):
 
 
 def test_cost_rejects_a_bad_date(tmp_path: Path):
-    """A date that is not a date is named in the error."""
+    """A date that is not a date is named in the error, as a bad argument."""
     out = cli("cost", "-c", str(write_config(tmp_path)), "--since", "last tuesday")
-    assert out.returncode == 1
+    assert out.returncode == 2
     assert "last tuesday" in out.stderr
 
 

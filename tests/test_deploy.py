@@ -281,13 +281,14 @@ def test_every_mounted_config_has_a_check_here():
         assert bind_mounts(name)[target].exists(), (name, target)
 
 
-def test_compose_streamwatch_config_passes_check_config():
-    """The daemon's config, in the container's environment: `streamwatch check-config` passes,
-    it listens on the published port, keeps state on the volume and alerts the stack's
-    Alertmanager."""
+def test_compose_streamwatch_config_passes_check_config(tmp_path: Path):
+    """The daemon's config, in the container's environment: `streamwatch check-config` passes
+    (a temporary folder standing in for the state volume), it listens on the published port,
+    keeps state on the volume and alerts the stack's Alertmanager."""
     env = streamwatch_env()
     path = host_path("streamwatch", env["STREAMWATCH_CONFIG"])
-    result = cli("check-config", "--config", str(path), env=env)
+    volume = {"STREAMWATCH_STATE": str(tmp_path / "streamwatch.db")}
+    result = cli("check-config", "--config", str(path), env=env | volume)
     assert result.returncode == 0, result.stderr
     config = load_config(path, environ=env)
     assert config.mavi.backend == "emulator"
@@ -416,12 +417,14 @@ def test_kubernetes_manifests_pass_strict_schema_validation(tmp_path: Path):
 
 def test_kubernetes_config_reads_exactly_the_secrets_the_deployment_provides(tmp_path: Path):
     """The config's `{ env = … }` secrets are the Deployment's secretKeyRef variables, and with
-    them `streamwatch check-config` passes on the ConfigMap's streams.toml."""
+    them `streamwatch check-config` passes on the ConfigMap's streams.toml (a temporary folder
+    standing in for the state volume)."""
     path, env = k8s_config(tmp_path)
     read = {s["env"] for s in toml_secret_sources(tomllib.loads(path.read_text())) if "env" in s}
     provided = {e["name"] for e in container()["env"] if "secretKeyRef" in e.get("valueFrom", {})}
     assert read == provided == {"MAVI_API_KEY", "STREAMWATCH_CALLBACK_SECRET"}
-    result = cli("check-config", "--config", str(path), env=env)
+    volume = {"STREAMWATCH_STATE": str(tmp_path / "streamwatch.db")}
+    result = cli("check-config", "--config", str(path), env=env | volume)
     assert result.returncode == 0, result.stderr
 
 

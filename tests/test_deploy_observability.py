@@ -4,10 +4,13 @@ against the metrics a live daemon exposes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 from asyncio.subprocess import PIPE
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -100,6 +103,60 @@ async def test_rules_and_dashboard_only_name_metrics_the_daemon_exposes(daemon, 
     assert used - exposed == set()
 
 
+@contextlib.asynccontextmanager
+async def prometheus(
+    tmp_path: Path, target: str, *, rules: Path | None = None
+) -> AsyncIterator[Callable[[str], Awaitable[list[dict[str, Any]]]]]:
+    """A real Prometheus on loopback scraping `target` every second (and evaluating `rules`);
+    yields `query(expr)`, the instant vector's results ([] until there are some)."""
+    port = free_port()
+    config = "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+    if rules is not None:
+        config += f"rule_files:\n  - {rules}\n"
+    config += (
+        "scrape_configs:\n  - job_name: streamwatch\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    (tmp_path / "prometheus.yml").write_text(config)
+    proc = await asyncio.create_subprocess_exec(
+        tool("prometheus"),
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    try:
+        async with aiohttp.ClientSession() as s:
+
+            async def query(expr: str) -> list[dict[str, Any]]:
+                try:
+                    async with s.get(
+                        f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}
+                    ) as resp:
+                        doc = await resp.json()
+                except aiohttp.ClientError:
+                    return []
+                result: list[dict[str, Any]] = doc.get("data", {}).get("result", [])
+                return result
+
+            yield query
+    finally:
+        proc.terminate()
+        await proc.communicate()
+
+
+async def settled(
+    query: Callable[[str], Awaitable[list[dict[str, Any]]]], expr: str
+) -> list[dict[str, Any]]:
+    """The results of `expr` once Prometheus has some (it scrapes on its own clock)."""
+    async with asyncio.timeout(30):
+        # Prometheus is another process scraping on its own clock: nothing to await.
+        while not (found := await query(expr)):  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+    return found
+
+
 async def test_a_real_prometheus_scrapes_the_daemon(daemon, emulator, tmp_path: Path):
     """A Prometheus server on loopback scrapes a daemon under traffic; what it stores matches
     the daemon's store for segments, unsafe segments and cost."""
@@ -114,53 +171,62 @@ async def test_a_real_prometheus_scrapes_the_daemon(daemon, emulator, tmp_path: 
     await daemon.wait(lambda: daemon.state("scraped").task_id is None)
     assert daemon.app is not None
     assert daemon.app.server is not None
+    async with prometheus(tmp_path, f"127.0.0.1:{daemon.app.server.port}") as query:
+
+        async def one(expr: str) -> float:
+            found = await query(expr)
+            assert len(found) == 1, found
+            return float(found[0]["value"][1])
+
+        await settled(query, 'streamwatch_stream_segments_total{stream="scraped"}')
+        totals = (await daemon.store.stream_totals())["scraped"]
+        ticks = (await daemon.store.charge_totals(since=0, until=10**12))[0].ticks
+        assert await one('up{job="streamwatch"}') == 1
+        assert await one('streamwatch_stream_segments_total{stream="scraped"}') == (totals.segments)
+        assert await one('streamwatch_stream_unsafe_segments_total{stream="scraped"}') == (
+            totals.unsafe_segments
+        )
+        cost = await one('streamwatch_stream_cost_usd_total{stream="scraped"}')
+        assert cost == pytest.approx(ticks / 2880)
+
+
+def legend(template: str, labels: dict[str, str]) -> str:
+    """A Grafana legendFormat filled in as Grafana does: {{label}} by its value, or nothing."""
+    return re.sub(r"{{\s*(\w+)\s*}}", lambda m: labels.get(m[1], ""), template)
+
+
+async def test_a_stream_named_account_stays_apart_from_the_account(
+    daemon, emulator, tmp_path: Path
+):
+    """Scraped by a real Prometheus, the account's cap and those of a stream named "account"
+    are separate series, the dashboard's budget panel gives them separate legends, and the
+    shipped rules fire the budget alert for the stream alone."""
+    await daemon.start(
+        stream_toml("account", fps=2, logo_detection=True) + 'budget = { daily_usd = "0.0125" }\n',
+        extra='[budgets]\ndaily_usd = "100.00"',
+    )
+    await daemon.wait(lambda: "account" in daemon.sup.gate.reasons)  # the cap is reached
+    assert daemon.app is not None
+    assert daemon.app.server is not None
     target = f"127.0.0.1:{daemon.app.server.port}"
-    port = free_port()
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: streamwatch\n"
-        f"    static_configs:\n      - targets: ['{target}']\n"
-    )
-    exe = tool("prometheus")
-    proc = await asyncio.create_subprocess_exec(
-        exe,
-        f"--config.file={tmp_path / 'prometheus.yml'}",
-        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-        stdout=PIPE,
-        stderr=PIPE,
-    )
-    try:
-        async with aiohttp.ClientSession() as s:
-
-            async def query(expr: str) -> float | None:
-                try:
-                    async with s.get(
-                        f"http://127.0.0.1:{port}/api/v1/query", params={"query": expr}
-                    ) as resp:
-                        doc = await resp.json()
-                except aiohttp.ClientError:
-                    return None
-                result = doc.get("data", {}).get("result", [])
-                return float(result[0]["value"][1]) if result else None
-
-            async with asyncio.timeout(30):
-                # Prometheus is another process scraping on its own clock: nothing to await.
-                while await query('streamwatch_stream_segments_total{stream="scraped"}') is None:  # noqa: ASYNC110
-                    await asyncio.sleep(0.2)
-            totals = (await daemon.store.stream_totals())["scraped"]
-            ticks = (await daemon.store.charge_totals(since=0, until=10**12))[0].ticks
-            assert await query('up{job="streamwatch"}') == 1
-            assert await query('streamwatch_stream_segments_total{stream="scraped"}') == (
-                totals.segments
-            )
-            assert await query('streamwatch_stream_unsafe_segments_total{stream="scraped"}') == (
-                totals.unsafe_segments
-            )
-            cost = await query('streamwatch_stream_cost_usd_total{stream="scraped"}')
-            assert cost == pytest.approx(ticks / 2880)
-    finally:
-        proc.terminate()
-        await proc.communicate()
+    rules = PROM / "streamwatch.rules.yml"
+    async with prometheus(tmp_path, target, rules=rules) as query:
+        fired = await settled(query, 'ALERTS{alertname="StreamwatchBudgetExceeded"}')
+        caps = await query("streamwatch_budget_cap_usd")
+        panel = next(
+            t
+            for p in json.loads(DASHBOARD.read_text())["panels"]
+            for t in p.get("targets", [])
+            if "streamwatch_budget_cap_usd" in t["expr"]
+        )
+        shown = await query(panel["expr"])
+    by_scope = {r["metric"]["scope"]: (r["metric"].get("stream"), r["value"][1]) for r in caps}
+    assert by_scope == {"account": (None, "100"), "stream": ("account", "0.0125")}
+    legends = {legend(panel["legendFormat"], r["metric"]) for r in shown}
+    assert len(legends) == len(shown) == 2, legends
+    assert [(a["metric"]["scope"], a["metric"].get("stream")) for a in fired] == [
+        ("stream", "account")
+    ]
 
 
 async def test_dockerfile_passes_hadolint():

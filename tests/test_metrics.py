@@ -8,11 +8,14 @@ from asyncio.subprocess import PIPE
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamwatch import __version__
+from streamwatch.config import parse_config
 from streamwatch.emulator import Script
-from streamwatch.metrics import OTHER_LOGO
+from streamwatch.ledger import Spending
+from streamwatch.metrics import OTHER_LOGO, StateCollector
 from streamwatch.pricing import TICKS_PER_USD
 from tests.conftest import SECRET, Daemon, stream_toml, tool, until
 
@@ -48,8 +51,11 @@ async def test_scrape_matches_the_store_and_the_ledger(daemon, emulator):
     emulator.scripts[url] = Script(outcomes=["safe", "unsafe", "logo:Acme", "error"])
     await daemon.start(stream_toml("mix", url, fps=2, logo_detection=True))
     await daemon.wait(lambda: daemon.state("mix").run_segments >= 6)
-    await daemon.stop()  # a quiet store: nothing changes between the scrape and the checks
-    await daemon.start()
+    await daemon.stop()
+    await daemon.start()  # the task is adopted and keeps calling back: counters come from the store
+    # A quiet store: no callback reaches the daemon between the scrape and the checks.
+    emulator.webhook = None
+    await until(emulator, lambda: emulator.posting == 0)
     text = await scrape(daemon)
     found = samples(text)
     totals = (await daemon.store.stream_totals())["mix"]
@@ -162,3 +168,30 @@ async def test_live_scrape_passes_promtool_check_metrics(daemon, emulator):
     assert proc.returncode == 0, (out + err).decode()
     assert out.strip() == b""
     assert err.strip() == b""
+
+
+def test_a_stream_named_account_has_budget_series_of_its_own():
+    """The account's caps are `scope="account"`, a stream's `scope="stream"` with its name in
+    `stream`: a stream named "account" cannot make the account's series appear twice."""
+    config = parse_config(
+        '[budgets]\ndaily_usd = "100"\n'
+        + stream_toml("account")
+        + 'budget = { daily_usd = "5" }\n'
+        + stream_toml("lobby"),
+        environ={},
+    )
+    registry = CollectorRegistry()
+    spending = Spending(budgets=config.budgets, streams=config.streams, segment_seconds=5)
+    StateCollector(registry, spending)
+    keys = [
+        (s.name, tuple(sorted(s.labels.items())))
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+    ]
+    assert len(keys) == len(set(keys)), "a series appears twice"
+    found = samples(generate_latest(registry).decode())
+    cap = "streamwatch_budget_cap_usd"
+    assert value(found, cap, scope="account", period="day") == 100
+    assert value(found, cap, scope="stream", stream="account", period="day") == 5
+    assert value(found, "streamwatch_budget_remaining_usd", scope="account", period="day") == 100
+    assert [k for k in found if k[0] == cap and ("stream", "lobby") in k[1]] == []

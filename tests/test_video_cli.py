@@ -92,3 +92,35 @@ async def test_folder_upload_resumes_and_every_verb_works(emu, tmp_path: Path):
     code, _, err = await video(emu, config, "delete", nos[0])
     assert code == 1
     assert "0409" in err
+
+
+async def test_clips_and_chat_with_a_video_not_in_the_library(emu, tmp_path: Path):
+    """`video clips` (and `chat`) naming a videoNo the library does not have fail with one
+    line naming it, instead of printing nothing and exiting 0."""
+    config = tmp_path / "streams.toml"
+    config.write_text("")
+    for args in (("clips", "x", "VI9999999999"), ("chat", "what happens?", "VI9999999999")):
+        code, out, err = await video(emu, config, *args)
+        assert code == 1, (args, out, err)
+        assert out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert "VI9999999999" in lines[0]
+        assert "not in the library" in lines[0]
+
+
+async def test_upload_refuses_a_file_that_is_not_a_video(emu, tmp_path: Path):
+    """A non-video file named directly is refused as a bad argument (exit 2) and nothing is
+    uploaded, as a folder upload would skip it; a missing file is a bad argument too."""
+    config = tmp_path / "streams.toml"
+    config.write_text("")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a video")
+    for path, fragment in ((notes, "not a video file"), (tmp_path / "nope.mp4", "no such file")):
+        code, _, err = await video(emu, config, "upload", str(path))
+        assert code == 2
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, err
+        assert fragment in lines[0]
+        assert "config" not in lines[0]
+    assert emu.library.videos == {}

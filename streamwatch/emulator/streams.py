@@ -161,6 +161,7 @@ class Emulator:
         self.starts: list[StartRecord] = []
         self.stop_calls: list[tuple[str, int]] = []
         self.deliveries: list[Delivery] = []
+        self.posting = 0  # callback POSTs on the wire now (a test waits for 0 to compare)
         self._rng = random.Random(seed)
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._senders: set[asyncio.Task[None]] = set()
@@ -530,15 +531,18 @@ class Emulator:
             delivery.attempts += 1
             self._notify()
             if self.webhook:
+                self.posting += 1
                 try:
                     async with self._session.post(self.webhook, json=body) as resp:
                         delivery.last_http = resp.status
                         if 200 <= resp.status < 300:
                             delivery.delivered = True
-                            self._notify()
                             return
                 except (aiohttp.ClientError, TimeoutError):
                     delivery.last_http = None
+                finally:
+                    self.posting -= 1
+                    self._notify()
             await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
             delay *= 2
         log.warning(

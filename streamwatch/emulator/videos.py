@@ -142,6 +142,14 @@ class VideoLibrary:
             seen.append(now)
         return None
 
+    def _unknown(self, video_nos: list[Any]) -> web.Response | None:
+        """0001 naming the videoNos that are not in the library, if any (MAVI does not document
+        its answer; an empty result would look like "nothing matched")."""
+        missing = [str(n) for n in video_nos if n not in self.videos]
+        if not missing:
+            return None
+        return self._answer("0001", msg=f"videoNos not in the library: {', '.join(missing[:5])}")
+
     def _next_no(self, prefix: str) -> str:
         self._counter += 1
         return f"{prefix}{self._counter:010d}"
@@ -244,7 +252,9 @@ class VideoLibrary:
             return self._answer("0001", msg="videoNos and searchValue are required")
         if len(nos) > 50:
             return self._answer("0003", msg="at most 50 videos per call")
-        clips = [self.videos[n].clip_wire(5, 10) for n in nos if n in self.videos]
+        if (unknown := self._unknown(nos)) is not None:
+            return unknown
+        clips = [self.videos[n].clip_wire(5, 10) for n in nos]
         return self._answer("0000", {"videos": clips})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
@@ -253,7 +263,11 @@ class VideoLibrary:
         body = await self._body(request)
         if not isinstance(body, dict) or not body.get("message"):
             return self._answer("0001", msg="message is required")
-        nos = [n for n in body.get("videoNos", []) if n in self.videos]
+        nos = body.get("videoNos", [])
+        if not isinstance(nos, list):
+            return self._answer("0001", msg="videoNos is a list")
+        if (unknown := self._unknown(nos)) is not None:
+            return unknown
         answer = f"The {len(nos)} video(s) show what you asked about: {body['message']}"
         if not body.get("stream"):
             return self._answer("0000", {"msg": answer})

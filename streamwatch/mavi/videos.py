@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
+import structlog
 from aiolimiter import AsyncLimiter
 from pydantic import SecretStr
 
@@ -36,6 +37,8 @@ __all__ = [
     "Video",
     "VideoClient",
 ]
+
+log = structlog.get_logger("streamwatch.mavi")
 
 # Published limits per minute (MAVI-CONTRACT.md); delete has none published. The limiter keeps
 # a client under them.
@@ -282,6 +285,12 @@ class VideoClient:
         ):
             if resp.status >= 500 or resp.status == 429:
                 raise BatchBusy(f"chat: HTTP {resp.status}")
+            if resp.content_type == "application/json":
+                # A plain answer instead of a stream: a refusal (raised here), or the whole text.
+                data = _data(await resp.json(content_type=None), "chat")
+                if isinstance(data, dict) and data.get("msg"):
+                    yield str(data["msg"])
+                return
             async for raw in resp.content:
                 line = raw.decode("utf-8", "replace").strip()
                 if not line.startswith("data:"):
@@ -352,6 +361,8 @@ class VideoClient:
     async def _call(self, endpoint: str, send: Any) -> Any:
         async for attempt in self._retry.context(_retry_busy):
             with attempt:
+                if attempt.num > 1:
+                    log.info("mavi.request_retry", endpoint=endpoint, attempt=attempt.num)
                 limiter = self._limiters.get(endpoint)
                 async with limiter if limiter is not None else contextlib.nullcontext():
                     return await send()
