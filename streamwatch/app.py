@@ -33,7 +33,15 @@ from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
 from streamwatch.alerts.sinks.teams import TeamsSink
 from streamwatch.alerts.sinks.webhook import WebhookSink
-from streamwatch.config import Config, ConfigError, Secrets, load_config, resolve_secrets
+from streamwatch.config import (
+    Config,
+    ConfigError,
+    Secrets,
+    load_config,
+    public_value_problems,
+    resolve_secrets,
+    secret_values,
+)
 from streamwatch.emulator import Emulator, Script
 from streamwatch.evidence import Evidence
 from streamwatch.ledger import Spending
@@ -41,6 +49,7 @@ from streamwatch.mavi.streams import StreamClient
 from streamwatch.mavi.videos import VideoClient
 from streamwatch.metrics import Metrics, StateCollector
 from streamwatch.pricing import usd_to_ticks
+from streamwatch.redact import Redactor, url_secrets
 from streamwatch.server import Server
 from streamwatch.store import Store, StoreError
 from streamwatch.supervisor import Policy, Supervisor
@@ -62,11 +71,16 @@ class App:
         secrets: Secrets | None = None,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        redactor: Redactor | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self._environ = os.environ if environ is None else environ
         self.secrets = secrets or resolve_secrets(config, environ=self._environ)
+        # What must never leave the process in clear: shared with the log set-up (cli), the
+        # MAVI client and the supervisor (errors, events, alerts, the status API).
+        self.redactor = redactor or Redactor()
+        self.redactor.add(*secret_values(config, self.secrets))
         self._clock = clock
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
@@ -142,6 +156,7 @@ class App:
                 retry=cfg.mavi.retry,
                 timeout_seconds=cfg.mavi.request_timeout_seconds,
                 metrics=metrics,
+                redact=self.redactor,
             )
             spending = Spending(
                 budgets=cfg.budgets, streams=cfg.streams, segment_seconds=cfg.mavi.segment_seconds
@@ -153,6 +168,7 @@ class App:
                 tick_seconds=cfg.supervisor.tick_seconds,
                 spending=spending,
                 clock=self._clock,
+                redact=self.redactor,
             )
             await self.supervisor.load(cfg.streams)
             # The archive fetches clip URLs from callbacks on its own guarded pool, so slow
@@ -317,6 +333,9 @@ class App:
         self.systemd.reloading()
         try:
             new = load_config(self.config_path, environ=self._environ)
+            problems = public_value_problems(new, self.secrets)
+            if problems:
+                raise ConfigError(str(self.config_path), problems)
         except ConfigError as exc:
             log.error("app.reload_failed", problems=[str(p) for p in exc.problems])
             self.systemd.notify(ready=1, status="reload failed: " + self._status_line())
@@ -329,6 +348,8 @@ class App:
         ]
         if untouched:
             log.warning("app.reload_needs_restart", sections=untouched)
+        for stream in new.streams:
+            self.redactor.add(*url_secrets(stream.url))
         self.config = self.config.model_copy(
             update={"streams": new.streams, "budgets": new.budgets}
         )

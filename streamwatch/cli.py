@@ -40,10 +40,12 @@ from streamwatch.config import (
     read_secret,
     resolve_secrets,
     secret_problems,
+    secret_values,
 )
 from streamwatch.ledger import caps_for, period_bounds, stream_ticks_per_hour, usd
 from streamwatch.logs import configure_logging
 from streamwatch.pricing import segment_cost_ticks
+from streamwatch.redact import Redactor, redact_urls
 from streamwatch.store import ChargeTotal, Store, StoreError, check_state_file
 
 __all__ = ["main"]
@@ -333,12 +335,17 @@ def _load_with_secrets(path: Path, *, state_file: bool = False) -> tuple[Config,
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from streamwatch.app import App
+    from streamwatch.guard import raise_file_limit
 
     config, secrets = _load_with_secrets(args.config, state_file=True)
-    configure_logging(level=config.logging.level, fmt=config.logging.format)
+    redactor = Redactor(secret_values(config, secrets))
+    configure_logging(level=config.logging.level, fmt=config.logging.format, redactor=redactor)
     # `_created` series would double every labelled counter and histogram for no operator use.
     disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
-    app = App(config, config_path=args.config, secrets=secrets)
+    # Each connection is a file descriptor: take all the process may have (the server fits its
+    # connection cap under it).
+    raise_file_limit()
+    app = App(config, config_path=args.config, secrets=secrets, redactor=redactor)
     try:
         asyncio.run(app.run())
     except asyncio.CancelledError:
@@ -852,7 +859,6 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
     from streamwatch.emulator import Emulator, Script
     from streamwatch.pricing import usd_to_ticks
 
-    configure_logging()
     scripts: dict[str, Script] = {}
     if args.script:
         try:
@@ -861,7 +867,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
                 script = EmulatorScript.model_validate(item)
                 scripts[script.url] = Script.from_config(script)
         except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
-            print(f"error: {args.script}: {exc}", file=sys.stderr)
+            print(f"error: {args.script}: {redact_urls(str(exc))}", file=sys.stderr)
             return EXIT_CONFIG
     api_key = None
     if args.api_key_env:
@@ -869,6 +875,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         if not api_key:
             print(f"error: {args.api_key_env} is not set", file=sys.stderr)
             return EXIT_CONFIG
+    configure_logging(redactor=Redactor([api_key, args.webhook]))
     host, port = args.listen
     emulator = Emulator(
         segment_seconds=args.segment_seconds,

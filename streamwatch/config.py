@@ -34,6 +34,7 @@ from pydantic import (
 )
 
 from streamwatch.egress import parse_allow_entry
+from streamwatch.redact import MIN_SECRET_LENGTH, looks_secret, redact_urls, url_secrets
 
 __all__ = [
     "AlertRule",
@@ -63,15 +64,22 @@ __all__ = [
     "load_config",
     "local_url",
     "parse_config",
+    "public_value_problems",
     "read_secret",
     "resolve_secrets",
     "secret_problems",
+    "secret_values",
 ]
 
 _NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NO_FEATURE = "enable content_moderation, logo_detection or both"
 _LABEL_KEY_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _INTERP_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# Values published as they are: metric labels, the status API, alerts, log lines. No secret
+# may be interpolated into them.
+_PUBLIC_PATH_RE = re.compile(
+    r"^streams\[\d+\]\.(name|labels\..+)$|^alerts\.(sinks|rules)\[\d+\]\.name$"
+)
 
 
 @dataclass(frozen=True)
@@ -219,6 +227,30 @@ class ServerConfig(_Model):
         default=None, description="Bearer token for the status API; unset = no auth."
     )
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=64 * 1_048_576)
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Open connections at most (lowered to fit the file limit).",
+    )
+    header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=600,
+        description="A new connection must send a complete request's headers within this.",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="A request's body must arrive in full within this after its headers.",
+    )
+    idle_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="A keep-alive connection waiting longer for its next request is closed.",
+    )
 
     @field_validator("listen")
     @classmethod
@@ -617,15 +649,34 @@ class Secrets:
 
 
 def _interpolate(
-    value: Any, path: str, environ: Mapping[str, str], problems: list[ConfigProblem]
+    value: Any,
+    path: str,
+    environ: Mapping[str, str],
+    problems: list[ConfigProblem],
+    hidden: dict[str, str],
 ) -> Any:
+    """Expand ``${VAR}`` in every string. Values of secret-looking variables are recorded in
+    `hidden` (value -> variable) so that no error message repeats them, and refused where the
+    value would be published (stream names, labels, sink and rule names)."""
     if isinstance(value, str):
 
         def repl(m: re.Match[str]) -> str:
             if m.group(0) == "$$":
                 return "$"
             name, default = m.group(1), m.group(2)
+            if looks_secret(name) and _PUBLIC_PATH_RE.match(path):
+                problems.append(
+                    ConfigProblem(
+                        path,
+                        f"${{{name}}} looks like a secret (by its name) and this value is "
+                        "published on /metrics, the status API, alerts and logs; write the "
+                        "value itself, or rename the variable if it holds no secret",
+                    )
+                )
+                return ""
             if name in environ and environ[name] != "":
+                if looks_secret(name):
+                    hidden[environ[name]] = name
                 return environ[name]
             if default is not None:
                 return default
@@ -640,9 +691,13 @@ def _interpolate(
 
         return _INTERP_RE.sub(repl, value)
     if isinstance(value, dict):
-        return {k: _interpolate(v, _join(path, k), environ, problems) for k, v in value.items()}
+        return {
+            k: _interpolate(v, _join(path, k), environ, problems, hidden) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [_interpolate(v, f"{path}[{i}]", environ, problems) for i, v in enumerate(value)]
+        return [
+            _interpolate(v, f"{path}[{i}]", environ, problems, hidden) for i, v in enumerate(value)
+        ]
     return value
 
 
@@ -693,7 +748,7 @@ def _range(loc: tuple[int | str, ...]) -> str | None:
     return f"allowed: {low} to {high}" if low and high else None
 
 
-def _problems_from(exc: ValidationError) -> list[ConfigProblem]:
+def _problems_from(exc: ValidationError, hidden: Mapping[str, str]) -> list[ConfigProblem]:
     problems = []
     for err in exc.errors():
         path = ""
@@ -708,9 +763,18 @@ def _problems_from(exc: ValidationError) -> list[ConfigProblem]:
             and "input" in err
             and not isinstance(err["input"], dict | list)
         ):
-            msg += f" (got {err['input']!r})"
+            msg += f" (got {_shown(err['input'], hidden)})"
         problems.append(ConfigProblem(path, f"{msg}; {hint}" if hint else msg))
     return problems
+
+
+def _shown(value: Any, hidden: Mapping[str, str]) -> str:
+    """A bad value as an error message may show it: without URL credentials, and with the
+    values of secret-looking variables shown as the ``${VAR}`` they came from."""
+    text = repr(value)
+    for secret, name in sorted(hidden.items(), key=lambda kv: -len(kv[0])):
+        text = text.replace(secret, f"${{{name}}}")
+    return redact_urls(text)
 
 
 def _duplicate_names(raw: dict[str, Any]) -> list[ConfigProblem]:
@@ -818,7 +882,8 @@ def parse_config(
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, [ConfigProblem("", f"not valid TOML: {exc}")]) from None
     problems: list[ConfigProblem] = []
-    raw = _interpolate(raw, "", env, problems)
+    hidden: dict[str, str] = {}
+    raw = _interpolate(raw, "", env, problems, hidden)
     _apply_defaults(raw)
     problems.extend(_duplicate_names(raw))
     problems.extend(_no_feature(raw))
@@ -828,7 +893,7 @@ def parse_config(
         # Report each place once: an unset variable or a duplicate name is the root cause,
         # not the empty string or the list it leaves behind.
         known = {p.path for p in problems}
-        problems.extend(p for p in _problems_from(exc) if p.path not in known)
+        problems.extend(p for p in _problems_from(exc, hidden) if p.path not in known)
         partial, failed = _sections(raw)
         problems.extend(_unreported(_checked(checks, partial, env, failed), problems))
         raise ConfigError(source, problems) from None
@@ -923,7 +988,73 @@ def resolve_secrets(config: Config, *, environ: Mapping[str, str] | None = None)
     if problems:
         raise ConfigError("secrets", problems)
     assert callback is not None
-    return Secrets(api_key, callback, generated, status, sinks)
+    resolved = Secrets(api_key, callback, generated, status, sinks)
+    problems = public_value_problems(config, resolved)
+    if problems:
+        raise ConfigError("secrets", problems)
+    return resolved
+
+
+def _named_secrets(config: Config, secrets: Secrets) -> list[tuple[str, str]]:
+    """Every secret value the config and its secrets hold, with the key it comes from."""
+    found: list[tuple[str, str | None]] = [
+        ("mavi.api_key", secrets.api_key.get_secret_value() if secrets.api_key else None),
+        ("server.callback_secret", secrets.callback_secret.get_secret_value()),
+        (
+            "server.status_token",
+            secrets.status_token.get_secret_value() if secrets.status_token else None,
+        ),
+    ]
+    for i, sink in enumerate(config.alerts.sinks):
+        url, signing = secrets.sinks.get(sink.name, (None, None))
+        if url is not None:
+            found.append((f"alerts.sinks[{i}].url", url.get_secret_value()))
+            # The path alone is the secret of most chat webhooks (/services/T…/B…/…).
+            path = url.get_secret_value().partition("://")[2].partition("/")[2]
+            if len(path) >= 16:
+                found.append((f"alerts.sinks[{i}].url", "/" + path))
+        if signing is not None:
+            found.append((f"alerts.sinks[{i}].secret", signing.get_secret_value()))
+    for i, stream in enumerate(config.streams):
+        found.extend((f"streams[{i}].url", value) for value in url_secrets(stream.url))
+    return [(where, value) for where, value in found if value]
+
+
+def secret_values(config: Config, secrets: Secrets) -> list[str]:
+    """The values a `Redactor` must mask for this config: the API key, callback secret,
+    status token, sink URLs and signing secrets, and credentials in stream URLs."""
+    return [value for _, value in _named_secrets(config, secrets)]
+
+
+def public_value_problems(config: Config, secrets: Secrets) -> list[ConfigProblem]:
+    """Stream names, labels and sink and rule names are published (metrics, status API,
+    alerts, logs): one that holds a secret value is a problem."""
+    named = _named_secrets(config, secrets)
+
+    def holder(value: str) -> str | None:
+        for where, secret in named:
+            if value == secret or (len(secret) >= MIN_SECRET_LENGTH and secret in value):
+                return where
+        return None
+
+    public: list[tuple[str, str]] = []
+    for i, stream in enumerate(config.streams):
+        public.append((f"streams[{i}].name", stream.name))
+        public.extend((f"streams[{i}].labels.{k}", v) for k, v in stream.labels.items())
+    public.extend((f"alerts.sinks[{i}].name", s.name) for i, s in enumerate(config.alerts.sinks))
+    public.extend((f"alerts.rules[{i}].name", r.name) for i, r in enumerate(config.alerts.rules))
+    problems = []
+    for path, value in public:
+        where = holder(value)
+        if where is not None:
+            problems.append(
+                ConfigProblem(
+                    path,
+                    f"holds the secret of {where}; this value is published on /metrics, the "
+                    "status API, alerts and logs",
+                )
+            )
+    return problems
 
 
 def secret_problems(config: Config, environ: Mapping[str, str]) -> list[ConfigProblem]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from aiohttp import web
 
 
-async def bind(runner: web.AppRunner, host: str, port: int, *, what: str) -> int:
+async def bind(
+    runner: web.AppRunner, host: str, port: int, *, what: str, backlog: int = 128
+) -> int:
     """Listen with `runner` (already set up) and return the bound port. Any failure, including
     a socket family the sandbox forbids (asyncio then starts a server with no sockets), is an
     `OSError` naming `what` and the address; the runner is cleaned up first."""
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=backlog)
     address = f"{host}:{port}"
     try:
         await site.start()

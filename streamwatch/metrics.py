@@ -17,7 +17,7 @@ import platform
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -127,6 +127,29 @@ class Metrics:
             "streamwatch_alert_deliveries",
             "Alert delivery attempts by sink and outcome: delivered, retry, dead.",
             ["sink", "outcome"],
+            registry=registry,
+        )
+        self.http_connections = Gauge(
+            "streamwatch_http_connections",
+            "Connections open to the daemon's HTTP server (callbacks, API, metrics).",
+            registry=registry,
+        )
+        self.http_connections_limit = Gauge(
+            "streamwatch_http_connections_limit",
+            "The cap on open connections in force ([server] max_connections, lowered to fit "
+            "the file limit).",
+            registry=registry,
+        )
+        self.http_connections_closed = Counter(
+            "streamwatch_http_connections_closed",
+            "Connections the server closed itself, by reason: over_limit, evicted, "
+            "header_timeout, body_timeout, idle_timeout.",
+            ["reason"],
+            registry=registry,
+        )
+        self.http_accept_errors = Counter(
+            "streamwatch_http_accept_errors",
+            "Connections the server could not accept: out of file descriptors or memory.",
             registry=registry,
         )
         InfoBuild(registry)

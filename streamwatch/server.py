@@ -20,8 +20,9 @@ import contextlib
 import hmac
 import json
 import logging
+import resource
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,14 +36,24 @@ from streamwatch import __version__
 from streamwatch.alerts.sources import logo_hit
 from streamwatch.config import Config, local_url
 from streamwatch.evidence import Evidence
+from streamwatch.guard import ConnectionGuard, effective_limit, listen_backlog
 from streamwatch.ledger import summary
 from streamwatch.listen import bind
+from streamwatch.logs import Throttle
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, decode_body, parse_callback
 from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
 from streamwatch.store import CallbackOutcome, Store, StoreError
 from streamwatch.supervisor import Supervisor
 
-__all__ = ["CALLBACK_PREFIX", "Server", "build_status", "close_runner", "iso"]
+__all__ = [
+    "CALLBACK_PREFIX",
+    "BadBody",
+    "Server",
+    "build_status",
+    "close_runner",
+    "iso",
+    "read_json",
+]
 
 log = structlog.get_logger("streamwatch.server")
 
@@ -151,23 +162,90 @@ async def close_runner(runner: web.AppRunner) -> None:
         await low.shutdown(0)
 
 
+class BadBody(Exception):
+    """A request body that cannot be used; `response()` is the 4xx answer saying why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+    def response(self) -> web.Response:
+        return web.json_response({"error": str(self)}, status=self.status)
+
+
+_UTF8 = {"utf-8", "utf8", "us-ascii", "ascii"}
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, which must be UTF-8 (RFC 8259): another declared charset is
+    refused (415; an unknown one made aiohttp raise, a 500), and nesting too deep for the
+    parser is "not JSON" (400), not a server error. Raises `BadBody` (413, 415 or 400)."""
+    charset = request.charset
+    if charset is not None and charset.lower() not in _UTF8:
+        raise BadBody(415, "JSON bodies are UTF-8: send charset=utf-8 or none")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadBody(413, "body too large") from None
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadBody(400, "body is not JSON (UTF-8)") from None
+
+
+def _raw(text: str) -> bytes:
+    """A path segment or header value as the bytes the client sent: aiohttp decodes them with
+    surrogateescape, and a plain `encode()` of invalid UTF-8 raised (a 500)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _is_text(value: Any, *, limit: int = 256) -> bool:
+    """True for a non-empty string of at most `limit` characters that is valid Unicode (a
+    JSON "\\udc80" escape gives a lone surrogate, which no UTF-8 store or log accepts)."""
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class HttpLog(logging.Logger):
     """aiohttp's server logger, as one structlog line per event. A request aiohttp refuses
     as malformed (bad request line or headers, broken chunking or compression) is a client's
     error: one warning, `http.bad_request`, with the exception's type and no traceback (its
     message may quote the request line, which holds the callback secret). Anything else keeps
-    its traceback: it is a bug."""
+    its traceback: it is a bug. Either line is written once a minute per kind at most, the next
+    one with `suppressed` (how many were held back): a flood of bad requests is not a flood of
+    log lines."""
 
     def __init__(self) -> None:
         super().__init__("aiohttp.server", logging.INFO)
+        self._repeats = Throttle()
 
     def handle(self, record: logging.LogRecord) -> None:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError | web.RequestPayloadError | ConnectionError):
-            quiet = record.levelno < logging.WARNING or ANSWERED in getattr(exc, "__notes__", ())
-            (log.debug if quiet else log.warning)("http.bad_request", error=type(exc).__name__)
+            if record.levelno < logging.WARNING or ANSWERED in getattr(exc, "__notes__", ()):
+                log.debug("http.bad_request", error=type(exc).__name__)
+                return
+            held = self._repeats.allow(("bad_request", type(exc).__name__))
+            if held is not None:
+                log.warning("http.bad_request", error=type(exc).__name__, **_suppressed(held))
         elif record.levelno >= logging.WARNING:
-            log.error("http.server_error", message=record.getMessage(), exc_info=record.exc_info)
+            held = self._repeats.allow(("server_error", type(exc).__name__, str(record.msg)))
+            if held is not None:
+                log.error(
+                    "http.server_error",
+                    message=record.getMessage(),
+                    exc_info=record.exc_info,
+                    **_suppressed(held),
+                )
+
+
+def _suppressed(held: int) -> dict[str, int]:
+    return {"suppressed": held} if held else {}
 
 
 class Server:
@@ -197,7 +275,27 @@ class Server:
         self._clock = clock
         self.port: int | None = None
         self.ready = False
-        app = web.Application(client_max_size=config.server.max_body_bytes)
+        file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._backlog = listen_backlog(file_limit)
+        limit = effective_limit(config.server.max_connections, file_limit)
+        if limit < config.server.max_connections:
+            log.warning(
+                "server.connection_limit_lowered",
+                max_connections=config.server.max_connections,
+                limit=limit,
+                file_limit=file_limit,
+                hint="raise the file limit (LimitNOFILE=, ulimit -n) to allow more",
+            )
+        self.guard = ConnectionGuard(
+            limit=limit,
+            header_timeout=config.server.header_timeout_seconds,
+            body_timeout=config.server.body_timeout_seconds,
+            idle_timeout=config.server.idle_timeout_seconds,
+            metrics=metrics,
+        )
+        app = web.Application(
+            client_max_size=config.server.max_body_bytes, middlewares=[self.guard.middleware]
+        )
         app.router.add_post(CALLBACK_PREFIX + "{secret}", self._callback)
         app.router.add_post(VIDEO_CALLBACK_PREFIX + "{secret}", self._video_callback)
         app.router.add_get("/healthz", self._healthz)
@@ -207,7 +305,7 @@ class Server:
         self.metrics_app: web.Application | None = None
         self.metrics_port: int | None = None
         if config.metrics.listen:
-            self.metrics_app = web.Application()
+            self.metrics_app = web.Application(middlewares=[self.guard.middleware])
             self.metrics_app.router.add_get("/metrics", self._metrics_page)
         else:
             app.router.add_get("/metrics", self._metrics_page)
@@ -235,20 +333,38 @@ class Server:
         """Bind and serve; on exit, stop accepting and let in-flight requests finish."""
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=10.0, logger=HttpLog())
         await runner.setup()
+        assert runner.server is not None
+        self.guard.attach(runner.server)
         self.port = await bind(
-            runner, self._config.server.host, self._config.server.port, what="the server"
+            runner,
+            self._config.server.host,
+            self._config.server.port,
+            what="the server",
+            backlog=self._backlog,
         )
-        log.info("server.listening", address=self._config.server.host, port=self.port)
+        log.info(
+            "server.listening",
+            address=self._config.server.host,
+            port=self.port,
+            max_connections=self.guard.limit,
+        )
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(close_runner, runner)
+            stack.enter_context(self._accept_errors_reported())
             if self.metrics_app is not None:
                 listen = self._config.metrics.listen
                 assert listen is not None
                 host, _, port = listen.rpartition(":")
                 metrics_runner = web.AppRunner(self.metrics_app, access_log=None, logger=HttpLog())
                 await metrics_runner.setup()
+                assert metrics_runner.server is not None
+                self.guard.attach(metrics_runner.server)
                 self.metrics_port = await bind(
-                    metrics_runner, host.strip("[]"), int(port), what="[metrics] listen"
+                    metrics_runner,
+                    host.strip("[]"),
+                    int(port),
+                    what="[metrics] listen",
+                    backlog=self._backlog,
                 )
                 stack.push_async_callback(close_runner, metrics_runner)
                 log.info("server.metrics_listening", address=host, port=self.metrics_port)
@@ -257,6 +373,29 @@ class Server:
                 yield self
             finally:
                 self.ready = False
+
+    @contextlib.contextmanager
+    def _accept_errors_reported(self) -> Iterator[None]:
+        """While serving, asyncio's failures to accept for lack of file descriptors go to the
+        guard (one rate-limited line, idle connections shed) instead of one traceback each;
+        every other loop error goes where it went before."""
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = self.guard.out_of_resources(context)
+            if exc is not None:
+                self.guard.accept_failed(exc)
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+        try:
+            yield
+        finally:
+            loop.set_exception_handler(previous)
 
     # -- handlers ------------------------------------------------------------------------------
 
@@ -328,25 +467,26 @@ class Server:
 
     async def _video_callback(self, request: web.Request) -> web.Response:
         """Upload callbacks of the batch API: {"videoNo", "clientId", "status"}."""
-        if not hmac.compare_digest(request.match_info["secret"].encode(), self._secret):
+        if not hmac.compare_digest(_raw(request.match_info["secret"]), self._secret):
             self._metrics.rejected("secret")
             return web.json_response({"error": "not found"}, status=404)
         try:
-            doc = json.loads(await request.read())
-        except web.HTTPRequestEntityTooLarge:
-            return web.json_response({"error": "body too large"}, status=413)
-        except ValueError:
-            return web.json_response({"error": "body is not JSON"}, status=400)
+            doc = await read_json(request)
+        except BadBody as exc:
+            return exc.response()
         if (
             not isinstance(doc, dict)
-            or not isinstance(doc.get("videoNo"), str)
-            or not isinstance(doc.get("status"), str)
+            or not _is_text(doc.get("videoNo"))
+            or not _is_text(doc.get("status"))
         ):
-            return web.json_response({"error": "videoNo and status are required"}, status=400)
-        client_id = doc.get("clientId")
+            return web.json_response(
+                {"error": "videoNo and status are required, as text of up to 256 characters"},
+                status=400,
+            )
+        client_id = doc.get("clientId") if _is_text(doc.get("clientId")) else None
         try:
             changed = await self._store.record_library_video(
-                doc["videoNo"], doc["status"], client_id if isinstance(client_id, str) else None
+                doc["videoNo"], doc["status"], client_id
             )
         except StoreError:
             return web.json_response({"error": "not stored, retry"}, status=503)
@@ -400,9 +540,9 @@ class Server:
     def _authorized(self, request: web.Request) -> bool:
         if self._token is None:
             return True
-        header = request.headers.get("Authorization", "")
+        header = _raw(request.headers.get("Authorization", ""))
         expected = f"Bearer {self._token.get_secret_value()}"
-        return hmac.compare_digest(header.encode(), expected.encode())
+        return hmac.compare_digest(header, expected.encode())
 
     async def _status(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
@@ -416,9 +556,9 @@ class Server:
         if not self._authorized(request):
             return web.json_response({"error": "unauthorized"}, status=401)
         try:
-            doc = await request.json() if request.can_read_body else {}
-        except ValueError:
-            return web.json_response({"error": "body is not JSON"}, status=400)
+            doc = await read_json(request) if request.can_read_body else {}
+        except BadBody as exc:
+            return exc.response()
         names = doc.get("streams", []) if isinstance(doc, dict) else None
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             return web.json_response({"error": '"streams" must be a list of names'}, status=400)

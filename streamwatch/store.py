@@ -25,6 +25,7 @@ import functools
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -571,6 +572,10 @@ class Store:
     def _connect(self) -> sqlite3.Connection:
         if self.path.parent and not self.path.parent.exists():
             raise StoreError(f"the directory for the state file does not exist: {self.path.parent}")
+        try:
+            _owner_only(self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot open the state file {self.path}: {exc.strerror}") from None
         try:
             conn = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=30
@@ -1307,6 +1312,35 @@ def backup(
             raise StoreError(f"cannot write the backup {dest}: {exc.strerror}") from None
         raise
     return BackupResult(dest, int(version), dest.stat().st_size)
+
+
+def _owner_only(path: Path) -> None:
+    """Create the state file readable by its owner only (0600), whatever the umask: SQLite
+    would create it 0644, and its -wal and -shm files take the main file's mode. An existing
+    file (or companion) that others may read is tightened to match."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        _tighten(path, os.fstat(fd).st_mode, lambda mode: os.fchmod(fd, mode))
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        companion = path.with_name(path.name + suffix)
+        try:
+            st = companion.stat()
+        except FileNotFoundError:
+            continue
+        _tighten(companion, st.st_mode, companion.chmod)
+
+
+def _tighten(path: Path, mode: int, chmod: Callable[[int], None]) -> None:
+    if not mode & 0o077:
+        return
+    try:
+        chmod(stat.S_IMODE(mode) & 0o700)
+    except PermissionError:  # another user's file: say so, the daemon can still run
+        log.warning("store.file_not_private", path=str(path), mode=oct(stat.S_IMODE(mode)))
+    else:
+        log.info("store.file_made_private", path=str(path), was=oct(stat.S_IMODE(mode)))
 
 
 def _split_sql(script: str) -> list[str]:

@@ -47,6 +47,7 @@ from streamwatch.mavi.callbacks import (
 )
 from streamwatch.mavi.errors import AuthError, InsufficientBalance, MaviError
 from streamwatch.mavi.streams import StartRequest
+from streamwatch.redact import Redactor
 from streamwatch.store import CallbackOutcome, Store
 
 __all__ = [
@@ -312,8 +313,11 @@ class Supervisor:
         spending: Spending,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
         self._client = client
+        # Every text that leaves through the status API, events and alerts passes here.
+        self._redact = redact or Redactor()
         self.spending = spending
         self._restart_times: dict[str, list[float]] = {}
         self.gate = BudgetGate()
@@ -544,11 +548,12 @@ class Supervisor:
             new, halt = on_start_failed(
                 state, exc, now=now, policy=self.policy, rand=self._rng.random()
             )
-            self.streams[name] = new
+            error = self._text(str(exc))
+            self.streams[name] = replace(new, last_error=error)
             if halt is not None:
                 self._impose_halt(halt)
-            log.warning("supervisor.start_failed", stream=name, error=str(exc))
-            await self._record("start_failed", stream=name, status=exc.status, detail=str(exc))
+            log.warning("supervisor.start_failed", stream=name, error=error)
+            await self._record("start_failed", stream=name, status=exc.status, detail=error)
             return
         now = self._clock()
         registered = await self._store.record_task_started(
@@ -592,14 +597,15 @@ class Supervisor:
             stopped_now = await self._client.stop(action.task_id)
         except MaviError as exc:
             # Could not reach MAVI: keep the task as ours and try again on the next pass.
+            error = self._text(str(exc))
             state = self.streams.get(action.stream)
             if state is not None and state.task_id == action.task_id:
                 self.streams[action.stream] = replace(
-                    state, phase=Phase.RUNNING, stop_reason=None, last_error=str(exc)
+                    state, phase=Phase.RUNNING, stop_reason=None, last_error=error
                 )
-            log.warning("supervisor.stop_failed", stream=action.stream, error=str(exc))
+            log.warning("supervisor.stop_failed", stream=action.stream, error=error)
             await self._record(
-                "stop_failed", stream=action.stream, task_id=action.task_id, detail=str(exc)
+                "stop_failed", stream=action.stream, task_id=action.task_id, detail=error
             )
             return
         await self._store.record_task_ended(
@@ -707,7 +713,7 @@ class Supervisor:
                         stream=name,
                         task_id=cb.task_id,
                         status=cb.status,
-                        detail=f"{errors} failed segments in a row: {cb.message}"[:500],
+                        detail=f"{errors} failed segments in a row: {cb.message}",
                     )
                 )
         elif isinstance(cb, StreamEnded):
@@ -792,8 +798,14 @@ class Supervisor:
     ) -> None:
         """Write an event to the store; the alerts it raises are written with it."""
         await self._store.add_event(
-            kind, stream=stream, task_id=task_id, status=status, detail=detail
+            kind, stream=stream, task_id=task_id, status=status, detail=self._text(detail)
         )
+
+    def _text(self, text: str) -> str:
+        """`text` as it may leave the process (events, alerts, the status API): secrets
+        masked first, then cut to 500 characters (cut first, a masked secret could leave its
+        beginning behind)."""
+        return self._redact(text)[:500]
 
     def _notify(self, *, replan: bool = True) -> None:
         """Tell waiters that state changed; with `replan`, also run plan() now."""

@@ -55,6 +55,7 @@ def config_text(
     token: bool = False,
     stall_after_segments: int = 40,
     storage: str = "",
+    server: str = "",
     batch_url: str = "http://127.0.0.1:9/api/serve/video",
 ) -> str:
     return f"""
@@ -75,6 +76,7 @@ timeout_seconds = 5
 listen = "127.0.0.1:0"
 callback_secret = {{ env = "SW_SECRET" }}
 {'status_token = { env = "SW_TOKEN" }' if token else ""}
+{server}
 
 [storage]
 path = "{db}"

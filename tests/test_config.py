@@ -324,3 +324,78 @@ def test_a_secret_behind_an_unset_variable_is_reported_once():
     found = problems(text, checks=[secret_problems])
     assert set(found) == {"mavi.api_key.file", "server.callback_secret"}
     assert "NO_SUCH_DIR" in found["mavi.api_key.file"]
+
+
+def test_secret_variables_cannot_be_interpolated_into_published_values():
+    """${VAR} of a secret-looking variable (KEY, SECRET, TOKEN, PASSWORD…) is refused in a
+    stream name, a label, or a sink or rule name, with the key path, even when it is set;
+    elsewhere (a stream URL) it is allowed."""
+    text = """
+[[streams]]
+name = "${CAM_PASSWORD}"
+url = "rtsp://admin:${CAM_PASSWORD}@cam/live"
+labels = { team = "${MAVI_API_KEY}", site = "${SITE}" }
+"""
+    env = {"CAM_PASSWORD": "hunter2hunter2", "MAVI_API_KEY": "sk-mai-x", "SITE": "paris"}
+    found = problems(text, env)
+    assert set(found) == {"streams[0].name", "streams[0].labels.team"}
+    assert "${MAVI_API_KEY} looks like a secret" in found["streams[0].labels.team"]
+    assert "/metrics" in found["streams[0].labels.team"]
+
+
+def test_published_values_holding_a_secret_are_refused():
+    """A label, stream name or sink name that holds a configured secret's value (here read
+    from innocently named variables) is refused by name of the secret, not by value."""
+    text = """
+[mavi]
+backend = "mavi"
+api_key = { env = "K" }
+[server]
+callback_secret = { env = "CB" }
+[[alerts.sinks]]
+name = "${SINK}"
+type = "slack"
+url = { env = "HOOK" }
+[[streams]]
+name = "cam"
+url = "rtsp://admin:RtspSecret987@cam/live"
+labels = { team = "${TEAM}", site = "paris" }
+"""
+    env = {
+        "K": "sk-mai-0123456789",
+        "CB": "c" * 24,
+        "HOOK": "https://hooks.slack.test/services/T0/B0/XXXXXXXXXX",
+        "TEAM": "ops-sk-mai-0123456789",
+        "SINK": "RtspSecret987",
+    }
+    cfg = parse_config(text, environ=env)
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(cfg, environ=env)
+    found = {p.path: p.message for p in info.value.problems}
+    assert set(found) == {"streams[0].labels.team", "alerts.sinks[0].name"}
+    assert "holds the secret of mavi.api_key" in found["streams[0].labels.team"]
+    assert "holds the secret of streams[0].url" in found["alerts.sinks[0].name"]
+    assert "sk-mai-0123456789" not in str(info.value)
+    assert "RtspSecret987" not in str(info.value)
+
+
+def test_bad_values_are_shown_without_their_secrets(tmp_path: Path):
+    """`check-config` shows a bad value to help fix it, but not a URL's password nor the
+    value of a secret-looking variable (it names the variable instead)."""
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        "[mavi]\nrequest_timeout_seconds = '${MAVI_API_KEY}'\n"
+        "[[streams]]\nname='a'\nurl='http://admin:RtspSecret987@cam/x?token=abcdef'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamwatch", "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "MAVI_API_KEY": "sk-mai-0123456789"},
+    )
+    assert proc.returncode == 1
+    assert "'http://admin:***@cam/x?token=***'" in proc.stderr
+    assert "'${MAVI_API_KEY}'" in proc.stderr
+    for secret in ("RtspSecret987", "abcdef", "sk-mai-0123456789"):
+        assert secret not in proc.stderr

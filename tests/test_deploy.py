@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from streamwatch.config import Config, load_config, resolve_secrets
+from streamwatch.config import Config, ServerConfig, load_config, resolve_secrets
+from streamwatch.guard import effective_limit
 from tests.conftest import cli, tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +137,16 @@ def test_unit_is_a_notify_service_with_a_watchdog():
     assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert unit["DynamicUser"] == ["yes"]
     assert unit["StateDirectory"] == ["streamwatch"]
+
+
+def test_file_limits_let_the_default_connection_cap_stand():
+    """The unit's LimitNOFILE and the compose service's nofile ulimit leave room for the
+    default [server] max_connections, with the state file and outbound requests beside it."""
+    default = ServerConfig().max_connections
+    unit = unit_settings(UNIT.read_text())
+    assert effective_limit(default, int(unit["LimitNOFILE"][0])) == default
+    nofile = yaml.safe_load(COMPOSE.read_text())["services"]["streamwatch"]["ulimits"]["nofile"]
+    assert effective_limit(default, min(nofile["soft"], nofile["hard"])) == default
 
 
 def test_unit_credentials_are_the_files_the_config_reads(tmp_path: Path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -186,6 +187,22 @@ async def test_state_endpoint(emu):
     )
     assert {"total", "delivered", "attempts", "pending"} <= set(state["deliveries"])
     await asyncio.sleep(0)
+
+
+async def test_state_endpoint_masks_stream_credentials(emu):
+    """The unauthenticated state route shows stream URLs without their passwords or tokens."""
+    url = "rtsp://admin:RtspSecret987@cam.test/live?token=abcdef"
+    await call(emu, "start", {**START, "url": url})
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"http://127.0.0.1:{emu.port}/_emulator/state") as resp,
+    ):
+        text = await resp.text()
+    state = json.loads(text)
+    shown = "rtsp://admin:***@cam.test/live?token=***"
+    assert [t["url"] for t in state["tasks"]] == [s["url"] for s in state["starts"]] == [shown]
+    assert "RtspSecret987" not in text
+    assert "abcdef" not in text
 
 
 async def follow(emu: Emulator, url: str) -> str:

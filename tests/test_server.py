@@ -182,6 +182,74 @@ async def test_upload_callbacks_record_library_status(daemon, http, emulator, tm
     assert bad.status == 400
 
 
+async def raw_status(base: str, request: bytes) -> int:
+    """Send bytes as they are (no client library would send these) and return the status."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request)
+        await writer.drain()
+        status_line = await reader.readline()
+    finally:
+        writer.close()
+    return int(status_line.split()[1])
+
+
+async def test_invalid_utf8_in_the_authorization_header_is_401(daemon):
+    """A bearer token that is not UTF-8 is a wrong token (401) on every token-checked route,
+    never a server error."""
+    base = await started(daemon, token=True)
+    for method, path in (("GET", "/api/v1/status"), ("POST", "/api/v1/resume")):
+        request = (
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n".encode()
+            + b"Authorization: Bearer \xff\xfe\xc3(\r\nConnection: close\r\n\r\n"
+        )
+        assert await raw_status(base, request) == 401, path
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status"),
+    [
+        (DEEP, "application/json", 400),
+        (b'{"streams": []}', "application/json; charset=bogus", 415),
+        (b'{"streams": []}', "application/json; charset=latin-1", 415),
+        (b'{"streams": ["\xff"]}', "application/json", 400),
+        (b'{"streams": []}', "application/json; charset=UTF-8", 200),
+    ],
+)
+async def test_resume_answers_unusable_bodies_with_4xx(daemon, http, body, content_type, status):
+    """Resume refuses JSON nested beyond the parser, a charset other than UTF-8 and bytes that
+    are not UTF-8 with a 4xx saying why (they were 500s)."""
+    base = await started(daemon)
+    headers = {"Content-Type": content_type}
+    resp = await http.post(f"{base}/api/v1/resume", data=body, headers=headers)
+    assert resp.status == status
+    if status != 200:
+        assert (await resp.json())["error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        DEEP,
+        json.dumps({"videoNo": "\udc80", "status": "PARSE"}).encode(),
+        json.dumps({"videoNo": "v1", "status": "x" * 300}).encode(),
+        b'{"videoNo": "v\xff", "status": "PARSE"}',
+    ],
+)
+async def test_upload_callbacks_refuse_unusable_bodies_with_400(daemon, http, body):
+    """The upload callback answers 400 to deep JSON, a lone surrogate or bytes that are not
+    UTF-8, and to overlong fields (the surrogate reached SQLite and gave a 500); nothing is
+    stored."""
+    base = await started(daemon)
+    resp = await http.post(f"{base}/callbacks/mavi-video/{SECRET}", data=body)
+    assert resp.status == 400
+    assert await daemon.store.library_videos() == {}
+
+
 async def raw_request(port: int, request: bytes) -> tuple[str, bytes]:
     """Send raw bytes, read the status line, then wait for the server to close."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -221,6 +289,20 @@ async def test_malformed_http_is_one_log_line_and_400(daemon, name, caplog):
     assert "exc_info" not in lines[0]
     assert SECRET not in repr(logs)
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_flood_of_malformed_requests_is_one_log_line(daemon):
+    """Two hundred requests aiohttp cannot parse (no secret needed to send them) are each
+    answered 400, and logged as one `http.bad_request` line, not two hundred."""
+    await started(daemon)
+    assert daemon.app is not None
+    assert daemon.app.server is not None
+    request = dict(RAW_REQUESTS)["bad-header"].replace(b"{path}", b"/healthz") + b"\r\n" * 2
+    with capture_logs() as logs:
+        for _ in range(200):
+            status, _ = await raw_request(daemon.app.server.port or 0, request)
+            assert status == "400"
+    assert [e["event"] for e in warnings_and_errors(logs)] == ["http.bad_request"]
 
 
 async def test_mutated_bodies_never_get_a_5xx_or_a_traceback(daemon, http):

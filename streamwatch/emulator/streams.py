@@ -32,6 +32,7 @@ from streamwatch.emulator.videos import BATCH_PREFIX, VideoLibrary
 from streamwatch.listen import bind
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.probe import ProbeError, probe
+from streamwatch.redact import redact_url
 from streamwatch.server import close_runner
 
 __all__ = ["API_PREFIX", "Charge", "Delivery", "EmuTask", "Emulator", "Script", "StartRecord"]
@@ -245,12 +246,14 @@ class Emulator:
         return [s for s in self.starts if s.task_id and (url is None or s.url == url)]
 
     def state(self) -> dict[str, Any]:
+        """What `GET /_emulator/state` shows. That route has no authentication, so stream
+        URLs are shown with their credentials masked."""
         return {
             "balance_ticks": self.balance_ticks,
             "charged_ticks": self.charged_ticks(),
-            "tasks": [asdict(t) for t in self.tasks.values()],
+            "tasks": [{**asdict(t), "url": redact_url(t.url)} for t in self.tasks.values()],
             "charges": [asdict(c) for c in self.charges],
-            "starts": [asdict(s) for s in self.starts],
+            "starts": [{**asdict(s), "url": redact_url(s.url)} for s in self.starts],
             "stops": [{"task_id": t, "http_status": s} for t, s in self.stop_calls],
             "deliveries": {
                 "total": len(self.deliveries),

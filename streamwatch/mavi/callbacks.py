@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streamwatch.mavi.ids import TASK_ID_MAX, is_task_id
+from streamwatch.redact import redact_urls
 
 __all__ = [
     "END_STATUSES",
@@ -298,7 +299,9 @@ def _text(value: Any, field: str) -> str:
         return ""
     if not isinstance(value, str):
         raise CallbackError("field", f"{field} is not a string")
-    return value[:MAX_MESSAGE]
+    # MAVI's words may quote the stream URL: its credentials are masked before anything keeps
+    # the text, and before it is cut (cut first, a password could keep its beginning).
+    return redact_urls(value)[:MAX_MESSAGE]
 
 
 def _obj(value: Any, field: str) -> dict[str, Any] | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from streamwatch.mavi.errors import (
 )
 from streamwatch.mavi.ids import TASK_ID_MAX, is_task_id
 from streamwatch.metrics import Metrics
+from streamwatch.redact import Redactor
 
 __all__ = ["StartRequest", "StreamClient", "parse_retry_after"]
 
@@ -81,6 +83,18 @@ def _code_ok(code: Any) -> bool:
     return code in (200, "200", 0, "0", "0000", None)
 
 
+def _inner_status(code: Any) -> int:
+    """The HTTP status a gateway put in a 200 answer's `code` (an int, or up to three ASCII
+    digits), or 0 if `code` is not one. `str.isdigit()` is no test: it accepts "²"."""
+    if isinstance(code, bool):
+        return 0
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and 0 < len(code) <= 3 and code.isascii() and code.isdigit():
+        return int(code)
+    return 0
+
+
 class StreamClient:
     """Async client of `POST /stream/start` and `POST /stream/stop`."""
 
@@ -93,8 +107,12 @@ class StreamClient:
         retry: RetryConfig,
         timeout_seconds: float,
         metrics: Metrics | None = None,
+        redact: Callable[[str], str] | None = None,
     ) -> None:
+        """`redact` masks secrets in MAVI's error text before it goes into an error (and from
+        there into `last_error`, events, alerts and logs); this client's own key always is."""
         self._metrics = metrics
+        self._redact = redact or Redactor([api_key])
         self._session = session
         self._base = base_url.rstrip("/")
         self._key = api_key
@@ -156,7 +174,7 @@ class StreamClient:
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise TransientError(f"{endpoint}: {type(exc).__name__} talking to MAVI") from None
-        return _interpret(endpoint, status, text, retry_after)
+        return _interpret(endpoint, status, text, retry_after, redact=self._redact)
 
 
 class _AlreadyStopped(MaviError):
@@ -178,14 +196,22 @@ def _outcome(exc: MaviError) -> str:
     return "server_error" if exc.status else "unreachable"
 
 
-def _interpret(endpoint: str, status: int, text: str, retry_after: float | None) -> Any:
+def _interpret(
+    endpoint: str,
+    status: int,
+    text: str,
+    retry_after: float | None,
+    *,
+    redact: Callable[[str], str],
+) -> Any:
     try:
         doc = json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     message = ""
     if isinstance(doc, dict):
-        message = str(doc.get("message") or doc.get("msg") or "")[:200]
+        # Masked before it is cut: cut first, a secret could leave its beginning behind.
+        message = redact(str(doc.get("message") or doc.get("msg") or ""))[:200]
     where = f"{endpoint}: HTTP {status}" + (f" ({message})" if message else "")
     if status == 401:
         raise AuthError(f"{where}: the API key was refused; check [mavi] api_key", status=status)
@@ -204,8 +230,11 @@ def _interpret(endpoint: str, status: int, text: str, retry_after: float | None)
     code = doc.get("code")
     if not _code_ok(code):
         # Some gateways answer 200 with the real status inside: map it the same way.
-        inner = int(code) if isinstance(code, int | str) and str(code).isdigit() else 0
+        inner = _inner_status(code)
         if not 300 <= inner < 600:
-            raise RejectedRequest(f"{where}: unexpected code {code!r}", status=status)
-        return _interpret(endpoint, inner, json.dumps({"message": message}), retry_after)
+            shown = redact(repr(code))[:40]
+            raise RejectedRequest(f"{where}: unexpected code {shown}", status=status)
+        return _interpret(
+            endpoint, inner, json.dumps({"message": message}), retry_after, redact=redact
+        )
     return doc.get("data")
