@@ -11,8 +11,8 @@ daemon that holds the ledger; a process can be killed at the deadline where a th
 FFmpeg cannot; FFmpeg comes from the distribution with its security updates; and the figures
 are ffprobe's own, the ones an operator gets by running it by hand.
 
-Messages never hold the credentials of a URL; `redact_url()` gives a URL fit to show.
-This module is a leaf: the emulator and the CLI use it, and it imports nothing of streamwatch.
+Messages never hold the credentials of a URL (`streamwatch.redact.redact_url` shows one).
+This module is a leaf: the emulator and the CLI use it; of streamwatch it imports only `redact`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, ClassVar, TypedDict
 from urllib.parse import unquote, urlsplit
+
+from streamwatch.redact import MASK, redact_urls, url_secrets
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -45,7 +47,6 @@ __all__ = [
     "format_duration",
     "media_info",
     "probe",
-    "redact_url",
 ]
 
 DEFAULT_TIMEOUT = 10.0
@@ -66,12 +67,6 @@ SCHEMES = tuple(_WHITELISTS)
 _LIVE = {"rtmp", "rtmps", "rtsp", "rtsps"}
 
 # Query parameters that carry credentials in stream URLs (tokens, keys, signatures).
-_SECRET_PARAM = re.compile(
-    r"(?i)^(pass|passwd|password|pwd|secret|token|access_token|auth|authorization|key|"
-    r"api_?key|stream_?key|sig|signature)$"
-)
-
-
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -325,50 +320,13 @@ def _bitrate(stream: dict[str, Any]) -> int | None:
 # -- URLs --------------------------------------------------------------------------------------
 
 
-def redact_url(url: str) -> str:
-    """The URL fit to show: the password in it and the values of credential-like query
-    parameters (token, key, password, signature…) replaced by ***. The user name stays."""
-    try:
-        parts = urlsplit(url)
-        has_password = parts.password is not None
-    except ValueError:
-        return "<a URL that cannot be parsed>"
-    if not _secrets_in(url):
-        return url
-    netloc = parts.netloc
-    if has_password:
-        userinfo, _, hostport = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    query = "&".join(
-        f"{k}=***" if sep and _SECRET_PARAM.match(unquote(k)) else f"{k}{sep}{v}"
-        for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
-    )
-    text = f"{parts.scheme}://{netloc}{parts.path}" if parts.scheme else parts.path
-    if parts.query:
-        text += f"?{query}"
-    if parts.fragment:
-        text += f"#{parts.fragment}"
-    return text
-
-
-def _secrets_in(url: str) -> list[str]:
-    """The literal secrets of a URL, as written and decoded, longest first."""
-    found: list[str] = []
-    with contextlib.suppress(ValueError):
-        parts = urlsplit(url)
-        if parts.password:
-            found += [parts.password, unquote(parts.password)]
-        for k, sep, v in (item.partition("=") for item in parts.query.split("&")):
-            if sep and v and _SECRET_PARAM.match(unquote(k)):
-                found += [v, unquote(v)]
-    return sorted({s for s in found if s}, key=len, reverse=True)
-
-
 def _scrub(text: str, url: str) -> str:
-    """Text from ffprobe or a server with the URL's secrets taken out."""
-    for secret in _secrets_in(url):
-        text = text.replace(secret, "***")
-    return text
+    """Text from ffprobe or a server with the URL's secrets taken out, however short, as
+    written and decoded."""
+    found = {form for s in url_secrets(url) for form in (s, unquote(s)) if form}
+    for secret in sorted(found, key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return redact_urls(text)
 
 
 def _target(source: str | os.PathLike[str]) -> tuple[str, str]:

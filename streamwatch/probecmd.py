@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from streamwatch.config import Config, load_config
-from streamwatch.probe import DEFAULT_TIMEOUT, MediaInfo, ProbeError, probe, redact_url
+from streamwatch.probe import DEFAULT_TIMEOUT, MediaInfo, ProbeError, probe
+from streamwatch.redact import redact_url
 
 __all__ = ["EXIT_CODES", "Target", "UnknownSource", "add_parser", "probe_all", "run", "targets"]
 
