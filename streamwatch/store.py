@@ -951,8 +951,11 @@ class Store:
         status: int | None = None,
         detail: str = "",
         at: float | None = None,
+        setting: tuple[str, Any] | None = None,
     ) -> None:
-        """Record an event (and, with an alert hook, the alerts it raises, in one commit)."""
+        """Record an event (and, with an alert hook, the alerts it raises, in one commit).
+        `setting` (a key and its JSON value, as `set_setting` takes) is written in the same
+        commit: what says the event happened cannot be apart from it."""
         row = EventRow(self._clock() if at is None else at, stream, task_id, kind, status, detail)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -961,6 +964,8 @@ class Store:
                 " VALUES (?,?,?,?,?,?)",
                 (row.at, stream, task_id, kind, status, detail),
             )
+            if setting is not None:
+                _set_setting(conn, *setting)
             if self._hook is not None:
                 self._hook.record(AlertTx(conn, row.at, self), row)
 
@@ -988,18 +993,7 @@ class Store:
 
     async def set_setting(self, key: str, value: Any) -> None:
         """Store a JSON value under key; None deletes it."""
-
-        def op(conn: sqlite3.Connection) -> None:
-            if value is None:
-                conn.execute("DELETE FROM settings WHERE key = ?", (key,))
-            else:
-                conn.execute(
-                    "INSERT INTO settings (key, value) VALUES (?, ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (key, json.dumps(value)),
-                )
-
-        await self._run(op)
+        await self._run(lambda c: _set_setting(c, key, value))
 
     # -- the alert outbox ----------------------------------------------------------------------
 
@@ -1341,6 +1335,17 @@ def _tighten(path: Path, mode: int, chmod: Callable[[int], None]) -> None:
         log.warning("store.file_not_private", path=str(path), mode=oct(stat.S_IMODE(mode)))
     else:
         log.info("store.file_made_private", path=str(path), was=oct(stat.S_IMODE(mode)))
+
+
+def _set_setting(conn: sqlite3.Connection, key: str, value: Any) -> None:
+    if value is None:
+        conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+    else:
+        conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
 
 
 def _split_sql(script: str) -> list[str]:

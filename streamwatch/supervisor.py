@@ -23,13 +23,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 
 from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
 from streamwatch.ledger import (
     PERIODS,
+    BudgetEvent,
     BudgetGate,
     Spending,
     period_bounds,
@@ -487,6 +488,18 @@ class Supervisor:
         if not events and pruned == self._fired:
             return
         self._fired = pruned
+        if not events:
+            self._spawn(self._store.set_setting("budget_fired", sorted(self._fired)))
+        self._budget_events(events)
+
+    def _count(self, stream: str, ticks: int, at: float, *, task_id: str | None) -> None:
+        """Count a charge the store recorded, and record the thresholds it crossed, each with
+        this charge and the spend right after it."""
+        self._budget_events(self.spending.add(stream, ticks, at, fired=self._fired), task_id)
+
+    def _budget_events(self, events: list[BudgetEvent], task_id: str | None = None) -> None:
+        """Log and record budget events; what has fired is written with each, in one commit,
+        so a restart neither repeats nor loses one."""
         for event in events:
             log.warning(
                 f"supervisor.{event.kind}",
@@ -495,8 +508,15 @@ class Supervisor:
                 percent=event.percent,
                 detail=event.detail,
             )
-            self._spawn(self._record(event.kind, stream=event.cap.stream, detail=event.detail))
-        self._spawn(self._store.set_setting("budget_fired", sorted(self._fired)))
+            self._spawn(
+                self._record(
+                    event.kind,
+                    stream=event.cap.stream,
+                    task_id=task_id if event.charge_stream else None,
+                    detail=event.detail,
+                    setting=("budget_fired", sorted(self._fired)),
+                )
+            )
 
     def _launch(self, action: Action) -> None:
         name = action.stream
@@ -566,7 +586,7 @@ class Supervisor:
             max_logos=spec.max_logos,
             started_at=now,
         )
-        self.spending.add(name, registered.precharge_ticks, now)
+        self._count(name, registered.precharge_ticks, now, task_id=task_id)
         restarted = state.started_at is not None or state.last_end_status is not None
         self.streams[name] = replace(
             state,
@@ -674,7 +694,7 @@ class Supervisor:
         replan = False
         if outcome.ticks:
             # Counted whichever task it came from: an old task's late segment costs money too.
-            self.spending.add(name, outcome.ticks, outcome.at)
+            self._count(name, outcome.ticks, outcome.at, task_id=outcome.callback.task_id)
             replan = self.spending.near_cap(name, outcome.at)
         state = self.streams.get(name)
         cb = outcome.callback
@@ -795,10 +815,17 @@ class Supervisor:
         task_id: str | None = None,
         status: int | None = None,
         detail: str = "",
+        setting: tuple[str, Any] | None = None,
     ) -> None:
-        """Write an event to the store; the alerts it raises are written with it."""
+        """Write an event to the store; the alerts it raises (and `setting`, a key and its
+        value) are written with it."""
         await self._store.add_event(
-            kind, stream=stream, task_id=task_id, status=status, detail=self._text(detail)
+            kind,
+            stream=stream,
+            task_id=task_id,
+            status=status,
+            detail=self._text(detail),
+            setting=setting,
         )
 
     def _text(self, text: str) -> str:
