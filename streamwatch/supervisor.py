@@ -128,7 +128,9 @@ class StreamState:
         retry_at = record.retry_at
         if retry_at is not None:
             retry_at = min(retry_at, now + policy.restart_max)
-        phase = Phase.HELD if record.held_reason else Phase.BACKOFF if retry_at else Phase.IDLE
+        phase = (
+            Phase.HELD if record.held_reason else Phase.IDLE if retry_at is None else Phase.BACKOFF
+        )
         return cls(
             record.name,
             phase,
