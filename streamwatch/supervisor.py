@@ -914,7 +914,8 @@ class Supervisor:
 
     async def _persist(self) -> None:
         """Write the durable part of every stream whose part changed: read and queued to the
-        store in one go, so writes land in the order the changes were made."""
+        store in one go, so writes land in the order the changes were made. A write that
+        fails is reported, not retried here: a stream's next change writes its whole record."""
         records = [s.record() for n in self.streams.dirty if (s := self.streams.get(n))]
         self.streams.dirty.clear()
         if records:
