@@ -141,7 +141,7 @@ async def test_backoff_hold_and_restart_loop_survive_kill_9(process: Process, em
     emulator.scripts["rtmp://cams.test/held"] = Script(outcomes=["safe"], then="end:14")
     emulator.webhook = process.webhook
     supervisor = {
-        "restart_initial_seconds": "0.2",
+        "restart_initial_seconds": "0.3",
         "restart_max_seconds": "60",
         "restart_loop_count": "3",
     }
@@ -234,8 +234,8 @@ sinks = ["hook", "am"]
 cooldown_seconds = 3600
 group_seconds = 0
 """
-        # The first restart waits 3 s: the kill comes before it.
-        supervisor = {"restart_initial_seconds": "3", "restart_max_seconds": "60"}
+        # The first restart waits 5 s: the kill, and the next process's start, come before it.
+        supervisor = {"restart_initial_seconds": "5", "restart_max_seconds": "60"}
         process.write(stream_toml("flaky", flaky) + stream_toml("steady"), supervisor=supervisor)
         text = process.path.read_text()
         process.path.write_text(text.replace("\n[[streams]]", extra + "\n[[streams]]", 1))
