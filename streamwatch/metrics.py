@@ -132,6 +132,9 @@ class Metrics:
             ["task"],
             registry=registry,
         )
+        # Series from zero for the loops every daemon runs, so that increase() sees the first.
+        for task in ("supervisor", "reload"):
+            self.background_failures.labels(task)
         self.alert_deliveries = Counter(
             "streamwatch_alert_deliveries",
             "Alert delivery attempts by sink and outcome: delivered, retry, dead.",
