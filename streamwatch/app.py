@@ -2,9 +2,15 @@
 
 `App.serve()` opens the store, the HTTP client session, the emulator (with the built-in
 backend), the supervisor and the server, each entering one `AsyncExitStack`, then runs the
-supervisor loop until `request_stop()`. Teardown is the stack unwinding, so every part that
-was started is stopped even when another fails. `App.run()` is `serve()` with signal handlers:
-SIGTERM/SIGINT drain and stop (a second one stops at once), SIGHUP reloads `streams.toml`.
+daemon's loops in one task group (`background.TaskGroup`) until `request_stop()`. Teardown is
+the stack unwinding, so every part that was started is stopped even when another fails.
+`App.run()` is `serve()` with signal handlers: SIGTERM/SIGINT drain and stop (a second one
+stops at once), SIGHUP reloads `streams.toml` (a task of the daemon's group).
+
+Each loop has a policy for when a pass fails (README, "Background work"): the planning loop
+and the systemd notifier stop the daemon cleanly, which then exits non-zero
+(`BackgroundFailed`) for its service manager to restart it; alert delivery and retention are
+retried with backoff.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
@@ -33,6 +40,7 @@ from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
 from streamwatch.alerts.sinks.teams import TeamsSink
 from streamwatch.alerts.sinks.webhook import WebhookSink
+from streamwatch.background import BackgroundFailed, Backoff, Failures, TaskGroup
 from streamwatch.config import (
     Config,
     ConfigError,
@@ -51,7 +59,7 @@ from streamwatch.metrics import Metrics, StateCollector
 from streamwatch.pricing import usd_to_ticks
 from streamwatch.redact import Redactor, url_secrets
 from streamwatch.server import Server
-from streamwatch.store import Store, StoreError
+from streamwatch.store import Store
 from streamwatch.supervisor import Policy, Supervisor
 from streamwatch.systemd import Notifier
 
@@ -91,10 +99,31 @@ class App:
         self.alerts: Alerts | None = None
         self.evidence: Evidence | None = None
         self.reloads = 0
+        self._systemd_beats = 0
         # One registry per App: tests build as many daemons as they like, side by side.
         self.registry = CollectorRegistry()
         self.systemd = Notifier(self._environ)
         self.metrics = Metrics(self.registry, max_logo_names=config.metrics.max_logo_names)
+        # Background failures are logged and counted; those of a loop the daemon cannot run
+        # without stop it (`failure` names the task, and `serve()` raises BackgroundFailed).
+        self.failures = Failures(
+            count=lambda task: self.metrics.background_failures.labels(task).inc(),
+            fatal=self._fail,
+        )
+        self.failure: str | None = None
+        self._daemon: TaskGroup | None = None
+
+    def _fail(self, task: str) -> None:
+        if self.failure is None:
+            self.failure = task
+            log.error("app.stopping_after_failure", task=task)
+        self.request_stop()
+
+    def request_reload(self) -> None:
+        """Reload `streams.toml` in the daemon's task group (what SIGHUP does); nothing
+        before the daemon runs."""
+        if self._daemon is not None and self._daemon.running:
+            self._daemon.spawn("reload", self.reload())
 
     def request_stop(self) -> None:
         """Begin a graceful stop (what SIGTERM does)."""
@@ -119,7 +148,7 @@ class App:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_stop_signal, sig.name)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self.serve()
         finally:
@@ -127,7 +156,8 @@ class App:
                 loop.remove_signal_handler(sig)
 
     async def serve(self) -> None:
-        """Start every part, run until asked to stop, then drain and stop in reverse."""
+        """Start every part, run until asked to stop, then drain and stop in reverse. Raises
+        `BackgroundFailed` after a clean stop caused by a loop that failed."""
         cfg = self.config
         metrics = self.metrics
         async with contextlib.AsyncExitStack() as stack:
@@ -169,7 +199,9 @@ class App:
                 spending=spending,
                 clock=self._clock,
                 redact=self.redactor,
+                failures=self.failures,
             )
+            await stack.enter_async_context(self.supervisor.running())
             await self.supervisor.load(cfg.streams)
             # The archive fetches clip URLs from callbacks on its own guarded pool, so slow
             # or hostile clip hosts never hold the connections MAVI's API needs.
@@ -186,6 +218,7 @@ class App:
                 else None,
                 clock=self._clock,
                 trusted_prefixes=[self.emulator.clips_url + "/"] if self.emulator else [],
+                failures=self.failures,
             )
             await stack.enter_async_context(self.evidence.running())
             if cfg.alerts.rules:
@@ -197,7 +230,9 @@ class App:
                     poll_seconds=cfg.alerts.poll_seconds,
                     metrics=metrics,
                     clock=self._clock,
+                    failures=self.failures,
                 )
+                await stack.enter_async_context(outbox.running())
                 supervisor = self.supervisor
                 self.alerts = Alerts(
                     router=Router(cfg.alerts.rules),
@@ -232,24 +267,60 @@ class App:
             )
             self.started.set()
             self.systemd.notify(ready=1, status=self._status_line())
-            async with asyncio.TaskGroup() as group:
-                loop_task = group.create_task(self.supervisor.run(), name="supervisor")
+            async with TaskGroup("daemon", self.failures) as daemon:
+                self._daemon = daemon
+                sup = self.supervisor
+                planning = daemon.loop(
+                    "supervisor",
+                    sup.run_once,
+                    wait=sup.wait_for_work,
+                    running=lambda: not sup.stopping,
+                    on_failure="exit",
+                )
                 if self.systemd.enabled:
-                    group.create_task(self._tell_systemd(), name="systemd")
+                    daemon.loop(
+                        "systemd",
+                        self._tell_systemd,
+                        wait=lambda: self._pause(self._systemd_interval),
+                        running=self._running,
+                        on_failure="exit",
+                    )
                 if self.alerts is not None:
-                    group.create_task(self.alerts.outbox.run(), name="alert-outbox")
+                    outbox = self.alerts.outbox
+                    daemon.loop(
+                        "alerts.outbox",
+                        outbox.run_once,
+                        wait=outbox.wait_for_work,
+                        running=lambda: not outbox.stopping,
+                        on_failure="retry",
+                    )
                 if cfg.storage.segment_retention_days is not None:
-                    group.create_task(
-                        self._prune(cfg.storage.segment_retention_days * 86_400), name="prune"
+                    keep = cfg.storage.segment_retention_days * 86_400
+                    interval = min(3600.0, keep / 10)
+                    daemon.loop(
+                        "prune",
+                        lambda: self._prune(keep),
+                        wait=lambda: self._pause(interval),
+                        running=self._running,
+                        on_failure="retry",
+                        backoff=Backoff(min(60.0, interval), interval),
                     )
                 await self._stop.wait()
                 self.systemd.notify(stopping=1, status="draining")
-                await self._drain(loop_task)
+                await self._drain(planning)
                 if self.alerts is not None:
                     # What is in the outbox now is delivered by this or the next process.
                     await self.alerts.settle()
                     await self.alerts.outbox.stop()
+                # What is left (waits, backoffs, a reload under way) ends here.
+                daemon.cancel()
+            self._daemon = None
         log.info("app.stopped")
+        if self.failure is not None:
+            raise BackgroundFailed(self.failure)
+
+    def _running(self) -> bool:
+        return not self._stop.is_set()
 
     def _status_line(self) -> str:
         """A short summary for `systemctl status`."""
@@ -262,19 +333,19 @@ class App:
         halted = ", account HALTED" if self.supervisor.halt is not None else ""
         return f"{running}/{len(self.supervisor.desired)} streams running{last}{halted}"
 
+    @property
+    def _systemd_interval(self) -> float:
+        return self.systemd.watchdog_seconds or 10.0
+
     async def _tell_systemd(self) -> None:
         """WATCHDOG=1 from the event loop itself (so a wedged loop stops the pings), and a
-        fresh STATUS now and then."""
-        interval = self.systemd.watchdog_seconds or 10.0
-        status_every = max(1, int(10.0 / interval))
-        beats = 0
-        while not self._stop.is_set():
-            if self.systemd.watchdog_seconds is not None:
-                self.systemd.notify(watchdog=1)
-            if beats % status_every == 0:
-                self.systemd.notify(status=self._status_line())
-            beats += 1
-            await self._pause(interval)
+        fresh STATUS now and then (every 10 s or so)."""
+        if self.systemd.watchdog_seconds is not None:
+            self.systemd.notify(watchdog=1)
+        status_every = max(1, int(10.0 / self._systemd_interval))
+        if self._systemd_beats % status_every == 0:
+            self.systemd.notify(status=self._status_line())
+        self._systemd_beats += 1
 
     async def _pause(self, seconds: float) -> None:
         """Sleep for `seconds`, or less if the daemon is asked to stop meanwhile."""
@@ -283,29 +354,22 @@ class App:
                 await self._stop.wait()
 
     async def _prune(self, keep_seconds: float) -> None:
-        """Apply `[storage] segment_retention_days` at start and then hourly (more often for
-        a retention shorter than ten hours), until the daemon stops."""
+        """One pass of `[storage] segment_retention_days`: at start, then hourly (more often
+        for a retention shorter than ten hours), until the daemon stops."""
         assert self.store is not None
-        interval = min(3600.0, keep_seconds / 10)
-        while not self._stop.is_set():
-            before = self._clock() - keep_seconds
-            try:
-                pruned = await self.store.prune(before, stop=self._stop.is_set)
-            except StoreError as exc:
-                log.error("store.prune_failed", error=str(exc))
-            else:
-                if any(dataclasses.astuple(pruned)):
-                    log.info("store.pruned", before=before, **dataclasses.asdict(pruned))
-            await self._pause(interval)
+        before = self._clock() - keep_seconds
+        pruned = await self.store.prune(before, stop=self._stop.is_set)
+        if any(dataclasses.astuple(pruned)):
+            log.info("store.pruned", before=before, **dataclasses.asdict(pruned))
 
-    async def _drain(self, loop_task: asyncio.Task[None]) -> None:
+    async def _drain(self, planning: anyio.Event) -> None:
         assert self.supervisor is not None
         assert self.store is not None
         # The built-in emulator ends with this process, and its tasks with it: stop them
         # properly rather than leave records of tasks that no longer exist anywhere.
         stop_tasks = self.config.supervisor.on_shutdown == "stop" or self.emulator is not None
         stopped = await self.supervisor.shutdown(stop_tasks=stop_tasks)
-        await loop_task
+        await planning.wait()
         if not stop_tasks:
             log.info(
                 "app.tasks_kept",
@@ -370,6 +434,7 @@ class App:
             unsafe_every=emu.unsafe_every,
             scripts={s.url: Script.from_config(s) for s in emu.scripts},
             redelivery_initial_seconds=self.config.mavi.segment_seconds,
+            failures=self.failures,
         )
 
     @staticmethod

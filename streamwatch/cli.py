@@ -335,6 +335,7 @@ def _load_with_secrets(path: Path, *, state_file: bool = False) -> tuple[Config,
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from streamwatch.app import App
+    from streamwatch.background import BackgroundFailed
     from streamwatch.guard import raise_file_limit
 
     config, secrets = _load_with_secrets(args.config, state_file=True)
@@ -350,7 +351,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         asyncio.run(app.run())
     except asyncio.CancelledError:
         return 1
-    except (OSError, StoreError) as exc:
+    except (OSError, StoreError, BackgroundFailed) as exc:
         structlog.get_logger("streamwatch").error("app.failed", error=str(exc))
         return 1
     return 0
@@ -726,13 +727,14 @@ async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> i
         outbox = Outbox(
             store=store, sinks=sinks, retry_initial=0.5, retry_max=2.0, poll_seconds=0.5
         )
-        for _ in range(3):  # a few quick tries; what is left, the daemon retries
-            await outbox.deliver_due()
-            await outbox.settle()
-            rows = {r.alert_id: r for r in await store.recent_alerts(limit=200)}
-            if all(rows[i].state != "pending" for i in ids.values()):
-                break
-            await asyncio.sleep(1.0)
+        async with outbox.running():
+            for _ in range(3):  # a few quick tries; what is left, the daemon retries
+                await outbox.deliver_due()
+                await outbox.settle()
+                rows = {r.alert_id: r for r in await store.recent_alerts(limit=200)}
+                if all(rows[i].state != "pending" for i in ids.values()):
+                    break
+                await asyncio.sleep(1.0)
     failed = 0
     for name in chosen:
         row = rows[ids[name]]

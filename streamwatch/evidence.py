@@ -14,8 +14,9 @@ The URL comes from a callback, so it is fetched through `Egress` (public address
 cookies), with a size cap and a timeout, on the archive's own connection pool with at most
 `max_downloads` captures at once: slow clip hosts never hold connections MAVI's API needs.
 A failed download removes its ``.part`` file; ``.part`` files older than the download timeout
-(left by a crash) are removed at start and by retention. At stop, captures under way get
-`STOP_GRACE_SECONDS`; the rest are abandoned, each recorded as such.
+(left by a crash) are removed at start and by retention. Captures run in the archive's task
+group (`running()`); at stop, those under way get `STOP_GRACE_SECONDS`, then the rest are
+cancelled (abandoned), each recorded as such.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import structlog
 from yarl import URL
 
+from streamwatch.background import Failures, TaskGroup
 from streamwatch.config import EvidenceConfig
 from streamwatch.egress import Egress, Refused, shown
 from streamwatch.mavi.callbacks import SegmentReport
@@ -130,6 +133,7 @@ class Evidence:
         videos: VideoClient | None = None,
         clock: Callable[[], float] = time.time,
         trusted_prefixes: Iterable[str] = (),
+        failures: Failures | None = None,
     ) -> None:
         self.config = config
         self._store = store
@@ -138,7 +142,7 @@ class Evidence:
         self._egress = Egress(allow_hosts=config.allow_hosts, trusted_prefixes=trusted_prefixes)
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(config.max_downloads)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskGroup("evidence", failures)
         self._queued = 0  # captures waiting for a slot
         self._partial: dict[Path, int] = {}  # .part files being written -> bytes so far
         self._swept_at = float("-inf")
@@ -151,7 +155,7 @@ class Evidence:
         session = self._egress.session(
             limit=self.config.max_downloads, limit_per_host=self.config.max_downloads_per_host
         )
-        async with session:
+        async with session, self._tasks:
             self._session = session
             try:
                 await self.prune()
@@ -192,22 +196,18 @@ class Evidence:
         return path
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn("evidence.capture", coro)
 
     async def settle(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.settle()
 
     async def _stop_captures(self) -> None:
         """Give captures under way `STOP_GRACE_SECONDS`, then abandon the rest (each records
         that it was abandoned and removes its ``.part``)."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=STOP_GRACE_SECONDS)
-        for task in self._tasks:
-            task.cancel()
-        await self.settle()
+        with anyio.move_on_after(STOP_GRACE_SECONDS):
+            await self._tasks.settle()
+        if self._tasks.pending:
+            self._tasks.cancel()
 
     async def _refused(self, stream: str, report: SegmentReport, path: Path, error: str) -> None:
         log.warning("evidence.refused", stream=stream, segment=report.segment_index, error=error)
@@ -255,19 +255,21 @@ class Evidence:
                         video_no = (await self._videos.upload(path)).video_no
                     except BatchError as exc:
                         log.warning("evidence.upload_failed", stream=stream, error=str(exc))
-        except asyncio.CancelledError:
+        except anyio.get_cancelled_exc_class():
             # Stopping: say what became of the clip (kept if it was downloaded), then stop.
             if size is None:
                 error = "abandoned: streamwatch stopped before the clip was downloaded"
-            await self._record(stream, report, path, size=size or 0, video_no=video_no, error=error)
+            with anyio.CancelScope(shield=True):
+                await self._record(
+                    stream, report, path, size=size or 0, video_no=video_no, error=error
+                )
             raise
         finally:
             if waiting:
                 self._queued -= 1
         # Shielded: a clip on disk always gets its row, or retention would never see it.
-        await asyncio.shield(
-            self._record(stream, report, path, size=size or 0, video_no=video_no, error=error)
-        )
+        with anyio.CancelScope(shield=True):
+            await self._record(stream, report, path, size=size or 0, video_no=video_no, error=error)
         if error is None:
             log.info("evidence.captured", stream=stream, segment=report.segment_index, bytes=size)
             await self.prune()

@@ -8,7 +8,9 @@ store at start), and decides, purely, what the budgets demand:
 - `BudgetGate`: which streams must stop (a cap is reached) and which may not start (the
   pre-charge of a start would cross a cap). `plan()` obeys it.
 - `BudgetEvent`s: thresholds crossed (default 50/80/100 %) and "projected to exceed" forecasts,
-  each once per cap and period.
+  each once per cap and period. A threshold is found by the charge that crosses it (`add`),
+  so its event carries that charge and the spend and percentage right after it; only a
+  crossing made by estimates of unreported segments is found by the periodic `check`.
 
 Money is integer ticks of 1/2880 USD throughout; USD appears only for display.
 """
@@ -133,7 +135,12 @@ class BudgetGate:
 
 @dataclass(frozen=True, slots=True)
 class BudgetEvent:
-    """A threshold crossed or a forecast made; `key` makes it fire once per cap and period."""
+    """A threshold crossed or a forecast made; `key` makes it fire once per cap and period.
+
+    `percent` is the threshold (for a forecast, the whole percentage used); `spent_ticks` and
+    `used_permille` are the spend against the cap and its share (in tenths of a percent,
+    rounded down) when it was found: for a threshold crossed by a charge, right after that
+    charge, which `charge_stream` and `charge_ticks` name."""
 
     kind: Literal["budget_threshold", "budget_forecast"]
     key: str
@@ -142,6 +149,18 @@ class BudgetEvent:
     spent_ticks: int
     percent: int
     detail: str
+    used_permille: int = 0
+    charge_stream: str | None = None
+    charge_ticks: int = 0
+
+
+def _permille(spent: int, cap: int) -> int:
+    """`spent` as tenths of a percent of `cap`, rounded down (never shown above the truth)."""
+    return spent * 1000 // cap if cap else 1000
+
+
+def _percent_text(permille: int) -> str:
+    return f"{permille // 10}.{permille % 10} %"
 
 
 def caps_for(budgets: BudgetsConfig, streams: Iterable[StreamConfig]) -> list[Cap]:
@@ -170,6 +189,9 @@ class Spending:
         self._counters: dict[tuple[str, Period, str], int] = {}
         self._account: dict[tuple[Period, str], int] = {}  # the same, summed over streams
         self.all_time: dict[str, int] = {}  # every charge ever recorded, per stream
+        # Estimates of billed but unreported segments as of the last `check`: a charge counts
+        # against a cap on top of them, as the check does.
+        self._estimates: Mapping[str, int] = {}
         self.segment_seconds = segment_seconds
         self.configure(budgets, streams)
 
@@ -185,14 +207,71 @@ class Spending:
             self._counters[(stream, period, key)] = ticks
         self._account[(period, key)] = sum(by_stream.values())
 
-    def add(self, stream: str, ticks: int, at: float) -> None:
-        """Count a charge the store has recorded."""
+    def add(
+        self, stream: str, ticks: int, at: float, *, fired: set[str] | None = None
+    ) -> list[BudgetEvent]:
+        """Count a charge the store has recorded. With `fired`, return the thresholds this
+        charge crossed that are not in it (and add them): each event carries the charge and
+        the spend and percentage right after it. The caller records them."""
         self.all_time[stream] = self.all_time.get(stream, 0) + ticks
         for period in PERIODS:
             key = period_key(period, at)
             k = (stream, period, key)
             self._counters[k] = self._counters.get(k, 0) + ticks
             self._account[(period, key)] = self._account.get((period, key), 0) + ticks
+        if fired is None or not ticks:
+            return []
+        events = []
+        for cap in self.caps:
+            if cap.stream not in (None, stream):
+                continue
+            spent = self.effective(cap, at, self._estimates)
+            events += self._thresholds(
+                cap,
+                spent,
+                at,
+                fired,
+                note=f"after a charge of {usd(ticks)} USD to stream {stream}",
+                charge=(stream, ticks),
+            )
+        return events
+
+    def _thresholds(
+        self,
+        cap: Cap,
+        spent: int,
+        at: float,
+        fired: set[str],
+        *,
+        note: str,
+        charge: tuple[str, int] | None = None,
+    ) -> list[BudgetEvent]:
+        """The thresholds of `cap` that `spent` has reached and `fired` does not hold yet
+        (added to it)."""
+        key = period_key(cap.period, at)
+        permille = _permille(spent, cap.ticks)
+        events = []
+        for threshold in self.budgets.thresholds:
+            ident = f"{cap.stream or '*'}:{cap.period}:{key}:{threshold}"
+            if permille < threshold * 10 or ident in fired:
+                continue
+            fired.add(ident)
+            events.append(
+                BudgetEvent(
+                    "budget_threshold",
+                    ident,
+                    cap,
+                    key,
+                    spent,
+                    threshold,
+                    f"{cap.scope} {cap.label} budget {threshold}% used: {usd(spent)} of "
+                    f"{usd(cap.ticks)} USD ({_percent_text(permille)}), {note}",
+                    used_permille=permille,
+                    charge_stream=charge[0] if charge else None,
+                    charge_ticks=charge[1] if charge else 0,
+                )
+            )
+        return events
 
     def spent(self, stream: str | None, period: Period, now: float) -> int:
         """Confirmed spend of a stream (or the account, for None) in the period holding `now`."""
@@ -259,8 +338,11 @@ class Spending:
         fired: set[str],
         estimates: Mapping[str, int] | None = None,
     ) -> list[BudgetEvent]:
-        """Thresholds crossed and forecasts due that are not in `fired` (which it updates)."""
+        """Thresholds crossed and forecasts due that are not in `fired` (which it updates).
+        Charges find their own crossings (`add`); what is left here is a crossing made by the
+        estimates of unreported segments, and forecasts."""
         est = estimates or {}
+        self._estimates = dict(est)
         burn = {
             name: burn_ticks_per_second(self.specs[name], self.segment_seconds)
             for name in running
@@ -272,22 +354,13 @@ class Spending:
             spent = self.effective(cap, now, est)
             percent = spent * 100 // cap.ticks if cap.ticks else 100
             base = f"{cap.stream or '*'}:{cap.period}:{key}"
-            for threshold in self.budgets.thresholds:
-                ident = f"{base}:{threshold}"
-                if percent >= threshold and ident not in fired:
-                    fired.add(ident)
-                    events.append(
-                        BudgetEvent(
-                            "budget_threshold",
-                            ident,
-                            cap,
-                            key,
-                            spent,
-                            threshold,
-                            f"{cap.scope} {cap.label} budget {threshold}% used: "
-                            f"{usd(spent)} of {usd(cap.ticks)} USD",
-                        )
-                    )
+            unreported = spent - self.spent(cap.stream, cap.period, now)
+            note = (
+                f"{usd(unreported)} USD of it estimated for segments billed but not reported"
+                if unreported
+                else "found by the periodic check"
+            )
+            events += self._thresholds(cap, spent, now, fired, note=note)
             rate = burn.get(cap.stream, 0.0) if cap.stream else sum(burn.values())
             ident = f"{base}:forecast"
             if spent < cap.ticks and rate > 0 and ident not in fired:

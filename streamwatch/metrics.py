@@ -123,6 +123,18 @@ class Metrics:
             ["stream", "status"],
             registry=registry,
         )
+        self.background_failures = Counter(
+            "streamwatch_background_failures",
+            "Background tasks that failed (each logged as background.failed with its"
+            " traceback), by task: supervisor, supervisor.<action>, alerts.outbox,"
+            " alerts.delivery, alerts.emit, evidence.capture, emulator.video, reload, prune,"
+            " systemd.",
+            ["task"],
+            registry=registry,
+        )
+        # Series from zero for the loops every daemon runs, so that increase() sees the first.
+        for task in ("supervisor", "reload"):
+            self.background_failures.labels(task)
         self.alert_deliveries = Counter(
             "streamwatch_alert_deliveries",
             "Alert delivery attempts by sink and outcome: delivered, retry, dead.",

@@ -62,6 +62,7 @@ __all__ = [
     "SchemaError",
     "Store",
     "StoreError",
+    "StreamRecord",
     "StreamTotals",
     "TaskRow",
     "check_state_file",
@@ -267,6 +268,31 @@ MIGRATIONS: tuple[str, ...] = (
         ) WHERE n > 5
     );
     """,
+    # 8: what must outlive the process. Per stream, the supervisor's memory of it: the restart
+    # backoff (attempts, next retry), how its last task ended and why it does not run, and
+    # its recent restarts (restart-loop detection); existing streams take their last task's
+    # end. Events by task, so that per-task flags (`billing_unreported`) are found after a
+    # restart. Per Alertmanager sink, the lasting conditions it re-posts (as posted).
+    """
+    ALTER TABLE streams ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE streams ADD COLUMN retry_at REAL;
+    ALTER TABLE streams ADD COLUMN last_end_status INTEGER;
+    ALTER TABLE streams ADD COLUMN last_error TEXT;
+    ALTER TABLE streams ADD COLUMN restart_times TEXT NOT NULL DEFAULT '[]';
+    INSERT INTO streams (name) SELECT DISTINCT stream FROM tasks WHERE true
+        ON CONFLICT(name) DO NOTHING;
+    UPDATE streams SET last_end_status = (
+        SELECT end_status FROM tasks WHERE tasks.stream = streams.name
+        ORDER BY started_at DESC, rowid DESC LIMIT 1
+    );
+    CREATE INDEX events_by_task ON events (task_id, kind) WHERE task_id IS NOT NULL;
+    CREATE TABLE alert_active (
+        sink    TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        posted  TEXT NOT NULL,
+        PRIMARY KEY (sink, subject)
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -413,6 +439,21 @@ class AlertHook(Protocol):
 
     def committed(self) -> None:
         """Called in the event loop after a commit that wrote outbox rows."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRecord:
+    """What the supervisor keeps of a stream between processes: why it is held, its restart
+    backoff (consecutive failures, next retry), how its last task ended, the last error, and
+    the times of its recent restarts."""
+
+    name: str
+    held_reason: str | None = None
+    failures: int = 0
+    retry_at: float | None = None
+    last_end_status: int | None = None
+    last_error: str | None = None
+    restart_times: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -923,23 +964,60 @@ class Store:
 
     # -- streams, events, settings -----------------------------------------------------------
 
-    async def set_held(self, stream: str, reason: str | None, *, at: float | None = None) -> None:
-        """Hold a stream stopped (reason) or release it (None); held streams survive restarts."""
-        when = self._clock() if at is None else at
+    async def save_streams(self, records: Iterable[StreamRecord]) -> None:
+        """Write what the supervisor keeps of these streams between processes. A hold keeps
+        the time it began."""
+        when = self._clock()
+        rows = [
+            (
+                r.name,
+                r.held_reason,
+                when if r.held_reason else None,
+                r.failures,
+                r.retry_at,
+                r.last_end_status,
+                r.last_error,
+                json.dumps(list(r.restart_times)),
+            )
+            for r in records
+        ]
         await self._run(
-            lambda c: c.execute(
-                "INSERT INTO streams (name, held_reason, held_at) VALUES (?, ?, ?)"
+            lambda c: c.executemany(
+                "INSERT INTO streams (name, held_reason, held_at, failures, retry_at,"
+                " last_end_status, last_error, restart_times) VALUES (?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(name) DO UPDATE SET held_reason = excluded.held_reason,"
-                " held_at = excluded.held_at",
-                (stream, reason, when if reason else None),
+                " held_at = CASE WHEN excluded.held_reason IS NULL THEN NULL"
+                " ELSE coalesce(streams.held_at, excluded.held_at) END,"
+                " failures = excluded.failures, retry_at = excluded.retry_at,"
+                " last_end_status = excluded.last_end_status, last_error = excluded.last_error,"
+                " restart_times = excluded.restart_times",
+                rows,
             )
         )
 
-    async def held_streams(self) -> dict[str, str]:
+    async def streams(self) -> dict[str, StreamRecord]:
+        """What the supervisor kept of each stream (see `save_streams`)."""
         return await self._run(
-            lambda c: dict(
-                c.execute("SELECT name, held_reason FROM streams WHERE held_reason IS NOT NULL")
-            )
+            lambda c: {
+                r[0]: StreamRecord(r[0], r[1], r[2], r[3], r[4], r[5], tuple(json.loads(r[6])))
+                for r in c.execute(
+                    "SELECT name, held_reason, failures, retry_at, last_end_status, last_error,"
+                    " restart_times FROM streams ORDER BY name"
+                )
+            }
+        )
+
+    async def flagged_tasks(self, kind: str) -> set[str]:
+        """Tasks not ended that have an event of `kind` (a flag raised once per task)."""
+        return await self._run(
+            lambda c: {
+                r[0]
+                for r in c.execute(
+                    "SELECT DISTINCT e.task_id FROM events e JOIN tasks t USING (task_id)"
+                    " WHERE e.kind = ? AND t.ended_at IS NULL",
+                    (kind,),
+                )
+            }
         )
 
     async def add_event(
@@ -951,8 +1029,11 @@ class Store:
         status: int | None = None,
         detail: str = "",
         at: float | None = None,
+        setting: tuple[str, Any] | None = None,
     ) -> None:
-        """Record an event (and, with an alert hook, the alerts it raises, in one commit)."""
+        """Record an event (and, with an alert hook, the alerts it raises, in one commit).
+        `setting` (a key and its JSON value, as `set_setting` takes) is written in the same
+        commit: what says the event happened cannot be apart from it."""
         row = EventRow(self._clock() if at is None else at, stream, task_id, kind, status, detail)
 
         def op(conn: sqlite3.Connection) -> None:
@@ -961,6 +1042,8 @@ class Store:
                 " VALUES (?,?,?,?,?,?)",
                 (row.at, stream, task_id, kind, status, detail),
             )
+            if setting is not None:
+                _set_setting(conn, *setting)
             if self._hook is not None:
                 self._hook.record(AlertTx(conn, row.at, self), row)
 
@@ -988,18 +1071,7 @@ class Store:
 
     async def set_setting(self, key: str, value: Any) -> None:
         """Store a JSON value under key; None deletes it."""
-
-        def op(conn: sqlite3.Connection) -> None:
-            if value is None:
-                conn.execute("DELETE FROM settings WHERE key = ?", (key,))
-            else:
-                conn.execute(
-                    "INSERT INTO settings (key, value) VALUES (?, ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (key, json.dumps(value)),
-                )
-
-        await self._run(op)
+        await self._run(lambda c: _set_setting(c, key, value))
 
     # -- the alert outbox ----------------------------------------------------------------------
 
@@ -1039,8 +1111,11 @@ class Store:
         state: str,
         next_at: float | None = None,
         error: str | None = None,
+        active: tuple[str, Mapping[str, Mapping[str, Any] | None]] | None = None,
     ) -> None:
-        """Record a delivery attempt for these rows: delivered, to retry at `next_at`, or dead."""
+        """Record a delivery attempt for these rows: delivered, to retry at `next_at`, or dead.
+        `active` (a sink and, per subject, the alert it keeps active or None) is written in
+        the same commit (see `active_alerts`)."""
         now = self._clock()
 
         def op(conn: sqlite3.Connection) -> None:
@@ -1052,8 +1127,33 @@ class Store:
                     " WHERE id = ?",
                     (state, next_at, error, state, now, row_id),
                 )
+            sink, changes = active or ("", {})
+            for subject, posted in changes.items():
+                if posted is None:
+                    conn.execute(
+                        "DELETE FROM alert_active WHERE sink = ? AND subject = ?", (sink, subject)
+                    )
+                else:
+                    conn.execute(
+                        "INSERT INTO alert_active (sink, subject, posted) VALUES (?,?,?)"
+                        " ON CONFLICT(sink, subject) DO UPDATE SET posted = excluded.posted",
+                        (sink, subject, json.dumps(posted)),
+                    )
 
         await self._run(op)
+
+    async def active_alerts(self, sink: str) -> dict[str, dict[str, Any]]:
+        """The lasting conditions a re-posting sink (Alertmanager) keeps active, by subject,
+        as it posted them."""
+        return await self._run(
+            lambda c: {
+                subject: json.loads(posted)
+                for subject, posted in c.execute(
+                    "SELECT subject, posted FROM alert_active WHERE sink = ? ORDER BY subject",
+                    (sink,),
+                )
+            }
+        )
 
     async def record_library_video(
         self, video_no: str, status: str, client_id: str | None, *, at: float | None = None
@@ -1341,6 +1441,17 @@ def _tighten(path: Path, mode: int, chmod: Callable[[int], None]) -> None:
         log.warning("store.file_not_private", path=str(path), mode=oct(stat.S_IMODE(mode)))
     else:
         log.info("store.file_made_private", path=str(path), was=oct(stat.S_IMODE(mode)))
+
+
+def _set_setting(conn: sqlite3.Connection, key: str, value: Any) -> None:
+    if value is None:
+        conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+    else:
+        conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, json.dumps(value)),
+        )
 
 
 def _split_sql(script: str) -> list[str]:

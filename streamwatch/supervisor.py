@@ -20,16 +20,18 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import structlog
 
+from streamwatch.background import Failures, TaskGroup
 from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
 from streamwatch.ledger import (
     PERIODS,
+    BudgetEvent,
     BudgetGate,
     Spending,
     period_bounds,
@@ -48,7 +50,7 @@ from streamwatch.mavi.callbacks import (
 from streamwatch.mavi.errors import AuthError, InsufficientBalance, MaviError
 from streamwatch.mavi.streams import StartRequest
 from streamwatch.redact import Redactor
-from streamwatch.store import CallbackOutcome, Store
+from streamwatch.store import CallbackOutcome, Store, StreamRecord
 
 __all__ = [
     "Action",
@@ -105,6 +107,57 @@ class StreamState:
     held_reason: str | None = None
     last_end_status: int | None = None
     last_error: str | None = None
+    restart_times: tuple[float, ...] = ()  # recent restarts, for restart-loop detection
+
+    def record(self) -> StreamRecord:
+        """What of this state outlives the process (the store keeps it between runs)."""
+        return StreamRecord(
+            self.name,
+            self.held_reason,
+            self.failures,
+            self.retry_at,
+            self.last_end_status,
+            self.last_error,
+            self.restart_times,
+        )
+
+    @classmethod
+    def restored(cls, record: StreamRecord, *, now: float, policy: Policy) -> StreamState:
+        """The state a new process starts from: held, backing off (never longer than the
+        current `restart_max` from now), or idle; restarts outside the window forgotten."""
+        retry_at = record.retry_at
+        if retry_at is not None:
+            retry_at = min(retry_at, now + policy.restart_max)
+        phase = (
+            Phase.HELD if record.held_reason else Phase.IDLE if retry_at is None else Phase.BACKOFF
+        )
+        return cls(
+            record.name,
+            phase,
+            held_reason=record.held_reason,
+            failures=record.failures,
+            retry_at=retry_at,
+            last_end_status=record.last_end_status,
+            last_error=record.last_error,
+            restart_times=tuple(
+                t for t in record.restart_times if now - t < policy.restart_loop_window
+            ),
+        )
+
+
+class _Streams(dict[str, StreamState]):
+    """The supervisor's stream states. Notes the streams whose durable part (`record()`)
+    changes, so that only those are written to the store."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dirty: set[str] = set()
+
+    def __setitem__(self, name: str, state: StreamState) -> None:
+        old = self.get(name)
+        if old is None or old.record() != state.record():
+            self.dirty.add(name)
+        super().__setitem__(name, state)
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,12 +367,12 @@ class Supervisor:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         redact: Callable[[str], str] | None = None,
+        failures: Failures | None = None,
     ) -> None:
         self._client = client
         # Every text that leaves through the status API, events and alerts passes here.
         self._redact = redact or Redactor()
         self.spending = spending
-        self._restart_times: dict[str, list[float]] = {}
         self.gate = BudgetGate()
         self._fired: set[str] = set()  # budget events already raised, this period
         self._unreported_flagged: set[str] = set()  # tasks flagged as billing unreported
@@ -329,15 +382,26 @@ class Supervisor:
         self._clock = clock
         self._rng = rng or random.Random()
         self.desired: dict[str, StreamConfig] = {}
-        self.streams: dict[str, StreamState] = {}
+        # What of a stream's state must outlive the process (its backoff, how its last task
+        # ended, why it is held, its recent restarts) is written to the store when it changes,
+        # before the stream's next start.
+        self.streams = _Streams()
         self.halt: Halt | None = None
         self._by_task: dict[str, str] = {}
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        # Every action and record runs in this group (entered by `running()`).
+        self._tasks = TaskGroup("supervisor", failures)
         self._stopping = False
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Supervisor]:
+        """Own the supervisor's actions (starts, stops, records) in a task group: `load()`
+        and everything after it run inside. On exit, wait for those under way."""
+        async with self._tasks:
+            yield self
 
     async def load(self, streams: Iterable[StreamConfig]) -> None:
         """Set the desired streams and adopt what the store says is running or held."""
@@ -353,9 +417,12 @@ class Supervisor:
             start, end = period_bounds(period, now)
             totals = await self._store.charge_totals(since=start, until=end)
             self.spending.load(period, period_key(period, now), {t.stream: t.ticks for t in totals})
-        held = await self._store.held_streams()
-        for name, reason in held.items():
-            self.streams[name] = StreamState(name, Phase.HELD, held_reason=reason)
+        for record in (await self._store.streams()).values():
+            if record != StreamRecord(record.name):
+                self.streams[record.name] = StreamState.restored(
+                    record, now=now, policy=self.policy
+                )
+        self._unreported_flagged = await self._store.flagged_tasks("billing_unreported")
         for task in await self._store.running_tasks():
             if task.stream in self._by_task.values():
                 # Two live tasks for one stream can only come from an old crash: keep the newest
@@ -363,9 +430,11 @@ class Supervisor:
                 old = self.streams[task.stream]
                 assert old.task_id is not None
                 self._spawn(self._stop(Stop(task.stream, old.task_id, "changed")))
-            self.streams[task.stream] = StreamState(
-                task.stream,
-                Phase.RUNNING,
+            # What the stream's record says (its backoff, its last end) stays known.
+            self.streams[task.stream] = replace(
+                self.streams.get(task.stream, StreamState(task.stream)),
+                phase=Phase.RUNNING,
+                retry_at=None,
                 task_id=task.task_id,
                 spec_hash=task.spec_hash,
                 started_at=task.started_at,
@@ -388,16 +457,23 @@ class Supervisor:
 
     # -- the loop ------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Plan and act until `shutdown()`; each pass is `step()`."""
-        while not self._stopping:
-            self.step()
-            self._wake.clear()
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-            # lands as the event fires, and this loop would never end.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._tick):
-                    await self._wake.wait()
+    @property
+    def stopping(self) -> bool:
+        """True once `shutdown()` began: the planning loop ends."""
+        return self._stopping
+
+    async def run_once(self) -> None:
+        """One pass of the planning loop (the daemon runs it in its task group)."""
+        self.step()
+
+    async def wait_for_work(self) -> None:
+        """Until something changed that plan() must see, or a tick passed."""
+        self._wake.clear()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # lands as the event fires, and this loop would never end.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._tick):
+                await self._wake.wait()
 
     def step(self) -> list[Action]:
         """One planning pass: decide and launch the actions. Returns them (for tests)."""
@@ -420,9 +496,11 @@ class Supervisor:
 
     def _note_restart(self, name: str, now: float) -> None:
         window = self.policy.restart_loop_window
-        times = [t for t in self._restart_times.get(name, []) if now - t < window]
-        times.append(now)
-        self._restart_times[name] = times
+        state = self.streams[name]
+        times = (*(t for t in state.restart_times if now - t < window), now)
+        # One more than the count is enough to tell "just reached it" from "already past it".
+        keep = times[-(self.policy.restart_loop_count + 1) :]
+        self.streams[name] = replace(state, restart_times=keep)
         if len(times) == self.policy.restart_loop_count:
             log.warning("supervisor.restart_loop", stream=name, restarts=len(times))
             self._spawn(
@@ -487,6 +565,18 @@ class Supervisor:
         if not events and pruned == self._fired:
             return
         self._fired = pruned
+        if not events:
+            self._spawn(self._store.set_setting("budget_fired", sorted(self._fired)))
+        self._budget_events(events)
+
+    def _count(self, stream: str, ticks: int, at: float, *, task_id: str | None) -> None:
+        """Count a charge the store recorded, and record the thresholds it crossed, each with
+        this charge and the spend right after it."""
+        self._budget_events(self.spending.add(stream, ticks, at, fired=self._fired), task_id)
+
+    def _budget_events(self, events: list[BudgetEvent], task_id: str | None = None) -> None:
+        """Log and record budget events; what has fired is written with each, in one commit,
+        so a restart neither repeats nor loses one."""
         for event in events:
             log.warning(
                 f"supervisor.{event.kind}",
@@ -495,8 +585,15 @@ class Supervisor:
                 percent=event.percent,
                 detail=event.detail,
             )
-            self._spawn(self._record(event.kind, stream=event.cap.stream, detail=event.detail))
-        self._spawn(self._store.set_setting("budget_fired", sorted(self._fired)))
+            self._spawn(
+                self._record(
+                    event.kind,
+                    stream=event.cap.stream,
+                    task_id=task_id if event.charge_stream else None,
+                    detail=event.detail,
+                    setting=("budget_fired", sorted(self._fired)),
+                )
+            )
 
     def _launch(self, action: Action) -> None:
         name = action.stream
@@ -517,16 +614,21 @@ class Supervisor:
             self.streams.pop(name, None)
         self._notify()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._inflight.add(task)
-        task.add_done_callback(self._done)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run an action or a record in the supervisor's task group, named after it; the
+        planner looks again when it is done, whatever became of it."""
+        name = "supervisor." + str(getattr(coro, "__name__", "action")).lstrip("_")
+        try:
+            self._tasks.spawn(name, self._then_replan(coro))
+        except RuntimeError:
+            coro.close()
+            raise
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("supervisor.action_failed", exc_info=task.exception())
-        self._notify()
+    async def _then_replan(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        finally:
+            self._notify()
 
     async def _start(self, name: str) -> None:
         spec = self.desired.get(name)
@@ -566,7 +668,7 @@ class Supervisor:
             max_logos=spec.max_logos,
             started_at=now,
         )
-        self.spending.add(name, registered.precharge_ticks, now)
+        self._count(name, registered.precharge_ticks, now, task_id=task_id)
         restarted = state.started_at is not None or state.last_end_status is not None
         self.streams[name] = replace(
             state,
@@ -592,12 +694,16 @@ class Supervisor:
             self.observe(outcome)
 
     async def _stop(self, action: Stop) -> None:
-        await self._store.mark_stop_requested(action.task_id)
         try:
+            # Noted first, so that the task's final 14 is known as asked for.
+            await self._store.mark_stop_requested(action.task_id)
             stopped_now = await self._client.stop(action.task_id)
-        except MaviError as exc:
-            # Could not reach MAVI: keep the task as ours and try again on the next pass.
-            error = self._text(str(exc))
+        except Exception as exc:  # noqa: BLE001 - a stop's edge: whatever failed, it is retried
+            # Could not reach MAVI (or note the stop): keep the task as ours and try again on
+            # the next pass. Anything but MAVI's own errors is a bug: its traceback is logged.
+            if not isinstance(exc, MaviError):
+                self._tasks.failures.failed("supervisor.stop", exc, stream=action.stream)
+            error = self._text(str(exc) or type(exc).__name__)
             state = self.streams.get(action.stream)
             if state is not None and state.task_id == action.task_id:
                 self.streams[action.stream] = replace(
@@ -674,7 +780,7 @@ class Supervisor:
         replan = False
         if outcome.ticks:
             # Counted whichever task it came from: an old task's late segment costs money too.
-            self.spending.add(name, outcome.ticks, outcome.at)
+            self._count(name, outcome.ticks, outcome.at, task_id=outcome.callback.task_id)
             replan = self.spending.near_cap(name, outcome.at)
         state = self.streams.get(name)
         cb = outcome.callback
@@ -729,8 +835,6 @@ class Supervisor:
             self.streams[name] = new
             # Its event (and alert, unless this daemon asked for the stop) was recorded with it.
             log.warning("supervisor.task_ended", stream=name, task_id=cb.task_id, status=cb.status)
-            if new.phase is Phase.HELD:
-                self._spawn(self._store.set_held(name, new.held_reason))
             if halt is not None:
                 self._impose_halt(halt)
             replan = True
@@ -752,9 +856,9 @@ class Supervisor:
                 self.streams[name] = replace(
                     state, phase=Phase.IDLE, held_reason=None, retry_at=None, failures=0
                 )
-                await self._store.set_held(name, None)
                 await self._record("stream_resumed", stream=name)
                 released.append(name)
+        await self._persist()
         self._notify()
         return released
 
@@ -778,14 +882,14 @@ class Supervisor:
                 )
             await asyncio.gather(*(self._stop(a) for a in stops), return_exceptions=True)
             stopped = [a.task_id for a in stops]
+        await self._persist()
         return stopped
 
     # -- waiting (tests, status) -------------------------------------------------------------
 
     async def settle(self) -> None:
         """Wait until every action and record launched so far has finished."""
-        while self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self._tasks.settle()
 
     async def _record(
         self,
@@ -795,11 +899,27 @@ class Supervisor:
         task_id: str | None = None,
         status: int | None = None,
         detail: str = "",
+        setting: tuple[str, Any] | None = None,
     ) -> None:
-        """Write an event to the store; the alerts it raises are written with it."""
+        """Write an event to the store; the alerts it raises (and `setting`, a key and its
+        value) are written with it."""
         await self._store.add_event(
-            kind, stream=stream, task_id=task_id, status=status, detail=self._text(detail)
+            kind,
+            stream=stream,
+            task_id=task_id,
+            status=status,
+            detail=self._text(detail),
+            setting=setting,
         )
+
+    async def _persist(self) -> None:
+        """Write the durable part of every stream whose part changed: read and queued to the
+        store in one go, so writes land in the order the changes were made. A write that
+        fails is reported, not retried here: a stream's next change writes its whole record."""
+        records = [s.record() for n in self.streams.dirty if (s := self.streams.get(n))]
+        self.streams.dirty.clear()
+        if records:
+            await self._store.save_streams(records)
 
     def _text(self, text: str) -> str:
         """`text` as it may leave the process (events, alerts, the status API): secrets
@@ -808,7 +928,10 @@ class Supervisor:
         return self._redact(text)[:500]
 
     def _notify(self, *, replan: bool = True) -> None:
-        """Tell waiters that state changed; with `replan`, also run plan() now."""
+        """Tell waiters that state changed (and write what of it must outlive the process);
+        with `replan`, also run plan() now."""
+        if self.streams.dirty:
+            self._spawn(self._persist())
         if replan:
             self._wake.set()
         self._changed.set()

@@ -94,60 +94,67 @@ async def test_alertmanager_receives_groups_and_resolves(alertmanager, tmp_path:
             store=store, sinks={"am": sink}, retry_initial=0.01, retry_max=0.05, poll_seconds=0.05
         )
         alerts = Alerts(router=Router([rule(sinks=["am"])]), outbox=outbox, store=store)
+        async with outbox.running():
 
-        async def flush() -> None:
-            await alerts.settle()
-            await outbox.deliver_due()
-            await outbox.settle()
+            async def flush() -> None:
+                await alerts.settle()
+                await outbox.deliver_due()
+                await outbox.settle()
 
-        now = time.time()  # Alertmanager compares startsAt/endsAt with its own clock
-        alerts.emit(event(kind="stream_stalled", severity="warning", stream="cam", at=now))
-        alerts.emit(
-            event(kind="unsafe_content", stream="cam", at=now, clip_url="https://cdn.test/1.mp4")
-        )
-        await flush()
-        listed = await active(alertmanager)
-        names = sorted(a["labels"]["alertname"] for a in listed)
-        assert names == ["streamwatch_stream_stalled", "streamwatch_unsafe_content"]
-        stalled = next(a for a in listed if a["labels"]["alertname"].endswith("stalled"))
-        assert stalled["labels"]["stream"] == "cam"
-        assert stalled["labels"]["severity"] == "warning"
-        assert stalled["labels"]["label_site"] == "paris"
-        assert sink.active, "the lasting condition is kept for re-posting"
-        await outbox.repost_due()
-        assert (await sink.repost_active()) is not None
-
-        amtool = tool("amtool")
-        proc = await asyncio.create_subprocess_exec(
-            amtool,
-            "alert",
-            "query",
-            f"--alertmanager.url={alertmanager}",
-            "-o",
-            "json",
-            stdout=PIPE,
-            stderr=PIPE,
-        )
-        out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-        assert len(json.loads(out)) == 2
-
-        async with session.get(f"{alertmanager}/api/v2/alerts/groups") as resp:
-            groups = await resp.json()
-        assert {tuple(sorted(g["labels"].items())) for g in groups} == {
-            (("alertname", "streamwatch_stream_stalled"), ("stream", "cam")),
-            (("alertname", "streamwatch_unsafe_content"), ("stream", "cam")),
-        }
-
-        alerts.emit(
-            event(
-                kind="stream_stalled", severity="info", stream="cam", resolved=True, at=time.time()
+            now = time.time()  # Alertmanager compares startsAt/endsAt with its own clock
+            alerts.emit(event(kind="stream_stalled", severity="warning", stream="cam", at=now))
+            alerts.emit(
+                event(
+                    kind="unsafe_content", stream="cam", at=now, clip_url="https://cdn.test/1.mp4"
+                )
             )
-        )
-        await flush()
-        names = [a["labels"]["alertname"] for a in await active(alertmanager)]
-        assert names == ["streamwatch_unsafe_content"]
-        assert not sink.active
+            await flush()
+            listed = await active(alertmanager)
+            names = sorted(a["labels"]["alertname"] for a in listed)
+            assert names == ["streamwatch_stream_stalled", "streamwatch_unsafe_content"]
+            stalled = next(a for a in listed if a["labels"]["alertname"].endswith("stalled"))
+            assert stalled["labels"]["stream"] == "cam"
+            assert stalled["labels"]["severity"] == "warning"
+            assert stalled["labels"]["label_site"] == "paris"
+            assert sink.active, "the lasting condition is kept for re-posting"
+            await outbox.repost_due()
+            assert (await sink.repost_active()) is not None
+
+            amtool = tool("amtool")
+            proc = await asyncio.create_subprocess_exec(
+                amtool,
+                "alert",
+                "query",
+                f"--alertmanager.url={alertmanager}",
+                "-o",
+                "json",
+                stdout=PIPE,
+                stderr=PIPE,
+            )
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            assert len(json.loads(out)) == 2
+
+            async with session.get(f"{alertmanager}/api/v2/alerts/groups") as resp:
+                groups = await resp.json()
+            assert {tuple(sorted(g["labels"].items())) for g in groups} == {
+                (("alertname", "streamwatch_stream_stalled"), ("stream", "cam")),
+                (("alertname", "streamwatch_unsafe_content"), ("stream", "cam")),
+            }
+
+            alerts.emit(
+                event(
+                    kind="stream_stalled",
+                    severity="info",
+                    stream="cam",
+                    resolved=True,
+                    at=time.time(),
+                )
+            )
+            await flush()
+            names = [a["labels"]["alertname"] for a in await active(alertmanager)]
+            assert names == ["streamwatch_unsafe_content"]
+            assert not sink.active
 
 
 async def test_shipped_config_pages_for_a_balance_halt_not_for_each_stream(tmp_path: Path):
@@ -166,12 +173,13 @@ async def test_shipped_config_pages_for_a_balance_halt_not_for_each_stream(tmp_p
             store=store, sinks={"am": sink}, retry_initial=0.01, retry_max=0.05, poll_seconds=0.05
         )
         alerts = Alerts(router=Router([rule(sinks=["am"])]), outbox=outbox, store=store)
-        now = time.time()
-        alerts.emit(event(kind="balance_halt", stream=None, at=now))
-        alerts.emit(event(kind="stream_stopped", severity="warning", stream="cam", at=now))
-        await alerts.settle()
-        await outbox.deliver_due()
-        await outbox.settle()
+        async with outbox.running():
+            now = time.time()
+            alerts.emit(event(kind="balance_halt", stream=None, at=now))
+            alerts.emit(event(kind="stream_stopped", severity="warning", stream="cam", at=now))
+            await alerts.settle()
+            await outbox.deliver_due()
+            await outbox.settle()
         down = [{"labels": {"alertname": "StreamwatchStreamDown", "stream": "cam2"}}]
         async with session.post(f"{base}/api/v2/alerts", json=down) as resp:
             assert resp.status == 200
@@ -181,3 +189,56 @@ async def test_shipped_config_pages_for_a_balance_halt_not_for_each_stream(tmp_p
             "streamwatch_stream_stopped": "suppressed",
             "StreamwatchStreamDown": "suppressed",
         }
+
+
+async def test_active_conditions_outlive_the_process(alertmanager, tmp_path: Path):
+    """What the sink keeps active is in the state file: the next process re-posts a condition
+    that is still open and resolves it with the labels it was posted with (its severity
+    included), so Alertmanager does not keep it firing until its resolve_timeout."""
+    now = time.time()
+    async with aiohttp.ClientSession() as session:
+
+        def sink() -> AlertmanagerSink:
+            return AlertmanagerSink(
+                name="am", url=SecretStr(alertmanager), session=session, timeout_seconds=5
+            )
+
+        async with Store(tmp_path / "s.db") as store:
+            outbox = Outbox(
+                store=store, sinks={"am": sink()}, retry_initial=1, retry_max=1, poll_seconds=1
+            )
+            alerts = Alerts(router=Router([rule(sinks=["am"])]), outbox=outbox, store=store)
+            async with outbox.running():
+                alerts.emit(event(kind="stream_stopped", severity="critical", stream="cam", at=now))
+                await alerts.settle()
+                await outbox.deliver_due()
+                await outbox.settle()
+        (firing,) = await active(alertmanager)
+        assert firing["labels"]["severity"] == "critical"
+
+        async with Store(tmp_path / "s.db") as store:  # the next process
+            again = sink()
+            outbox = Outbox(
+                store=store, sinks={"am": again}, retry_initial=1, retry_max=1, poll_seconds=1
+            )
+            alerts = Alerts(router=Router([rule(sinks=["am"])]), outbox=outbox, store=store)
+            async with outbox.running():
+                assert list(again.active) == ["stream_stopped:cam"]
+                reposted = await again.repost_active()
+                assert reposted is not None
+                assert reposted.ok
+                alerts.emit(
+                    event(
+                        kind="stream_stopped",
+                        severity="info",
+                        stream="cam",
+                        resolved=True,
+                        at=time.time(),
+                    )
+                )
+                await alerts.settle()
+                await outbox.deliver_due()
+                await outbox.settle()
+            assert again.active == {}
+            assert await store.active_alerts("am") == {}
+    assert await active(alertmanager) == [], "resolved: the same labels as the firing"

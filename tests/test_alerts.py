@@ -24,6 +24,7 @@ from streamwatch.alerts.sinks.discord import DiscordSink
 from streamwatch.alerts.sinks.slack import SlackSink
 from streamwatch.alerts.sinks.teams import TeamsSink
 from streamwatch.alerts.sinks.webhook import WebhookSink
+from streamwatch.background import hosted
 from streamwatch.config import AlertRule
 from streamwatch.store import Store
 from tests.fakes.chat import Answer, ChatFakes
@@ -202,10 +203,12 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         )
         router = Router([rule(name="all", sinks=list(sinks))])
         alerts = Alerts(router=router, outbox=outbox, store=store)
-        worker = asyncio.create_task(outbox.run())
-        yield Rig(fakes, store, outbox, alerts, sinks)
-        await outbox.stop()
-        await worker
+        # A fixture's set-up and teardown are two tasks: the outbox's group lives in its own.
+        async with hosted(outbox.running()):
+            worker = asyncio.create_task(outbox.run())
+            yield Rig(fakes, store, outbox, alerts, sinks)
+            await outbox.stop()
+            await worker
 
 
 async def delivered(rig: Rig, n: int = 1) -> None:
@@ -321,10 +324,11 @@ async def test_pending_alerts_survive_a_restart(tmp_path: Path):
                 poll_seconds=0.05,
             )
             alerts = Alerts(router=Router([rule(sinks=["slack"])]), outbox=outbox, store=store)
-            alerts.emit(event())
-            await alerts.settle()
-            await outbox.deliver_due()
-            await outbox.settle()
+            async with outbox.running():
+                alerts.emit(event())
+                await alerts.settle()
+                await outbox.deliver_due()
+                await outbox.settle()
         assert fakes.received["slack"] == []
         async with Store(tmp_path / "s.db") as store:  # the next process, an hour later
             outbox = Outbox(
@@ -335,8 +339,9 @@ async def test_pending_alerts_survive_a_restart(tmp_path: Path):
                 poll_seconds=0.05,
                 clock=lambda: 4e9,
             )
-            await outbox.deliver_due()
-            await outbox.settle()
+            async with outbox.running():
+                await outbox.deliver_due()
+                await outbox.settle()
             rows = await store.recent_alerts()
     assert len(fakes.received["slack"]) == 1
     assert rows[0].state == "delivered"
@@ -354,10 +359,11 @@ async def test_apprise_sink_delivers_through_apprise(tmp_path: Path):
             store=store, sinks={"many": sink}, retry_initial=0.01, retry_max=0.05, poll_seconds=0.05
         )
         alerts = Alerts(router=Router([rule(sinks=["many"])]), outbox=outbox, store=store)
-        alerts.emit(event(clip_url="https://cdn.test/9.mp4"))
-        await alerts.settle()
-        await outbox.deliver_due()
-        await outbox.settle()
+        async with outbox.running():
+            alerts.emit(event(clip_url="https://cdn.test/9.mp4"))
+            await alerts.settle()
+            await outbox.deliver_due()
+            await outbox.settle()
         rows = await store.recent_alerts()
     assert rows[0].state == "delivered"
     doc = fakes.received["apprise"][0]["doc"]

@@ -358,6 +358,8 @@ group_seconds = 0
     await daemon.stop()
     emulator.scripts[url] = Script(outcomes=["safe"] * 1000)
     await daemon.start()
+    # The backoff survives the restart too: release the stream as an operator would.
+    assert await daemon.sup.resume(["flaky"]) == ["flaky"]
     await daemon.wait(lambda: daemon.state("flaky").run_segments >= 3)
     async with asyncio.timeout(10):
         await f.wait(lambda: len(f.received["webhook"]) >= 2)

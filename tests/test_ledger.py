@@ -152,6 +152,66 @@ def test_thresholds_fire_once_each_per_period():
     assert len(spending.check(tomorrow, running=[], fired=fired)) == 3
 
 
+@pytest.mark.parametrize(
+    ("charges", "crossing", "thresholds", "spent", "permille"),
+    [
+        # 48 segments of 6 ticks make the 288-tick cap: 50 % is crossed by the 24th charge,
+        # 80 % (230.4 ticks) by the 39th, at 234 ticks = 81.2 %.
+        ([PER] * 48, 24, [50], 144, 500),
+        ([PER] * 48, 39, [80], 234, 812),
+        ([PER] * 48, 48, [100], 288, 1000),
+        # One large charge crosses two thresholds at once: both carry it.
+        ([100, 150], 2, [50, 80], 250, 868),
+        # A charge that lands exactly on a threshold crosses it.
+        ([143, 1], 2, [50], 144, 500),
+    ],
+)
+def test_a_threshold_is_found_by_the_charge_that_crosses_it(
+    charges, crossing, thresholds, spent, permille
+):
+    """The threshold event comes from the charge that crosses it and carries that charge,
+    the spend right after it and the percentage at that instant, not what a later check
+    sees; it fires once."""
+    spending = spending_for(stream("a", daily_usd=CAP))
+    fired: set[str] = set()
+    found = {}
+    for n, ticks in enumerate(charges, start=1):
+        for event in spending.add("a", ticks, NOON, fired=fired):
+            found[event.percent] = (n, event)
+    hits = {p: hit for p, hit in found.items() if p in thresholds}
+    assert sorted(hits) == thresholds
+    for n, event in hits.values():
+        assert n == crossing
+        assert event.spent_ticks == spent
+        assert event.used_permille == permille
+        assert (event.charge_stream, event.charge_ticks) == ("a", charges[crossing - 1])
+        assert f"{permille // 10}.{permille % 10} %" in event.detail
+        assert f"a charge of 0.{charges[crossing - 1] * 1_000_000 // 2880:06d}" in event.detail
+    assert spending.check(NOON, running=[], fired=fired) == [], "each fires once"
+
+
+def test_an_account_threshold_is_crossed_by_any_streams_charge():
+    """The account cap counts every stream: the charge of whichever stream crosses it is the
+    one its event names."""
+    spending = spending_for(stream("a"), stream("b"), daily_usd=CAP)
+    fired: set[str] = set()
+    assert spending.add("a", 140, NOON, fired=fired) == []
+    (event,) = spending.add("b", 6, NOON, fired=fired)
+    assert (event.cap.stream, event.percent, event.spent_ticks) == (None, 50, 146)
+    assert "a charge of 0.002083 USD to stream b" in event.detail
+
+
+def test_estimates_that_cross_a_threshold_are_found_by_the_check():
+    """Estimates of unreported segments are no charge: the periodic check finds the crossing
+    they make and says how much of the spend is estimated."""
+    spending = spending_for(stream("a", daily_usd=CAP))
+    fired: set[str] = set()
+    spending.add("a", 100, NOON, fired=fired)
+    (event,) = spending.check(NOON, running=[], fired=fired, estimates={"a": 50})
+    assert (event.percent, event.spent_ticks, event.charge_stream) == (50, 150, None)
+    assert "0.017361 USD of it estimated" in event.detail
+
+
 HUNDRED = 2880 * 100
 
 

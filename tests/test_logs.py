@@ -84,7 +84,7 @@ def test_tracebacks_show_no_locals_and_no_secrets(fmt):
         fail_with_secrets_in_locals()
     except ValueError as exc:
         structlog.get_logger("t").error(
-            "supervisor.action_failed", exc_info=exc, error=f"{exc} for {URL} with {KEY}"
+            "background.failed", exc_info=exc, error=f"{exc} for {URL} with {KEY}"
         )
     text = out.getvalue()
     assert "fail_with_secrets_in_locals" in text  # the traceback is there

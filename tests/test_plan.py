@@ -8,6 +8,7 @@ import pytest
 
 from streamwatch.config import StreamConfig
 from streamwatch.mavi.errors import AuthError, CapacityError, InsufficientBalance, TransientError
+from streamwatch.store import StreamRecord
 from streamwatch.supervisor import (
     Forget,
     Halt,
@@ -266,3 +267,42 @@ def test_start_failures(error, phase, halt_reason):
 def test_backoff_doubles_is_capped_and_jittered(failures, rand, delay):
     """Backoff doubles from the initial delay up to the cap, minus up to `jitter` of it."""
     assert backoff_delay(failures, POLICY, rand=rand) == pytest.approx(delay)
+
+
+LATER = 1_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("record", "phase", "retry_at", "restart_times"),
+    [
+        # Backing off: the retry time holds, the attempt count with it.
+        (StreamRecord("a", failures=3, retry_at=LATER + 40), Phase.BACKOFF, LATER + 40, ()),
+        # A retry time further off than the current restart_max (lowered since) is brought in.
+        (StreamRecord("a", failures=9, retry_at=LATER + 5000), Phase.BACKOFF, LATER + 300, ()),
+        # A retry time already past: started by the next plan.
+        (StreamRecord("a", failures=1, retry_at=LATER - 1), Phase.BACKOFF, LATER - 1, ()),
+        # Held, with why and how the last task ended.
+        (StreamRecord("a", held_reason="by hand", last_end_status=14), Phase.HELD, None, ()),
+        # Restarts outside the window are forgotten; those inside count toward a loop.
+        (
+            StreamRecord("a", restart_times=(LATER - 2000, LATER - 10)),
+            Phase.IDLE,
+            None,
+            (LATER - 10,),
+        ),
+    ],
+)
+def test_a_restored_stream_goes_on_where_it_was(record, phase, retry_at, restart_times):
+    """What the store kept of a stream becomes its state in the next process: held, backing
+    off until the same time (never beyond restart_max from now), or idle; its failures, last
+    end and error are kept."""
+    state = StreamState.restored(record, now=LATER, policy=POLICY)
+    assert (state.phase, state.retry_at, state.restart_times) == (phase, retry_at, restart_times)
+    assert (state.failures, state.last_end_status, state.held_reason) == (
+        record.failures,
+        record.last_end_status,
+        record.held_reason,
+    )
+    assert replace(
+        state.record(), retry_at=record.retry_at, restart_times=record.restart_times
+    ) == (record)

@@ -161,7 +161,7 @@ async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path):
     events = [json.loads(line)["event"] for line in log.splitlines()]
     assert events.count("supervisor.start_failed") == 4
     assert "supervisor.task_started" in events  # the held start, answered before the drain
-    assert "supervisor.action_failed" not in events
+    assert "background.failed" not in events
     assert leaks(log) == []
     alerts = json.dumps([m["doc"] for m in chat.received["slack"]])
     assert "admin:***@cams.test" in alerts
@@ -218,10 +218,13 @@ async def test_an_unexpected_start_error_is_logged_without_secrets(tmp_path: Pat
             spending=Spending(budgets=BudgetsConfig(), streams=[stream], segment_seconds=5),
             redact=Redactor([KEY]),
         )
-        await sup.load([stream])
-        sup.step()
-        await sup.settle()
-    (line,) = [json.loads(x) for x in log_lines.getvalue().splitlines() if "action_failed" in x]
+        async with sup.running():
+            await sup.load([stream])
+            sup.step()
+            await sup.settle()
+    lines = [json.loads(x) for x in log_lines.getvalue().splitlines()]
+    (line,) = [x for x in lines if x["event"] == "background.failed"]
+    assert line["task"] == "supervisor.start"
     assert line["exception"][0]["exc_type"] == "RuntimeError"
     assert "admin:***@cams.test" in line["exception"][0]["exc_value"]
     assert leaks(log_lines.getvalue()) == []

@@ -190,3 +190,32 @@ async def test_silent_running_task_accrues_estimated_cost_and_is_flagged(daemon,
     assert "quiet" in daemon.sup.gate.stop, "the estimate alone reaches the cap"
     kinds = [e.kind for e in await daemon.events(stream="quiet")]
     assert kinds.count("billing_unreported") == 1
+
+
+async def test_threshold_events_carry_the_charge_that_crossed(daemon, emulator):
+    """With plans far apart (a 30 s tick), each threshold event is still recorded at the
+    charge that crossed it: its spend is within one segment past the threshold and its
+    percentage is the one at that instant."""
+    daemon.clock = FakeClock(MIDNIGHT - 3600)
+    per = segment_cost_ticks(fps=1, content_moderation=True, logo_detection=False)
+    cap_ticks = 144  # $0.05
+    daemon.write(
+        stream_toml("cam") + 'budget = { daily_usd = "0.05" }\n',
+        extra='[budgets]\naction = "alert-only"\nthresholds = [50, 80]',
+    )
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(text.replace("tick_seconds = 0.02", "tick_seconds = 30"))
+    await daemon.start()
+    await daemon.wait(lambda: daemon.sup.spending.spent("cam", "day", daemon.clock()) > cap_ticks)
+    events = [e for e in await daemon.events(stream="cam") if e.kind == "budget_threshold"]
+    assert [re.findall(r"(\d+)% used", e.detail) for e in events] == [["50"], ["80"]]
+    for event, threshold in zip(events, (50, 80), strict=True):
+        spent_usd, cap_usd, percent = re.findall(
+            r"used: ([\d.]+) of ([\d.]+) USD \(([\d.]+) %\)", event.detail
+        )[0]
+        spent = round(float(spent_usd) * 2880)
+        assert cap_usd == "0.050000"
+        assert threshold * cap_ticks <= spent * 100 < threshold * cap_ticks + per * 100
+        assert percent == f"{spent * 1000 // cap_ticks / 10:.1f}"
+        assert f"a charge of {per / 2880:.6f} USD to stream cam" in event.detail
+        assert event.task_id == daemon.state("cam").task_id

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from streamwatch.mavi.callbacks import SegmentFailed, SegmentReport, StreamEnded, parse_callback
-from streamwatch.store import MIGRATIONS, CallbackOutcome, SchemaError, Store, StoreError
+from streamwatch.store import (
+    MIGRATIONS,
+    CallbackOutcome,
+    SchemaError,
+    Store,
+    StoreError,
+    StreamRecord,
+)
 
 
 def segment(task_id: str, index: int, *, unsafe: bool = False) -> tuple[SegmentReport, bytes]:
@@ -155,15 +162,24 @@ async def test_state_survives_reopening(tmp_path: Path):
     async with Store(tmp_path / "s.db") as store:
         await register(store, "t")
         await store.set_setting("account_halt", {"reason": "balance"})
-        await store.set_held("cam", "stopped outside streamwatch")
+        held = StreamRecord(
+            "cam",
+            held_reason="stopped outside streamwatch",
+            failures=3,
+            retry_at=1234.5,
+            last_end_status=14,
+            last_error="boom",
+            restart_times=(1.0, 2.0),
+        )
+        await store.save_streams([held])
         await store.add_event("task_started", stream="cam", task_id="t")
     async with Store(tmp_path / "s.db") as store:
         assert await store.get_setting("account_halt") == {"reason": "balance"}
-        assert await store.held_streams() == {"cam": "stopped outside streamwatch"}
+        assert (await store.streams())["cam"] == held
         assert [t.task_id for t in await store.running_tasks()] == ["t"]
         assert [e.kind for e in await store.events(stream="cam")] == ["task_started"]
-        await store.set_held("cam", None)
-        assert await store.held_streams() == {}
+        await store.save_streams([StreamRecord("cam")])
+        assert (await store.streams())["cam"] == StreamRecord("cam")
 
 
 async def test_closed_store_refuses_work(tmp_path: Path):
@@ -199,6 +215,33 @@ async def test_upgrade_from_schema_1_backfills_the_ledger(tmp_path: Path):
     assert row is not None
     assert row.segment_ticks == 12
     assert [(t.stream, t.precharges, t.segments, t.ticks) for t in totals] == [("cam", 1, 3, 48)]
+
+
+async def test_upgrade_to_schema_8_keeps_each_streams_last_end(tmp_path: Path):
+    """A state file from schema 7 gains the streams' durable state: a held stream keeps its
+    hold and takes the end status of its last task, so it does not show a null one."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    for migration in MIGRATIONS[:7]:
+        for statement in migration.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version = 7")
+    tasks = [("t1", "cam", 100.0, 15), ("t2", "cam", 200.0, 14), ("t3", "live", 300.0, None)]
+    for task_id, stream, started, status in tasks:
+        conn.execute(
+            "INSERT INTO tasks (task_id, stream, spec_hash, fps, content_moderation,"
+            " logo_detection, max_logos, started_at, end_status, ended_at)"
+            " VALUES (?, ?, 'h', 1, 1, 0, 5, ?, ?, ?)",
+            (task_id, stream, started, status, None if status is None else started + 50),
+        )
+    conn.execute("INSERT INTO streams (name, held_reason, held_at) VALUES ('cam', 'by hand', 250)")
+    conn.commit()
+    conn.close()
+    async with Store(path) as store:
+        records = await store.streams()
+    assert records["cam"] == StreamRecord("cam", held_reason="by hand", last_end_status=14)
+    assert records["live"] == StreamRecord("live")
 
 
 async def test_prune_deletes_old_segments_and_keeps_counts_costs_and_dedupe(tmp_path: Path):

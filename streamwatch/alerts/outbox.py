@@ -3,7 +3,12 @@
 than a 429 asks), dead-lettered after the sink's `max_attempts` or a permanent refusal.
 
 A daemon killed mid-delivery finds the alerts still pending on restart and sends them again:
-delivery is at least once, and the stable alert id lets receivers deduplicate.
+delivery is at least once, and the stable alert id lets receivers deduplicate. A sink that
+raises instead of answering is a failed attempt like any other (logged with its traceback and
+counted as a background failure). Deliveries run in the outbox's task group (`running()`).
+
+What an Alertmanager sink keeps active (lasting conditions it re-posts) is written to the
+store with each delivery that changes it, and read back by the next process.
 """
 
 from __future__ import annotations
@@ -13,16 +18,17 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.alerts.rules import Condition, Router, RuleState, Window
 from streamwatch.alerts.sinks import Alert, Delivery, Sink
-from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
+from streamwatch.alerts.sinks.alertmanager import STATEFUL, AlertmanagerSink
 from streamwatch.alerts.sources import from_record, from_segment, logo_hit
+from streamwatch.background import Failures, TaskGroup, repeat
 from streamwatch.config import StreamConfig
 from streamwatch.mavi.callbacks import SegmentReport, StreamEnded
 from streamwatch.metrics import Metrics
@@ -50,6 +56,7 @@ class Outbox:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        failures: Failures | None = None,
     ) -> None:
         self._store = store
         self.sinks = dict(sinks)
@@ -61,25 +68,55 @@ class Outbox:
         self._rng = rng or random.Random()
         self._limits = {name: asyncio.Semaphore(s.max_in_flight) for name, s in sinks.items()}
         self._inflight: set[int] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Deliveries (and `Alerts.emit` writes) run in this group, entered by `running()`.
+        self.tasks = TaskGroup("alerts", failures)
         self._wake = asyncio.Event()
         self._stopping = False
         self._reposted: dict[str, float] = {}
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Outbox]:
+        """Own the deliveries, and give re-posting sinks (Alertmanager) back the conditions
+        they kept active before a restart. On exit, wait for deliveries under way."""
+        async with self.tasks:
+            for name, sink in self.sinks.items():
+                if isinstance(sink, AlertmanagerSink):
+                    sink.active = await self._store.active_alerts(name)
+            yield self
+
     def wake(self) -> None:
         self._wake.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def run(self) -> None:
-        """Deliver until `stop()`, waking on new alerts and when retries fall due."""
-        while not self._stopping:
-            await self.deliver_due()
-            await self.repost_due()
-            self._wake.clear()
-            due = await self._store.next_alert_at()
-            wait = self._poll if due is None else min(self._poll, max(0.0, due - self._clock()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
+        """Deliver until `stop()`, waking on new alerts and when retries fall due; a pass
+        that fails is tried again after a backoff (the daemon runs the same loop in its own
+        task group)."""
+        await repeat(
+            "alerts.outbox",
+            self.run_once,
+            wait=self.wait_for_work,
+            running=lambda: not self._stopping,
+            on_failure="retry",
+            failures=self.tasks.failures,
+        )
+
+    async def run_once(self) -> None:
+        """One pass: start the deliveries that are due, re-post what is due for it."""
+        await self.deliver_due()
+        await self.repost_due()
+
+    async def wait_for_work(self) -> None:
+        """Until a new alert is written, a retry falls due, or `poll_seconds` passed."""
+        self._wake.clear()
+        due = await self._store.next_alert_at()
+        wait = self._poll if due is None else min(self._poll, max(0.0, due - self._clock()))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await self._wake.wait()
 
     async def repost_due(self) -> None:
         """Re-post the active alerts of sinks that want it (Alertmanager) when due."""
@@ -102,8 +139,8 @@ class Outbox:
         await self.settle()
 
     async def settle(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait until the deliveries (and emitted alerts' writes) under way have ended."""
+        await self.tasks.settle()
 
     async def deliver_due(self) -> int:
         """Start delivering every due group not already under way. Returns groups started."""
@@ -114,10 +151,21 @@ class Outbox:
                 groups.setdefault((row.sink, row.group), []).append(row)
         for (sink, _), members in groups.items():
             self._inflight.update(r.id for r in members)
-            task = asyncio.create_task(self._deliver(sink, members))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            try:
+                self.tasks.spawn("alerts.delivery", self._deliver(sink, members))
+            except RuntimeError:
+                self._inflight.difference_update(r.id for r in members)
+                raise
         return len(groups)
+
+    def _active(self, sink_name: str, rows: list[OutboxRow]) -> dict[str, Mapping[str, Any] | None]:
+        """For a re-posting sink, what it now keeps active for the lasting conditions these
+        delivered alerts are about (None: no longer active)."""
+        sink = self.sinks.get(sink_name)
+        if not isinstance(sink, AlertmanagerSink):
+            return {}
+        events = [AlertEvent.from_json(r.event) for r in rows]
+        return {e.subject: sink.active.get(e.subject) for e in events if e.kind in STATEFUL}
 
     def _backoff(self, attempts: int) -> float:
         base = min(self._retry_max, self._retry_initial * 2.0 ** max(0, attempts - 1))
@@ -131,8 +179,14 @@ class Outbox:
                 await self._settle(sink_name, ids, "dead", error="sink no longer configured")
                 return
             alerts = [Alert(r.alert_id, AlertEvent.from_json(r.event)) for r in rows]
-            async with self._limits[sink_name]:
-                result = await sink.deliver(alerts)
+            try:
+                async with self._limits[sink_name]:
+                    result = await sink.deliver(alerts)
+            except Exception as exc:  # noqa: BLE001 - a sink that raises made a failed attempt
+                self.tasks.failures.failed("alerts.delivery", exc, sink=sink_name)
+                result = Delivery(
+                    False, retry=True, detail=f"the sink raised {type(exc).__name__} (see the log)"
+                )
             # A sink may have split the group (one part too large): settle each part alone.
             by_id = {r.alert_id: r for r in rows}
             for part_ids, part in result.outcomes([a.alert_id for a in alerts]):
@@ -140,7 +194,9 @@ class Outbox:
                 await self._conclude(sink_name, sink.max_attempts, part_rows, part)
         finally:
             self._inflight.difference_update(ids)
-            self._wake.set()
+        # Settled: what is due next may go now. (Not after a failure to settle: the rows are
+        # then picked up by the next poll, never in a tight loop.)
+        self._wake.set()
 
     async def _conclude(
         self, sink_name: str, max_attempts: int, rows: list[OutboxRow], result: Delivery
@@ -148,7 +204,7 @@ class Outbox:
         ids = [r.id for r in rows]
         attempts = max(r.attempts for r in rows) + 1
         if result.ok:
-            await self._settle(sink_name, ids, "delivered")
+            await self._settle(sink_name, ids, "delivered", active=self._active(sink_name, rows))
         elif result.retry and attempts < max_attempts:
             delay = max(result.retry_after or 0.0, self._backoff(attempts))
             await self._settle(
@@ -165,8 +221,11 @@ class Outbox:
         *,
         next_at: float | None = None,
         error: str | None = None,
+        active: Mapping[str, Mapping[str, Any] | None] | None = None,
     ) -> None:
-        await self._store.settle_alerts(ids, state=state, next_at=next_at, error=error)
+        await self._store.settle_alerts(
+            ids, state=state, next_at=next_at, error=error, active=(sink, active or {})
+        )
         outcome = {"delivered": "delivered", "pending": "retry", "dead": "dead"}[state]
         if self._metrics is not None:
             self._metrics.alert_deliveries.labels(sink, outcome).inc(len(ids))
@@ -203,7 +262,6 @@ class Alerts:
         self._specs = specs
         self._evidence = evidence
         self._clock = clock
-        self._writes: set[asyncio.Task[None]] = set()
 
     # -- the store's alert hook (store thread) -------------------------------------------------
 
@@ -311,10 +369,9 @@ class Alerts:
     # -- the event loop -------------------------------------------------------------------------
 
     def emit(self, event: AlertEvent) -> None:
-        """Route an event nothing recorded (tests, tools) in an operation of its own."""
-        task = asyncio.create_task(self._emit(event))
-        self._writes.add(task)
-        task.add_done_callback(self._writes.discard)
+        """Route an event nothing recorded (tests, tools) in an operation of its own, in the
+        outbox's task group (a failure to write it is logged and counted)."""
+        self.outbox.tasks.spawn("alerts.emit", self._emit(event))
 
     async def _emit(self, event: AlertEvent) -> None:
         routed = await self._store.with_alert_tx(
@@ -325,8 +382,6 @@ class Alerts:
 
     async def settle(self) -> None:
         """Wait until every emitted alert is in the outbox and every delivery under way ended."""
-        while self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
         await self.outbox.settle()
 
 

@@ -27,6 +27,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from streamwatch.background import Failures
 from streamwatch.config import EmulatorScript, local_url
 from streamwatch.emulator.videos import BATCH_PREFIX, VideoLibrary
 from streamwatch.listen import bind
@@ -141,6 +142,7 @@ class Emulator:
         seed: int = 0,
         source_check_seconds: float | None = None,
         source_timeout_seconds: float = 10.0,
+        failures: Failures | None = None,
     ) -> None:
         self.segment_seconds = segment_seconds
         self.balance_ticks = balance_ticks
@@ -171,7 +173,7 @@ class Emulator:
         self._changed = asyncio.Event()
         self.port: int | None = None
         self.host = "127.0.0.1"
-        self.library = VideoLibrary(api_key=api_key)
+        self.library = VideoLibrary(api_key=api_key, failures=failures)
         self.app = self._make_app()
 
     # -- serving -------------------------------------------------------------------------------
@@ -202,13 +204,15 @@ class Emulator:
             batch_base_url=self.batch_url,
         )
         try:
-            yield self
+            async with self.library.running():
+                try:
+                    yield self
+                finally:
+                    running = [*self._loops.values(), *self._followers, *self._senders]
+                    for task in running:
+                        task.cancel()
+                    await asyncio.gather(*running, return_exceptions=True)
         finally:
-            running = [*self._loops.values(), *self._followers, *self._senders]
-            for task in running:
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            await self.library.close()
             await close_runner(runner)
             await self._session.close()
 

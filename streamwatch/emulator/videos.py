@@ -9,16 +9,20 @@ posted if one was given. Per-minute limits answer `0429`; `busy_next` forces tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import time
 from collections import deque
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from streamwatch.background import Failures, TaskGroup, hosted
 
 __all__ = ["BATCH_PREFIX", "DURATION_SECONDS", "LibraryVideo", "VideoLibrary"]
 
@@ -88,7 +92,9 @@ class VideoLibrary:
     calls: list[str] = field(default_factory=list)
     _seen: dict[str, deque[float]] = field(default_factory=dict)
     _counter: int = 0
-    _background: set[asyncio.Task[None]] = field(default_factory=set)
+    failures: Failures | None = None
+    # Parsing and upload callbacks run in this group, entered by `running()`.
+    _tasks: TaskGroup | None = None
 
     def add_routes(self, app: web.Application) -> None:
         p = BATCH_PREFIX
@@ -101,15 +107,23 @@ class VideoLibrary:
         app.router.add_get(f"{p}/getTranscription", self._get_transcription)
         app.router.add_delete(f"{p}/delete", self._delete)
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[VideoLibrary]:
+        """Own the library's background work (parsing, upload callbacks) in a task group of
+        its own task (the emulator is often served by a test fixture, whose set-up and
+        teardown are two tasks); on exit, cancel what is left of it."""
+        async with hosted(TaskGroup("emulator", self.failures)) as tasks:
+            self._tasks = tasks
+            try:
+                yield self
+            finally:
+                self._tasks = None
+                tasks.cancel()
+
     async def settle(self) -> None:
         """Wait for background work (parsing, upload callbacks) to finish."""
-        while self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
-
-    async def close(self) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._tasks is not None:
+            await self._tasks.settle()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -154,10 +168,11 @@ class VideoLibrary:
         self._counter += 1
         return f"{prefix}{self._counter:010d}"
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._tasks is None:
+            coro.close()
+            raise RuntimeError("the emulator's video library is not running")
+        self._tasks.spawn("emulator.video", coro)
 
     # -- routes ---------------------------------------------------------------------------------
 

@@ -86,7 +86,8 @@ def teams_problems(doc: dict[str, Any], raw: bytes) -> list[str]:
 
 
 class ChatFakes:
-    """One app with /slack, /discord and /webhook; `script[path]` answers in order."""
+    """One app with /slack, /discord, /teams, /webhook (and, when asked for, /apprise and
+    /alertmanager/api/v2/alerts); `script[path]` answers in order."""
 
     def __init__(
         self,
@@ -102,6 +103,8 @@ class ChatFakes:
         self.changed = asyncio.Event()
         self.app = web.Application()
         self.app.router.add_post("/{service}", self._handle)
+        # Alertmanager's API, for a sink whose URL is {base}/alertmanager.
+        self.app.router.add_post("/{service}/api/v2/alerts", self._handle)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         service = request.match_info["service"]
@@ -120,6 +123,9 @@ class ChatFakes:
                 problems = discord_problems(doc)
             elif service == "teams":
                 problems = teams_problems(doc, raw)
+            elif service == "alertmanager":
+                ok = isinstance(doc, list) and all("labels" in a for a in doc)
+                problems = [] if ok else ["not a list of Alertmanager alerts"]
             elif service == "apprise":
                 problems = [] if {"title", "message", "type"} <= set(doc) else ["not Apprise JSON"]
             else:

@@ -4,9 +4,9 @@ grouping, silences, inhibition and on-call routing for free.
 Alertmanager identifies an alert by its label set. Conditions that last (`stream_stopped`,
 `stream_stalled`, `balance_halt`) are kept active here and re-posted every `repeat_seconds`
 until their resolution is posted with `endsAt`; one-off events (unsafe content, logos, budget
-thresholds, …) are posted once with `endsAt` `one_off_seconds` later. After a daemon restart
-the active set is empty: Alertmanager then resolves those alerts by itself after its
-`resolve_timeout`.
+thresholds, …) are posted once with `endsAt` `one_off_seconds` later. The outbox writes the
+active set to the store as deliveries change it and gives it back to the next process, which
+goes on re-posting those conditions and resolves each with the labels it was posted with.
 """
 
 from __future__ import annotations
