@@ -428,7 +428,7 @@ class Server:
             log.error("callback.store_failed", error=str(exc), error_type=type(exc).__name__)
             self._metrics.callbacks.labels("failed").inc()
             return web.json_response({"error": "not stored, retry"}, status=503)
-        self._after_commit(outcome)
+        self.after_commit(outcome)
         return web.json_response({"ok": True, "outcome": outcome.kind})
 
     def _reject(self, reason: str, detail: str, *, status: int = 400) -> web.Response:
@@ -437,10 +437,11 @@ class Server:
         self._metrics.rejected(reason)
         return web.json_response({"error": detail}, status=status)
 
-    def _after_commit(self, outcome: CallbackOutcome) -> None:
+    def after_commit(self, outcome: CallbackOutcome) -> None:
         """What follows a committed callback: its clip, the supervisor, metrics, the log. The
         callback and its alerts are stored: a failing step is logged and counted, and the
-        answer stays 200 (MAVI's retry would only be a duplicate)."""
+        answer stays 200 (MAVI's retry would only be a duplicate). Callbacks that arrived
+        before their task was recorded, claimed when it is, come this way too."""
         steps: tuple[tuple[str, Callable[[CallbackOutcome], None]], ...] = (
             ("evidence", self._capture),
             ("supervisor", self._supervisor.observe),
