@@ -88,6 +88,7 @@ async def build_status(
         estimates=estimates,
     )
     stream_costs: dict[str, Any] = costs["streams"]  # type: ignore[assignment]
+    orphan_costs: dict[str, Any] = costs["orphans"]  # type: ignore[assignment]
     no_cost = {
         "today_usd": "0.000000",
         "month_usd": "0.000000",
@@ -137,7 +138,16 @@ async def build_status(
             "halted_until": iso(halt.until) if halt else None,
         },
         "streams": streams,
-        "orphans": {"tasks": orphans.tasks, "callbacks": orphans.callbacks},
+        "orphans": {
+            "tasks": orphans.tasks,
+            "callbacks": orphans.callbacks,
+            "live_tasks": orphan_costs["live_tasks"],
+            "uncertain_tasks": orphans.uncertain,
+            "stopped_tasks": orphans.stopped,
+            "estimated_today_usd": orphan_costs["today_usd"],
+            "estimated_month_usd": orphan_costs["month_usd"],
+            "estimated_burn_usd_per_hour": orphan_costs["burn_usd_per_hour"],
+        },
         "alerts": outbox,
         "cost": {
             **costs["account"],  # type: ignore[dict-item]
@@ -518,6 +528,7 @@ class Server:
             halt_reason=sup.halt.reason if sup.halt is not None and now < sup.halt.until else None,
             all_time_ticks=dict(sup.spending.all_time),
             outbox=await self._store.alert_counts(),
+            intents=await self._store.intent_states(),
             now=now,
         )
         body = generate_latest(self._metrics.registry)
