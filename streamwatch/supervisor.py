@@ -195,8 +195,15 @@ class Forget:
 
 Action = Start | Stop | MarkStalled | Forget
 
-# A stream adopting may have a task at MAVI: it holds its place under max_running.
-_OCCUPYING = (Phase.STARTING, Phase.RUNNING, Phase.STALLED, Phase.STOPPING, Phase.ADOPTING)
+_OCCUPYING = (Phase.STARTING, Phase.RUNNING, Phase.STALLED, Phase.STOPPING)
+
+
+def _occupies(state: StreamState, now: float) -> bool:
+    """Does the stream hold a place under max_running? One adopting may have a task at MAVI:
+    it holds its place while it waits, and starts in it when the wait is over."""
+    if state.phase is Phase.ADOPTING:
+        return state.retry_at is None or now < state.retry_at
+    return state.phase in _OCCUPYING
 
 
 def plan(
@@ -213,7 +220,7 @@ def plan(
     actions: list[Action] = []
     halted = halt is not None and now < halt.until
     startable: list[StreamState] = []
-    occupying = sum(1 for s in observed.values() if s.phase in _OCCUPYING)
+    occupying = sum(1 for s in observed.values() if _occupies(s, now))
     for name in sorted(set(desired) | set(observed)):
         state = observed.get(name, StreamState(name))
         spec = desired.get(name)
