@@ -163,7 +163,7 @@ async def test_kill_9_between_start_and_record_never_double_starts(tmp_path: Pat
                 assert resp.status == 200
 
             async def quiet() -> bool:
-                deliveries = (await state())["deliveries"]
+                deliveries: dict[str, int] = (await state())["deliveries"]
                 return deliveries["pending"] == 0 and deliveries["posting"] == 0
 
             await poll(quiet, within=60, what="every callback delivered")
