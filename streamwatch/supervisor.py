@@ -452,20 +452,19 @@ class Supervisor:
         are matched at once)."""
         for intent in await self._store.open_intents():
             name = intent.stream
-            if name in self.streams:
+            known = self.streams.get(name, StreamState(name))
+            if known.task_id is not None or known.phase is Phase.HELD:
                 # Held, or running a recorded task: not adopting; a task of this start is an
                 # orphan (reported, or stopped with on_orphan = "stop").
                 await self._store.close_intent(
-                    intent.attempt_id,
-                    state="unmatched",
-                    detail=f"stream {self.streams[name].phase}",
+                    intent.attempt_id, state="unmatched", detail=f"stream {known.phase}"
                 )
                 continue
-            self.streams[name] = StreamState(
-                name,
-                Phase.ADOPTING,
+            self.streams[name] = replace(
+                known,
+                phase=Phase.ADOPTING,
                 intent=intent.attempt_id,
-                retry_at=now + self.policy.adopt_wait,
+                retry_at=max(known.retry_at or now, now + self.policy.adopt_wait),
                 last_error="the last start's answer was not recorded; waiting for its task",
             )
             log.info(
