@@ -13,11 +13,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
 from streamwatch.emulator import Emulator, Script
-from streamwatch.ledger import usd
+from streamwatch.intent import Intent
+from streamwatch.ledger import Spending, usd
 from streamwatch.mavi.streams import StreamClient
 from streamwatch.pricing import segment_cost_ticks, usd_to_ticks
-from streamwatch.supervisor import Phase
+from streamwatch.store import Store
+from streamwatch.supervisor import Phase, Policy, Supervisor
 from tests.conftest import API_KEY, Daemon, cli, stream_toml, until
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
@@ -256,3 +259,51 @@ async def test_early_segments_claimed_at_the_answer_go_the_way_of_live_ones(
         "streamwatch_segment_processing_seconds_count", {"stream": "early"}
     )
     assert seen == task.segments == len(indexes)
+
+
+class NoCalls:
+    """A MAVI client for a supervisor that must not call MAVI."""
+
+    async def start(self, request: Any) -> str:
+        raise AssertionError("no start expected")
+
+    async def stop(self, task_id: str) -> bool:
+        raise AssertionError("no stop expected")
+
+
+async def test_an_open_intent_at_load_adopts_unless_the_stream_is_held(tmp_path: Path):
+    """After a restart an open intent makes its stream `adopting` until the window ends; one of
+    a held stream is closed instead (a task it made is then an orphan, reported)."""
+    cams = [
+        StreamConfig(
+            name=n,
+            url=f"rtmp://cams.test/{n}",
+            fps=1,
+            content_moderation=True,
+            logo_detection=False,
+            max_logos=5,
+        )
+        for n in ("cam", "held")
+    ]
+    async with Store(tmp_path / "state.db") as store:
+        for n, spec in enumerate(cams):
+            await store.begin_start(
+                Intent(f"a{n}", spec.name, "u", spec.spec_hash(), 1, True, False, 5, 100.0)
+            )
+        await store.set_held("held", "stopped outside streamwatch")
+        sup = Supervisor(
+            client=NoCalls(),
+            store=store,
+            policy=Policy.from_config(
+                SupervisorConfig(adopt_wait_segments=3), segment_seconds=5, max_running=None
+            ),
+            tick_seconds=1,
+            spending=Spending(budgets=BudgetsConfig(), streams=cams, segment_seconds=5),
+            clock=lambda: 200.0,
+        )
+        await sup.load(cams)
+        cam, held = sup.streams["cam"], sup.streams["held"]
+        assert (cam.phase, cam.intent, cam.retry_at) == (Phase.ADOPTING, "a0", 215.0)
+        assert held.phase is Phase.HELD
+        assert [i.attempt_id for i in await store.open_intents()] == ["a0"]
+        assert sup.step() == [], "nothing starts while the window runs"
