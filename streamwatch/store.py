@@ -36,7 +36,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -629,6 +629,7 @@ class Store:
         self._thread: ThreadPoolExecutor | None = None
         self._hook: AlertHook | None = None
         self._pricer: Callable[[Shape | None], OrphanPrice] = lambda seen: price_orphan(seen, ())
+        self._open: list[Intent] | None = None  # open intents, see _intents()
         self._alerts_written = False  # set by AlertTx in the store thread, read after commit
         self.commits = 0  # transactions committed, for tests and benchmarks
 
@@ -650,6 +651,7 @@ class Store:
 
     async def open(self) -> None:
         """Open (creating if needed) the file, migrate it, and start the writer."""
+        self._open = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamwatch-store")
         try:
             self._conn = await self._in_thread(self._connect)
@@ -767,9 +769,11 @@ class Store:
                 except Exception as exc:  # noqa: BLE001 - one bad op must not fail its batch-mates
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
+                    self._open = None  # it may have changed intents it has rolled back
                     results.append(exc)
             conn.execute("COMMIT")
         except BaseException:
+            self._open = None
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
@@ -804,32 +808,65 @@ class Store:
         """Count a callback from an unknown task, estimate what it costs, keep its body if it
         is among the first few, and report the task once no open intent may claim it."""
         index = cb.segment_index if isinstance(cb, SegmentReport) else None
+        seen = shape_of(cb) if isinstance(cb, SegmentReport) else None
+        price = self._pricer(seen)
         if index is not None and (
+            # Its estimate doubles as the dedupe record of an orphan segment (the kept bodies
+            # are one too, for orphans counted before estimates were).
             conn.execute(
-                "SELECT 1 FROM orphan_charges WHERE task_id = ? AND segment_index = ?",
-                (cb.task_id, index),
-            ).fetchone()
+                "INSERT OR IGNORE INTO orphan_charges (task_id, segment_index, at, ticks,"
+                " uncertain) VALUES (?,?,?,?,?)",
+                (cb.task_id, index, at, price.ticks, price.uncertain),
+            ).rowcount
+            == 0
             or conn.execute(
                 "SELECT 1 FROM orphan_callbacks WHERE task_id = ? AND segment_index = ?",
                 (cb.task_id, index),
             ).fetchone()
         ):
             return CallbackOutcome("duplicate", None, cb)
-        seen = shape_of(cb) if isinstance(cb, SegmentReport) else None
-        price = self._pricer(seen)
+        ended = cb.status if isinstance(cb, StreamEnded) else None
+        # One statement counts the callback, notes what it shows (the shape, from the first
+        # segment that shows one) and returns what the rest needs.
         row = conn.execute(
-            "UPDATE orphan_tasks SET callbacks = callbacks + 1, last_at = max(last_at, ?)"
-            " WHERE task_id = ? RETURNING callbacks, segments, content_moderation",
-            (at, cb.task_id),
+            "UPDATE orphan_tasks SET callbacks = callbacks + 1, last_at = max(last_at, ?),"
+            " segments = segments + ?, uncertain = max(uncertain, ?),"
+            " end_status = coalesce(end_status, ?),"
+            " logo_detection = CASE WHEN content_moderation IS NULL THEN ? ELSE logo_detection END,"
+            " fps = CASE WHEN content_moderation IS NULL THEN ? ELSE fps END,"
+            " content_moderation = coalesce(content_moderation, ?)"
+            " WHERE task_id = ? RETURNING callbacks, segments, first_at, content_moderation,"
+            " logo_detection, fps, end_status, stopped_at",
+            (
+                at,
+                int(ended is None),
+                price.uncertain,
+                ended,
+                None if seen is None else seen.logo_detection,
+                None if seen is None else seen.fps,
+                None if seen is None else seen.content_moderation,
+                cb.task_id,
+            ),
         ).fetchone()
         first = row is None
         ticks = 0
         if first:
-            conn.execute(
-                "INSERT INTO orphan_tasks (task_id, first_at, last_at, callbacks, reported)"
-                " VALUES (?,?,?,1,0)",
-                (cb.task_id, at, at),
+            shape = (
+                (None, None, None)
+                if seen is None
+                else (
+                    seen.content_moderation,
+                    seen.logo_detection,
+                    seen.fps,
+                )
             )
+            row = conn.execute(
+                "INSERT INTO orphan_tasks (task_id, first_at, last_at, callbacks, segments,"
+                " uncertain, end_status, content_moderation, logo_detection, fps, reported)"
+                " VALUES (?,?,?,1,?,?,?,?,?,?,0) RETURNING callbacks, segments, first_at,"
+                " content_moderation, logo_detection, fps, end_status, stopped_at",
+                (cb.task_id, at, at, int(ended is None), price.uncertain, ended, *shape),
+            ).fetchone()
             # MAVI pre-charged the task when it started: estimated once, at its first sign.
             conn.execute(
                 "INSERT INTO orphan_charges (task_id, segment_index, at, ticks, uncertain)"
@@ -837,33 +874,15 @@ class Store:
                 (cb.task_id, at, price.ticks, price.uncertain),
             )
             ticks += price.ticks
-        seen_before, segments = (1, 0) if first else (row[0], row[1])
-        if seen is not None and (first or row[2] is None):
-            conn.execute(
-                "UPDATE orphan_tasks SET content_moderation = ?, logo_detection = ?, fps = ?"
-                " WHERE task_id = ?",
-                (seen.content_moderation, seen.logo_detection, seen.fps, cb.task_id),
-            )
+        seen_before, segments = row[0], row[1]
         if isinstance(cb, SegmentReport):
-            charge = 0 if self._first_free and segments == 0 else price.ticks
-            conn.execute(
-                "INSERT INTO orphan_charges (task_id, segment_index, at, ticks, uncertain)"
-                " VALUES (?,?,?,?,?)",
-                (cb.task_id, index, at, charge, price.uncertain),
-            )
-            ticks += charge
-        if isinstance(cb, StreamEnded):
-            conn.execute(
-                "UPDATE orphan_tasks SET end_status = coalesce(end_status, ?) WHERE task_id = ?",
-                (cb.status, cb.task_id),
-            )
-        else:
-            segments += 1
-            conn.execute(
-                "UPDATE orphan_tasks SET segments = ?, uncertain = max(uncertain, ?)"
-                " WHERE task_id = ?",
-                (segments, price.uncertain, cb.task_id),
-            )
+            ticks += price.ticks
+            if self._first_free and segments == 1:  # the pre-charge paid for it
+                conn.execute(
+                    "UPDATE orphan_charges SET ticks = 0 WHERE task_id = ? AND segment_index = ?",
+                    (cb.task_id, index),
+                )
+                ticks -= price.ticks
         if (
             seen_before <= ORPHAN_BODIES_PER_TASK
             and len(body) <= ORPHAN_BODY_MAX_BYTES
@@ -877,8 +896,8 @@ class Store:
                 " VALUES (?,?,?,?,?)",
                 (cb.task_id, index, status, at, body),
             )
-        candidate = self._candidate(conn, cb.task_id)
-        claimant = owner(_open_intents(conn), candidate) if candidate is not None else None
+        candidate = _as_candidate(cb.task_id, row[2:])
+        claimant = owner(self._intents(conn), candidate) if candidate is not None else None
         if first and claimant is None:
             self._report_orphans(conn, at, only=cb.task_id)
         return CallbackOutcome(
@@ -897,14 +916,36 @@ class Store:
         """The orphan as a candidate for adoption: None until a segment has shown its shape,
         and once it has ended or been stopped."""
         row = conn.execute(
-            "SELECT first_at, content_moderation, logo_detection, fps FROM orphan_tasks"
-            " WHERE task_id = ? AND content_moderation IS NOT NULL AND end_status IS NULL"
-            " AND stopped_at IS NULL",
+            "SELECT first_at, content_moderation, logo_detection, fps, end_status, stopped_at"
+            " FROM orphan_tasks WHERE task_id = ?",
             (task_id,),
         ).fetchone()
-        if row is None:
-            return None
-        return Candidate(task_id, row[0], Shape(bool(row[1]), bool(row[2]), row[3]))
+        return None if row is None else _as_candidate(task_id, row)
+
+    def _close_intent(
+        self,
+        conn: sqlite3.Connection,
+        attempt_id: str,
+        state: str,
+        at: float,
+        *,
+        task_id: str | None = None,
+        detail: str = "",
+    ) -> bool:
+        cur = conn.execute(
+            "UPDATE start_intents SET state = ?, closed_at = ?, task_id = ?, detail = ?"
+            " WHERE attempt_id = ? AND state = 'open'",
+            (state, at, task_id, detail[:500] or None, attempt_id),
+        )
+        self._open = None
+        return cur.rowcount == 1
+
+    def _intents(self, conn: sqlite3.Connection) -> list[Intent]:
+        """The open intents, cached between the operations that change them (every such
+        operation runs in this thread and drops the cache, as does a failed commit)."""
+        if self._open is None:
+            self._open = _open_intents(conn)
+        return self._open
 
     def _report_orphans(
         self, conn: sqlite3.Connection, at: float, *, only: str | None = None
@@ -920,7 +961,7 @@ class Store:
         ]
         if not pending:
             return
-        intents = _open_intents(conn)
+        intents = self._intents(conn)
         for task_id in pending:
             candidate = self._candidate(conn, task_id)
             if candidate is not None and owner(intents, candidate) is not None:
@@ -1007,7 +1048,7 @@ class Store:
             )
             removed, claimed = self._claim(conn, task_id)
             if attempt_id is not None:
-                _close_intent(conn, attempt_id, "started", started_at, task_id=task_id)
+                self._close_intent(conn, attempt_id, "started", started_at, task_id=task_id)
                 self._report_orphans(conn, started_at)
             return Registered(ticks, claimed, [(at, t) for _, at, t in removed])
 
@@ -1047,11 +1088,11 @@ class Store:
 
         def op(conn: sqlite3.Connection) -> Adopted | None:
             at = intent.created_at
-            for old in [i for i in _open_intents(conn) if i.stream == intent.stream]:
+            for old in [i for i in self._intents(conn) if i.stream == intent.stream]:
                 adopted = self._try_adopt(conn, old, at)
                 if adopted is not None:
                     return adopted
-                _close_intent(conn, old.attempt_id, "unmatched", at)
+                self._close_intent(conn, old.attempt_id, "unmatched", at)
                 self._event(
                     conn,
                     EventRow(
@@ -1079,6 +1120,7 @@ class Store:
                     intent.created_at,
                 ),
             )
+            self._open = None
             self._report_orphans(conn, at)
             return None
 
@@ -1092,7 +1134,7 @@ class Store:
         when = self._clock() if at is None else at
 
         def op(conn: sqlite3.Connection) -> bool:
-            closed = _close_intent(conn, attempt_id, state, when, detail=detail)
+            closed = self._close_intent(conn, attempt_id, state, when, detail=detail)
             if closed:
                 self._report_orphans(conn, when)
             return closed
@@ -1115,7 +1157,7 @@ class Store:
         when = self._clock() if at is None else at
 
         def op(conn: sqlite3.Connection) -> Adopted | None:
-            intent = next((i for i in _open_intents(conn) if i.attempt_id == attempt_id), None)
+            intent = next((i for i in self._intents(conn) if i.attempt_id == attempt_id), None)
             return None if intent is None else self._try_adopt(conn, intent, when)
 
         return await self._run(op)
@@ -1125,7 +1167,7 @@ class Store:
             "SELECT task_id FROM orphan_tasks WHERE first_at >= ?", (intent.created_at,)
         ).fetchall()
         candidates = [c for r in rows if (c := self._candidate(conn, r[0])) is not None]
-        task_id = assign(_open_intents(conn), candidates).get(intent.attempt_id)
+        task_id = assign(self._intents(conn), candidates).get(intent.attempt_id)
         if task_id is None:
             return None
         return self._adopt(conn, intent, task_id, at)
@@ -1186,7 +1228,7 @@ class Store:
                 (when, intent.stream, task_id, index, charge),
             )
             backfilled.append((when, charge))
-        _close_intent(conn, intent.attempt_id, "adopted", at, task_id=task_id)
+        self._close_intent(conn, intent.attempt_id, "adopted", at, task_id=task_id)
         self._event(
             conn,
             EventRow(
@@ -1227,7 +1269,7 @@ class Store:
             if row is None:
                 return False
             candidate = self._candidate(conn, task_id)
-            return candidate is None or owner(_open_intents(conn), candidate) is None
+            return candidate is None or owner(self._intents(conn), candidate) is None
 
         return await self._run(op)
 
@@ -1859,21 +1901,14 @@ def _open_intents(conn: sqlite3.Connection) -> list[Intent]:
     return [Intent(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]), r[7], r[8]) for r in rows]
 
 
-def _close_intent(
-    conn: sqlite3.Connection,
-    attempt_id: str,
-    state: str,
-    at: float,
-    *,
-    task_id: str | None = None,
-    detail: str = "",
-) -> bool:
-    cur = conn.execute(
-        "UPDATE start_intents SET state = ?, closed_at = ?, task_id = ?, detail = ?"
-        " WHERE attempt_id = ? AND state = 'open'",
-        (state, at, task_id, detail[:500] or None, attempt_id),
-    )
-    return cur.rowcount == 1
+def _as_candidate(task_id: str, row: Sequence[Any]) -> Candidate | None:
+    """(first_at, content_moderation, logo_detection, fps, end_status, stopped_at) as a
+    candidate for adoption: None until a segment has shown its shape, once it has ended or
+    been stopped."""
+    first_at, moderation, logos, fps, end_status, stopped_at = row
+    if moderation is None or end_status is not None or stopped_at is not None:
+        return None
+    return Candidate(task_id, first_at, Shape(bool(moderation), bool(logos), fps))
 
 
 def _apply(

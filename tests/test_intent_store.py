@@ -233,3 +233,15 @@ async def test_upgrade_to_schema_8_keeps_known_orphans_reported(tmp_path: Path):
         assert await store.events() == []
         assert await store.orphan_summary() == {"old": 5}
     assert rows(path, "SELECT reported FROM orphan_tasks") == [(1,)]
+
+
+async def test_orphans_read_the_precharge_as_the_ledger_does(tmp_path: Path):
+    """With precharge = "first_segment" an orphan's first segment is estimated free, as a
+    recorded task's is, and its adoption keeps the same total."""
+    async with Store(tmp_path / "s.db", precharge_covers_first_segment=True) as store:
+        await store.begin_start(intent("a1", 100.0))
+        outcomes = [await send(store, "T", i, 101.0 + i) for i in range(3)]
+        assert [o.ticks for o in outcomes] == [TICKS, TICKS, TICKS]  # pre-charge, free, paid
+        assert await store.adopt("a1", at=110.0) is not None
+        (ledger,) = await store.charge_totals(since=0, until=1e12)
+        assert ledger.ticks == 3 * TICKS
