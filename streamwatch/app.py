@@ -203,6 +203,7 @@ class App:
             )
             await stack.enter_async_context(self.supervisor.running())
             await self.supervisor.load(cfg.streams)
+            self.store.set_orphan_pricer(self.supervisor.price_orphan)
             # The archive fetches clip URLs from callbacks on its own guarded pool, so slow
             # or hostile clip hosts never hold the connections MAVI's API needs.
             self.evidence = Evidence(
@@ -255,6 +256,8 @@ class App:
                 evidence=self.evidence,
                 clock=self._clock,
             )
+            # Callbacks claimed when a task is recorded or adopted go where live ones go.
+            self.supervisor.set_after_commit(self.server.after_commit)
             await stack.enter_async_context(self.server.running())
             if self.emulator is not None:
                 self.emulator.webhook = self.server.callback_url()

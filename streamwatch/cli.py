@@ -46,7 +46,7 @@ from streamwatch.ledger import caps_for, period_bounds, stream_ticks_per_hour, u
 from streamwatch.logs import configure_logging
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.redact import Redactor, redact_urls
-from streamwatch.store import ChargeTotal, Store, StoreError, check_state_file
+from streamwatch.store import ChargeTotal, OrphanCharges, Store, StoreError, check_state_file
 
 __all__ = ["main"]
 
@@ -271,6 +271,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", help="require the key in this environment variable")
     p.add_argument("--script", type=Path, help="TOML file of [[scripts]] (see README)")
     p.add_argument("--string-codes", action="store_true", help='answer "code": "200" strings')
+    p.add_argument(
+        "--answer-delay-seconds",
+        type=_positive(float),
+        default=0.0,
+        help="hold each start's answer this long after the task is created (crash tests; "
+        "default %(default)s)",
+    )
     return parser
 
 
@@ -497,10 +504,16 @@ def render_status(doc: dict[str, Any]) -> str:
         lines.append(f"{dead} alert(s) could not be delivered: `streamwatch alerts list`")
     orphans = doc["orphans"]
     if orphans["tasks"]:
-        lines.append(
+        line = (
             f"{orphans['callbacks']} callback(s) from {orphans['tasks']} task(s) this daemon "
             "did not start: someone else's task is billing this account"
         )
+        if orphans.get("estimated_today_usd", "0.000000") != "0.000000":
+            line += (
+                f" (~${_money(orphans['estimated_today_usd'])} today, estimated; counted"
+                " against the account's budget)"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -531,12 +544,16 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         )
         return EXIT_CONFIG
 
-    async def read() -> list[ChargeTotal]:
+    async def read() -> tuple[list[ChargeTotal], OrphanCharges]:
         async with Store(config.storage.path) as store:
-            return await store.charge_totals(since=since, until=until)
+            return (
+                await store.charge_totals(since=since, until=until),
+                await store.orphan_charge_totals(since=since, until=until),
+            )
 
-    totals = asyncio.run(read())
+    totals, orphans = asyncio.run(read())
     groups = _group_costs(totals, config, by=args.by)
+    confirmed = sum(t.ticks for t in totals)
     doc = {
         "since": datetime.fromtimestamp(since, UTC).isoformat(),
         "until": datetime.fromtimestamp(until, UTC).isoformat(),
@@ -546,7 +563,15 @@ def _cmd_cost(args: argparse.Namespace) -> int:
             {"name": name, "precharges": p, "segments": s, "usd": usd(t)}
             for name, (p, s, t) in groups.items()
         ],
-        "total_usd": usd(sum(t.ticks for t in totals)),
+        "total_usd": usd(confirmed),
+        "orphans": {
+            "tasks": orphans.tasks,
+            "precharges": orphans.precharges,
+            "segments": orphans.segments,
+            "estimated_usd": usd(orphans.ticks),
+            "uncertain_tasks": orphans.uncertain_tasks,
+        },
+        "total_with_orphans_usd": usd(confirmed + orphans.ticks),
     }
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -554,6 +579,16 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     rows = [(args.by.upper(), "STARTS", "SEGMENTS", "USD")]
     rows += [(g["name"], str(g["precharges"]), str(g["segments"]), g["usd"]) for g in doc["groups"]]
     rows.append(("TOTAL", "", "", doc["total_usd"]))
+    if orphans.tasks:
+        rows.append(
+            (
+                "ORPHANS (estimated)",
+                str(orphans.precharges),
+                str(orphans.segments),
+                usd(orphans.ticks),
+            )
+        )
+        rows.append(("TOTAL WITH ORPHANS", "", "", doc["total_with_orphans_usd"]))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     print(f"{_short(doc['since'])} to {_short(doc['until'])} UTC")
     for r in rows:
@@ -565,6 +600,16 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         )
     reading = "its own charge" if config.ledger.precharge == "separate" else "the first segment"
     print(f"(each start's pre-charge counted as {reading}; see ledger.precharge)")
+    if orphans.tasks:
+        uncertain = (
+            f", {orphans.uncertain_tasks} of them priced without knowing their fps"
+            if orphans.uncertain_tasks
+            else ""
+        )
+        print(
+            f"({orphans.tasks} task(s) this daemon did not start: priced from what their callbacks"
+            f" show{uncertain}; see README, Orphan tasks)"
+        )
     return EXIT_OK
 
 
@@ -887,6 +932,7 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
         scripts=scripts,
         webhook=args.webhook,
         string_codes=args.string_codes,
+        answer_delay_seconds=args.answer_delay_seconds,
     )
 
     async def serve() -> None:

@@ -313,6 +313,24 @@ class SupervisorConfig(_Model):
     drain_seconds: float = Field(
         default=5.0, ge=0, le=300, description="Keep receiving callbacks this long on shutdown."
     )
+    adopt_wait_segments: float = Field(
+        default=3,
+        gt=0,
+        le=1000,
+        description="After a start whose answer was lost (a crash, a timeout), segment periods"
+        " to wait for the callbacks of the task MAVI may have created before starting again.",
+    )
+    on_orphan: Literal["report", "stop"] = Field(
+        default="report",
+        description="A task this daemon did not start: only report it, or stop it once it has"
+        " called back orphan_stop_after_segments times.",
+    )
+    orphan_stop_after_segments: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description='With on_orphan = "stop": segment callbacks of an orphan before it is stopped.',
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> SupervisorConfig:

@@ -29,6 +29,7 @@ from streamwatch.config import BudgetsConfig, StreamConfig
 from streamwatch.pricing import TICKS_PER_USD, segment_cost_ticks, ticks_to_usd, usd_to_ticks
 
 __all__ = [
+    "ORPHAN_LIVE_SEGMENTS",
     "PERIODS",
     "BudgetEvent",
     "BudgetGate",
@@ -47,6 +48,8 @@ __all__ = [
 
 Period = Literal["day", "month"]
 PERIODS: tuple[Period, ...] = ("day", "month")
+# An orphan task heard from within this many segment periods is counted as burning.
+ORPHAN_LIVE_SEGMENTS = 3
 
 
 _EPOCH = date(1970, 1, 1)
@@ -192,6 +195,9 @@ class Spending:
         # Estimates of billed but unreported segments as of the last `check`: a charge counts
         # against a cap on top of them, as the check does.
         self._estimates: Mapping[str, int] = {}
+        # Orphan tasks' estimated charges: they count against the account's caps only.
+        self._orphans: dict[tuple[Period, str], int] = {}
+        self._orphan_rates: dict[str, tuple[int, float]] = {}  # task -> (segment ticks, last)
         self.segment_seconds = segment_seconds
         self.configure(budgets, streams)
 
@@ -273,6 +279,42 @@ class Spending:
             )
         return events
 
+    def load_orphans(self, period: Period, key: str, ticks: int) -> None:
+        """Seed one period's orphan estimates from the store."""
+        self._orphans[(period, key)] = ticks
+
+    def add_orphan(self, ticks: int, at: float) -> None:
+        """Count (or, negative, take back) an orphan estimate the store has recorded."""
+        for period in PERIODS:
+            k = (period, period_key(period, at))
+            self._orphans[k] = self._orphans.get(k, 0) + ticks
+
+    def orphan_spent(self, period: Period, now: float) -> int:
+        """Estimated spend of orphan tasks in the period holding `now`."""
+        return self._orphans.get((period, period_key(period, now)), 0)
+
+    def note_orphan(self, task_id: str, segment_ticks: int, at: float) -> None:
+        """An orphan task called back (its burn counts in the account's forecast)."""
+        self._orphan_rates[task_id] = (segment_ticks, at)
+
+    def forget_orphan(self, task_id: str) -> None:
+        """An orphan ended, was stopped or was adopted: it burns no more as an orphan."""
+        self._orphan_rates.pop(task_id, None)
+
+    def orphan_burn(self, now: float) -> float:
+        """Ticks per second of the orphans heard from in the last `ORPHAN_LIVE_SEGMENTS`
+        periods."""
+        horizon = now - ORPHAN_LIVE_SEGMENTS * self.segment_seconds
+        return sum(
+            ticks / self.segment_seconds
+            for ticks, last in self._orphan_rates.values()
+            if last >= horizon
+        )
+
+    def live_orphans(self, now: float) -> int:
+        horizon = now - ORPHAN_LIVE_SEGMENTS * self.segment_seconds
+        return sum(1 for _, last in self._orphan_rates.values() if last >= horizon)
+
     def spent(self, stream: str | None, period: Period, now: float) -> int:
         """Confirmed spend of a stream (or the account, for None) in the period holding `now`."""
         key = period_key(period, now)
@@ -288,15 +330,30 @@ class Spending:
         spec = self.specs.get(stream)
         margin = _segment_ticks(spec) if spec is not None else 0
         return any(
-            self.spent(cap.stream, cap.period, at) + margin >= cap.ticks
+            self.effective(cap, at, {}) + margin >= cap.ticks
             for cap in self.caps
             if cap.stream in (None, stream)
         )
 
+    def near_account_cap(self, at: float) -> bool:
+        """Whether the account is within one segment of the dearest configured stream of an
+        account cap (an orphan's charge may have changed the gate)."""
+        if self.budgets.action != "stop":
+            return False
+        margin = max((_segment_ticks(s) for s in self.specs.values()), default=0)
+        return any(
+            self.effective(cap, at, {}) + margin >= cap.ticks
+            for cap in self.caps
+            if cap.stream is None
+        )
+
     def effective(self, cap: Cap, now: float, estimates: Mapping[str, int]) -> int:
-        """Spend against `cap`: confirmed charges plus the estimates of unreported ones."""
-        unreported = estimates.get(cap.stream, 0) if cap.stream else sum(estimates.values())
-        return self.spent(cap.stream, cap.period, now) + unreported
+        """Spend against `cap`: confirmed charges plus the estimates of unreported ones, and
+        for the account's caps the estimated spend of orphan tasks."""
+        if cap.stream:
+            return self.spent(cap.stream, cap.period, now) + estimates.get(cap.stream, 0)
+        orphans = self.orphan_spent(cap.period, now)
+        return self.spent(None, cap.period, now) + sum(estimates.values()) + orphans
 
     def streams_charged(self) -> set[str]:
         """Every stream with a charge in a counted period (configured or not)."""
@@ -361,7 +418,11 @@ class Spending:
                 else "found by the periodic check"
             )
             events += self._thresholds(cap, spent, now, fired, note=note)
-            rate = burn.get(cap.stream, 0.0) if cap.stream else sum(burn.values())
+            rate = (
+                burn.get(cap.stream, 0.0)
+                if cap.stream
+                else sum(burn.values()) + self.orphan_burn(now)
+            )
             ident = f"{base}:forecast"
             if spent < cap.ticks and rate > 0 and ident not in fired:
                 seconds_to_cap = (cap.ticks - spent) / rate
@@ -390,6 +451,8 @@ class Spending:
             del self._counters[k]
         for a in [a for a in self._account if a[1] not in current]:
             del self._account[a]
+        for o in [o for o in self._orphans if o[1] not in current]:
+            del self._orphans[o]
         return {f for f in fired if f.split(":")[2] in current}
 
 
@@ -447,6 +510,12 @@ def summary(
             "burn_usd_per_hour": str(usd_per_hour(burn(live))),
             "estimated_unreported_usd": usd(sum(estimates.values())),
             "budget": budget(None),
+        },
+        "orphans": {
+            "today_usd": usd(spending.orphan_spent("day", now)),
+            "month_usd": usd(spending.orphan_spent("month", now)),
+            "burn_usd_per_hour": str(usd_per_hour(spending.orphan_burn(now))),
+            "live_tasks": spending.live_orphans(now),
         },
         "streams": streams,
         "by_label": {

@@ -27,7 +27,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from streamwatch import __version__
-from streamwatch.ledger import Spending, burn_ticks_per_second
+from streamwatch.ledger import PERIODS, Spending, burn_ticks_per_second
 from streamwatch.mavi.callbacks import SegmentReport, StreamEnded
 from streamwatch.pricing import TICKS_PER_USD
 from streamwatch.store import CallbackOutcome, OrphanTotals, StreamTotals
@@ -244,6 +244,7 @@ class Snapshot:
     halt_reason: str | None = None
     all_time_ticks: dict[str, int] = field(default_factory=dict)
     outbox: dict[str, int] = field(default_factory=dict)
+    intents: dict[str, int] = field(default_factory=dict)
     now: float = 0.0
 
 
@@ -253,6 +254,7 @@ STATES = (
     "running",
     "stalled",
     "backoff",
+    "adopting",
     "stopping",
     "held",
     "halted",
@@ -439,6 +441,29 @@ class StateCollector(Collector):
             "Task ids that sent callbacks but were not started by this daemon.",
             value=snap.orphans.tasks,
         )
+        orphan_spend = GaugeMetricFamily(
+            "streamwatch_orphan_spend_usd",
+            "Estimated charges of tasks this daemon did not start, in the current UTC day or"
+            " calendar month (counted against the account's caps, apart from confirmed spend).",
+            labels=["period"],
+        )
+        for period in PERIODS:
+            orphan_spend.add_metric([period], _usd(self.spending.orphan_spent(period, snap.now)))
+        yield orphan_spend
+        yield GaugeMetricFamily(
+            "streamwatch_orphan_tasks_stopped",
+            'Orphan tasks this daemon stopped (on_orphan = "stop").',
+            value=snap.orphans.stopped,
+        )
+        intents = GaugeMetricFamily(
+            "streamwatch_start_intents",
+            "Start intents by state: open (answer not recorded yet), started, failed (refused),"
+            " adopted (its task matched by callbacks), unmatched (none showed up in time).",
+            labels=["state"],
+        )
+        for state in ("open", "started", "failed", "adopted", "unmatched"):
+            intents.add_metric([state], snap.intents.get(state, 0))
+        yield intents
         outbox = GaugeMetricFamily(
             "streamwatch_alert_outbox",
             "Alerts in the outbox by state: pending, delivered, dead (dead letters).",

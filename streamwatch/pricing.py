@@ -8,6 +8,7 @@ for display.
 
 from __future__ import annotations
 
+import functools
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
 
@@ -35,6 +36,7 @@ def segment_cost_usd(*, fps: int, content_moderation: bool, logo_detection: bool
     return SEGMENT_SECONDS * rate * (1 + Fraction(fps - 1, 2)) / 3600
 
 
+@functools.cache  # few distinct arguments, asked on every orphan callback
 def segment_cost_ticks(*, fps: int, content_moderation: bool, logo_detection: bool) -> int:
     """The price of one segment in ticks of 1/2880 USD: 4·(fps+1) for both features, 3·(fps+1)
     for one."""

@@ -88,6 +88,7 @@ async def build_status(
         estimates=estimates,
     )
     stream_costs: dict[str, Any] = costs["streams"]  # type: ignore[assignment]
+    orphan_costs: dict[str, Any] = costs["orphans"]  # type: ignore[assignment]
     no_cost = {
         "today_usd": "0.000000",
         "month_usd": "0.000000",
@@ -137,7 +138,16 @@ async def build_status(
             "halted_until": iso(halt.until) if halt else None,
         },
         "streams": streams,
-        "orphans": {"tasks": orphans.tasks, "callbacks": orphans.callbacks},
+        "orphans": {
+            "tasks": orphans.tasks,
+            "callbacks": orphans.callbacks,
+            "live_tasks": orphan_costs["live_tasks"],
+            "uncertain_tasks": orphans.uncertain,
+            "stopped_tasks": orphans.stopped,
+            "estimated_today_usd": orphan_costs["today_usd"],
+            "estimated_month_usd": orphan_costs["month_usd"],
+            "estimated_burn_usd_per_hour": orphan_costs["burn_usd_per_hour"],
+        },
         "alerts": outbox,
         "cost": {
             **costs["account"],  # type: ignore[dict-item]
@@ -428,7 +438,7 @@ class Server:
             log.error("callback.store_failed", error=str(exc), error_type=type(exc).__name__)
             self._metrics.callbacks.labels("failed").inc()
             return web.json_response({"error": "not stored, retry"}, status=503)
-        self._after_commit(outcome)
+        self.after_commit(outcome)
         return web.json_response({"ok": True, "outcome": outcome.kind})
 
     def _reject(self, reason: str, detail: str, *, status: int = 400) -> web.Response:
@@ -437,10 +447,11 @@ class Server:
         self._metrics.rejected(reason)
         return web.json_response({"error": detail}, status=status)
 
-    def _after_commit(self, outcome: CallbackOutcome) -> None:
+    def after_commit(self, outcome: CallbackOutcome) -> None:
         """What follows a committed callback: its clip, the supervisor, metrics, the log. The
         callback and its alerts are stored: a failing step is logged and counted, and the
-        answer stays 200 (MAVI's retry would only be a duplicate)."""
+        answer stays 200 (MAVI's retry would only be a duplicate). Callbacks that arrived
+        before their task was recorded, claimed when it is, come this way too."""
         steps: tuple[tuple[str, Callable[[CallbackOutcome], None]], ...] = (
             ("evidence", self._capture),
             ("supervisor", self._supervisor.observe),
@@ -517,6 +528,7 @@ class Server:
             halt_reason=sup.halt.reason if sup.halt is not None and now < sup.halt.until else None,
             all_time_ticks=dict(sup.spending.all_time),
             outbox=await self._store.alert_counts(),
+            intents=await self._store.intent_states(),
             now=now,
         )
         body = generate_latest(self._metrics.registry)

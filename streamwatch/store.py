@@ -14,7 +14,16 @@ state (cooldowns, open conditions, grouping windows, streaks) they read and chan
 
 Callbacks from tasks this daemon did not start (orphans) are counted per task in
 `orphan_tasks`; only the first `ORPHAN_BODIES_PER_TASK` bodies of each, of at most
-`ORPHAN_BODY_MAX_BYTES`, and at most `ORPHAN_BODIES_MAX` in all, are kept.
+`ORPHAN_BODY_MAX_BYTES`, and at most `ORPHAN_BODIES_MAX` in all, are kept. What they cost is
+estimated from what they show (`streamwatch.intent.price_orphan`) into `orphan_charges`, apart
+from the confirmed `charges`.
+
+Every start is written as an intent (`start_intents`) before MAVI is called. The answer's
+task closes it in the transaction that records the task; an intent left open may be closed by
+adopting the unknown task whose callbacks match it (`adopt`): the task is recorded with the
+intent's parameters, its parked callbacks are claimed like live ones, and its estimated
+orphan charges are replaced by the exact ones, in one transaction. An orphan is reported (an
+`orphan_task` event) once no open intent may claim it.
 """
 
 from __future__ import annotations
@@ -27,14 +36,24 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 
+from streamwatch.intent import (
+    Candidate,
+    Intent,
+    OrphanPrice,
+    Shape,
+    assign,
+    owner,
+    price_orphan,
+    shape_of,
+)
 from streamwatch.mavi.callbacks import (
     Callback,
     CallbackError,
@@ -50,12 +69,14 @@ __all__ = [
     "ORPHAN_BODIES_MAX",
     "ORPHAN_BODIES_PER_TASK",
     "ORPHAN_BODY_MAX_BYTES",
+    "Adopted",
     "AlertHook",
     "AlertTx",
     "CallbackOutcome",
     "ChargeTotal",
     "EventRow",
     "NewAlert",
+    "OrphanCharges",
     "OrphanTotals",
     "OutboxRow",
     "Registered",
@@ -293,6 +314,48 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (sink, subject)
     ) WITHOUT ROWID;
     """,
+    # 9: start intents, written before each start call and closed by its answer, a refusal,
+    # the adoption of the unknown task that matches it, or none matching in time (state:
+    # open, started, failed, adopted, unmatched). Orphan tasks: what their callbacks show
+    # (features, fps, NULL until a segment shows them) and their estimated charges, one row
+    # per segment (-1: the pre-charge), apart from the confirmed ledger.
+    """
+    CREATE TABLE start_intents (
+        attempt_id         TEXT PRIMARY KEY,
+        stream             TEXT NOT NULL,
+        url_hash           TEXT NOT NULL,
+        spec_hash          TEXT NOT NULL,
+        fps                INTEGER NOT NULL,
+        content_moderation INTEGER NOT NULL,
+        logo_detection     INTEGER NOT NULL,
+        max_logos          INTEGER NOT NULL,
+        created_at         REAL NOT NULL,
+        state              TEXT NOT NULL DEFAULT 'open',
+        task_id            TEXT,
+        closed_at          REAL,
+        detail             TEXT
+    );
+    CREATE INDEX start_intents_open ON start_intents (stream, created_at) WHERE state = 'open';
+    CREATE TABLE orphan_charges (
+        task_id       TEXT NOT NULL,
+        segment_index INTEGER NOT NULL,
+        at            REAL NOT NULL,
+        ticks         INTEGER NOT NULL,
+        uncertain     INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (task_id, segment_index)
+    ) WITHOUT ROWID;
+    CREATE INDEX orphan_charges_by_time ON orphan_charges (at);
+    ALTER TABLE orphan_tasks ADD COLUMN segments INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE orphan_tasks ADD COLUMN content_moderation INTEGER;
+    ALTER TABLE orphan_tasks ADD COLUMN logo_detection INTEGER;
+    ALTER TABLE orphan_tasks ADD COLUMN fps INTEGER;
+    ALTER TABLE orphan_tasks ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE orphan_tasks ADD COLUMN reported INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE orphan_tasks ADD COLUMN end_status INTEGER;
+    ALTER TABLE orphan_tasks ADD COLUMN stopped_at REAL;
+    CREATE INDEX orphan_tasks_by_first ON orphan_tasks (first_at);
+    CREATE INDEX orphan_tasks_unreported ON orphan_tasks (task_id) WHERE reported = 0;
+    """,
 )
 
 
@@ -316,8 +379,13 @@ class CallbackOutcome:
     # What MAVI charged for it (a stored segment), in ticks of 1/2880 USD, and when.
     ticks: int = 0
     at: float = 0.0
-    # For an orphan: is this the first callback seen from that task?
+    # For an orphan: is this the first callback seen from that task? Its segment callbacks
+    # so far, what one of its segments is estimated to cost, and the open intent (attempt id)
+    # that may adopt it. `ticks` is then the estimate this callback added.
     first_from_task: bool = False
+    orphan_segments: int = 0
+    segment_ticks: int = 0
+    candidate_for: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +394,20 @@ class OrphanTotals:
 
     tasks: int
     callbacks: int
+    uncertain: int = 0  # priced without knowing their fps (or features)
+    stopped: int = 0  # stopped by this daemon (on_orphan = "stop")
+    ended: int = 0  # sent an end status
+
+
+@dataclass(frozen=True, slots=True)
+class OrphanCharges:
+    """Estimated charges of orphan tasks over a time range."""
+
+    tasks: int
+    precharges: int
+    segments: int
+    ticks: int
+    uncertain_tasks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,10 +558,30 @@ class OutboxRow:
 
 @dataclass(frozen=True, slots=True)
 class Registered:
-    """A task just recorded: its pre-charge, and the early callbacks it claimed, in order."""
+    """A task just recorded: its pre-charge, the early callbacks it claimed, in order, and
+    the orphan estimates (at, ticks) their exact charges replaced."""
 
     precharge_ticks: int
     claimed: list[CallbackOutcome]
+    orphan_removed: list[tuple[float, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """An unknown task recorded as a stream's for its open intent. Its charges moved from
+    the orphan estimates (`orphan_removed`, (at, ticks)) to the stream: the pre-charge, the
+    parked callbacks claimed (`claimed`, charged as they are stored) and the segments whose
+    bodies were not kept (`backfilled`, (at, ticks))."""
+
+    task_id: str
+    stream: str
+    spec_hash: str
+    started_at: float
+    precharge_ticks: int
+    precharge_at: float
+    claimed: list[CallbackOutcome]
+    backfilled: list[tuple[float, int]]
+    orphan_removed: list[tuple[float, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -567,12 +669,19 @@ class Store:
         # instead of one per thread of the default pool (which kept RSS high after bursts).
         self._thread: ThreadPoolExecutor | None = None
         self._hook: AlertHook | None = None
+        self._pricer: Callable[[Shape | None], OrphanPrice] = lambda seen: price_orphan(seen, ())
+        self._open: list[Intent] | None = None  # open intents, see _intents()
         self._alerts_written = False  # set by AlertTx in the store thread, read after commit
         self.commits = 0  # transactions committed, for tests and benchmarks
 
     def set_alert_hook(self, hook: AlertHook | None) -> None:
         """Route alerts with `hook` inside the operations that record callbacks and events."""
         self._hook = hook
+
+    def set_orphan_pricer(self, pricer: Callable[[Shape | None], OrphanPrice]) -> None:
+        """Price orphan segments with `pricer` (it runs in the store's thread: pure, reading
+        only what is replaced whole, like the configured streams)."""
+        self._pricer = pricer
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -583,6 +692,7 @@ class Store:
 
     async def open(self) -> None:
         """Open (creating if needed) the file, migrate it, and start the writer."""
+        self._open = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamwatch-store")
         try:
             self._conn = await self._in_thread(self._connect)
@@ -700,9 +810,11 @@ class Store:
                 except Exception as exc:  # noqa: BLE001 - one bad op must not fail its batch-mates
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
+                    self._open = None  # it may have changed intents it has rolled back
                     results.append(exc)
             conn.execute("COMMIT")
         except BaseException:
+            self._open = None
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
@@ -724,10 +836,198 @@ class Store:
         self, conn: sqlite3.Connection, cb: Callback, body: str, at: float
     ) -> CallbackOutcome:
         outcome = _apply(conn, cb, body, at, self._first_free)
+        if outcome is None:
+            return self._orphan(conn, cb, body, at)
         hook = self._hook
-        if hook is not None and (outcome.kind == "stored" or outcome.first_from_task):
+        if hook is not None and outcome.kind == "stored":
             hook.callback(AlertTx(conn, at, self), outcome)
         return outcome
+
+    def _orphan(
+        self, conn: sqlite3.Connection, cb: Callback, body: str, at: float
+    ) -> CallbackOutcome:
+        """Count a callback from an unknown task, estimate what it costs, keep its body if it
+        is among the first few, and report the task once no open intent may claim it."""
+        index = cb.segment_index if isinstance(cb, SegmentReport) else None
+        seen = shape_of(cb) if isinstance(cb, SegmentReport) else None
+        price = self._pricer(seen)
+        if index is not None and (
+            # Its estimate doubles as the dedupe record of an orphan segment (the kept bodies
+            # are one too, for orphans counted before estimates were).
+            conn.execute(
+                "INSERT OR IGNORE INTO orphan_charges (task_id, segment_index, at, ticks,"
+                " uncertain) VALUES (?,?,?,?,?)",
+                (cb.task_id, index, at, price.ticks, price.uncertain),
+            ).rowcount
+            == 0
+            or conn.execute(
+                "SELECT 1 FROM orphan_callbacks WHERE task_id = ? AND segment_index = ?",
+                (cb.task_id, index),
+            ).fetchone()
+        ):
+            return CallbackOutcome("duplicate", None, cb)
+        ended = cb.status if isinstance(cb, StreamEnded) else None
+        # One statement counts the callback, notes what it shows (the shape, from the first
+        # segment that shows one) and returns what the rest needs.
+        row = conn.execute(
+            "UPDATE orphan_tasks SET callbacks = callbacks + 1, last_at = max(last_at, ?),"
+            " segments = segments + ?, uncertain = max(uncertain, ?),"
+            " end_status = coalesce(end_status, ?),"
+            " logo_detection = CASE WHEN content_moderation IS NULL THEN ? ELSE logo_detection END,"
+            " fps = CASE WHEN content_moderation IS NULL THEN ? ELSE fps END,"
+            " content_moderation = coalesce(content_moderation, ?)"
+            " WHERE task_id = ? RETURNING callbacks, segments, first_at, content_moderation,"
+            " logo_detection, fps, end_status, stopped_at",
+            (
+                at,
+                int(ended is None),
+                price.uncertain,
+                ended,
+                None if seen is None else seen.logo_detection,
+                None if seen is None else seen.fps,
+                None if seen is None else seen.content_moderation,
+                cb.task_id,
+            ),
+        ).fetchone()
+        first = row is None
+        ticks = 0
+        if first:
+            shape = (
+                (None, None, None)
+                if seen is None
+                else (
+                    seen.content_moderation,
+                    seen.logo_detection,
+                    seen.fps,
+                )
+            )
+            row = conn.execute(
+                "INSERT INTO orphan_tasks (task_id, first_at, last_at, callbacks, segments,"
+                " uncertain, end_status, content_moderation, logo_detection, fps, reported)"
+                " VALUES (?,?,?,1,?,?,?,?,?,?,0) RETURNING callbacks, segments, first_at,"
+                " content_moderation, logo_detection, fps, end_status, stopped_at",
+                (cb.task_id, at, at, int(ended is None), price.uncertain, ended, *shape),
+            ).fetchone()
+            # MAVI pre-charged the task when it started: estimated once, at its first sign.
+            conn.execute(
+                "INSERT INTO orphan_charges (task_id, segment_index, at, ticks, uncertain)"
+                " VALUES (?,-1,?,?,?)",
+                (cb.task_id, at, price.ticks, price.uncertain),
+            )
+            ticks += price.ticks
+        seen_before, segments = row[0], row[1]
+        if isinstance(cb, SegmentReport):
+            ticks += price.ticks
+            if self._first_free and segments == 1:  # the pre-charge paid for it
+                conn.execute(
+                    "UPDATE orphan_charges SET ticks = 0 WHERE task_id = ? AND segment_index = ?",
+                    (cb.task_id, index),
+                )
+                ticks -= price.ticks
+        if (
+            seen_before <= ORPHAN_BODIES_PER_TASK
+            and len(body) <= ORPHAN_BODY_MAX_BYTES
+            and len(body.encode()) <= ORPHAN_BODY_MAX_BYTES
+            and conn.execute("SELECT count(*) FROM orphan_callbacks").fetchone()[0]
+            < ORPHAN_BODIES_MAX
+        ):
+            status = 0 if isinstance(cb, SegmentReport) else cb.status
+            conn.execute(
+                "INSERT INTO orphan_callbacks (task_id, segment_index, status, received_at, body)"
+                " VALUES (?,?,?,?,?)",
+                (cb.task_id, index, status, at, body),
+            )
+        candidate = _as_candidate(cb.task_id, row[2:])
+        claimant = owner(self._intents(conn), candidate) if candidate is not None else None
+        if first and claimant is None:
+            self._report_orphans(conn, at, only=cb.task_id)
+        return CallbackOutcome(
+            "orphan",
+            None,
+            cb,
+            ticks=ticks,
+            at=at,
+            first_from_task=first,
+            orphan_segments=segments,
+            segment_ticks=price.ticks,
+            candidate_for=claimant.attempt_id if claimant is not None else None,
+        )
+
+    def _candidate(self, conn: sqlite3.Connection, task_id: str) -> Candidate | None:
+        """The orphan as a candidate for adoption: None until a segment has shown its shape,
+        and once it has ended or been stopped."""
+        row = conn.execute(
+            "SELECT first_at, content_moderation, logo_detection, fps, end_status, stopped_at"
+            " FROM orphan_tasks WHERE task_id = ?",
+            (task_id,),
+        ).fetchone()
+        return None if row is None else _as_candidate(task_id, row)
+
+    def _close_intent(
+        self,
+        conn: sqlite3.Connection,
+        attempt_id: str,
+        state: str,
+        at: float,
+        *,
+        task_id: str | None = None,
+        detail: str = "",
+    ) -> bool:
+        cur = conn.execute(
+            "UPDATE start_intents SET state = ?, closed_at = ?, task_id = ?, detail = ?"
+            " WHERE attempt_id = ? AND state = 'open'",
+            (state, at, task_id, detail[:500] or None, attempt_id),
+        )
+        self._open = None
+        return cur.rowcount == 1
+
+    def _intents(self, conn: sqlite3.Connection) -> list[Intent]:
+        """The open intents, cached between the operations that change them (every such
+        operation runs in this thread and drops the cache, as does a failed commit)."""
+        if self._open is None:
+            self._open = _open_intents(conn)
+        return self._open
+
+    def _report_orphans(
+        self, conn: sqlite3.Connection, at: float, *, only: str | None = None
+    ) -> None:
+        """Record `orphan_task` (and its alert) for each orphan not yet reported that no open
+        intent may claim any more."""
+        where, args = ("AND task_id = ?", (only,)) if only else ("", ())
+        pending = [
+            r[0]
+            for r in conn.execute(
+                f"SELECT task_id FROM orphan_tasks WHERE reported = 0 {where}", args
+            ).fetchall()
+        ]
+        if not pending:
+            return
+        intents = self._intents(conn)
+        for task_id in pending:
+            candidate = self._candidate(conn, task_id)
+            if candidate is not None and owner(intents, candidate) is not None:
+                continue
+            conn.execute("UPDATE orphan_tasks SET reported = 1 WHERE task_id = ?", (task_id,))
+            self._event(
+                conn,
+                EventRow(
+                    at,
+                    None,
+                    task_id,
+                    "orphan_task",
+                    None,
+                    f"task {task_id} sends callbacks but was not started by this daemon",
+                ),
+            )
+
+    def _event(self, conn: sqlite3.Connection, row: EventRow) -> None:
+        """Insert an event, with the alerts it raises."""
+        conn.execute(
+            "INSERT INTO events (at, stream, task_id, kind, status, detail) VALUES (?,?,?,?,?,?)",
+            (row.at, row.stream, row.task_id, row.kind, row.status, row.detail),
+        )
+        if self._hook is not None:
+            self._hook.record(AlertTx(conn, row.at, self), row)
 
     async def with_alert_tx(
         self, fn: Callable[[AlertTx], None], *, now: float | None = None
@@ -756,9 +1056,11 @@ class Store:
         logo_detection: bool,
         max_logos: int,
         started_at: float,
+        attempt_id: str | None = None,
     ) -> Registered:
-        """Register a task MAVI just started with its pre-charge, and claim callbacks that
-        arrived before it was registered (they were parked as orphans)."""
+        """Register a task MAVI just started with its pre-charge, close the start's intent
+        (`attempt_id`), and claim callbacks that arrived before it was registered (they were
+        parked as orphans; their estimated charges give way to exact ones)."""
         ticks = segment_cost_ticks(
             fps=fps, content_moderation=content_moderation, logo_detection=logo_detection
         )
@@ -785,22 +1087,246 @@ class Store:
                 " VALUES (?, ?, ?, 'precharge', ?)",
                 (started_at, stream, task_id, ticks),
             )
-            rows = conn.execute(
-                "SELECT id, body, received_at FROM orphan_callbacks WHERE task_id = ? ORDER BY id",
-                (task_id,),
-            ).fetchall()
-            conn.execute("DELETE FROM orphan_callbacks WHERE task_id = ?", (task_id,))
-            conn.execute("DELETE FROM orphan_tasks WHERE task_id = ?", (task_id,))
-            claimed = []
-            for _, body, received_at in rows:
-                try:
-                    early = parse_callback(body)
-                except CallbackError:
-                    continue  # kept by an older version that checked less: not claimable
-                claimed.append(self._apply(conn, early, body, received_at))
-            return Registered(ticks, claimed)
+            removed, claimed = self._claim(conn, task_id)
+            if attempt_id is not None:
+                self._close_intent(conn, attempt_id, "started", started_at, task_id=task_id)
+                self._report_orphans(conn, started_at)
+            return Registered(ticks, claimed, [(at, t) for _, at, t in removed])
 
         return await self._run(op)
+
+    def _claim(
+        self, conn: sqlite3.Connection, task_id: str
+    ) -> tuple[list[tuple[int, float, int]], list[CallbackOutcome]]:
+        """Take a just-recorded task's orphan past: drop its estimated charges (returned as
+        (segment_index, at, ticks)) and store its parked callbacks as its own, in order."""
+        removed = conn.execute(
+            "DELETE FROM orphan_charges WHERE task_id = ? RETURNING segment_index, at, ticks",
+            (task_id,),
+        ).fetchall()
+        rows = conn.execute(
+            "SELECT body, received_at FROM orphan_callbacks WHERE task_id = ? ORDER BY id",
+            (task_id,),
+        ).fetchall()
+        conn.execute("DELETE FROM orphan_callbacks WHERE task_id = ?", (task_id,))
+        conn.execute("DELETE FROM orphan_tasks WHERE task_id = ?", (task_id,))
+        claimed = []
+        for body, received_at in rows:
+            try:
+                early = parse_callback(body)
+            except CallbackError:
+                continue  # kept by an older version that checked less: not claimable
+            claimed.append(self._apply(conn, early, body, received_at))
+        return sorted(removed), claimed
+
+    # -- start intents ------------------------------------------------------------------------
+
+    async def begin_start(self, intent: Intent) -> Adopted | None:
+        """Write `intent` before its start call. An intent of the stream still open is
+        settled first, in the same transaction: if an unknown task matches it, that task is
+        adopted and returned (and no new intent is written: there is nothing to start);
+        otherwise it is closed as unmatched."""
+
+        def op(conn: sqlite3.Connection) -> Adopted | None:
+            at = intent.created_at
+            for old in [i for i in self._intents(conn) if i.stream == intent.stream]:
+                adopted = self._try_adopt(conn, old, at)
+                if adopted is not None:
+                    return adopted
+                self._close_intent(conn, old.attempt_id, "unmatched", at)
+                self._event(
+                    conn,
+                    EventRow(
+                        at,
+                        old.stream,
+                        None,
+                        "intent_unmatched",
+                        None,
+                        "no task showed up for the start whose answer was lost: starting again",
+                    ),
+                )
+            conn.execute(
+                "INSERT INTO start_intents (attempt_id, stream, url_hash, spec_hash, fps,"
+                " content_moderation, logo_detection, max_logos, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    intent.attempt_id,
+                    intent.stream,
+                    intent.url_hash,
+                    intent.spec_hash,
+                    intent.fps,
+                    intent.content_moderation,
+                    intent.logo_detection,
+                    intent.max_logos,
+                    intent.created_at,
+                ),
+            )
+            self._open = None
+            self._report_orphans(conn, at)
+            return None
+
+        return await self._run(op)
+
+    async def close_intent(
+        self, attempt_id: str, *, state: str, detail: str = "", at: float | None = None
+    ) -> bool:
+        """Close an open intent (`failed`: MAVI refused the start; `unmatched`: its stream
+        is gone). True if it was open."""
+        when = self._clock() if at is None else at
+
+        def op(conn: sqlite3.Connection) -> bool:
+            closed = self._close_intent(conn, attempt_id, state, when, detail=detail)
+            if closed:
+                self._report_orphans(conn, when)
+            return closed
+
+        return await self._run(op)
+
+    async def open_intents(self) -> list[Intent]:
+        """Intents still open, oldest first: starts whose answer was never recorded."""
+        return await self._run(_open_intents)
+
+    async def intent_states(self) -> dict[str, int]:
+        """How many intents are in each state (open, started, failed, adopted, unmatched)."""
+        return await self._run(
+            lambda c: dict(c.execute("SELECT state, count(*) FROM start_intents GROUP BY state"))
+        )
+
+    async def adopt(self, attempt_id: str, *, at: float | None = None) -> Adopted | None:
+        """Adopt the unknown task that matches the open intent `attempt_id` (see
+        `streamwatch.intent.assign`), if there is one; None otherwise, or if it is closed."""
+        when = self._clock() if at is None else at
+
+        def op(conn: sqlite3.Connection) -> Adopted | None:
+            intent = next((i for i in self._intents(conn) if i.attempt_id == attempt_id), None)
+            return None if intent is None else self._try_adopt(conn, intent, when)
+
+        return await self._run(op)
+
+    def _try_adopt(self, conn: sqlite3.Connection, intent: Intent, at: float) -> Adopted | None:
+        rows = conn.execute(
+            "SELECT task_id FROM orphan_tasks WHERE first_at >= ?", (intent.created_at,)
+        ).fetchall()
+        candidates = [c for r in rows if (c := self._candidate(conn, r[0])) is not None]
+        task_id = assign(self._intents(conn), candidates).get(intent.attempt_id)
+        if task_id is None:
+            return None
+        return self._adopt(conn, intent, task_id, at)
+
+    def _adopt(self, conn: sqlite3.Connection, intent: Intent, task_id: str, at: float) -> Adopted:
+        ticks = segment_cost_ticks(
+            fps=intent.fps,
+            content_moderation=intent.content_moderation,
+            logo_detection=intent.logo_detection,
+        )
+        conn.execute(
+            "INSERT INTO tasks (task_id, stream, spec_hash, fps, content_moderation,"
+            " logo_detection, max_logos, started_at, segment_ticks) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                task_id,
+                intent.stream,
+                intent.spec_hash,
+                intent.fps,
+                intent.content_moderation,
+                intent.logo_detection,
+                intent.max_logos,
+                intent.created_at,
+                ticks,
+            ),
+        )
+        first_at = conn.execute(
+            "SELECT first_at FROM orphan_tasks WHERE task_id = ?", (task_id,)
+        ).fetchone()[0]
+        removed, claimed = self._claim(conn, task_id)
+        precharge_at = next((when for index, when, _ in removed if index == -1), first_at)
+        conn.execute(
+            "INSERT INTO charges (at, stream, task_id, kind, ticks) VALUES (?,?,?,'precharge',?)",
+            (precharge_at, intent.stream, task_id, ticks),
+        )
+        # Segments counted while the task was unknown whose bodies were not kept: stored as
+        # known to have been processed (nothing else is known of them) and charged exactly.
+        backfilled = []
+        for index, when, _ in removed:
+            if index < 0:
+                continue
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO segments (task_id, segment_index, stream, received_at)"
+                " VALUES (?,?,?,?)",
+                (task_id, index, intent.stream, when),
+            )
+            if cur.rowcount == 0:
+                continue  # claimed with its body
+            (before,) = conn.execute(
+                "UPDATE tasks SET segments = segments + 1,"
+                " last_callback_at = max(coalesce(last_callback_at, 0), ?) WHERE task_id = ?"
+                " RETURNING segments - 1",
+                (when, task_id),
+            ).fetchone()
+            charge = 0 if self._first_free and before == 0 else ticks
+            conn.execute(
+                "INSERT INTO charges (at, stream, task_id, kind, segment_index, ticks)"
+                " VALUES (?,?,?,'segment',?,?)",
+                (when, intent.stream, task_id, index, charge),
+            )
+            backfilled.append((when, charge))
+        self._close_intent(conn, intent.attempt_id, "adopted", at, task_id=task_id)
+        self._event(
+            conn,
+            EventRow(
+                at,
+                intent.stream,
+                task_id,
+                "intent_adopted",
+                None,
+                f"the task MAVI started for the start whose answer was lost called back: adopted"
+                f" with {len(removed) - 1} segment(s) so far",
+            ),
+        )
+        self._report_orphans(conn, at)
+        return Adopted(
+            task_id=task_id,
+            stream=intent.stream,
+            spec_hash=intent.spec_hash,
+            started_at=intent.created_at,
+            precharge_ticks=ticks,
+            precharge_at=precharge_at,
+            claimed=claimed,
+            backfilled=backfilled,
+            orphan_removed=[(when, t) for _, when, t in removed],
+        )
+
+    # -- orphan tasks -------------------------------------------------------------------------
+
+    async def claim_orphan_stop(self, task_id: str) -> bool:
+        """May this daemon stop the orphan `task_id` now? Not once it has ended or been
+        stopped, nor while an open intent may still adopt it."""
+
+        def op(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT 1 FROM orphan_tasks WHERE task_id = ? AND end_status IS NULL"
+                " AND stopped_at IS NULL",
+                (task_id,),
+            ).fetchone()
+            if row is None:
+                return False
+            candidate = self._candidate(conn, task_id)
+            return candidate is None or owner(self._intents(conn), candidate) is None
+
+        return await self._run(op)
+
+    async def record_orphan_stopped(
+        self, task_id: str, *, detail: str, at: float | None = None
+    ) -> None:
+        """Note that this daemon stopped the orphan, with its `orphan_stopped` event."""
+        when = self._clock() if at is None else at
+
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE orphan_tasks SET stopped_at = ? WHERE task_id = ?", (when, task_id)
+            )
+            self._event(conn, EventRow(when, None, task_id, "orphan_stopped", None, detail))
+
+        await self._run(op)
 
     async def mark_stop_requested(self, task_id: str) -> None:
         """Note that this daemon asked MAVI to stop the task, before asking."""
@@ -957,7 +1483,22 @@ class Store:
         return await self._run(
             lambda c: OrphanTotals(
                 *c.execute(
-                    "SELECT count(*), coalesce(sum(callbacks), 0) FROM orphan_tasks"
+                    "SELECT count(*), coalesce(sum(callbacks), 0), coalesce(sum(uncertain), 0),"
+                    " count(stopped_at), count(end_status) FROM orphan_tasks"
+                ).fetchone()
+            )
+        )
+
+    async def orphan_charge_totals(self, *, since: float, until: float) -> OrphanCharges:
+        """Estimated charges of orphan tasks with `since <= at < until`."""
+        return await self._run(
+            lambda c: OrphanCharges(
+                *c.execute(
+                    "SELECT count(DISTINCT task_id), coalesce(sum(segment_index = -1), 0),"
+                    " coalesce(sum(segment_index >= 0), 0), coalesce(sum(ticks), 0),"
+                    " count(DISTINCT CASE WHEN uncertain THEN task_id END)"
+                    " FROM orphan_charges WHERE at >= ? AND at < ?",
+                    (since, until),
                 ).fetchone()
             )
         )
@@ -1037,15 +1578,9 @@ class Store:
         row = EventRow(self._clock() if at is None else at, stream, task_id, kind, status, detail)
 
         def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO events (at, stream, task_id, kind, status, detail)"
-                " VALUES (?,?,?,?,?,?)",
-                (row.at, stream, task_id, kind, status, detail),
-            )
+            self._event(conn, row)
             if setting is not None:
                 _set_setting(conn, *setting)
-            if self._hook is not None:
-                self._hook.record(AlertTx(conn, row.at, self), row)
 
         await self._run(op)
 
@@ -1469,54 +2004,38 @@ def _insert_alerts(conn: sqlite3.Connection, alerts: list[NewAlert], now: float)
     )
 
 
-def _orphan(conn: sqlite3.Connection, cb: Callback, body: str, at: float) -> CallbackOutcome:
-    """Count a callback from an unknown task; keep its body if it is among the first few."""
-    index = cb.segment_index if isinstance(cb, SegmentReport) else None
-    if (
-        index is not None
-        and conn.execute(
-            "SELECT 1 FROM orphan_callbacks WHERE task_id = ? AND segment_index = ?",
-            (cb.task_id, index),
-        ).fetchone()
-    ):
-        return CallbackOutcome("duplicate", None, cb)
-    row = conn.execute(
-        "UPDATE orphan_tasks SET callbacks = callbacks + 1, last_at = max(last_at, ?)"
-        " WHERE task_id = ? RETURNING callbacks",
-        (at, cb.task_id),
-    ).fetchone()
-    first = row is None
-    if first:
-        conn.execute(
-            "INSERT INTO orphan_tasks (task_id, first_at, last_at, callbacks) VALUES (?,?,?,1)",
-            (cb.task_id, at, at),
-        )
-    seen = 1 if first else row[0]
-    if (
-        seen <= ORPHAN_BODIES_PER_TASK
-        and len(body) <= ORPHAN_BODY_MAX_BYTES
-        and len(body.encode()) <= ORPHAN_BODY_MAX_BYTES
-        and conn.execute("SELECT count(*) FROM orphan_callbacks").fetchone()[0] < ORPHAN_BODIES_MAX
-    ):
-        status = 0 if isinstance(cb, SegmentReport) else cb.status
-        conn.execute(
-            "INSERT INTO orphan_callbacks (task_id, segment_index, status, received_at, body)"
-            " VALUES (?,?,?,?,?)",
-            (cb.task_id, index, status, at, body),
-        )
-    return CallbackOutcome("orphan", None, cb, first_from_task=first)
+_INTENT_SELECT = (
+    "SELECT attempt_id, stream, url_hash, spec_hash, fps, content_moderation, logo_detection,"
+    " max_logos, created_at FROM start_intents"
+)
+
+
+def _open_intents(conn: sqlite3.Connection) -> list[Intent]:
+    rows = conn.execute(f"{_INTENT_SELECT} WHERE state = 'open' ORDER BY created_at, attempt_id")
+    return [Intent(r[0], r[1], r[2], r[3], r[4], bool(r[5]), bool(r[6]), r[7], r[8]) for r in rows]
+
+
+def _as_candidate(task_id: str, row: Sequence[Any]) -> Candidate | None:
+    """(first_at, content_moderation, logo_detection, fps, end_status, stopped_at) as a
+    candidate for adoption: None until a segment has shown its shape, once it has ended or
+    been stopped."""
+    first_at, moderation, logos, fps, end_status, stopped_at = row
+    if moderation is None or end_status is not None or stopped_at is not None:
+        return None
+    return Candidate(task_id, first_at, Shape(bool(moderation), bool(logos), fps))
 
 
 def _apply(
     conn: sqlite3.Connection, cb: Callback, body: str, at: float, first_free: bool
-) -> CallbackOutcome:
+) -> CallbackOutcome | None:
+    """Store a callback of a recorded task; None if its task is not recorded."""
     row = conn.execute(
         "SELECT stream, stop_requested, segment_ticks, segments, pruned_through FROM tasks"
         " WHERE task_id = ?",
         (cb.task_id,),
     ).fetchone()
     if row is None:
-        return _orphan(conn, cb, body, at)
+        return None
     stream, stop_requested, segment_ticks, stored_before = row[0], bool(row[1]), row[2], row[3]
     if isinstance(cb, SegmentReport):
         if row[4] is not None and cb.segment_index <= row[4]:

@@ -8,6 +8,13 @@ changes or a tick passes.
 
 Policy, in short:
 - 15 (no video), 16 (capacity) and failed starts: restart with exponential backoff + jitter.
+- Every start is written as an intent first. A start whose answer was lost (a crash, a
+  timeout, a malformed answer, any unexpected failure) leaves it open: the stream is
+  `adopting` for `adopt_wait_segments` periods, and adopts the unknown task whose callbacks
+  match the intent; if none does, it starts again. A refusal (4xx) closes it.
+- Tasks nobody started here (orphans): their spend is estimated and counted against the
+  account's caps; `on_orphan = "stop"` stops one after `orphan_stop_after_segments` callbacks,
+  unless an open intent may still adopt it.
 - 14 not asked for by streamwatch: a person stopped it; hold until `streamwatch resume`.
 - 402, or 401 at start: halt the whole account; retry after `balance_recheck_seconds` or on resume.
 - No callback for `stall_after_segments` periods: stalled; `on_stall` waits or restarts.
@@ -20,6 +27,7 @@ import asyncio
 import contextlib
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -29,6 +37,7 @@ import structlog
 
 from streamwatch.background import Failures, TaskGroup
 from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
+from streamwatch.intent import Intent, OrphanPrice, Shape, is_definitive, price_orphan, url_hash
 from streamwatch.ledger import (
     PERIODS,
     BudgetEvent,
@@ -50,7 +59,7 @@ from streamwatch.mavi.callbacks import (
 from streamwatch.mavi.errors import AuthError, InsufficientBalance, MaviError
 from streamwatch.mavi.streams import StartRequest
 from streamwatch.redact import Redactor
-from streamwatch.store import CallbackOutcome, Store, StreamRecord
+from streamwatch.store import Adopted, CallbackOutcome, Store, StreamRecord
 
 __all__ = [
     "Action",
@@ -64,6 +73,7 @@ __all__ = [
     "Supervisor",
     "backoff_delay",
     "on_start_failed",
+    "on_start_unanswered",
     "on_task_ended",
     "plan",
 ]
@@ -79,6 +89,7 @@ class Phase(StrEnum):
     RUNNING = "running"
     STALLED = "stalled"  # running, but no callback for too long
     BACKOFF = "backoff"  # waiting to restart after a failure
+    ADOPTING = "adopting"  # a start's answer was lost: waiting for its task's callbacks
     STOPPING = "stopping"
     HELD = "held"  # stopped by a person; waits for `streamwatch resume`
 
@@ -108,6 +119,7 @@ class StreamState:
     last_end_status: int | None = None
     last_error: str | None = None
     restart_times: tuple[float, ...] = ()  # recent restarts, for restart-loop detection
+    intent: str | None = None  # while adopting: the attempt id of the start's open intent
 
     def record(self) -> StreamRecord:
         """What of this state outlives the process (the store keeps it between runs)."""
@@ -185,6 +197,9 @@ class Policy:
     restart_loop_window: float
     balance_recheck: float
     max_running: int | None
+    adopt_wait: float = 0.0
+    on_orphan: Literal["report", "stop"] = "report"
+    orphan_stop_after: int = 3
 
     @classmethod
     def from_config(
@@ -202,6 +217,9 @@ class Policy:
             restart_loop_window=sup.restart_loop_window_seconds,
             balance_recheck=sup.balance_recheck_seconds,
             max_running=max_running,
+            adopt_wait=sup.adopt_wait_segments * segment_seconds,
+            on_orphan=sup.on_orphan,
+            orphan_stop_after=sup.orphan_stop_after_segments,
         )
 
 
@@ -233,6 +251,14 @@ Action = Start | Stop | MarkStalled | Forget
 _OCCUPYING = (Phase.STARTING, Phase.RUNNING, Phase.STALLED, Phase.STOPPING)
 
 
+def _occupies(state: StreamState, now: float) -> bool:
+    """Does the stream hold a place under max_running? One adopting may have a task at MAVI:
+    it holds its place while it waits, and starts in it when the wait is over."""
+    if state.phase is Phase.ADOPTING:
+        return state.retry_at is None or now < state.retry_at
+    return state.phase in _OCCUPYING
+
+
 def plan(
     desired: Mapping[str, StreamConfig],
     observed: Mapping[str, StreamState],
@@ -247,15 +273,18 @@ def plan(
     actions: list[Action] = []
     halted = halt is not None and now < halt.until
     startable: list[StreamState] = []
-    occupying = sum(1 for s in observed.values() if s.phase in _OCCUPYING)
+    occupying = sum(1 for s in observed.values() if _occupies(s, now))
     for name in sorted(set(desired) | set(observed)):
         state = observed.get(name, StreamState(name))
         spec = desired.get(name)
         has_task = state.phase in (Phase.RUNNING, Phase.STALLED) and state.task_id is not None
+        waiting = state.retry_at is not None and now < state.retry_at
         if spec is None:
             if has_task:
                 assert state.task_id is not None
                 actions.append(Stop(name, state.task_id, "removed"))
+            elif state.phase is Phase.ADOPTING and waiting:
+                continue  # a task it adopts now is stopped as removed
             elif state.phase not in (Phase.STARTING, Phase.STOPPING):
                 actions.append(Forget(name))
             continue
@@ -278,7 +307,9 @@ def plan(
         if halted or name in gate.no_start:
             continue
         if state.phase is Phase.IDLE or (
-            state.phase is Phase.BACKOFF and state.retry_at is not None and now >= state.retry_at
+            state.phase in (Phase.BACKOFF, Phase.ADOPTING)
+            and state.retry_at is not None
+            and not waiting
         ):
             startable.append(state)
     # Fill free capacity, longest-waiting first, so no stream starves behind the others.
@@ -345,6 +376,18 @@ def on_start_failed(
     return replace(failed, phase=Phase.BACKOFF, failures=failures, retry_at=now + delay), None
 
 
+def on_start_unanswered(
+    state: StreamState, attempt_id: str, *, now: float, policy: Policy, rand: float
+) -> StreamState:
+    """A start failed in a way that leaves open whether MAVI created the task: the stream
+    adopts for at least `adopt_wait` (and no less than its backoff) before starting again."""
+    failures = state.failures + 1
+    delay = max(backoff_delay(failures, policy, rand=rand), policy.adopt_wait)
+    return replace(
+        state, phase=Phase.ADOPTING, intent=attempt_id, failures=failures, retry_at=now + delay
+    )
+
+
 class StreamStarter(Protocol):
     """What the executor needs from a MAVI stream client."""
 
@@ -393,6 +436,28 @@ class Supervisor:
         # Every action and record runs in this group (entered by `running()`).
         self._tasks = TaskGroup("supervisor", failures)
         self._stopping = False
+        self._adopt_tried = False
+        self._orphan_stops: set[str] = set()  # orphan tasks whose stop is under way
+        self._shapes: tuple[Mapping[str, StreamConfig], list[Shape]] = ({}, [])
+        # What follows a committed callback (the server sets its own: evidence, metrics, the
+        # log, then observe): callbacks claimed at a start or an adoption go the same way.
+        self._after_commit: Callable[[CallbackOutcome], None] = self.observe
+
+    def price_orphan(self, seen: Shape | None) -> OrphanPrice:
+        """What a segment of an unknown task showing `seen` is estimated to cost, given the
+        configured streams (the store's orphan pricer; it runs in the store's thread)."""
+        desired = self.desired  # replaced whole on reload, never changed in place
+        if self._shapes[0] is not desired:
+            shapes = [
+                Shape(s.content_moderation, s.logo_detection, s.fps) for s in desired.values()
+            ]
+            self._shapes = (desired, shapes)
+        return price_orphan(seen, self._shapes[1])
+
+    def set_after_commit(self, after_commit: Callable[[CallbackOutcome], None]) -> None:
+        """Send callbacks claimed by a recorded or adopted task through `after_commit`, as the
+        callback handler does for live ones (it must call `observe`)."""
+        self._after_commit = after_commit
 
     # -- set-up ---------------------------------------------------------------------------------
 
@@ -417,6 +482,8 @@ class Supervisor:
             start, end = period_bounds(period, now)
             totals = await self._store.charge_totals(since=start, until=end)
             self.spending.load(period, period_key(period, now), {t.stream: t.ticks for t in totals})
+            orphans = await self._store.orphan_charge_totals(since=start, until=end)
+            self.spending.load_orphans(period, period_key(period, now), orphans.ticks)
         for record in (await self._store.streams()).values():
             if record != StreamRecord(record.name):
                 self.streams[record.name] = StreamState.restored(
@@ -446,7 +513,36 @@ class Supervisor:
             self._by_task[task.task_id] = task.stream
             log.info("supervisor.task_adopted", stream=task.stream, task_id=task.task_id)
             await self._record("task_adopted", stream=task.stream, task_id=task.task_id)
+        await self._load_intents(now)
         self._notify()
+
+    async def _load_intents(self, now: float) -> None:
+        """Starts whose answer never reached the store: MAVI may have created their tasks.
+        Each such stream adopts for `adopt_wait` from now (callbacks parked before the restart
+        are matched at once)."""
+        for intent in await self._store.open_intents():
+            name = intent.stream
+            known = self.streams.get(name, StreamState(name))
+            if known.task_id is not None or known.phase is Phase.HELD:
+                # Held, or running a recorded task: not adopting; a task of this start is an
+                # orphan (reported, or stopped with on_orphan = "stop").
+                await self._store.close_intent(
+                    intent.attempt_id, state="unmatched", detail=f"stream {known.phase}"
+                )
+                continue
+            self.streams[name] = replace(
+                known,
+                phase=Phase.ADOPTING,
+                intent=intent.attempt_id,
+                retry_at=max(known.retry_at or now, now + self.policy.adopt_wait),
+                last_error="the last start's answer was not recorded; waiting for its task",
+            )
+            log.info(
+                "supervisor.intent_open",
+                stream=name,
+                attempt_id=intent.attempt_id,
+                wait_seconds=self.policy.adopt_wait,
+            )
 
     def reload(self, streams: Iterable[StreamConfig], budgets: BudgetsConfig) -> None:
         """Take a new desired set and caps (SIGHUP); the next plan adds, removes, restarts,
@@ -463,7 +559,13 @@ class Supervisor:
         return self._stopping
 
     async def run_once(self) -> None:
-        """One pass of the planning loop (the daemon runs it in its task group)."""
+        """One pass of the planning loop (the daemon runs it in its task group). The first
+        pass first looks for the tasks of intents left open by an earlier process: callbacks
+        parked before a restart may match at once."""
+        if not self._adopt_tried:
+            self._adopt_tried = True
+            for name in list(self.streams):
+                self._try_adopt(name)
         self.step()
 
     async def wait_for_work(self) -> None:
@@ -611,8 +713,13 @@ class Supervisor:
             log.warning("supervisor.stream_stalled", stream=name, task_id=action.task_id)
             self._spawn(self._record("stream_stalled", stream=name, task_id=action.task_id))
         else:
-            self.streams.pop(name, None)
+            dropped = self.streams.pop(name, None)
+            if dropped is not None and dropped.intent is not None:
+                self._spawn(self._close_intent(dropped.intent, "the stream was removed"))
         self._notify()
+
+    async def _close_intent(self, attempt_id: str, detail: str) -> None:
+        await self._store.close_intent(attempt_id, state="unmatched", detail=detail)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run an action or a record in the supervisor's task group, named after it; the
@@ -631,10 +738,34 @@ class Supervisor:
             self._notify()
 
     async def _start(self, name: str) -> None:
+        """Start the stream's task: intent written, MAVI asked, answer recorded. Every way
+        this can fail ends in a known state (backoff, halt, or adopting)."""
         spec = self.desired.get(name)
         state = self.streams[name]
         if spec is None:  # removed while queued
             self.streams.pop(name, None)
+            if state.intent is not None:
+                await self._close_intent(state.intent, "the stream was removed")
+            return
+        intent = Intent(
+            attempt_id=uuid.uuid4().hex,
+            stream=name,
+            url_hash=url_hash(spec.url),
+            spec_hash=spec.spec_hash(),
+            fps=spec.fps,
+            content_moderation=spec.content_moderation,
+            logo_detection=spec.logo_detection,
+            max_logos=spec.max_logos,
+            created_at=self._clock(),
+        )
+        try:
+            # Written before the call: a crash from here on leaves a trace to adopt from.
+            adopted = await self._store.begin_start(intent)
+        except Exception as exc:  # noqa: BLE001 - not written, so MAVI is not asked: back off
+            await self._start_failed(name, state, exc, intent=None)
+            return
+        if adopted is not None:  # the previous start's task showed up after all
+            self._took_adopted(name, adopted)
             return
         request = StartRequest(
             url=spec.url,
@@ -645,30 +776,29 @@ class Supervisor:
         )
         try:
             task_id = await self._client.start(request)
-        except MaviError as exc:
-            now = self._clock()
-            new, halt = on_start_failed(
-                state, exc, now=now, policy=self.policy, rand=self._rng.random()
-            )
-            error = self._text(str(exc))
-            self.streams[name] = replace(new, last_error=error)
-            if halt is not None:
-                self._impose_halt(halt)
-            log.warning("supervisor.start_failed", stream=name, error=error)
-            await self._record("start_failed", stream=name, status=exc.status, detail=error)
+        except Exception as exc:  # noqa: BLE001 - any failure ends the start in a known state
+            await self._start_failed(name, state, exc, intent=intent)
             return
         now = self._clock()
-        registered = await self._store.record_task_started(
-            task_id=task_id,
-            stream=name,
-            spec_hash=spec.spec_hash(),
-            fps=spec.fps,
-            content_moderation=spec.content_moderation,
-            logo_detection=spec.logo_detection,
-            max_logos=spec.max_logos,
-            started_at=now,
-        )
+        try:
+            registered = await self._store.record_task_started(
+                task_id=task_id,
+                stream=name,
+                spec_hash=spec.spec_hash(),
+                fps=spec.fps,
+                content_moderation=spec.content_moderation,
+                logo_detection=spec.logo_detection,
+                max_logos=spec.max_logos,
+                started_at=now,
+                attempt_id=intent.attempt_id,
+            )
+        except Exception as exc:  # noqa: BLE001 - MAVI started it: the open intent adopts it
+            await self._start_failed(name, state, exc, intent=intent)
+            return
         self._count(name, registered.precharge_ticks, now, task_id=task_id)
+        for at, ticks in registered.orphan_removed:
+            self.spending.add_orphan(-ticks, at)
+        self.spending.forget_orphan(task_id)
         restarted = state.started_at is not None or state.last_end_status is not None
         self.streams[name] = replace(
             state,
@@ -684,6 +814,7 @@ class Supervisor:
             consecutive_errors=0,
             restarts=state.restarts + int(restarted),
             last_error=None,
+            intent=None,
         )
         self._by_task[task_id] = name
         log.info("supervisor.task_started", stream=name, task_id=task_id, fps=spec.fps)
@@ -691,7 +822,119 @@ class Supervisor:
             self._note_restart(name, now)
         await self._record("task_started", stream=name, task_id=task_id)
         for outcome in registered.claimed:
-            self.observe(outcome)
+            self._after_commit(outcome)
+
+    async def _start_failed(
+        self, name: str, state: StreamState, error: Exception, *, intent: Intent | None
+    ) -> None:
+        """A start did not end with a recorded task. A refusal (or a failure before MAVI was
+        asked) closes the intent and backs off; anything else leaves it open and adopts."""
+        text = str(error) if isinstance(error, MaviError) else f"{type(error).__name__}: {error}"
+        detail = self._text(text)
+        definitive = intent is None or is_definitive(error)
+        if intent is not None and definitive:
+            try:
+                await self._store.close_intent(intent.attempt_id, state="failed", detail=detail)
+            except Exception:  # noqa: BLE001 - still open: then adopting is the safe reading
+                definitive = False
+        now = self._clock()
+        status = error.status if isinstance(error, MaviError) else None
+        if definitive:
+            refusal = error if isinstance(error, MaviError) else MaviError(detail)
+            new, halt = on_start_failed(
+                state, refusal, now=now, policy=self.policy, rand=self._rng.random()
+            )
+            self.streams[name] = replace(new, last_error=detail, intent=None)
+            if halt is not None:
+                self._impose_halt(halt)
+            log.warning("supervisor.start_failed", stream=name, error=detail, status=status)
+            await self._record("start_failed", stream=name, status=status, detail=detail)
+            return
+        assert intent is not None
+        new = on_start_unanswered(
+            state, intent.attempt_id, now=now, policy=self.policy, rand=self._rng.random()
+        )
+        self.streams[name] = replace(new, last_error=detail)
+        wait = (new.retry_at or now) - now
+        log.warning(
+            "supervisor.start_unanswered",
+            stream=name,
+            attempt_id=intent.attempt_id,
+            error=detail,
+            status=status,
+            wait_seconds=round(wait, 3),
+            exc_info=None if isinstance(error, MaviError) else error,
+        )
+        await self._record(
+            "start_failed",
+            stream=name,
+            status=status,
+            detail=f"{detail}; MAVI may have started the task: waiting {wait:.0f}s for its"
+            " callbacks before starting again",
+        )
+        self._try_adopt(name)  # its callbacks may already be here
+
+    def _try_adopt(self, name: str) -> None:
+        """Look for the task of an adopting stream's open intent now (in the background).
+        While it looks, the stream is `starting`: nothing else starts or adopts for it."""
+        state = self.streams.get(name)
+        if state is None or state.phase is not Phase.ADOPTING or state.intent is None:
+            return
+        self.streams[name] = replace(state, phase=Phase.STARTING)
+        self._spawn(self._adopt(name, state.intent))
+
+    async def _adopt(self, name: str, attempt_id: str) -> None:
+        try:
+            adopted = await self._store.adopt(attempt_id)
+        except Exception as exc:  # noqa: BLE001 - the stream stays adopting; its next callback retries
+            log.error("supervisor.adopt_failed", stream=name, error=self._text(str(exc)))
+            adopted = None
+        if adopted is not None:
+            self._took_adopted(name, adopted)
+            return
+        state = self.streams.get(name)
+        if state is not None and state.phase is Phase.STARTING:
+            self.streams[name] = replace(state, phase=Phase.ADOPTING)
+        self._notify()
+
+    def _took_adopted(self, name: str, adopted: Adopted) -> None:
+        """The stream's open intent adopted a task: it runs, its charges are the stream's."""
+        state = self.streams.get(name, StreamState(name))
+        self._count(name, adopted.precharge_ticks, adopted.precharge_at, task_id=adopted.task_id)
+        for at, ticks in adopted.backfilled:
+            self._count(name, ticks, at, task_id=adopted.task_id)
+        for at, ticks in adopted.orphan_removed:
+            self.spending.add_orphan(-ticks, at)
+        self.spending.forget_orphan(adopted.task_id)
+        restarted = state.started_at is not None or state.last_end_status is not None
+        self.streams[name] = replace(
+            state,
+            phase=Phase.RUNNING,
+            task_id=adopted.task_id,
+            spec_hash=adopted.spec_hash,
+            started_at=adopted.started_at,
+            last_seen=self._clock(),
+            retry_at=None,
+            run_segments=len(adopted.backfilled),
+            run_failed=0,
+            segment_ticks=adopted.precharge_ticks,
+            consecutive_errors=0,
+            restarts=state.restarts + int(restarted),
+            last_error=None,
+            intent=None,
+        )
+        self._by_task[adopted.task_id] = name
+        # Its event (and the alert it resolves) was recorded with the adoption.
+        log.info(
+            "supervisor.intent_adopted",
+            stream=name,
+            task_id=adopted.task_id,
+            claimed=len(adopted.claimed),
+            backfilled=len(adopted.backfilled),
+        )
+        for outcome in adopted.claimed:
+            self._after_commit(outcome)
+        self._notify()
 
     async def _stop(self, action: Stop) -> None:
         try:
@@ -772,6 +1015,9 @@ class Supervisor:
     def observe(self, outcome: CallbackOutcome) -> None:
         """Update stream state from a stored callback. Cheap and synchronous: it runs in the
         callback handler after the store committed."""
+        if outcome.kind == "orphan":
+            self._observe_orphan(outcome)
+            return
         if outcome.kind != "stored" or outcome.stream is None:
             return
         name = outcome.stream
@@ -839,6 +1085,59 @@ class Supervisor:
                 self._impose_halt(halt)
             replan = True
         self._notify(replan=replan)
+
+    def _observe_orphan(self, outcome: CallbackOutcome) -> None:
+        """A callback from a task nobody recorded: count its estimate, let the intent that
+        may own it adopt it, or (on_orphan = "stop") stop it once it has called back enough."""
+        cb = outcome.callback
+        replan = False
+        if outcome.ticks:
+            self.spending.add_orphan(outcome.ticks, outcome.at)
+            replan = self.spending.near_account_cap(outcome.at)
+        if isinstance(cb, StreamEnded):
+            self.spending.forget_orphan(cb.task_id)
+        else:
+            self.spending.note_orphan(cb.task_id, outcome.segment_ticks, outcome.at)
+        if outcome.candidate_for is not None:
+            owner = next(
+                (n for n, s in self.streams.items() if s.intent == outcome.candidate_for), None
+            )
+            if owner is not None:
+                self._try_adopt(owner)
+        elif (
+            self.policy.on_orphan == "stop"
+            and not isinstance(cb, StreamEnded)
+            and outcome.orphan_segments >= self.policy.orphan_stop_after
+            and cb.task_id not in self._orphan_stops
+        ):
+            self._orphan_stops.add(cb.task_id)
+            self._spawn(self._stop_orphan(cb.task_id, outcome.orphan_segments))
+        self._notify(replan=replan)
+
+    async def _stop_orphan(self, task_id: str, segments: int) -> None:
+        """Stop a task nobody here started (on_orphan = "stop"), unless an open intent may
+        still adopt it. A failed stop is tried again at its next callback."""
+        try:
+            if not await self._store.claim_orphan_stop(task_id):
+                self._orphan_stops.discard(task_id)
+                return
+            was_running = await self._client.stop(task_id)
+        except Exception as exc:  # noqa: BLE001 - logged and recorded; retried at its next callback
+            error = self._text(str(exc))
+            log.warning("supervisor.orphan_stop_failed", task_id=task_id, error=error)
+            self._orphan_stops.discard(task_id)
+            await self._record("orphan_stop_failed", task_id=task_id, detail=error)
+            return
+        self.spending.forget_orphan(task_id)
+        detail = (
+            f"task {task_id} was not started by this daemon and called back {segments} time(s)"
+            f" unclaimed: {'stopped' if was_running else 'it had already ended'}"
+            " (on_orphan = stop)"
+        )
+        log.warning(
+            "supervisor.orphan_stopped", task_id=task_id, segments=segments, was_running=was_running
+        )
+        await self._store.record_orphan_stopped(task_id, detail=detail)
 
     # -- people ------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@ from typing import Any
 import aiohttp
 
 from streamwatch.emulator import Script
+from streamwatch.ledger import usd
+from streamwatch.pricing import segment_cost_ticks
 from streamwatch.supervisor import Phase, Start
 from tests.conftest import Daemon, stream_toml, until
 
@@ -282,7 +284,19 @@ async def test_callbacks_from_unknown_tasks_are_kept_as_orphans(daemon, emulator
             resp = await s.post(daemon.app.server.callback_url(), json=body)
             assert resp.status == 200
     status = await _status(daemon)
-    assert status["orphans"] == {"tasks": 1, "callbacks": 1}
+    orphans = status["orphans"]
+    # No feature block: priced as both features at the configured fps, marked uncertain; its
+    # pre-charge once and its one segment (the repeat is a duplicate).
+    estimate = usd(2 * segment_cost_ticks(fps=1, content_moderation=True, logo_detection=True))
+    assert {k: v for k, v in orphans.items() if not k.startswith(("live", "estimated_burn"))} == {
+        "tasks": 1,
+        "callbacks": 1,
+        "uncertain_tasks": 1,
+        "stopped_tasks": 0,
+        "estimated_today_usd": estimate,
+        "estimated_month_usd": estimate,
+    }
+    assert {"live_tasks", "estimated_burn_usd_per_hour"} < set(orphans)
 
 
 async def test_max_running_limits_concurrent_tasks(daemon, emulator):

@@ -267,19 +267,8 @@ class Alerts:
 
     def callback(self, tx: AlertTx, outcome: CallbackOutcome) -> None:
         """Alerts for a stored callback: unsafe and logo segments (with their streaks), a task
-        that ended by itself, the first callback from a task this daemon did not start."""
+        that ended by itself. (An unknown task is reported by its `orphan_task` event.)"""
         cb = outcome.callback
-        if outcome.kind == "orphan":
-            if outcome.first_from_task:
-                event = from_record(
-                    "orphan_task",
-                    at=tx.now,
-                    task_id=cb.task_id,
-                    detail=f"task {cb.task_id} sends callbacks but was not started by this daemon",
-                )
-                assert event is not None
-                self._route(tx, event)
-            return
         stream = outcome.stream
         if stream is None:
             return
@@ -308,7 +297,7 @@ class Alerts:
         elif isinstance(cb, StreamEnded):
             if outcome.stop_requested or not tx.is_latest_task(stream, cb.task_id):
                 return  # asked for by this daemon, or an older task's: no news
-            event = from_record(
+            ended = from_record(
                 "task_ended",
                 at=tx.now,
                 stream=stream,
@@ -317,8 +306,8 @@ class Alerts:
                 detail=cb.message,
                 labels=labels,
             )
-            if event is not None:
-                self._route(tx, event)
+            if ended is not None:
+                self._route(tx, ended)
 
     def record(self, tx: AlertTx, event: EventRow) -> None:
         """Alerts for an event the supervisor recorded, if it is alert-worthy."""

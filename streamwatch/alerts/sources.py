@@ -4,7 +4,8 @@ Event kinds (stable; rules match on them): `unsafe_content`, `logo_detected`,
 `stream_stopped` (resolved when the stream's next task starts), `stream_stalled` (resolved on
 recovery), `restart_loop`, `segment_errors`, `start_failed`, `balance_halt` (resolved on
 resume or when the recheck lifts it), `budget_threshold`, `budget_forecast`,
-`billing_unreported`, `orphan_task`, and `test` (from `streamwatch alerts test`).
+`billing_unreported`, `orphan_task`, `orphan_stopped`, and `test` (from `streamwatch alerts
+test`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ KINDS = (
     "budget_forecast",
     "billing_unreported",
     "orphan_task",
+    "orphan_stopped",
     "test",
 )
 
@@ -44,6 +46,7 @@ _RECORDS: dict[str, tuple[str, Severity, bool]] = {
     "stream_stalled": ("stream_stalled", "warning", False),
     "stream_recovered": ("stream_stalled", "info", True),
     "task_started": ("stream_stopped", "info", True),
+    "intent_adopted": ("stream_stopped", "info", True),
     "restart_loop": ("restart_loop", "warning", False),
     "segment_errors": ("segment_errors", "warning", False),
     "start_failed": ("start_failed", "warning", False),
@@ -54,6 +57,7 @@ _RECORDS: dict[str, tuple[str, Severity, bool]] = {
     "budget_forecast": ("budget_forecast", "warning", False),
     "billing_unreported": ("billing_unreported", "warning", False),
     "orphan_task": ("orphan_task", "warning", False),
+    "orphan_stopped": ("orphan_stopped", "warning", False),
 }
 
 _TITLES = {
@@ -67,6 +71,7 @@ _TITLES = {
     "billing_unreported": "Stream {s} bills without reporting",
     "stream_stopped": "Stream {s} stopped",
     "orphan_task": "A task streamwatch did not start is billing the account",
+    "orphan_stopped": "A task streamwatch did not start was stopped",
 }
 
 
@@ -100,7 +105,7 @@ def from_record(
     alert_kind, severity, resolves = _RECORDS[kind]
     if kind == "budget_threshold" and "100%" in detail:
         severity = "critical"
-    scoped = stream if alert_kind not in ("balance_halt", "orphan_task") else None
+    scoped = stream if alert_kind not in ("balance_halt", "orphan_task", "orphan_stopped") else None
     title = _TITLES[alert_kind].format(s=stream or "")
     if resolves:
         title = f"Resolved: {title}"

@@ -143,6 +143,7 @@ class Emulator:
         source_check_seconds: float | None = None,
         source_timeout_seconds: float = 10.0,
         failures: Failures | None = None,
+        answer_delay_seconds: float = 0.0,
     ) -> None:
         self.segment_seconds = segment_seconds
         self.balance_ticks = balance_ticks
@@ -158,6 +159,10 @@ class Emulator:
         # each probe within this long.
         self.source_check_seconds = source_check_seconds or segment_seconds
         self.source_timeout_seconds = source_timeout_seconds
+        # Hold each start's answer this long after the task is created and pre-charged: the
+        # window in which a client that dies has started a task it never heard of.
+        self.answer_delay_seconds = answer_delay_seconds
+        self.paused = False  # no task processes (or charges) a segment while set
         self.tasks: dict[str, EmuTask] = {}
         self.charges: list[Charge] = []
         self.starts: list[StartRecord] = []
@@ -171,6 +176,7 @@ class Emulator:
         self._session: aiohttp.ClientSession | None = None
         self._start_failures_used: dict[str, int] = {}
         self._changed = asyncio.Event()
+        self._closing = asyncio.Event()
         self.port: int | None = None
         self.host = "127.0.0.1"
         self.library = VideoLibrary(api_key=api_key, failures=failures)
@@ -208,6 +214,7 @@ class Emulator:
                 try:
                     yield self
                 finally:
+                    self._closing.set()
                     running = [*self._loops.values(), *self._followers, *self._senders]
                     for task in running:
                         task.cancel()
@@ -225,6 +232,8 @@ class Emulator:
         app.router.add_put("/_emulator/webhook", self._set_webhook)
         app.router.add_put("/_emulator/scripts", self._set_scripts)
         app.router.add_post("/_emulator/balance", self._add_balance)
+        app.router.add_put("/_emulator/answer_delay", self._set_answer_delay)
+        app.router.add_put("/_emulator/paused", self._set_paused)
         self.library.add_routes(app)
         return app
 
@@ -259,7 +268,10 @@ class Emulator:
             "charges": [asdict(c) for c in self.charges],
             "starts": [{**asdict(s), "url": redact_url(s.url)} for s in self.starts],
             "stops": [{"task_id": t, "http_status": s} for t, s in self.stop_calls],
+            "paused": self.paused,
+            "answer_delay_seconds": self.answer_delay_seconds,
             "deliveries": {
+                "posting": self.posting,
                 "total": len(self.deliveries),
                 "delivered": sum(d.delivered for d in self.deliveries),
                 "attempts": sum(d.attempts for d in self.deliveries),
@@ -329,6 +341,10 @@ class Emulator:
         self._notify()
         self._loops[task.task_id] = asyncio.create_task(self._run_task(task))
         log.info("emulator.task_started", task_id=task.task_id, fps=task.fps)
+        if self.answer_delay_seconds:
+            with contextlib.suppress(TimeoutError):  # held, unless the emulator is stopping
+                async with asyncio.timeout(self.answer_delay_seconds):
+                    await self._closing.wait()
         return self._reply(
             200,
             "success",
@@ -380,6 +396,16 @@ class Emulator:
             script = EmulatorScript.model_validate(item)
             self.scripts[script.url] = Script.from_config(script)
         return web.json_response({"ok": True, "scripts": len(self.scripts)})
+
+    async def _set_answer_delay(self, request: web.Request) -> web.Response:
+        doc = await request.json()
+        self.answer_delay_seconds = float(doc["seconds"])
+        return web.json_response({"ok": True, "answer_delay_seconds": self.answer_delay_seconds})
+
+    async def _set_paused(self, request: web.Request) -> web.Response:
+        doc = await request.json()
+        self.paused = bool(doc["paused"])
+        return web.json_response({"ok": True, "paused": self.paused})
 
     async def _add_balance(self, request: web.Request) -> web.Response:
         doc = await request.json()
@@ -435,6 +461,8 @@ class Emulator:
                 await asyncio.sleep(self.segment_seconds)
                 if task.state != "running":
                     break
+                if self.paused:
+                    continue
                 if outcomes and index < len(outcomes):
                     outcome = outcomes[index]
                 elif outcomes and then == "repeat":

@@ -122,6 +122,9 @@ class SegmentReport:
     frames_processed: int | None
     processing_ms: float | None
     tokens: Tokens | None
+    # Which feature blocks the callback carries: what it shows of the task's start request.
+    moderation_block: bool = False
+    logo_block: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,4 +434,6 @@ def parse_callback(body: bytes | str) -> Callback:
             seg.get("processing_time_ms"), "processing_time_ms", high=MAX_PROCESSING_MS
         ),
         tokens=_tokens(_obj(outer.get("token"), "data.token")),
+        moderation_block=moderation is not None,
+        logo_block=logo is not None,
     )
