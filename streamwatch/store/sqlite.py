@@ -110,8 +110,11 @@ class Store(
 
     async def close(self) -> None:
         """Finish every queued operation, then close the file."""
-        await self._writer.close()
+        await self._writer.stop()
         await self._reader.close()
+        # Last: the last connection to close checkpoints the WAL into the file and removes
+        # it (a read-only one cannot), so a stopped daemon leaves one self-contained file.
+        await self._writer.close()
 
     async def check_writable(self) -> None:
         """Raise unless a write transaction commits (for readiness probes)."""

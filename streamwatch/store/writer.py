@@ -101,13 +101,17 @@ class Writer:
             raise
         self._loop_task = asyncio.create_task(self._write_loop(), name="store-writer")
 
-    async def close(self) -> None:
-        """Finish every queued operation, then close the file."""
+    async def stop(self) -> None:
+        """Finish every queued operation; from then on, refuse new ones."""
         if self._loop_task is not None:
             await self._queue.join()
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
+
+    async def close(self) -> None:
+        """Stop, then close the file."""
+        await self.stop()
         if self.context._conn is not None:
             conn, self.context._conn = self.context._conn, None
             await self._in_thread(conn.close)
