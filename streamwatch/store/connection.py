@@ -106,7 +106,6 @@ class ReadConnection:
                 if self._signature() == before:
                     return result
             # A writer opened the file: from now on, read beside it.
-            log.debug("store.reader_follows_writer", path=str(self.path))
             self.close()
             self._connect(snapshot=False)
         return self._in_transaction(fn, own_errors)
