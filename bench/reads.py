@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import tempfile
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from streamwatch.mavi.callbacks import Callback, parse_callback
 from streamwatch.store import Store
+from streamwatch.store.writer import Context
 
 
 def callback(index: int) -> tuple[bytes, Callback]:
@@ -54,6 +56,10 @@ async def load(store: Store, concurrency: int, stop: asyncio.Event) -> int:
         return done
 
     return sum(await asyncio.gather(*(worker() for _ in range(concurrency))))
+
+
+def query(ctx: Context, *, sql: str) -> list[tuple[object, ...]]:
+    return ctx.conn.execute(sql).fetchall()
 
 
 async def timed(query: Callable[[], Awaitable[object]], n: int) -> list[float]:
@@ -90,7 +96,7 @@ async def main(queries: int, concurrency: int) -> None:
                     "SELECT count(*), coalesce(sum(callbacks), 0) FROM orphan_tasks",
                     "SELECT state, count(*) FROM alert_outbox GROUP BY state",
                 ):
-                    await store._write(lambda ctx, sql=sql: ctx.conn.execute(sql).fetchall())
+                    await store._write(functools.partial(query, sql=sql))
 
             stop = asyncio.Event()
             loading = asyncio.create_task(load(store, concurrency, stop))
