@@ -656,7 +656,7 @@ class Supervisor:
             return
         self._fired = pruned
         if not events:
-            self._spawn(self._store.save_budget_fired(self._fired))
+            self._spawn(self._store.save_budget_fired(frozenset(self._fired)))
         self._budget_events(events)
 
     def _count(self, stream: str, ticks: int, at: float, *, task_id: str | None) -> None:

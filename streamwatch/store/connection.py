@@ -82,16 +82,12 @@ class ReadConnection:
         self._connect(snapshot=quiet)
         try:
             (version,) = self.run(lambda c: c.execute("PRAGMA user_version").fetchone())
+            self.schema_version = int(version)
+            if self._check_schema:
+                check_version(self.path, self.schema_version, migrating=False)
         except BaseException:
             self.close()
             raise
-        self.schema_version = int(version)
-        if self._check_schema:
-            try:
-                check_version(self.path, self.schema_version, migrating=False)
-            except BaseException:
-                self.close()
-                raise
 
     def run(self, fn: Callable[[sqlite3.Connection], T], *, own_errors: bool = False) -> T:
         """`fn` in one read transaction: a consistent view of the file as last committed.

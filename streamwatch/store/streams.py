@@ -140,11 +140,12 @@ class StreamWrites(WriteSide):
         `budget_fired` (as `save_budget_fired` takes it) is written in the same commit: what
         says the event happened cannot be apart from it."""
         row = EventRow(self._clock() if at is None else at, stream, task_id, kind, status, detail)
+        fired = None if budget_fired is None else sorted(budget_fired)  # as it is now
 
         def op(ctx: Context) -> None:
             record_event(ctx, row)
-            if budget_fired is not None:
-                _set_setting(ctx.conn, _BUDGET_FIRED, sorted(budget_fired))
+            if fired is not None:
+                _set_setting(ctx.conn, _BUDGET_FIRED, fired)
 
         await self._write(op)
 
@@ -164,7 +165,8 @@ class StreamWrites(WriteSide):
 
     async def save_budget_fired(self, fired: Collection[str]) -> None:
         """Keep the budget thresholds already fired for the next process."""
-        await self._write(lambda ctx: _set_setting(ctx.conn, _BUDGET_FIRED, sorted(fired)))
+        value = sorted(fired)  # as it is now, not when the writer gets to it
+        await self._write(lambda ctx: _set_setting(ctx.conn, _BUDGET_FIRED, value))
 
 
 def _setting(conn: sqlite3.Connection, key: str) -> object:
