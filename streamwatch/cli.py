@@ -46,7 +46,16 @@ from streamwatch.ledger import caps_for, period_bounds, stream_ticks_per_hour, u
 from streamwatch.logs import configure_logging
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.redact import Redactor, redact_urls
-from streamwatch.store import ChargeTotal, OrphanCharges, Store, StoreError, check_state_file
+from streamwatch.store import (
+    ChargeTotal,
+    NewAlert,
+    OrphanCharges,
+    OutboxRow,
+    ReadOnlyStore,
+    Store,
+    StoreError,
+    check_state_file,
+)
 
 __all__ = ["main"]
 
@@ -545,7 +554,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
     async def read() -> tuple[list[ChargeTotal], OrphanCharges]:
-        async with Store(config.storage.path) as store:
+        async with ReadOnlyStore(config.storage.path) as store:
             return (
                 await store.charge_totals(since=since, until=until),
                 await store.orphan_charge_totals(since=since, until=until),
@@ -767,7 +776,10 @@ async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> i
         }
         ids = {name: str(uuid.uuid4()) for name in chosen}
         await store.enqueue_alerts(
-            [(ids[n], n, "cli-test", f"cli-test:{ids[n]}", event.to_json(), now) for n in chosen]
+            [
+                NewAlert(ids[n], n, "cli-test", f"cli-test:{ids[n]}", event.to_json(), now)
+                for n in chosen
+            ]
         )
         outbox = Outbox(
             store=store, sinks=sinks, retry_initial=0.5, retry_max=2.0, poll_seconds=0.5
@@ -793,8 +805,8 @@ def _alerts_list(config: Config, *, limit: int, as_json: bool) -> int:
         print(f"error: no state file at {config.storage.path}", file=sys.stderr)
         return EXIT_CONFIG
 
-    async def read() -> list[Any]:
-        async with Store(config.storage.path) as store:
+    async def read() -> list[OutboxRow]:
+        async with ReadOnlyStore(config.storage.path) as store:
             return await store.recent_alerts(limit=limit)
 
     rows = asyncio.run(read())

@@ -40,7 +40,7 @@ from streamwatch.config import EvidenceConfig
 from streamwatch.egress import Egress, Refused, shown
 from streamwatch.mavi.callbacks import SegmentReport
 from streamwatch.mavi.videos import BatchError, VideoClient
-from streamwatch.store import Store
+from streamwatch.store import StateStore
 
 __all__ = ["MAX_REDIRECTS", "STOP_GRACE_SECONDS", "DownloadError", "Evidence"]
 
@@ -129,7 +129,7 @@ class Evidence:
         self,
         *,
         config: EvidenceConfig,
-        store: Store,
+        store: StateStore,
         videos: VideoClient | None = None,
         clock: Callable[[], float] = time.time,
         trusted_prefixes: Iterable[str] = (),
@@ -348,9 +348,10 @@ class Evidence:
         now = self._clock()
         rows = await self._store.evidence_rows()
         removed: list[str] = []
-        total = sum(r[2] for r in rows) + self.partial_bytes
-        for path, created_at, size in rows:  # oldest first
-            too_old = now - created_at > self.config.retention_days * 86_400
+        total = sum(r.size for r in rows) + self.partial_bytes
+        for clip in rows:  # oldest first
+            path, size = clip.path, clip.size
+            too_old = now - clip.created_at > self.config.retention_days * 86_400
             if not too_old and total <= self.config.max_bytes:
                 continue
             try:

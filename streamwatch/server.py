@@ -42,7 +42,7 @@ from streamwatch.listen import bind
 from streamwatch.logs import Throttle
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, decode_body, parse_callback
 from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
-from streamwatch.store import CallbackOutcome, Store, StoreError
+from streamwatch.store import CallbackOutcome, StateStore, StoreError, StoreReader
 from streamwatch.supervisor import Supervisor
 
 __all__ = [
@@ -71,7 +71,7 @@ def iso(ts: float | None) -> str | None:
 
 
 async def build_status(
-    *, config: Config, supervisor: Supervisor, store: Store, clock: Callable[[], float]
+    *, config: Config, supervisor: Supervisor, store: StoreReader, clock: Callable[[], float]
 ) -> dict[str, Any]:
     """The status document served by `/api/v1/status`. Holds no secrets and no stream URLs
     (they may carry credentials)."""
@@ -265,7 +265,7 @@ class Server:
         self,
         *,
         config: Config,
-        store: Store,
+        store: StateStore,
         supervisor: Supervisor,
         callback_secret: SecretStr,
         status_token: SecretStr | None,

@@ -28,7 +28,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Literal, Protocol
@@ -59,7 +59,7 @@ from streamwatch.mavi.callbacks import (
 from streamwatch.mavi.errors import AuthError, InsufficientBalance, MaviError
 from streamwatch.mavi.streams import StartRequest
 from streamwatch.redact import Redactor
-from streamwatch.store import Adopted, CallbackOutcome, Store, StreamRecord
+from streamwatch.store import Adopted, CallbackOutcome, Halt, StateStore, StreamRecord
 
 __all__ = [
     "Action",
@@ -170,16 +170,6 @@ class _Streams(dict[str, StreamState]):
         if old is None or old.record() != state.record():
             self.dirty.add(name)
         super().__setitem__(name, state)
-
-
-@dataclass(frozen=True, slots=True)
-class Halt:
-    """The account is halted: nothing starts until `until` or an explicit resume."""
-
-    reason: Literal["balance", "auth"]
-    since: float
-    until: float
-    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,7 +393,7 @@ class Supervisor:
         self,
         *,
         client: StreamStarter,
-        store: Store,
+        store: StateStore,
         policy: Policy,
         tick_seconds: float,
         spending: Spending,
@@ -472,10 +462,8 @@ class Supervisor:
         """Set the desired streams and adopt what the store says is running or held."""
         self.desired = {s.name: s for s in streams}
         now = self._clock()
-        halt = await self._store.get_setting("account_halt")
-        if halt:
-            self.halt = Halt(**halt)
-        self._fired = set(await self._store.get_setting("budget_fired") or [])
+        self.halt = await self._store.load_halt()
+        self._fired = set(await self._store.load_budget_fired())
         everything = await self._store.charge_totals(since=float("-inf"), until=float("inf"))
         self.spending.all_time = {t.stream: t.ticks for t in everything}
         for period in PERIODS:
@@ -584,7 +572,7 @@ class Supervisor:
             log.info("supervisor.halt_expired", reason=self.halt.reason)
             self._spawn(self._record("halt_expired", detail=self.halt.reason))
             self.halt = None
-            self._spawn(self._store.set_setting("account_halt", None))
+            self._spawn(self._store.save_halt(None))
         estimates = self.estimates(now)
         self._flag_unreported(estimates)
         self.gate = self.spending.gate(now, estimates)
@@ -668,7 +656,7 @@ class Supervisor:
             return
         self._fired = pruned
         if not events:
-            self._spawn(self._store.set_setting("budget_fired", sorted(self._fired)))
+            self._spawn(self._store.save_budget_fired(frozenset(self._fired)))
         self._budget_events(events)
 
     def _count(self, stream: str, ticks: int, at: float, *, task_id: str | None) -> None:
@@ -693,7 +681,7 @@ class Supervisor:
                     stream=event.cap.stream,
                     task_id=task_id if event.charge_stream else None,
                     detail=event.detail,
-                    setting=("budget_fired", sorted(self._fired)),
+                    budget_fired=frozenset(self._fired),
                 )
             )
 
@@ -1000,15 +988,7 @@ class Supervisor:
     async def _persist_halt(self, halt: Halt, *, new: bool) -> None:
         if new:
             await self._record("account_halted", detail=f"{halt.reason}: {halt.detail}")
-        await self._store.set_setting(
-            "account_halt",
-            {
-                "reason": halt.reason,
-                "since": halt.since,
-                "until": halt.until,
-                "detail": halt.detail,
-            },
-        )
+        await self._store.save_halt(halt)
 
     # -- what callbacks tell us ----------------------------------------------------------------
 
@@ -1147,7 +1127,7 @@ class Supervisor:
         names = list(streams)
         if self.halt is not None:
             self.halt = None
-            await self._store.set_setting("account_halt", None)
+            await self._store.save_halt(None)
             await self._record("account_resumed")
         released = []
         for name, state in list(self.streams.items()):
@@ -1198,17 +1178,17 @@ class Supervisor:
         task_id: str | None = None,
         status: int | None = None,
         detail: str = "",
-        setting: tuple[str, Any] | None = None,
+        budget_fired: Collection[str] | None = None,
     ) -> None:
-        """Write an event to the store; the alerts it raises (and `setting`, a key and its
-        value) are written with it."""
+        """Write an event to the store; the alerts it raises (and `budget_fired`, the budget
+        thresholds fired) are written with it."""
         await self._store.add_event(
             kind,
             stream=stream,
             task_id=task_id,
             status=status,
             detail=self._text(detail),
-            setting=setting,
+            budget_fired=budget_fired,
         )
 
     async def _persist(self) -> None:

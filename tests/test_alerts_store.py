@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import streamwatch.store as store_module
+import streamwatch.store.orphans as orphans_module
 from streamwatch.alerts import AlertEvent, Router
 from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.config import AlertRule, EvidenceConfig, StreamConfig
@@ -239,7 +240,7 @@ async def test_orphans_are_counted_and_only_a_few_small_bodies_kept(tmp_path: Pa
 
 async def test_orphan_bodies_kept_in_all_are_capped(tmp_path: Path, monkeypatch):
     """Across many unknown tasks, at most ORPHAN_BODIES_MAX bodies are kept; all are counted."""
-    monkeypatch.setattr(store_module, "ORPHAN_BODIES_MAX", 3)
+    monkeypatch.setattr(orphans_module, "ORPHAN_BODIES_MAX", 3)
     path = tmp_path / "s.db"
     async with Store(path) as store:
         for n in range(10):

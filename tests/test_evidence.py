@@ -17,7 +17,7 @@ from streamwatch.config import EvidenceConfig, parse_config
 from streamwatch.emulator import Script
 from streamwatch.evidence import Evidence
 from streamwatch.mavi.callbacks import SegmentReport
-from streamwatch.store import Store
+from streamwatch.store import EvidenceRecord, Store
 from tests.conftest import stream_toml
 from tests.fakes.chat import ChatFakes
 from tests.fakes.clips import ClipHost
@@ -66,13 +66,13 @@ group_seconds = 0
             await fakes.wait(lambda: len(fakes.received["webhook"]) >= 1)
         alerts = await hook_alerts(fakes)
     records = await daemon.store.evidence()
-    assert sorted(r["segment_index"] for r in records) == [0, 2]
+    assert sorted(r.segment_index for r in records) == [0, 2]
     for r in records:
-        assert r["error"] is None
-        assert r["size"] == 64 * 1024
-        assert len(await asyncio.to_thread(Path(r["path"]).read_bytes)) == 64 * 1024
-        assert r["video_no"] in emulator.library.videos, "uploaded to the library"
-    clip0 = next(r["path"] for r in records if r["segment_index"] == 0)
+        assert r.error is None
+        assert r.size == 64 * 1024
+        assert len(await asyncio.to_thread(Path(r.path).read_bytes)) == 64 * 1024
+        assert r.video_no in emulator.library.videos, "uploaded to the library"
+    clip0 = next(r.path for r in records if r.segment_index == 0)
     assert alerts[0]["evidence"] == clip0
     assert not list(archive.rglob("*.part"))
 
@@ -99,7 +99,7 @@ async def test_retention_by_age_then_size(tmp_path: Path):
         removed = await evidence.prune()
         assert removed == [str(paths[0]), str(paths[1])]
         assert [p.exists() for p in paths] == [False, False, True, True]
-        assert [r["segment_index"] for r in await store.evidence()] == [2, 3]
+        assert [r.segment_index for r in await store.evidence()] == [2, 3]
 
 
 # -- URLs from callbacks: SSRF, credentials, redirects ------------------------------------------
@@ -127,7 +127,9 @@ class Rig:
     store: Store
     committed: asyncio.Event
 
-    async def rows_when(self, predicate: Callable[[list[dict[str, Any]]], bool]) -> Any:
+    async def rows_when(
+        self, predicate: Callable[[list[EvidenceRecord]], bool]
+    ) -> list[EvidenceRecord]:
         """The evidence rows once `predicate` holds, re-read after every store commit."""
         while True:
             self.committed.clear()
@@ -153,11 +155,11 @@ async def archive(
             yield Rig(evidence, store, committed)
 
 
-async def capture_all(rig: Rig, urls: list[str]) -> list[dict[str, Any]]:
+async def capture_all(rig: Rig, urls: list[str]) -> list[EvidenceRecord]:
     for i, url in enumerate(urls):
         rig.evidence.capture("cam", report(url, i))
     await rig.evidence.settle()
-    return sorted(await rig.store.evidence(), key=lambda r: r["segment_index"])
+    return sorted(await rig.store.evidence(), key=lambda r: r.segment_index)
 
 
 async def test_internal_clip_urls_are_refused_and_recorded(tmp_path: Path):
@@ -183,11 +185,11 @@ async def test_internal_clip_urls_are_refused_and_recorded(tmp_path: Path):
     assert host.requests == []
     assert len(rows) == len(urls)
     for row in rows:
-        assert row["error"] is not None
-        assert row["error"].startswith("refused"), row["error"]
-        assert row["size"] == 0
-        assert "hunter2" not in row["error"]
-        assert "user" not in row["error"]
+        assert row.error is not None
+        assert row.error.startswith("refused"), row.error
+        assert row.size == 0
+        assert "hunter2" not in row.error
+        assert "user" not in row.error
     assert not list((tmp_path / "archive").rglob("*.*"))
 
 
@@ -213,15 +215,15 @@ async def test_redirects_are_checked_at_every_hop(tmp_path: Path):
             ],
         )
     assert internal.requests == []
-    assert [r["error"] is None for r in rows] == [False, False, True, False, False]
-    assert rows[0]["error"].startswith(f"refused {inner}/clip/5: 127.0.0.1 is a loopback")
-    assert rows[2]["size"] == 7
-    assert "redirects" in rows[4]["error"]
+    assert [r.error is None for r in rows] == [False, False, True, False, False]
+    assert (rows[0].error or "").startswith(f"refused {inner}/clip/5: 127.0.0.1 is a loopback")
+    assert rows[2].size == 7
+    assert "redirects" in (rows[4].error or "")
     assert host.requests
     for seen in host.requests:
         assert "Authorization" not in seen.headers
         assert "Cookie" not in seen.headers
-    assert all("pw" not in (r["error"] or "") for r in rows)
+    assert all("pw" not in (r.error or "") for r in rows)
 
 
 async def test_emulator_clips_are_trusted_but_not_the_rest_of_it(tmp_path: Path, emulator):
@@ -232,9 +234,9 @@ async def test_emulator_clips_are_trusted_but_not_the_rest_of_it(tmp_path: Path,
         rows = await capture_all(
             rig, [f"{emulator.clips_url}/t/segment_0.mp4", f"{base}/_emulator/state"]
         )
-    assert rows[0]["error"] is None
-    assert rows[0]["size"] == 64 * 1024
-    assert rows[1]["error"].startswith("refused")
+    assert rows[0].error is None
+    assert rows[0].size == 64 * 1024
+    assert (rows[1].error or "").startswith("refused")
 
 
 # -- leftovers, budgets, starvation -------------------------------------------------------------
@@ -254,8 +256,8 @@ async def test_failed_downloads_leave_no_part_files(tmp_path: Path):
     ):
         rows = await capture_all(rig, [f"{base}/clip/{400 * 1024}", f"{base}/stall/{64 * 1024}"])
         host.release.set()
-    assert rows[0]["error"] == "clip larger than max_clip_bytes"
-    assert rows[1]["error"] == "clip download timed out after 0.3 s"
+    assert rows[0].error == "clip larger than max_clip_bytes"
+    assert rows[1].error == "clip download timed out after 0.3 s"
     assert list((tmp_path / "archive").rglob("*.part")) == []
 
 
@@ -294,16 +296,14 @@ async def test_bytes_in_flight_count_toward_max_bytes(tmp_path: Path):
         # Both stall after 600 bytes: whichever is read second finds 1,200 in flight.
         rig.evidence.capture("cam", report(f"{base}/stall/600", 0))
         rig.evidence.capture("cam", report(f"{base}/stall/600", 1))
-        rows = await rig.rows_when(lambda rows: any(r["error"] for r in rows))
-        assert [r["error"] for r in rows if r["error"]] == [
-            "downloads in flight would exceed max_bytes"
-        ]
+        rows = await rig.rows_when(lambda rows: any(r.error for r in rows))
+        assert [r.error for r in rows if r.error] == ["downloads in flight would exceed max_bytes"]
         assert rig.evidence.partial_bytes == 600
         assert await rig.evidence.prune() == [str(old[0]), str(old[1])]
         host.release.set()
         await rig.evidence.settle()
         rows = await rig.store.evidence()
-    assert sorted((r["size"], r["error"] is None) for r in rows if r["segment_index"] < 2) == [
+    assert sorted((r.size, r.error is None) for r in rows if r.segment_index < 2) == [
         (0, False),
         (600, True),
     ]
@@ -326,9 +326,9 @@ async def test_a_full_queue_refuses_captures(tmp_path: Path):
         assert rig.evidence.capture("cam", report(f"{base}/clip/3", 2)) is None
         host.release.set()
         await rig.evidence.settle()
-        rows = {r["segment_index"]: r for r in await rig.store.evidence()}
-    assert "max_queued_downloads" in rows[2]["error"]
-    assert rows[1]["size"] == 3
+        rows = {r.segment_index: r for r in await rig.store.evidence()}
+    assert "max_queued_downloads" in (rows[2].error or "")
+    assert rows[1].size == 3
 
 
 async def test_clips_and_folders_are_private_whatever_the_umask(tmp_path: Path):
@@ -340,7 +340,7 @@ async def test_clips_and_folders_are_private_whatever_the_umask(tmp_path: Path):
             rows = await capture_all(rig, [f"{base}/clip/10"])
     finally:
         os.umask(previous)
-    clip = Path(rows[0]["path"])
+    clip = Path(rows[0].path)
     modes = [os.stat(p).st_mode for p in (clip, clip.parent, clip.parent.parent, clip.parents[2])]
     assert [stat.S_IMODE(m) for m in modes] == [0o600, 0o700, 0o700, 0o700]
     assert clip.parents[2] == tmp_path / "archive"
@@ -379,8 +379,8 @@ async def test_builtin_emulator_clips_are_archived_without_allow_hosts(tmp_path:
     async with Store(tmp_path / "s.db") as store:
         rows = await store.evidence()
     assert len(rows) >= 2
-    assert [r["error"] for r in rows] == [None] * len(rows)
-    assert all(r["size"] == 64 * 1024 for r in rows)
+    assert [r.error for r in rows] == [None] * len(rows)
+    assert all(r.size == 64 * 1024 for r in rows)
 
 
 async def test_stop_abandons_stuck_downloads_and_says_so(tmp_path: Path):
@@ -394,8 +394,8 @@ async def test_stop_abandons_stuck_downloads_and_says_so(tmp_path: Path):
             await host.wait(lambda: host.stalled == 1)
         host.release.set()
     async with Store(tmp_path / "s.db") as store:
-        rows = sorted(await store.evidence(), key=lambda r: r["segment_index"])
-    assert [r["error"] for r in rows] == [
+        rows = sorted(await store.evidence(), key=lambda r: r.segment_index)
+    assert [r.error for r in rows] == [
         "abandoned: streamwatch stopped before the clip was downloaded"
     ] * 2
     assert list((tmp_path / "archive").rglob("*.part")) == []

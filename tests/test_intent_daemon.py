@@ -251,7 +251,7 @@ async def test_early_segments_claimed_at_the_answer_go_the_way_of_live_ones(
         ).fetchone()[0]
     assert early >= 1
     indexes = await daemon.store.segment_indexes(task_id)
-    archived = {r["segment_index"] for r in await daemon.store.evidence()}
+    archived = {r.segment_index for r in await daemon.store.evidence()}
     assert set(indexes) == archived, "every unsafe segment archived, the claimed ones too"
     alerted = {r.event["segment_index"] for r in await daemon.store.recent_alerts(limit=1000)}
     assert set(indexes) == alerted

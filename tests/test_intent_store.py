@@ -14,6 +14,7 @@ from streamwatch.intent import Intent, Shape, price_orphan
 from streamwatch.mavi.callbacks import parse_callback
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.store import MIGRATIONS, Store
+from streamwatch.store.schema import split_sql
 from tests.test_alerts_store import hooked, rule
 
 TICKS = segment_cost_ticks(fps=2, content_moderation=True, logo_detection=False)  # 9
@@ -219,7 +220,7 @@ async def test_upgrade_to_schema_9_keeps_known_orphans_reported(tmp_path: Path):
     path = tmp_path / "s.db"
     conn = sqlite3.connect(path)
     for script in MIGRATIONS[:7]:
-        for statement in store_module._split_sql(script):
+        for statement in split_sql(script):
             conn.execute(statement)
     conn.execute("PRAGMA user_version = 7")
     conn.execute(

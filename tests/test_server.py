@@ -175,7 +175,9 @@ async def test_upload_callbacks_record_library_status(daemon, http, emulator, tm
     clip.write_bytes(b"\x00" * 4096)
     video = await client.upload(clip, callback_uri=hook)
     await emulator.library.settle()
-    assert await daemon.store.library_videos() == {video.video_no: "PARSE"}
+    assert [(v.video_no, v.status) for v in await daemon.store.library_videos()] == [
+        (video.video_no, "PARSE")
+    ]
     wrong = await http.post(f"{base}/callbacks/mavi-video/{SECRET[:-1]}x", json={})
     assert wrong.status == 404
     bad = await http.post(hook, json={"videoNo": 5})
@@ -247,7 +249,7 @@ async def test_upload_callbacks_refuse_unusable_bodies_with_400(daemon, http, bo
     base = await started(daemon)
     resp = await http.post(f"{base}/callbacks/mavi-video/{SECRET}", data=body)
     assert resp.status == 400
-    assert await daemon.store.library_videos() == {}
+    assert await daemon.store.library_videos() == []
 
 
 async def raw_request(port: int, request: bytes) -> tuple[str, bytes]:

@@ -13,6 +13,7 @@ from streamwatch.mavi.callbacks import SegmentFailed, SegmentReport, StreamEnded
 from streamwatch.store import (
     MIGRATIONS,
     CallbackOutcome,
+    Halt,
     SchemaError,
     Store,
     StoreError,
@@ -161,7 +162,8 @@ async def test_state_survives_reopening(tmp_path: Path):
     """Settings, holds, tasks and events are on disk, not in memory."""
     async with Store(tmp_path / "s.db") as store:
         await register(store, "t")
-        await store.set_setting("account_halt", {"reason": "balance"})
+        halt = Halt("balance", 10.0, 70.0, "task ended with status 402")
+        await store.save_halt(halt)
         held = StreamRecord(
             "cam",
             held_reason="stopped outside streamwatch",
@@ -174,7 +176,7 @@ async def test_state_survives_reopening(tmp_path: Path):
         await store.save_streams([held])
         await store.add_event("task_started", stream="cam", task_id="t")
     async with Store(tmp_path / "s.db") as store:
-        assert await store.get_setting("account_halt") == {"reason": "balance"}
+        assert await store.load_halt() == halt
         assert (await store.streams())["cam"] == held
         assert [t.task_id for t in await store.running_tasks()] == ["t"]
         assert [e.kind for e in await store.events(stream="cam")] == ["task_started"]
@@ -186,7 +188,7 @@ async def test_closed_store_refuses_work(tmp_path: Path):
     """Using a store that is not open is an error, not a hang."""
     store = Store(tmp_path / "s.db")
     with pytest.raises(StoreError, match="not open"):
-        await store.get_setting("x")
+        await store.load_halt()
 
 
 async def test_upgrade_from_schema_1_backfills_the_ledger(tmp_path: Path):

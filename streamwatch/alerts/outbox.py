@@ -32,7 +32,7 @@ from streamwatch.background import Failures, TaskGroup, repeat
 from streamwatch.config import StreamConfig
 from streamwatch.mavi.callbacks import SegmentReport, StreamEnded
 from streamwatch.metrics import Metrics
-from streamwatch.store import AlertTx, CallbackOutcome, EventRow, NewAlert, OutboxRow, Store
+from streamwatch.store import AlertTx, CallbackOutcome, EventRow, NewAlert, OutboxRow, StateStore
 
 if TYPE_CHECKING:
     from streamwatch.evidence import Evidence
@@ -48,7 +48,7 @@ class Outbox:
     def __init__(
         self,
         *,
-        store: Store,
+        store: StateStore,
         sinks: Mapping[str, Sink],
         retry_initial: float,
         retry_max: float,
@@ -251,7 +251,7 @@ class Alerts:
         *,
         router: Router,
         outbox: Outbox,
-        store: Store,
+        store: StateStore,
         specs: Callable[[], Mapping[str, StreamConfig]] = dict,
         evidence: Evidence | None = None,
         clock: Callable[[], float] = time.time,

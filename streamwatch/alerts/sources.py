@@ -11,6 +11,7 @@ test`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import TypedDict
 
 from streamwatch.alerts.events import AlertEvent, Severity
 from streamwatch.mavi.callbacks import SegmentReport
@@ -129,6 +130,20 @@ def logo_hit(report: SegmentReport, watched: Collection[str]) -> bool:
     return bool(names & set(watched)) if watched else bool(names)
 
 
+class _SegmentFields(TypedDict):
+    """What every alert about one segment carries."""
+
+    stream: str
+    labels: Mapping[str, str]
+    at: float
+    task_id: str
+    segment_index: int
+    start_time: float | None
+    end_time: float | None
+    clip_url: str | None
+    evidence: str | None
+
+
 def from_segment(
     report: SegmentReport,
     *,
@@ -143,7 +158,7 @@ def from_segment(
     """Alerts for one stored segment: unsafe content, and logos (only the watched names when
     the stream has a watch list)."""
     events = []
-    common = {
+    common: _SegmentFields = {
         "stream": stream,
         "labels": dict(labels),
         "at": at,
@@ -163,7 +178,7 @@ def from_segment(
                 text=f"Segment {report.segment_index} of {stream} has unsafe content"
                 f" ({unsafe_streak} in a row).",
                 consecutive=unsafe_streak,
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         )
     names = tuple(n for n in (logo.name for logo in report.logos) if n)
@@ -178,7 +193,7 @@ def from_segment(
                 text=f"Segment {report.segment_index} of {stream} shows {', '.join(names)}.",
                 logos=names,
                 consecutive=logo_streak,
-                **common,  # type: ignore[arg-type]
+                **common,
             )
         )
     return events

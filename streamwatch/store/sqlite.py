@@ -1,0 +1,127 @@
+"""The SQLite backend: `Store` (the daemon's: one writer, one reader beside it) and
+`ReadOnlyStore` (the commands that only read), each composed of the concept modules' parts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
+
+from streamwatch.intent import OrphanPrice, Shape
+from streamwatch.store.alerts import OutboxReads, OutboxWrites
+from streamwatch.store.intents import IntentReads, IntentWrites
+from streamwatch.store.interface import AlertHook, StateStore, StoreReader
+from streamwatch.store.ledger import LedgerReads
+from streamwatch.store.orphans import OrphanWrites
+from streamwatch.store.prune import PruneWrites
+from streamwatch.store.reader import Reader
+from streamwatch.store.streams import StreamReads, StreamWrites
+from streamwatch.store.tasks import TaskReads, TaskWrites
+from streamwatch.store.videos import VideoReads, VideoWrites
+from streamwatch.store.writer import Context, Writer
+
+__all__ = ["ReadOnlyStore", "Store"]
+
+
+class ReadOnlyStore(TaskReads, IntentReads, LedgerReads, StreamReads, OutboxReads, VideoReads):
+    """A state file opened for reading only: `async with ReadOnlyStore(path) as store:`. It
+    must exist and be of this streamwatch's schema (an older one is refused, not migrated);
+    nothing is written, and no file is created beside it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._reader = Reader(path, beside_writer=False)
+
+    async def __aenter__(self) -> Self:
+        await self._reader.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._reader.close()
+
+
+class Store(
+    TaskReads,
+    TaskWrites,
+    IntentReads,
+    IntentWrites,
+    OrphanWrites,
+    LedgerReads,
+    StreamReads,
+    StreamWrites,
+    OutboxReads,
+    OutboxWrites,
+    VideoReads,
+    VideoWrites,
+    PruneWrites,
+):
+    """The daemon's SQLite store. Use `async with Store(path) as store:`: the file is created
+    if missing and migrated. Writes go through one writer (group commit, a savepoint per
+    operation, in its thread); reads go through a read-only connection beside it, in a
+    thread of their own, and never wait for the writer."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        batch_max: int = 512,
+        clock: Callable[[], float] = time.time,
+        precharge_covers_first_segment: bool = False,
+        on_commit: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self.path = path
+        self._clock = clock
+        self._context = Context(first_free=precharge_covers_first_segment)
+        self._writer = Writer(path, self._context, batch_max=batch_max, on_commit=on_commit)
+        self._reader = Reader(path, beside_writer=True)
+
+    @property
+    def commits(self) -> int:
+        """Transactions committed, for tests and benchmarks."""
+        return self._writer.commits
+
+    def set_alert_hook(self, hook: AlertHook | None) -> None:
+        """Route alerts with `hook` inside the operations that record callbacks and events."""
+        self._context.hook = hook
+
+    def set_orphan_pricer(self, pricer: Callable[[Shape | None], OrphanPrice]) -> None:
+        """Price orphan segments with `pricer` (it runs in the writer's thread: pure, reading
+        only what is replaced whole, like the configured streams)."""
+        self._context.pricer = pricer
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Open (creating if needed) the file, migrate it, and start the writer; then open
+        the read connection beside it."""
+        await self._writer.open()
+        try:
+            await self._reader.open()
+        except BaseException:
+            await self._writer.close()
+            raise
+
+    async def close(self) -> None:
+        """Finish every queued operation, then close the file."""
+        await self._writer.stop()
+        await self._reader.close()
+        # Last: the last connection to close checkpoints the WAL into the file and removes
+        # it (a read-only one cannot), so a stopped daemon leaves one self-contained file.
+        await self._writer.close()
+
+    async def check_writable(self) -> None:
+        """Raise unless a write transaction commits (for readiness probes)."""
+        await self._write(lambda ctx: ctx.conn.execute("UPDATE settings SET key = key WHERE 0"))
+
+
+if TYPE_CHECKING:  # the type checker holds each to the interface it implements
+
+    def _implements(store: Store, reader: ReadOnlyStore) -> tuple[StateStore, StoreReader]:
+        return store, reader

@@ -1,0 +1,193 @@
+"""The writer: every write goes through it, one operation after another, in one thread.
+
+Operations queued while a commit is in progress run together in the next transaction, so a
+burst of callbacks costs one fsync, not one each. Each operation runs in its own savepoint,
+so one failing operation does not fail its batch-mates. A coroutine awaiting an operation
+resumes only after the transaction holding it committed.
+
+An operation is a function of the `Context`: the connection, inside the batch's transaction,
+and what the operations share in the writer's thread (the alert hook, the orphan pricer, the
+open intents they cache).
+
+SQLite-specific: the thread (sqlite3 blocks), `BEGIN IMMEDIATE`, savepoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar, cast
+
+import structlog
+
+from streamwatch.intent import Intent, OrphanPrice, Shape, price_orphan
+from streamwatch.store.connection import connect_writer
+from streamwatch.store.reader import ReadSide
+from streamwatch.store.types import StoreError
+
+if TYPE_CHECKING:
+    from streamwatch.store.interface import AlertHook
+
+__all__ = ["Context", "WriteSide", "Writer"]
+
+log = structlog.get_logger("streamwatch.store")
+T = TypeVar("T")
+
+
+class Context:
+    """What an operation sees, in the writer's thread: the connection (inside the batch's
+    transaction) and the state the operations share."""
+
+    def __init__(self, *, first_free: bool) -> None:
+        self._conn: sqlite3.Connection | None = None
+        # How to read MAVI's pre-charge (undocumented): as its own charge (False, the
+        # conservative default) or as payment for the task's first processed segment.
+        self.first_free = first_free
+        self.hook: AlertHook | None = None
+        self.pricer: Callable[[Shape | None], OrphanPrice] = lambda seen: price_orphan(seen, ())
+        # The open intents, cached between the operations that change them: each such
+        # operation drops the cache, as does any rollback.
+        self.open_intents: list[Intent] | None = None
+        self.alerts_written = False  # outbox rows written in this batch
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        assert self._conn is not None, "operations run only while the writer is open"
+        return self._conn
+
+    def rolled_back(self) -> None:
+        """Something this thread cached may have been rolled back: forget it."""
+        self.open_intents = None
+
+
+_Op = Callable[[Context], object]
+
+
+class Writer:
+    """The store's one writer (see the module's docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        context: Context,
+        *,
+        batch_max: int,
+        on_commit: Callable[[float, int], None] | None,
+    ) -> None:
+        self.path = path
+        self.context = context
+        self._batch_max = batch_max
+        self._on_commit = on_commit  # (seconds, operations) after each commit
+        self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[object]]] = asyncio.Queue()
+        self._loop_task: asyncio.Task[None] | None = None
+        # One thread runs every operation: SQLite's allocations stay in one malloc arena
+        # instead of one per thread of the default pool (which kept RSS high after bursts).
+        self._thread: ThreadPoolExecutor | None = None
+        self.commits = 0  # transactions committed, for tests and benchmarks
+
+    async def open(self) -> None:
+        """Open (creating if needed) the file, migrate it, and start the loop."""
+        self.context.open_intents = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamwatch-store")
+        try:
+            self.context._conn = await self._in_thread(connect_writer, self.path)
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            self._thread = None
+            raise
+        self._loop_task = asyncio.create_task(self._write_loop(), name="store-writer")
+
+    async def stop(self) -> None:
+        """Finish every queued operation; from then on, refuse new ones."""
+        if self._loop_task is not None:
+            await self._queue.join()
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+
+    async def close(self) -> None:
+        """Stop, then close the file."""
+        await self.stop()
+        if self.context._conn is not None:
+            conn, self.context._conn = self.context._conn, None
+            await self._in_thread(conn.close)
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+    async def run(self, op: Callable[[Context], T]) -> T:
+        """Queue `op`; its result once the transaction holding it committed."""
+        if self._loop_task is None:
+            raise StoreError("the store is not open")
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((op, future))
+        return cast(T, await future)  # the result of `op`, set by the loop
+
+    async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._batch_max and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            started = time.perf_counter()
+            self.context.alerts_written = False
+            try:
+                results = await self._in_thread(self._run_batch, [op for op, _ in batch])
+                if self._on_commit is not None:
+                    self._on_commit(time.perf_counter() - started, len(batch))
+                hook = self.context.hook
+                if self.context.alerts_written and hook is not None:
+                    hook.committed()
+            except Exception as exc:  # noqa: BLE001 - the commit failed: nothing in the batch is stored
+                log.error("store.commit_failed", error=str(exc), batch=len(batch))
+                results = [StoreError(f"could not commit to {self.path}: {exc}")] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+                self._queue.task_done()
+
+    def _run_batch(self, ops: list[_Op]) -> list[object]:
+        ctx = self.context
+        conn = ctx.conn
+        results: list[object] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append(op(ctx))
+                    conn.execute("RELEASE op")
+                except Exception as exc:  # noqa: BLE001 - one bad op must not fail its batch-mates
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    ctx.rolled_back()
+                    results.append(exc)
+            conn.execute("COMMIT")
+        except BaseException:
+            ctx.rolled_back()
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.commits += 1
+        return results
+
+
+class WriteSide(ReadSide):
+    """What the store's write mixins share: the writer, and the clock that dates what they
+    record when the caller does not say when."""
+
+    _writer: Writer
+    _clock: Callable[[], float]
+
+    async def _write(self, op: Callable[[Context], T]) -> T:
+        return await self._writer.run(op)
