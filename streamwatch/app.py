@@ -185,7 +185,7 @@ class App:
                 api_key=api_key,
                 retry=cfg.mavi.retry,
                 timeout_seconds=cfg.mavi.request_timeout_seconds,
-                metrics=metrics,
+                on_request=metrics.mavi_request,
                 redact=self.redactor,
             )
             spending = Spending(
@@ -214,6 +214,7 @@ class App:
                     base_url=self.emulator.batch_url if self.emulator else cfg.mavi.batch_base_url,
                     api_key=api_key,
                     retry=cfg.mavi.retry,
+                    on_request=metrics.mavi_request,
                 )
                 if cfg.evidence.upload
                 else None,

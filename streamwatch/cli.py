@@ -32,16 +32,15 @@ from streamwatch.config import (
     Config,
     ConfigError,
     ConfigProblem,
-    EmulatorScript,
     Secrets,
     check_host_port,
     load_config,
-    local_url,
     read_secret,
     resolve_secrets,
     secret_problems,
     secret_values,
 )
+from streamwatch.http import local_url
 from streamwatch.ledger import caps_for, period_bounds, stream_ticks_per_hour, usd
 from streamwatch.logs import configure_logging
 from streamwatch.pricing import segment_cost_ticks
@@ -903,7 +902,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
-    from streamwatch.emulator import Emulator, Script
+    from streamwatch.emulator import Emulator, EmulatorScript, Script
     from streamwatch.pricing import usd_to_ticks
 
     scripts: dict[str, Script] = {}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import resource
 import time
@@ -34,11 +33,11 @@ from pydantic import SecretStr
 
 from streamwatch import __version__
 from streamwatch.alerts.sources import logo_hit
-from streamwatch.config import Config, local_url
+from streamwatch.config import Config
 from streamwatch.evidence import Evidence
 from streamwatch.guard import ConnectionGuard, effective_limit, listen_backlog
+from streamwatch.http import BadBody, bind, close_runner, local_url, read_json
 from streamwatch.ledger import summary
-from streamwatch.listen import bind
 from streamwatch.logs import Throttle
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, decode_body, parse_callback
 from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
@@ -47,12 +46,9 @@ from streamwatch.supervisor import Supervisor
 
 __all__ = [
     "CALLBACK_PREFIX",
-    "BadBody",
     "Server",
     "build_status",
-    "close_runner",
     "iso",
-    "read_json",
 ]
 
 log = structlog.get_logger("streamwatch.server")
@@ -155,52 +151,6 @@ async def build_status(
             "precharge": config.ledger.precharge,
         },
     }
-
-
-async def close_runner(runner: web.AppRunner) -> None:
-    """Stop an aiohttp runner, including connections accepted while it was stopping.
-
-    `AppRunner.cleanup()` closes the listener without waiting for accepts asyncio already
-    began; such a connection can reach the handler after the shutdown pass and would be left
-    open. A second pass over the same low-level server closes those as well."""
-    low = runner.server
-    await runner.cleanup()
-    if low is not None:
-        for _ in range(3):  # let started accepts finish creating their transports
-            await asyncio.sleep(0)
-        low.pre_shutdown()
-        await low.shutdown(0)
-
-
-class BadBody(Exception):
-    """A request body that cannot be used; `response()` is the 4xx answer saying why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-    def response(self) -> web.Response:
-        return web.json_response({"error": str(self)}, status=self.status)
-
-
-_UTF8 = {"utf-8", "utf8", "us-ascii", "ascii"}
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, which must be UTF-8 (RFC 8259): another declared charset is
-    refused (415; an unknown one made aiohttp raise, a 500), and nesting too deep for the
-    parser is "not JSON" (400), not a server error. Raises `BadBody` (413, 415 or 400)."""
-    charset = request.charset
-    if charset is not None and charset.lower() not in _UTF8:
-        raise BadBody(415, "JSON bodies are UTF-8: send charset=utf-8 or none")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BadBody(413, "body too large") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BadBody(400, "body is not JSON (UTF-8)") from None
 
 
 def _raw(text: str) -> bytes:

@@ -27,7 +27,7 @@ from streamwatch.alerts.events import (
     safe_link,
     truncate,
 )
-from streamwatch.mavi.streams import parse_retry_after
+from streamwatch.http import parse_retry_after
 
 __all__ = [
     "HARD_LIMITS",
