@@ -21,7 +21,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from streamwatch.config import (
     Config,
     ConfigError,
     Secrets,
+    StreamConfig,
     load_config,
     public_value_problems,
     resolve_secrets,
@@ -52,15 +53,17 @@ from streamwatch.config import (
 )
 from streamwatch.emulator import Emulator, Script
 from streamwatch.evidence import Evidence
+from streamwatch.intent import OrphanPricer, Shape
 from streamwatch.ledger import Spending
 from streamwatch.mavi.streams import StreamClient
 from streamwatch.mavi.videos import VideoClient
 from streamwatch.metrics import Metrics, StateCollector
+from streamwatch.policy import Policy
 from streamwatch.pricing import usd_to_ticks
 from streamwatch.redact import Redactor, url_secrets
 from streamwatch.server import Server
 from streamwatch.store import Store
-from streamwatch.supervisor import Policy, Supervisor
+from streamwatch.supervisor import Supervisor
 from streamwatch.systemd import Notifier
 
 __all__ = ["App"]
@@ -112,6 +115,8 @@ class App:
         )
         self.failure: str | None = None
         self._daemon: TaskGroup | None = None
+        # Orphan segments are priced against the configured streams (replaced at a reload).
+        self.pricer = OrphanPricer(shapes(config.streams))
 
     def _fail(self, task: str) -> None:
         if self.failure is None:
@@ -167,6 +172,7 @@ class App:
                 clock=self._clock,
                 precharge_covers_first_segment=cfg.ledger.precharge == "first_segment",
                 on_commit=metrics.commit,
+                orphan_pricer=self.pricer,
             )
             self.store = await stack.enter_async_context(store)
             session = await stack.enter_async_context(aiohttp.ClientSession())
@@ -203,7 +209,6 @@ class App:
             )
             await stack.enter_async_context(self.supervisor.running())
             await self.supervisor.load(cfg.streams)
-            self.store.set_orphan_pricer(self.supervisor.price_orphan)
             # The archive fetches clip URLs from callbacks on its own guarded pool, so slow
             # or hostile clip hosts never hold the connections MAVI's API needs.
             self.evidence = Evidence(
@@ -424,6 +429,7 @@ class App:
         if self.server is not None:
             self.server.set_config(self.config)
         self.supervisor.reload(new.streams, new.budgets)
+        self.pricer.configure(shapes(new.streams))
         self.reloads += 1
         self.systemd.notify(ready=1, status=self._status_line())
         log.info("app.reloaded", streams=len(new.streams))
@@ -448,6 +454,11 @@ class App:
             segment_seconds=cfg.mavi.segment_seconds,
             max_running=cfg.mavi.max_running,
         )
+
+
+def shapes(streams: Iterable[StreamConfig]) -> list[Shape]:
+    """What the callbacks of each stream's task show (to price orphans like them)."""
+    return [Shape(s.content_moderation, s.logo_detection, s.fps) for s in streams]
 
 
 def build_sinks(

@@ -8,9 +8,11 @@ store at start), and decides, purely, what the budgets demand:
 - `BudgetGate`: which streams must stop (a cap is reached) and which may not start (the
   pre-charge of a start would cross a cap). `plan()` obeys it.
 - `BudgetEvent`s: thresholds crossed (default 50/80/100 %) and "projected to exceed" forecasts,
-  each once per cap and period. A threshold is found by the charge that crosses it (`add`),
-  so its event carries that charge and the spend and percentage right after it; only a
-  crossing made by estimates of unreported segments is found by the periodic `check`.
+  each once per cap and period. A threshold is found by the charge that crosses it
+  (`charge`), so its event carries that charge and the spend and percentage right after it;
+  only a crossing made by estimates of unreported segments is found by the periodic `check`.
+  What has fired is a value the caller keeps (and persists): both take it and return it
+  anew with the events' keys added, never changing the one they were given.
 
 Money is integer ticks of 1/2880 USD throughout; USD appears only for display.
 """
@@ -34,6 +36,7 @@ __all__ = [
     "BudgetEvent",
     "BudgetGate",
     "Cap",
+    "Fired",
     "Period",
     "Spending",
     "burn_ticks_per_second",
@@ -168,15 +171,19 @@ def _percent_text(permille: int) -> str:
 
 def caps_for(budgets: BudgetsConfig, streams: Iterable[StreamConfig]) -> list[Cap]:
     """Every configured cap, in ticks."""
+    owners: list[tuple[str | None, Decimal | None, Decimal | None]] = [
+        (None, budgets.daily_usd, budgets.monthly_usd),
+        *((s.name, s.budget.daily_usd, s.budget.monthly_usd) for s in streams),
+    ]
     caps = []
-    for period, amount in (("day", budgets.daily_usd), ("month", budgets.monthly_usd)):
-        if amount is not None:
-            caps.append(Cap(None, period, usd_to_ticks(amount)))  # type: ignore[arg-type]
-    for s in streams:
-        for period, amount in (("day", s.budget.daily_usd), ("month", s.budget.monthly_usd)):
-            if amount is not None:
-                caps.append(Cap(s.name, period, usd_to_ticks(amount)))  # type: ignore[arg-type]
+    for stream, daily, monthly in owners:
+        amounts: tuple[tuple[Period, Decimal | None], ...] = (("day", daily), ("month", monthly))
+        caps += [Cap(stream, p, usd_to_ticks(a)) for p, a in amounts if a is not None]
     return caps
+
+
+Fired = frozenset[str]
+"""The keys (`BudgetEvent.key`) of the budget events raised in the current periods."""
 
 
 class Spending:
@@ -213,21 +220,25 @@ class Spending:
             self._counters[(stream, period, key)] = ticks
         self._account[(period, key)] = sum(by_stream.values())
 
-    def add(
-        self, stream: str, ticks: int, at: float, *, fired: set[str] | None = None
-    ) -> list[BudgetEvent]:
-        """Count a charge the store has recorded. With `fired`, return the thresholds this
-        charge crossed that are not in it (and add them): each event carries the charge and
-        the spend and percentage right after it. The caller records them."""
+    def add(self, stream: str, ticks: int, at: float) -> None:
+        """Count a charge the store has recorded."""
         self.all_time[stream] = self.all_time.get(stream, 0) + ticks
         for period in PERIODS:
             key = period_key(period, at)
             k = (stream, period, key)
             self._counters[k] = self._counters.get(k, 0) + ticks
             self._account[(period, key)] = self._account.get((period, key), 0) + ticks
-        if fired is None or not ticks:
-            return []
-        events = []
+
+    def charge(
+        self, stream: str, ticks: int, at: float, *, fired: Fired
+    ) -> tuple[Fired, list[BudgetEvent]]:
+        """Count a charge the store has recorded, and find the thresholds it crossed that are
+        not in `fired`: each event carries the charge and the spend and percentage right after
+        it. Returns what has fired now and the events, for the caller to record."""
+        self.add(stream, ticks, at)
+        if not ticks:
+            return fired, []
+        events: list[BudgetEvent] = []
         for cap in self.caps:
             if cap.stream not in (None, stream):
                 continue
@@ -240,20 +251,19 @@ class Spending:
                 note=f"after a charge of {usd(ticks)} USD to stream {stream}",
                 charge=(stream, ticks),
             )
-        return events
+        return fired | {e.key for e in events}, events
 
     def _thresholds(
         self,
         cap: Cap,
         spent: int,
         at: float,
-        fired: set[str],
+        fired: Fired,
         *,
         note: str,
         charge: tuple[str, int] | None = None,
     ) -> list[BudgetEvent]:
-        """The thresholds of `cap` that `spent` has reached and `fired` does not hold yet
-        (added to it)."""
+        """The thresholds of `cap` that `spent` has reached and `fired` does not hold yet."""
         key = period_key(cap.period, at)
         permille = _permille(spent, cap.ticks)
         events = []
@@ -261,7 +271,6 @@ class Spending:
             ident = f"{cap.stream or '*'}:{cap.period}:{key}:{threshold}"
             if permille < threshold * 10 or ident in fired:
                 continue
-            fired.add(ident)
             events.append(
                 BudgetEvent(
                     "budget_threshold",
@@ -392,12 +401,12 @@ class Spending:
         now: float,
         *,
         running: Iterable[str],
-        fired: set[str],
+        fired: Fired,
         estimates: Mapping[str, int] | None = None,
-    ) -> list[BudgetEvent]:
-        """Thresholds crossed and forecasts due that are not in `fired` (which it updates).
-        Charges find their own crossings (`add`); what is left here is a crossing made by the
-        estimates of unreported segments, and forecasts."""
+    ) -> tuple[Fired, list[BudgetEvent]]:
+        """Thresholds crossed and forecasts due that are not in `fired`, and what has fired
+        with them. Charges find their own crossings (`charge`); what is left here is a
+        crossing made by the estimates of unreported segments, and forecasts."""
         est = estimates or {}
         self._estimates = dict(est)
         burn = {
@@ -429,7 +438,6 @@ class Spending:
                 period_left = period_bounds(cap.period, now)[1] - now
                 lead = self.budgets.forecast_lead_minutes * 60
                 if seconds_to_cap <= min(lead, period_left):
-                    fired.add(ident)
                     events.append(
                         BudgetEvent(
                             "budget_forecast",
@@ -442,10 +450,10 @@ class Spending:
                             f"{seconds_to_cap / 60:.0f} min at {usd_per_hour(rate)} USD/h",
                         )
                     )
-        return events
+        return fired | {e.key for e in events}, events
 
-    def prune(self, fired: set[str], now: float) -> set[str]:
-        """Drop fired keys (and counters) of periods that are over."""
+    def prune(self, fired: Fired, now: float) -> Fired:
+        """Drop the counters of periods that are over; returns `fired` without their keys."""
         current = {period_key(p, now) for p in PERIODS}
         for k in [k for k in self._counters if k[2] not in current]:
             del self._counters[k]
@@ -453,7 +461,7 @@ class Spending:
             del self._account[a]
         for o in [o for o in self._orphans if o[1] not in current]:
             del self._orphans[o]
-        return {f for f in fired if f.split(":")[2] in current}
+        return frozenset(f for f in fired if f.split(":")[2] in current)
 
 
 def stream_ticks_per_hour(spec: StreamConfig, segment_seconds: float) -> int:

@@ -47,11 +47,11 @@ import structlog
 from streamwatch.intent import (
     Candidate,
     Intent,
-    OrphanPrice,
+    OrphanPricer,
+    Pricer,
     Shape,
     assign,
     owner,
-    price_orphan,
     shape_of,
 )
 from streamwatch.mavi.callbacks import (
@@ -654,7 +654,10 @@ class Store:
         clock: Callable[[], float] = time.time,
         precharge_covers_first_segment: bool = False,
         on_commit: Callable[[float, int], None] | None = None,
+        orphan_pricer: Pricer | None = None,
     ) -> None:
+        """`orphan_pricer` prices the segments of unknown tasks (default: as if no stream
+        were configured)."""
         self.path = path
         self._on_commit = on_commit  # (seconds, operations) after each commit
         # How to read MAVI's pre-charge (undocumented): as its own charge (False, the
@@ -669,7 +672,7 @@ class Store:
         # instead of one per thread of the default pool (which kept RSS high after bursts).
         self._thread: ThreadPoolExecutor | None = None
         self._hook: AlertHook | None = None
-        self._pricer: Callable[[Shape | None], OrphanPrice] = lambda seen: price_orphan(seen, ())
+        self._pricer: Pricer = orphan_pricer or OrphanPricer()
         self._open: list[Intent] | None = None  # open intents, see _intents()
         self._alerts_written = False  # set by AlertTx in the store thread, read after commit
         self.commits = 0  # transactions committed, for tests and benchmarks
@@ -677,11 +680,6 @@ class Store:
     def set_alert_hook(self, hook: AlertHook | None) -> None:
         """Route alerts with `hook` inside the operations that record callbacks and events."""
         self._hook = hook
-
-    def set_orphan_pricer(self, pricer: Callable[[Shape | None], OrphanPrice]) -> None:
-        """Price orphan segments with `pricer` (it runs in the store's thread: pure, reading
-        only what is replaced whole, like the configured streams)."""
-        self._pricer = pricer
 
     async def __aenter__(self) -> Store:
         await self.open()

@@ -8,8 +8,8 @@ import aiohttp
 
 from streamwatch.emulator import Script
 from streamwatch.ledger import usd
+from streamwatch.policy import Phase, Start
 from streamwatch.pricing import segment_cost_ticks
-from streamwatch.supervisor import Phase, Start
 from tests.conftest import Daemon, stream_toml, until
 
 
