@@ -23,7 +23,6 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import anyio
@@ -33,13 +32,7 @@ from pydantic import SecretStr
 
 from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
-from streamwatch.alerts.sinks import Sink
-from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
-from streamwatch.alerts.sinks.apprise import AppriseSink
-from streamwatch.alerts.sinks.discord import DiscordSink
-from streamwatch.alerts.sinks.slack import SlackSink
-from streamwatch.alerts.sinks.teams import TeamsSink
-from streamwatch.alerts.sinks.webhook import WebhookSink
+from streamwatch.alerts.sinks.registry import build_sinks
 from streamwatch.background import BackgroundFailed, Backoff, Failures, TaskGroup
 from streamwatch.config import (
     Config,
@@ -231,7 +224,9 @@ class App:
             if cfg.alerts.rules:
                 outbox = Outbox(
                     store=self.store,
-                    sinks=build_sinks(cfg, self.secrets, session, self._clock),
+                    sinks=build_sinks(
+                        cfg.alerts.sinks, self.secrets.sinks, session=session, clock=self._clock
+                    ),
                     retry_initial=cfg.alerts.retry_initial_seconds,
                     retry_max=cfg.alerts.retry_max_seconds,
                     poll_seconds=cfg.alerts.poll_seconds,
@@ -459,36 +454,3 @@ class App:
 def shapes(streams: Iterable[StreamConfig]) -> list[Shape]:
     """What the callbacks of each stream's task show (to price orphans like them)."""
     return [Shape(s.content_moderation, s.logo_detection, s.fps) for s in streams]
-
-
-def build_sinks(
-    cfg: Config, secrets: Secrets, session: aiohttp.ClientSession, clock: Callable[[], float]
-) -> dict[str, Sink]:
-    """One sink object per configured sink, with its secrets."""
-    sinks: dict[str, Sink] = {}
-    for sink in cfg.alerts.sinks:
-        url, signing = secrets.sinks[sink.name]
-        common: dict[str, Any] = {
-            "name": sink.name,
-            "url": url,
-            "session": session,
-            "timeout_seconds": sink.timeout_seconds,
-            "max_in_flight": sink.max_in_flight,
-            "max_attempts": sink.max_attempts,
-        }
-        if sink.type == "slack":
-            sinks[sink.name] = SlackSink(**common)
-        elif sink.type == "discord":
-            sinks[sink.name] = DiscordSink(**common)
-        elif sink.type == "teams":
-            sinks[sink.name] = TeamsSink(**common)
-        elif sink.type == "apprise":
-            sinks[sink.name] = AppriseSink(**common)
-        elif sink.type == "alertmanager":
-            sinks[sink.name] = AlertmanagerSink(
-                repeat_seconds=sink.repeat_seconds, clock=clock, **common
-            )
-        else:
-            assert signing is not None, "config validation requires a webhook secret"
-            sinks[sink.name] = WebhookSink(secret=signing, clock=clock, **common)
-    return sinks

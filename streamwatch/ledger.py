@@ -40,10 +40,11 @@ __all__ = [
     "Period",
     "Spending",
     "burn_ticks_per_second",
+    "caps_for",
     "period_bounds",
     "period_key",
+    "segment_ticks",
     "stream_ticks_per_hour",
-    "summary",
     "unreported_segments",
     "usd",
     "usd_per_hour",
@@ -83,7 +84,7 @@ def period_bounds(period: Period, ts: float) -> tuple[float, float]:
 
 def burn_ticks_per_second(spec: StreamConfig, segment_seconds: float) -> float:
     """What a running task of `spec` costs per second of wall time."""
-    return _segment_ticks(spec) / segment_seconds
+    return segment_ticks(spec) / segment_seconds
 
 
 def usd_per_hour(ticks_per_second: float) -> Decimal:
@@ -105,7 +106,8 @@ def unreported_segments(
     return max(0, elapsed - received - slack)
 
 
-def _segment_ticks(spec: StreamConfig) -> int:
+def segment_ticks(spec: StreamConfig) -> int:
+    """What one segment of a task of `spec` costs."""
     return segment_cost_ticks(
         fps=spec.fps,
         content_moderation=spec.content_moderation,
@@ -337,7 +339,7 @@ class Spending:
         if self.budgets.action != "stop":
             return False
         spec = self.specs.get(stream)
-        margin = _segment_ticks(spec) if spec is not None else 0
+        margin = segment_ticks(spec) if spec is not None else 0
         return any(
             self.effective(cap, at, {}) + margin >= cap.ticks
             for cap in self.caps
@@ -349,7 +351,7 @@ class Spending:
         account cap (an orphan's charge may have changed the gate)."""
         if self.budgets.action != "stop":
             return False
-        margin = max((_segment_ticks(s) for s in self.specs.values()), default=0)
+        margin = max((segment_ticks(s) for s in self.specs.values()), default=0)
         return any(
             self.effective(cap, at, {}) + margin >= cap.ticks
             for cap in self.caps
@@ -388,7 +390,7 @@ class Spending:
                     stop.add(name)
                     no_start.add(name)
                     reasons[name] = f"{cap.scope} {cap.label} budget reached"
-                elif spent + _segment_ticks(spec) > cap.ticks:
+                elif spent + segment_ticks(spec) > cap.ticks:
                     no_start.add(name)
                     reasons.setdefault(
                         name,
@@ -467,67 +469,4 @@ class Spending:
 def stream_ticks_per_hour(spec: StreamConfig, segment_seconds: float) -> int:
     """Whole ticks a running task of `spec` costs per hour (exact when 3600 / segment_seconds
     is whole, as with MAVI's 5 s)."""
-    return round(_segment_ticks(spec) * 3600 / segment_seconds)
-
-
-def summary(
-    spending: Spending,
-    *,
-    now: float,
-    running: Iterable[str],
-    estimates: Mapping[str, int],
-) -> dict[str, object]:
-    """Spend, burn, estimates and budget use for the status document (USD as strings)."""
-    live = set(running)
-
-    def burn(names: Iterable[str]) -> float:
-        return sum(
-            burn_ticks_per_second(spending.specs[n], spending.segment_seconds)
-            for n in names
-            if n in live and n in spending.specs
-        )
-
-    def budget(stream: str | None) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for cap in spending.caps:
-            if cap.stream == stream:
-                used = spending.effective(cap, now, estimates)
-                out[f"{cap.label}_usd"] = usd(cap.ticks)
-                out[f"{cap.label}_used_percent"] = used * 100 // cap.ticks if cap.ticks else 100
-        return out
-
-    streams = {}
-    for name in sorted(set(spending.specs) | spending.streams_charged()):
-        streams[name] = {
-            "today_usd": usd(spending.spent(name, "day", now)),
-            "month_usd": usd(spending.spent(name, "month", now)),
-            "burn_usd_per_hour": str(usd_per_hour(burn([name]))),
-            "estimated_unreported_usd": usd(estimates.get(name, 0)),
-            "budget": budget(name),
-        }
-    labels: dict[str, dict[str, int]] = {}
-    for name, spec in spending.specs.items():
-        for k, v in spec.labels.items():
-            entry = labels.setdefault(f"{k}={v}", {"day": 0, "month": 0})
-            entry["day"] += spending.spent(name, "day", now)
-            entry["month"] += spending.spent(name, "month", now)
-    return {
-        "account": {
-            "today_usd": usd(spending.spent(None, "day", now)),
-            "month_usd": usd(spending.spent(None, "month", now)),
-            "burn_usd_per_hour": str(usd_per_hour(burn(live))),
-            "estimated_unreported_usd": usd(sum(estimates.values())),
-            "budget": budget(None),
-        },
-        "orphans": {
-            "today_usd": usd(spending.orphan_spent("day", now)),
-            "month_usd": usd(spending.orphan_spent("month", now)),
-            "burn_usd_per_hour": str(usd_per_hour(spending.orphan_burn(now))),
-            "live_tasks": spending.live_orphans(now),
-        },
-        "streams": streams,
-        "by_label": {
-            k: {"today_usd": usd(v["day"]), "month_usd": usd(v["month"])}
-            for k, v in sorted(labels.items())
-        },
-    }
+    return round(segment_ticks(spec) * 3600 / segment_seconds)

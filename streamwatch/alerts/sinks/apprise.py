@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from streamwatch.alerts.sinks import Alert, Delivery, clamp, truncate
+from streamwatch.alerts.sinks import Alert, Delivery, Sink, SinkSpec, clamp, truncate
 
 __all__ = ["AppriseMissing", "AppriseSink"]
 
@@ -44,6 +44,15 @@ class AppriseSink:
         for target in url.get_secret_value().split():
             if not self._client.add(target):
                 raise ValueError(f"sink {name!r}: Apprise does not understand one of its URLs")
+
+    @classmethod
+    def build(cls, spec: SinkSpec) -> Sink:
+        return cls(
+            name=spec.name,
+            url=spec.url,
+            max_in_flight=spec.max_in_flight,
+            max_attempts=spec.max_attempts,
+        )
 
     async def deliver(self, alerts: list[Alert]) -> Delivery:
         alerts = [Alert(a.alert_id, clamp(a.event)) for a in alerts]
