@@ -138,6 +138,7 @@ class Supervisor:
         self._stopping = False
         self._adopt_tried = False
         self._orphan_stops: set[str] = set()  # orphan tasks whose stop is under way
+        self._ending: set[str] = set()  # stopped at shutdown, final callback not stored yet
         # What follows a committed callback: callbacks claimed at a start or an adoption go
         # the same way as live ones (see `set_after_commit`).
         self._after_commit: AfterCommit = self.observe
@@ -664,6 +665,9 @@ class Supervisor:
         if outcome.kind == "orphan":
             self._observe_orphan(outcome)
             return
+        if isinstance(outcome.callback, StreamEnded) and outcome.callback.task_id in self._ending:
+            self._ending.discard(outcome.callback.task_id)  # stored now, or before (a duplicate)
+            self._notify(replan=False)
         if outcome.kind != "stored" or outcome.stream is None:
             return
         name = outcome.stream
@@ -781,6 +785,7 @@ class Supervisor:
                 for s in self.streams.values()
                 if s.task_id is not None and s.phase in (Phase.RUNNING, Phase.STALLED)
             ]
+            self._ending = {s.task_id for s in stops}
             for stop in stops:
                 # As _launch does: the stop in flight owns what its final 14 means.
                 state = self.streams[stop.stream]
@@ -791,6 +796,12 @@ class Supervisor:
             stopped = [a.task_id for a in stops]
         await self._persist()
         return stopped
+
+    @property
+    def ending(self) -> frozenset[str]:
+        """The tasks `shutdown()` stopped whose final callback is not stored yet (the daemon
+        keeps serving a little for them: `wait_until(lambda: not supervisor.ending)`)."""
+        return frozenset(self._ending)
 
     # -- waiting (tests, status) -------------------------------------------------------------
 
