@@ -116,6 +116,16 @@ class _Scrub:
         return event_dict
 
 
+def _without_locals(exc_info: Any) -> list[dict[str, Any]]:
+    """Tracebacks as dicts with no trace of frame locals: structlog 24.1 still writes
+    ``"locals": null`` with ``show_locals=False``; later releases leave the key out."""
+    stacks: list[dict[str, Any]] = ExceptionDictTransformer(show_locals=False)(exc_info)
+    for stack in stacks:
+        for frame in stack.get("frames", ()):
+            frame.pop("locals", None)
+    return stacks
+
+
 def configure_logging(
     *,
     level: Literal["debug", "info", "warning", "error"] = "info",
@@ -141,7 +151,7 @@ def configure_logging(
         # The text is made here, before scrubbing, rather than by the console renderer.
         structlog.processors.format_exc_info
         if console
-        else structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        else structlog.processors.ExceptionRenderer(_without_locals)
     )
     scrubber = _Scrub(redactor or Redactor())
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
