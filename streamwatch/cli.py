@@ -1,5 +1,9 @@
 """The `streamwatch` command. Verbs (stable; see README): run, check-config, status, resume,
-cost, alerts, video, callback-url, backup, probe, emulator."""
+cost, alerts, video, callback-url, backup, probe, emulator.
+
+Why one module of this length: it is the one parser and the short commands it dispatches to,
+each a screen or less; the larger verbs live apart (`probecmd`, `videocmd`), and what the
+commands compute lives with its concept (`costs`, `status`, `ledger`), drawn by `table`."""
 
 from __future__ import annotations
 

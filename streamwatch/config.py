@@ -3,6 +3,8 @@
 `load_config(path)` returns a `Config` or raises `ConfigError` listing *every* problem, each
 with its key path (``streams[2].fps``) and a hint. Strings may use ``${VAR}`` or
 ``${VAR:-default}`` to take values from the environment; ``$$`` is a literal dollar.
+Why one module of this length: the whole schema (every section's model, with its bounds and
+descriptions) and the one validation pass over it read in one place.
 Secrets are never written inline: they name an environment variable or a file.
 """
 

@@ -61,7 +61,7 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _is_text(value: Any, *, limit: int = 256) -> bool:
+def _is_text(value: object, *, limit: int = 256) -> bool:
     """True for a non-empty string of at most `limit` characters that is valid Unicode (a
     JSON "\\udc80" escape gives a lone surrogate, which no UTF-8 store or log accepts)."""
     if not isinstance(value, str) or not 0 < len(value) <= limit:

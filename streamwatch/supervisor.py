@@ -817,7 +817,7 @@ class Supervisor:
         task_id: str | None = None,
         status: int | None = None,
         detail: str = "",
-        setting: tuple[str, Any] | None = None,
+        setting: tuple[str, object] | None = None,
     ) -> None:
         """Write an event to the store; the alerts it raises (and `setting`, a key and its
         value) are written with it."""

@@ -7,7 +7,8 @@ URL does is scripted (`Script`); unscripted URLs produce a steady, deterministic
 
 Its own state is open to tests: in-process through the attributes, over HTTP through
 ``GET /_emulator/state``. Nothing under ``/_emulator`` is part of MAVI's API, and the daemon
-never calls it.
+never calls it. Why one module of this length: the HTTP handlers, the task loops and the
+callback delivery all work on one emulated account's state.
 """
 
 from __future__ import annotations

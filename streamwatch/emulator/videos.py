@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from streamwatch.background import Failures, TaskGroup, hosted
 
@@ -181,13 +181,13 @@ class VideoLibrary:
             return refused
         reader = await request.multipart()
         part = await reader.next()
-        if part is None or getattr(part, "name", None) != "file":
+        if not isinstance(part, BodyPartReader) or part.name != "file":
             return self._answer("0001", msg="multipart field 'file' is required")
         digest, size = hashlib.sha256(), 0
-        while chunk := await part.read_chunk(256 * 1024):  # type: ignore[union-attr]
+        while chunk := await part.read_chunk(256 * 1024):
             digest.update(chunk)
             size += len(chunk)
-        name = getattr(part, "filename", None) or "upload"
+        name = part.filename or "upload"
         video = LibraryVideo(
             self._next_no("VI"), name, size, digest.hexdigest(), int(time.time() * 1000)
         )

@@ -63,11 +63,11 @@ def _retry_hook(exc: Exception) -> bool | float:
     return False
 
 
-def _code_ok(code: Any) -> bool:
+def _code_ok(code: object) -> bool:
     return code in (200, "200", 0, "0", "0000", None)
 
 
-def _inner_status(code: Any) -> int:
+def _inner_status(code: object) -> int:
     """The HTTP status a gateway put in a 200 answer's `code` (an int, or up to three ASCII
     digits), or 0 if `code` is not one. `str.isdigit()` is no test: it accepts "²"."""
     if isinstance(code, bool):

@@ -14,7 +14,7 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypedDict
 
 import aiohttp
 from pydantic import SecretStr
@@ -91,6 +91,17 @@ class Delivery:
         )
 
 
+class HttpArgs(TypedDict):
+    """What every `HttpSink` is built with."""
+
+    name: str
+    url: SecretStr
+    session: aiohttp.ClientSession
+    timeout_seconds: float
+    max_in_flight: int
+    max_attempts: int
+
+
 @dataclass(frozen=True, slots=True)
 class SinkSpec:
     """What every kind of sink is built from (`[[alerts.sinks]]` with its secrets resolved);
@@ -106,16 +117,16 @@ class SinkSpec:
     repeat_seconds: float = 60.0  # alertmanager
     secret: SecretStr | None = None  # webhook
 
-    def http(self) -> dict[str, Any]:
+    def http(self) -> HttpArgs:
         """The keyword arguments `HttpSink` takes."""
-        return {
-            "name": self.name,
-            "url": self.url,
-            "session": self.session,
-            "timeout_seconds": self.timeout_seconds,
-            "max_in_flight": self.max_in_flight,
-            "max_attempts": self.max_attempts,
-        }
+        return HttpArgs(
+            name=self.name,
+            url=self.url,
+            session=self.session,
+            timeout_seconds=self.timeout_seconds,
+            max_in_flight=self.max_in_flight,
+            max_attempts=self.max_attempts,
+        )
 
 
 class Sink(Protocol):

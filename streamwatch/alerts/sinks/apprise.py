@@ -5,8 +5,6 @@ retried until `max_attempts`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import SecretStr
 
 from streamwatch.alerts.sinks import Alert, Delivery, Sink, SinkSpec, clamp, truncate
@@ -28,7 +26,6 @@ class AppriseSink:
         url: SecretStr,
         max_in_flight: int = 1,
         max_attempts: int = 8,
-        **_: Any,
     ) -> None:
         try:
             import apprise
