@@ -11,6 +11,7 @@ import aiohttp
 
 from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
 from streamwatch.emulator import Script
+from streamwatch.intent import Shape, price_orphan
 from streamwatch.ledger import Spending, usd
 from streamwatch.mavi.callbacks import parse_callback
 from streamwatch.policy import Phase, Policy, Start
@@ -196,6 +197,19 @@ async def test_reload_adds_removes_and_restarts_changed_streams(daemon, emulator
     new_change = emulator.tasks[daemon.state("change").task_id]
     assert new_change.fps == 2
     assert len(emulator.accepted_starts()) == 5
+
+
+async def test_a_reload_prices_orphans_against_the_streams_it_brings(daemon):
+    """An orphan segment whose fps cannot be read is priced at the fps the configured streams
+    with its features run at: the streams as configured now, so a reload changes it."""
+    await daemon.start(stream_toml("cam", fps=1, content_moderation=True, logo_detection=False))
+    assert daemon.app is not None
+    seen = Shape(content_moderation=True, logo_detection=False, fps=None)
+    assert daemon.app.pricer(seen) == price_orphan(seen, [Shape(True, False, 1)])
+    daemon.write(stream_toml("cam", fps=3, content_moderation=True, logo_detection=False))
+    assert await daemon.app.reload()
+    assert daemon.app.pricer(seen) == price_orphan(seen, [Shape(True, False, 3)])
+    assert daemon.app.pricer(seen).fps == 3
 
 
 async def test_reload_with_a_bad_file_changes_nothing(daemon, emulator):
