@@ -21,9 +21,9 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import anyio
@@ -33,18 +33,13 @@ from pydantic import SecretStr
 
 from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
-from streamwatch.alerts.sinks import Sink
-from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
-from streamwatch.alerts.sinks.apprise import AppriseSink
-from streamwatch.alerts.sinks.discord import DiscordSink
-from streamwatch.alerts.sinks.slack import SlackSink
-from streamwatch.alerts.sinks.teams import TeamsSink
-from streamwatch.alerts.sinks.webhook import WebhookSink
+from streamwatch.alerts.sinks.registry import build_sinks
 from streamwatch.background import BackgroundFailed, Backoff, Failures, TaskGroup
 from streamwatch.config import (
     Config,
     ConfigError,
     Secrets,
+    StreamConfig,
     load_config,
     public_value_problems,
     resolve_secrets,
@@ -52,20 +47,34 @@ from streamwatch.config import (
 )
 from streamwatch.emulator import Emulator, Script
 from streamwatch.evidence import Evidence
+from streamwatch.intent import OrphanPricer, Shape
 from streamwatch.ledger import Spending
 from streamwatch.mavi.streams import StreamClient
 from streamwatch.mavi.videos import VideoClient
 from streamwatch.metrics import Metrics, StateCollector
+from streamwatch.policy import Policy
 from streamwatch.pricing import usd_to_ticks
 from streamwatch.redact import Redactor, url_secrets
 from streamwatch.server import Server
-from streamwatch.store import Store
-from streamwatch.supervisor import Policy, Supervisor
+from streamwatch.store import Pruned, Store
+from streamwatch.supervisor import Supervisor
 from streamwatch.systemd import Notifier
 
 __all__ = ["App"]
 
 log = structlog.get_logger("streamwatch.app")
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What `App.startup()` built and started, in the order it did."""
+
+    store: Store
+    emulator: Emulator | None  # with the built-in backend
+    supervisor: Supervisor
+    evidence: Evidence
+    alerts: Alerts | None  # with alert rules
+    server: Server
 
 
 class App:
@@ -92,12 +101,7 @@ class App:
         self._clock = clock
         self._stop = asyncio.Event()
         self.started = asyncio.Event()
-        self.store: Store | None = None
-        self.supervisor: Supervisor | None = None
-        self.server: Server | None = None
-        self.emulator: Emulator | None = None
-        self.alerts: Alerts | None = None
-        self.evidence: Evidence | None = None
+        self._parts: Parts | None = None  # once started
         self.reloads = 0
         self._systemd_beats = 0
         # One registry per App: tests build as many daemons as they like, side by side.
@@ -112,6 +116,34 @@ class App:
         )
         self.failure: str | None = None
         self._daemon: TaskGroup | None = None
+        # Orphan segments are priced against the configured streams (replaced at a reload).
+        self.pricer = OrphanPricer(shapes(config.streams))
+
+    # The running parts, None before `startup()`; kept after a stop for inspection (tests).
+
+    @property
+    def store(self) -> Store | None:
+        return self._parts.store if self._parts else None
+
+    @property
+    def emulator(self) -> Emulator | None:
+        return self._parts.emulator if self._parts else None
+
+    @property
+    def supervisor(self) -> Supervisor | None:
+        return self._parts.supervisor if self._parts else None
+
+    @property
+    def evidence(self) -> Evidence | None:
+        return self._parts.evidence if self._parts else None
+
+    @property
+    def alerts(self) -> Alerts | None:
+        return self._parts.alerts if self._parts else None
+
+    @property
+    def server(self) -> Server | None:
+        return self._parts.server if self._parts else None
 
     def _fail(self, task: str) -> None:
         if self.failure is None:
@@ -158,169 +190,203 @@ class App:
     async def serve(self) -> None:
         """Start every part, run until asked to stop, then drain and stop in reverse. Raises
         `BackgroundFailed` after a clean stop caused by a loop that failed."""
-        cfg = self.config
-        metrics = self.metrics
         async with contextlib.AsyncExitStack() as stack:
-            store = Store(
-                cfg.storage.path,
-                batch_max=cfg.storage.batch_max,
-                clock=self._clock,
-                precharge_covers_first_segment=cfg.ledger.precharge == "first_segment",
-                on_commit=metrics.commit,
-            )
-            self.store = await stack.enter_async_context(store)
-            session = await stack.enter_async_context(aiohttp.ClientSession())
-            base_url, api_key = cfg.mavi.base_url, self.secrets.api_key
-            if cfg.mavi.backend == "emulator":
-                self.emulator = self._build_emulator()
-                await stack.enter_async_context(
-                    self.emulator.running(host=cfg.emulator.host, port=cfg.emulator.port)
-                )
-                base_url = self.emulator.base_url
-                api_key = SecretStr(self.emulator.api_key or "emulator")
-            assert api_key is not None, "resolve_secrets requires a key with backend = mavi"
-            client = StreamClient(
-                session=session,
-                base_url=base_url,
-                api_key=api_key,
-                retry=cfg.mavi.retry,
-                timeout_seconds=cfg.mavi.request_timeout_seconds,
-                metrics=metrics,
-                redact=self.redactor,
-            )
-            spending = Spending(
-                budgets=cfg.budgets, streams=cfg.streams, segment_seconds=cfg.mavi.segment_seconds
-            )
-            self.supervisor = Supervisor(
-                client=client,
-                store=self.store,
-                policy=self._policy(cfg),
-                tick_seconds=cfg.supervisor.tick_seconds,
-                spending=spending,
-                clock=self._clock,
-                redact=self.redactor,
-                failures=self.failures,
-            )
-            await stack.enter_async_context(self.supervisor.running())
-            await self.supervisor.load(cfg.streams)
-            self.store.set_orphan_pricer(self.supervisor.price_orphan)
-            # The archive fetches clip URLs from callbacks on its own guarded pool, so slow
-            # or hostile clip hosts never hold the connections MAVI's API needs.
-            self.evidence = Evidence(
-                config=cfg.evidence,
-                store=self.store,
-                videos=VideoClient(
-                    session=session,
-                    base_url=self.emulator.batch_url if self.emulator else cfg.mavi.batch_base_url,
-                    api_key=api_key,
-                    retry=cfg.mavi.retry,
-                )
-                if cfg.evidence.upload
-                else None,
-                clock=self._clock,
-                trusted_prefixes=[self.emulator.clips_url + "/"] if self.emulator else [],
-                failures=self.failures,
-            )
-            await stack.enter_async_context(self.evidence.running())
-            if cfg.alerts.rules:
-                outbox = Outbox(
-                    store=self.store,
-                    sinks=build_sinks(cfg, self.secrets, session, self._clock),
-                    retry_initial=cfg.alerts.retry_initial_seconds,
-                    retry_max=cfg.alerts.retry_max_seconds,
-                    poll_seconds=cfg.alerts.poll_seconds,
-                    metrics=metrics,
-                    clock=self._clock,
-                    failures=self.failures,
-                )
-                await stack.enter_async_context(outbox.running())
-                supervisor = self.supervisor
-                self.alerts = Alerts(
-                    router=Router(cfg.alerts.rules),
-                    outbox=outbox,
-                    store=self.store,
-                    specs=lambda: supervisor.desired,
-                    evidence=self.evidence,
-                    clock=self._clock,
-                )
-                # From here on, what the store records carries its alerts in the same commit.
-                self.store.set_alert_hook(self.alerts)
-            self.server = Server(
-                config=cfg,
-                store=self.store,
-                supervisor=self.supervisor,
-                callback_secret=self.secrets.callback_secret,
-                status_token=self.secrets.status_token,
-                metrics=metrics,
-                collector=StateCollector(self.registry, spending),
-                evidence=self.evidence,
-                clock=self._clock,
-            )
-            # Callbacks claimed when a task is recorded or adopted go where live ones go.
-            self.supervisor.set_after_commit(self.server.after_commit)
-            await stack.enter_async_context(self.server.running())
-            if self.emulator is not None:
-                self.emulator.webhook = self.server.callback_url()
+            parts = self._parts = await self.startup(stack)
             log.info(
                 "app.started",
-                backend=cfg.mavi.backend,
-                streams=len(cfg.streams),
-                adopted=self.supervisor.running_count(),
-                status_url=f"{self.server.base_url}/api/v1/status",
+                backend=self.config.mavi.backend,
+                streams=len(self.config.streams),
+                adopted=parts.supervisor.running_count(),
+                status_url=f"{parts.server.base_url}/api/v1/status",
             )
             self.started.set()
             self.systemd.notify(ready=1, status=self._status_line())
             async with TaskGroup("daemon", self.failures) as daemon:
                 self._daemon = daemon
-                sup = self.supervisor
-                planning = daemon.loop(
-                    "supervisor",
-                    sup.run_once,
-                    wait=sup.wait_for_work,
-                    running=lambda: not sup.stopping,
-                    on_failure="exit",
-                )
-                if self.systemd.enabled:
-                    daemon.loop(
-                        "systemd",
-                        self._tell_systemd,
-                        wait=lambda: self._pause(self._systemd_interval),
-                        running=self._running,
-                        on_failure="exit",
-                    )
-                if self.alerts is not None:
-                    outbox = self.alerts.outbox
-                    daemon.loop(
-                        "alerts.outbox",
-                        outbox.run_once,
-                        wait=outbox.wait_for_work,
-                        running=lambda: not outbox.stopping,
-                        on_failure="retry",
-                    )
-                if cfg.storage.segment_retention_days is not None:
-                    keep = cfg.storage.segment_retention_days * 86_400
-                    interval = min(3600.0, keep / 10)
-                    daemon.loop(
-                        "prune",
-                        lambda: self._prune(keep),
-                        wait=lambda: self._pause(interval),
-                        running=self._running,
-                        on_failure="retry",
-                        backoff=Backoff(min(60.0, interval), interval),
-                    )
+                planning = self._loops(daemon, parts)
                 await self._stop.wait()
-                self.systemd.notify(stopping=1, status="draining")
-                await self._drain(planning)
-                if self.alerts is not None:
-                    # What is in the outbox now is delivered by this or the next process.
-                    await self.alerts.settle()
-                    await self.alerts.outbox.stop()
+                await self.shutdown(parts, planning)
                 # What is left (waits, backoffs, a reload under way) ends here.
                 daemon.cancel()
             self._daemon = None
         log.info("app.stopped")
         if self.failure is not None:
             raise BackgroundFailed(self.failure)
+
+    async def startup(self, stack: contextlib.AsyncExitStack) -> Parts:
+        """Build and start every part, each entering `stack` (so that leaving it stops them in
+        reverse), and return them."""
+        cfg, metrics = self.config, self.metrics
+        store = await stack.enter_async_context(
+            Store(
+                cfg.storage.path,
+                batch_max=cfg.storage.batch_max,
+                clock=self._clock,
+                precharge_covers_first_segment=cfg.ledger.precharge == "first_segment",
+                on_commit=metrics.commit,
+                orphan_pricer=self.pricer,
+            )
+        )
+        session = await stack.enter_async_context(aiohttp.ClientSession())
+        base_url, batch_url, api_key = (
+            cfg.mavi.base_url,
+            cfg.mavi.batch_base_url,
+            self.secrets.api_key,
+        )
+        emulator = None
+        if cfg.mavi.backend == "emulator":
+            emulator = await stack.enter_async_context(
+                self._build_emulator().running(host=cfg.emulator.host, port=cfg.emulator.port)
+            )
+            base_url, batch_url = emulator.base_url, emulator.batch_url
+            api_key = SecretStr(emulator.api_key or "emulator")
+        assert api_key is not None, "resolve_secrets requires a key with backend = mavi"
+        client = StreamClient(
+            session=session,
+            base_url=base_url,
+            api_key=api_key,
+            retry=cfg.mavi.retry,
+            timeout_seconds=cfg.mavi.request_timeout_seconds,
+            on_request=metrics.mavi_request,
+            redact=self.redactor,
+        )
+        spending = Spending(
+            budgets=cfg.budgets, streams=cfg.streams, segment_seconds=cfg.mavi.segment_seconds
+        )
+        supervisor = Supervisor(
+            client=client,
+            store=store,
+            policy=Policy.from_config(
+                cfg.supervisor,
+                segment_seconds=cfg.mavi.segment_seconds,
+                max_running=cfg.mavi.max_running,
+            ),
+            tick_seconds=cfg.supervisor.tick_seconds,
+            spending=spending,
+            clock=self._clock,
+            redact=self.redactor,
+            failures=self.failures,
+        )
+        await stack.enter_async_context(supervisor.running())
+        await supervisor.load(cfg.streams)
+        # The archive fetches clip URLs from callbacks on its own guarded pool, so slow or
+        # hostile clip hosts never hold the connections MAVI's API needs.
+        videos = VideoClient(
+            session=session,
+            base_url=batch_url,
+            api_key=api_key,
+            retry=cfg.mavi.retry,
+            on_request=metrics.mavi_request,
+        )
+        evidence = Evidence(
+            config=cfg.evidence,
+            store=store,
+            videos=videos if cfg.evidence.upload else None,
+            clock=self._clock,
+            trusted_prefixes=[emulator.clips_url + "/"] if emulator else [],
+            failures=self.failures,
+        )
+        await stack.enter_async_context(evidence.running())
+        alerts = None
+        if cfg.alerts.rules:
+            outbox = Outbox(
+                store=store,
+                sinks=build_sinks(
+                    cfg.alerts.sinks, self.secrets.sinks, session=session, clock=self._clock
+                ),
+                retry_initial=cfg.alerts.retry_initial_seconds,
+                retry_max=cfg.alerts.retry_max_seconds,
+                poll_seconds=cfg.alerts.poll_seconds,
+                metrics=metrics,
+                clock=self._clock,
+                failures=self.failures,
+            )
+            await stack.enter_async_context(outbox.running())
+            alerts = Alerts(
+                router=Router(cfg.alerts.rules),
+                outbox=outbox,
+                store=store,
+                specs=lambda: supervisor.desired,
+                evidence=evidence,
+                clock=self._clock,
+            )
+            # From here on, what the store records carries its alerts in the same commit. Set
+            # after both are built: the alerts write through this store.
+            store.set_alert_hook(alerts)
+        server = Server(
+            config=cfg,
+            store=store,
+            supervisor=supervisor,
+            callback_secret=self.secrets.callback_secret,
+            status_token=self.secrets.status_token,
+            metrics=metrics,
+            collector=StateCollector(self.registry, spending),
+            evidence=evidence,
+            clock=self._clock,
+        )
+        # Callbacks claimed when a task is recorded or adopted go where live ones go: the
+        # server's pipeline, which is built on the supervisor, so it is set after both.
+        supervisor.set_after_commit(server.after_commit)
+        await stack.enter_async_context(server.running())
+        if emulator is not None:
+            # The account's webhook (MAVI's console setting), known once the server listens.
+            emulator.webhook = server.callback_url()
+        return Parts(store, emulator, supervisor, evidence, alerts, server)
+
+    def _loops(self, daemon: TaskGroup, parts: Parts) -> anyio.Event:
+        """Start the daemon's loops; returns the planning loop's end."""
+        sup = parts.supervisor
+        planning = daemon.loop(
+            "supervisor",
+            sup.run_once,
+            wait=sup.wait_for_work,
+            running=lambda: not sup.stopping,
+            on_failure="exit",
+        )
+        if self.systemd.enabled:
+            daemon.loop(
+                "systemd",
+                self._tell_systemd,
+                wait=lambda: self._pause(self._systemd_interval),
+                running=self._running,
+                on_failure="exit",
+            )
+        if parts.alerts is not None:
+            outbox = parts.alerts.outbox
+            daemon.loop(
+                "alerts.outbox",
+                outbox.run_once,
+                wait=outbox.wait_for_work,
+                running=lambda: not outbox.stopping,
+                on_failure="retry",
+            )
+        retention = self.config.storage.segment_retention_days
+        if retention is not None:
+            interval = min(3600.0, retention * 86_400 / 10)
+
+            async def prune() -> None:
+                await self.prune_once()
+
+            daemon.loop(
+                "prune",
+                prune,
+                wait=lambda: self._pause(interval),
+                running=self._running,
+                on_failure="retry",
+                backoff=Backoff(min(60.0, interval), interval),
+            )
+        return planning
+
+    async def shutdown(self, parts: Parts, planning: anyio.Event) -> None:
+        """Drain: stop planning (and, as configured, the tasks, waiting a little for their
+        final callbacks), deliver what the outbox holds. The parts themselves stop as the
+        exit stack unwinds."""
+        self.systemd.notify(stopping=1, status="draining")
+        await self._drain(parts, planning)
+        if parts.alerts is not None:
+            # What is in the outbox now is delivered by this or the next process.
+            await parts.alerts.settle()
+            await parts.alerts.outbox.stop()
 
     def _running(self) -> bool:
         return not self._stop.is_set()
@@ -356,41 +422,41 @@ class App:
             async with asyncio.timeout(seconds):
                 await self._stop.wait()
 
-    async def _prune(self, keep_seconds: float) -> None:
-        """One pass of `[storage] segment_retention_days`: at start, then hourly (more often
-        for a retention shorter than ten hours), until the daemon stops."""
-        assert self.store is not None
-        before = self._clock() - keep_seconds
-        pruned = await self.store.prune(before, stop=self._stop.is_set)
+    async def prune_once(self) -> Pruned:
+        """One pass of `[storage] segment_retention_days` (its loop runs one at start, then
+        hourly, more often for a retention shorter than ten hours): delete the segment records
+        older than the retention. Returns what was deleted."""
+        retention = self.config.storage.segment_retention_days
+        assert self._parts is not None, "started"
+        assert retention is not None, "[storage] segment_retention_days is set"
+        before = self._clock() - retention * 86_400
+        pruned = await self._parts.store.prune(before, stop=self._stop.is_set)
         if any(dataclasses.astuple(pruned)):
             log.info("store.pruned", before=before, **dataclasses.asdict(pruned))
+        return pruned
 
-    async def _drain(self, planning: anyio.Event) -> None:
-        assert self.supervisor is not None
-        assert self.store is not None
+    async def _drain(self, parts: Parts, planning: anyio.Event) -> None:
+        supervisor = parts.supervisor
         # The built-in emulator ends with this process, and its tasks with it: stop them
         # properly rather than leave records of tasks that no longer exist anywhere.
-        stop_tasks = self.config.supervisor.on_shutdown == "stop" or self.emulator is not None
-        stopped = await self.supervisor.shutdown(stop_tasks=stop_tasks)
+        stop_tasks = self.config.supervisor.on_shutdown == "stop" or parts.emulator is not None
+        stopped = await supervisor.shutdown(stop_tasks=stop_tasks)
         await planning.wait()
         if not stop_tasks:
             log.info(
                 "app.tasks_kept",
-                running=self.supervisor.running_count(),
+                running=supervisor.running_count(),
                 note="MAVI keeps processing and billing them while the daemon is down",
             )
             return
-        # Keep serving a little so the final callbacks of the stopped tasks are stored.
-        deadline = self._clock() + self.config.supervisor.drain_seconds
-        pending = set(stopped)
-        while pending and self._clock() < deadline:
-            for task_id in list(pending):
-                row = await self.store.task(task_id)
-                if row is None or row.end_status is not None:
-                    pending.discard(task_id)
-            if pending:
-                await asyncio.sleep(min(0.05, self.config.supervisor.drain_seconds / 10 or 0.01))
-        log.info("app.drained", stopped=len(stopped), final_callbacks_missing=len(pending))
+        # Keep serving a little so the final callbacks of the stopped tasks are stored: the
+        # supervisor says when the last of them is.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.supervisor.drain_seconds):
+                await supervisor.wait_until(lambda: not supervisor.ending)
+        log.info(
+            "app.drained", stopped=len(stopped), final_callbacks_missing=len(supervisor.ending)
+        )
 
     async def reload(self) -> bool:
         """Re-read the config file (SIGHUP). Streams are reconciled; other sections need a
@@ -423,6 +489,7 @@ class App:
         if self.server is not None:
             self.server.set_config(self.config)
         self.supervisor.reload(new.streams, new.budgets)
+        self.pricer.configure(shapes(new.streams))
         self.reloads += 1
         self.systemd.notify(ready=1, status=self._status_line())
         log.info("app.reloaded", streams=len(new.streams))
@@ -440,43 +507,7 @@ class App:
             failures=self.failures,
         )
 
-    @staticmethod
-    def _policy(cfg: Config) -> Policy:
-        return Policy.from_config(
-            cfg.supervisor,
-            segment_seconds=cfg.mavi.segment_seconds,
-            max_running=cfg.mavi.max_running,
-        )
 
-
-def build_sinks(
-    cfg: Config, secrets: Secrets, session: aiohttp.ClientSession, clock: Callable[[], float]
-) -> dict[str, Sink]:
-    """One sink object per configured sink, with its secrets."""
-    sinks: dict[str, Sink] = {}
-    for sink in cfg.alerts.sinks:
-        url, signing = secrets.sinks[sink.name]
-        common: dict[str, Any] = {
-            "name": sink.name,
-            "url": url,
-            "session": session,
-            "timeout_seconds": sink.timeout_seconds,
-            "max_in_flight": sink.max_in_flight,
-            "max_attempts": sink.max_attempts,
-        }
-        if sink.type == "slack":
-            sinks[sink.name] = SlackSink(**common)
-        elif sink.type == "discord":
-            sinks[sink.name] = DiscordSink(**common)
-        elif sink.type == "teams":
-            sinks[sink.name] = TeamsSink(**common)
-        elif sink.type == "apprise":
-            sinks[sink.name] = AppriseSink(**common)
-        elif sink.type == "alertmanager":
-            sinks[sink.name] = AlertmanagerSink(
-                repeat_seconds=sink.repeat_seconds, clock=clock, **common
-            )
-        else:
-            assert signing is not None, "config validation requires a webhook secret"
-            sinks[sink.name] = WebhookSink(secret=signing, clock=clock, **common)
-    return sinks
+def shapes(streams: Iterable[StreamConfig]) -> list[Shape]:
+    """What the callbacks of each stream's task show (to price orphans like them)."""
+    return [Shape(s.content_moderation, s.logo_detection, s.fps) for s in streams]

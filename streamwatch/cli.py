@@ -1,5 +1,9 @@
 """The `streamwatch` command. Verbs (stable; see README): run, check-config, status, resume,
-cost, alerts, video, callback-url, backup, probe, emulator."""
+cost, alerts, video, callback-url, backup, probe, emulator.
+
+Why one module of this length: it is the one parser and the short commands it dispatches to,
+each a screen or less; the larger verbs live apart (`probecmd`, `videocmd`), and what the
+commands compute lives with its concept (`costs`, `status`, `ledger`), drawn by `table`."""
 
 from __future__ import annotations
 
@@ -32,20 +36,20 @@ from streamwatch.config import (
     Config,
     ConfigError,
     ConfigProblem,
-    EmulatorScript,
     Secrets,
     check_host_port,
     load_config,
-    local_url,
     read_secret,
     resolve_secrets,
     secret_problems,
     secret_values,
 )
-from streamwatch.ledger import caps_for, period_bounds, stream_ticks_per_hour, usd
+from streamwatch.costs import CostReport, Estimate, cost_report, estimate
+from streamwatch.http import local_url
+from streamwatch.ledger import period_bounds
 from streamwatch.logs import configure_logging
-from streamwatch.pricing import segment_cost_ticks
 from streamwatch.redact import Redactor, redact_urls
+from streamwatch.status import StatusDoc
 from streamwatch.store import (
     ChargeTotal,
     NewAlert,
@@ -56,6 +60,7 @@ from streamwatch.store import (
     StoreError,
     check_state_file,
 )
+from streamwatch.table import table
 
 __all__ = ["main"]
 
@@ -68,6 +73,9 @@ EXIT_REFUSED = 4  # the daemon answered, and refused (wrong token, unknown strea
 EXIT_NOT_MEDIA = 5  # `probe`: the source answered with something that is not media
 EXIT_BROKEN_PIPE = 141  # as a shell reports a program killed by SIGPIPE
 DEFAULT_CONFIG = "streams.toml"
+
+Command = Callable[[argparse.Namespace], int]
+"""What runs a verb: its parsed arguments in, its exit code out."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,9 +149,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamwatch {__version__}")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    def verb(name: str, text: str, about: str) -> argparse.ArgumentParser:
-        """A verb with its one-line help (in `streamwatch --help`) and its description."""
+    def verb(name: str, text: str, about: str, run: Command) -> argparse.ArgumentParser:
+        """A verb with its one-line help (in `streamwatch --help`), its description and the
+        command that runs it."""
         p: argparse.ArgumentParser = sub.add_parser(name, help=text, description=about)
+        p.set_defaults(func=run)
         return p
 
     def with_config(p: argparse.ArgumentParser) -> None:
@@ -163,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         "stream in the config, store their callbacks, account the cost and send alerts. SIGHUP "
         "re-reads [[streams]]. Exits 1 when the config, its secrets or the state file are wrong, "
         "or the server cannot listen.",
+        _cmd_run,
     )
     with_config(p)
     p = verb(
@@ -171,6 +182,7 @@ def _parser() -> argparse.ArgumentParser:
         "Validate the config file, its secrets and the state file ([storage] path) in one pass "
         "and print every problem with its key path; when all is well, print what the config "
         "will cost.",
+        _cmd_check_config,
     )
     with_config(p)
     p = verb(
@@ -178,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
         "show the running daemon's streams",
         "Ask the running daemon for its streams, their state, last segment, counts and cost, "
         "and print them as a table (or the raw JSON).",
+        _cmd_status,
     )
     with_config(p)
     p.add_argument("--url", type=_http_url, help=daemon_url)
@@ -187,6 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         "lift a balance halt and release held streams",
         "Tell the running daemon to lift an account halt (after a 402 or 401) and release held "
         "and backing-off streams, so that they start again at once.",
+        _cmd_resume,
     )
     with_config(p)
     p.add_argument("streams", nargs="*", metavar="STREAM", help="streams to release (default: all)")
@@ -196,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
         "what streams cost, from the state file; or `cost estimate`",
         "Total the charges recorded in the state file over a UTC range, by stream or by label "
         "(the daemon need not run); `cost estimate` prices the config as written instead.",
+        _cmd_cost,
     )
     with_config(p)
     p.add_argument("what", nargs="?", choices=["estimate"], help="price the config as written")
@@ -217,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
         "send a test alert, or list recent alerts",
         "`alerts test` sends a sample alert through the outbox to every sink (or one) and prints "
         "each sink's result; `alerts list` shows recent alerts with their delivery state.",
+        _cmd_alerts,
     )
     with_config(p)
     p.add_argument(
@@ -232,12 +248,13 @@ def _parser() -> argparse.ArgumentParser:
         help="list: how many (default %(default)s)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    videocmd.add_parsers(sub, with_config, url=_http_url, positive=_positive(int))
+    videocmd.add_parsers(sub, with_config, _cmd_video, url=_http_url, positive=_positive(int))
     p = verb(
         "callback-url",
         "print the URL to register in the MAVI console",
         "Print the callback URL (public_url, route and secret) to paste into the MAVI console as "
         "the account's webhook. It contains the secret: paste it, do not post it.",
+        _cmd_callback_url,
     )
     with_config(p)
     p.add_argument("--video", action="store_true", help="the batch upload callback URL instead")
@@ -246,16 +263,18 @@ def _parser() -> argparse.ArgumentParser:
         "copy the state file safely, even while the daemon runs",
         "Copy the state file with SQLite's online backup (safe while the daemon writes), check "
         "the copy's integrity and write it only when complete.",
+        _cmd_backup,
     )
     with_config(p)
     p.add_argument("dest", type=Path, help="the backup file, or a folder for a dated one")
-    probecmd.add_parser(sub, with_config)
+    probecmd.add_parser(sub, with_config, _cmd_probe)
     p = verb(
         "emulator",
         "run the MAVI emulator on its own",
         "Serve the MAVI emulator (v2 stream API and v1 batch video API) on its own, for demos "
         "and for programs under test; print its two base URLs on stdout. It reads no config "
         "file: everything is given here.",
+        _cmd_emulator,
     )
     p.add_argument(
         "--listen",
@@ -298,10 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The MAVI clients log each retry themselves (`mavi.request_retry`, with the endpoint);
     # stamina's own hooks would add a second, vaguer line and a counter on the global registry.
     stamina.instrumentation.set_on_retry_hooks([])
-    verb = args.verb.replace("-", "_")
-    handler = globals()[f"_cmd_{verb}"]
+    command: Command = args.func
     try:
-        code = int(handler(args))
+        code = command(args)
         sys.stdout.flush()  # inside the try: a closed pipe shows here, not at interpreter exit
         return code
     except ConfigError as exc:
@@ -377,7 +395,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     config, _ = _load_with_secrets(args.config, state_file=True)
     print(f"{args.config}: OK — {len(config.streams)} stream(s), backend {config.mavi.backend}")
     print()
-    print(render_estimate(estimate(config)))
+    print(render_estimate(_estimate(config)))
     return EXIT_OK
 
 
@@ -445,7 +463,7 @@ def _call_daemon(args: argparse.Namespace, method: str, path: str, body: Any = N
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    doc = _call_daemon(args, "GET", "/api/v1/status")
+    doc: StatusDoc = _call_daemon(args, "GET", "/api/v1/status")
     if args.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -453,7 +471,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def render_status(doc: dict[str, Any]) -> str:
+def render_status(doc: StatusDoc) -> str:
     """The status document as a table for people."""
     lines = []
     account = doc["account"]
@@ -490,8 +508,7 @@ def render_status(doc: dict[str, Any]) -> str:
                 _money(s["cost"]["burn_usd_per_hour"]),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += table(rows)
     if not doc["streams"]:
         lines.append("(no streams configured)")
     cost = doc["cost"]
@@ -501,12 +518,13 @@ def render_status(doc: dict[str, Any]) -> str:
     )
     if cost["estimated_unreported_usd"] != "0.000000":
         line += f", ~${_money(cost['estimated_unreported_usd'])} billed but not yet reported"
-    for label in ("daily", "monthly"):
-        if f"{label}_usd" in cost["budget"]:
-            line += (
-                f"; {label} budget {cost['budget'][f'{label}_used_percent']}% of "
-                f"${_money(cost['budget'][f'{label}_usd'])}"
-            )
+    budget = cost["budget"]
+    if "daily_usd" in budget:
+        percent, cap = budget["daily_used_percent"], _money(budget["daily_usd"])
+        line += f"; daily budget {percent}% of ${cap}"
+    if "monthly_usd" in budget:
+        percent, cap = budget["monthly_used_percent"], _money(budget["monthly_usd"])
+        line += f"; monthly budget {percent}% of ${cap}"
     lines.append(line)
     dead = doc.get("alerts", {}).get("dead", 0)
     if dead:
@@ -541,7 +559,7 @@ def _short(ts: str | None) -> str:
 def _cmd_cost(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if args.what == "estimate":
-        doc = estimate(config)
+        doc = _estimate(config)
         print(json.dumps(doc, indent=2) if args.json else render_estimate(doc))
         return EXIT_OK
     now = time.time()
@@ -561,147 +579,57 @@ def _cmd_cost(args: argparse.Namespace) -> int:
             )
 
     totals, orphans = asyncio.run(read())
-    groups = _group_costs(totals, config, by=args.by)
-    confirmed = sum(t.ticks for t in totals)
-    doc = {
-        "since": datetime.fromtimestamp(since, UTC).isoformat(),
-        "until": datetime.fromtimestamp(until, UTC).isoformat(),
-        "by": args.by,
-        "precharge": config.ledger.precharge,
-        "groups": [
-            {"name": name, "precharges": p, "segments": s, "usd": usd(t)}
-            for name, (p, s, t) in groups.items()
-        ],
-        "total_usd": usd(confirmed),
-        "orphans": {
-            "tasks": orphans.tasks,
-            "precharges": orphans.precharges,
-            "segments": orphans.segments,
-            "estimated_usd": usd(orphans.ticks),
-            "uncertain_tasks": orphans.uncertain_tasks,
-        },
-        "total_with_orphans_usd": usd(confirmed + orphans.ticks),
-    }
-    if args.json:
-        print(json.dumps(doc, indent=2))
-        return EXIT_OK
-    rows = [(args.by.upper(), "STARTS", "SEGMENTS", "USD")]
-    rows += [(g["name"], str(g["precharges"]), str(g["segments"]), g["usd"]) for g in doc["groups"]]
-    rows.append(("TOTAL", "", "", doc["total_usd"]))
-    if orphans.tasks:
-        rows.append(
-            (
-                "ORPHANS (estimated)",
-                str(orphans.precharges),
-                str(orphans.segments),
-                usd(orphans.ticks),
-            )
-        )
-        rows.append(("TOTAL WITH ORPHANS", "", "", doc["total_with_orphans_usd"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    print(f"{_short(doc['since'])} to {_short(doc['until'])} UTC")
-    for r in rows:
-        print(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(r, widths, strict=True))
-            )
-        )
-    reading = "its own charge" if config.ledger.precharge == "separate" else "the first segment"
-    print(f"(each start's pre-charge counted as {reading}; see ledger.precharge)")
-    if orphans.tasks:
-        uncertain = (
-            f", {orphans.uncertain_tasks} of them priced without knowing their fps"
-            if orphans.uncertain_tasks
-            else ""
-        )
-        print(
-            f"({orphans.tasks} task(s) this daemon did not start: priced from what their callbacks"
-            f" show{uncertain}; see README, Orphan tasks)"
-        )
+    report = cost_report(
+        totals,
+        orphans,
+        specs={s.name: s for s in config.streams},
+        by=args.by,
+        since=since,
+        until=until,
+        precharge=config.ledger.precharge,
+    )
+    print(json.dumps(report, indent=2) if args.json else render_cost(report))
     return EXIT_OK
 
 
-def _group_costs(
-    totals: list[ChargeTotal], config: Config, *, by: str
-) -> dict[str, tuple[int, int, int]]:
-    groups: dict[str, tuple[int, int, int]] = {}
-
-    def add(key: str, t: ChargeTotal) -> None:
-        p, s, ticks = groups.get(key, (0, 0, 0))
-        groups[key] = (p + t.precharges, s + t.segments, ticks + t.ticks)
-
-    for t in totals:
-        if by == "stream":
-            add(t.stream, t)
-            continue
-        spec = config.stream(t.stream)
-        if spec is None:
-            add("(stream not configured)", t)
-        elif not spec.labels:
-            add("(no labels)", t)
-        for k, v in (spec.labels if spec else {}).items():
-            add(f"{k}={v}", t)
-    return dict(sorted(groups.items()))
-
-
-def estimate(config: Config) -> dict[str, Any]:
-    """What the config costs per hour, day and 30 days if every stream runs all the time."""
-    seg = config.mavi.segment_seconds
-    streams = []
-    for s in config.streams:
-        per_hour = stream_ticks_per_hour(s, seg)
-        streams.append(
-            {
-                "name": s.name,
-                "fps": s.fps,
-                "features": [
-                    f
-                    for f, on in (("moderation", s.content_moderation), ("logos", s.logo_detection))
-                    if on
-                ],
-                "segment_usd": usd(
-                    segment_cost_ticks(
-                        fps=s.fps,
-                        content_moderation=s.content_moderation,
-                        logo_detection=s.logo_detection,
-                    )
-                ),
-                "hour_usd": usd(per_hour),
-                "day_usd": usd(per_hour * 24),
-                "days30_usd": usd(per_hour * 24 * 30),
-            }
+def render_cost(doc: CostReport) -> str:
+    """The cost report as a table for people."""
+    orphans = doc["orphans"]
+    rows = [(doc["by"].upper(), "STARTS", "SEGMENTS", "USD")]
+    rows += [(g["name"], str(g["precharges"]), str(g["segments"]), g["usd"]) for g in doc["groups"]]
+    rows.append(("TOTAL", "", "", doc["total_usd"]))
+    if orphans["tasks"]:
+        rows.append(
+            (
+                "ORPHANS (estimated)",
+                str(orphans["precharges"]),
+                str(orphans["segments"]),
+                orphans["estimated_usd"],
+            )
         )
-    total_hour = sum(stream_ticks_per_hour(s, seg) for s in config.streams)
-    caps = []
-    for cap in caps_for(config.budgets, config.streams):
-        rate = (
-            stream_ticks_per_hour(config.stream(cap.stream), seg)  # type: ignore[arg-type]
-            if cap.stream
-            else total_hour
+        rows.append(("TOTAL WITH ORPHANS", "", "", doc["total_with_orphans_usd"]))
+    lines = [f"{_short(doc['since'])} to {_short(doc['until'])} UTC"]
+    lines += table(rows, right=(1, 2, 3))
+    reading = "its own charge" if doc["precharge"] == "separate" else "the first segment"
+    lines.append(f"(each start's pre-charge counted as {reading}; see ledger.precharge)")
+    if orphans["tasks"]:
+        uncertain = (
+            f", {orphans['uncertain_tasks']} of them priced without knowing their fps"
+            if orphans["uncertain_tasks"]
+            else ""
         )
-        hours = cap.ticks / rate if rate else None
-        caps.append(
-            {
-                "scope": cap.scope,
-                "period": cap.label,
-                "usd": usd(cap.ticks),
-                "hours_at_full_burn": round(hours, 2) if hours is not None else None,
-            }
+        lines.append(
+            f"({orphans['tasks']} task(s) this daemon did not start: priced from what their"
+            f" callbacks show{uncertain}; see README, Orphan tasks)"
         )
-    return {
-        "streams": streams,
-        "total": {
-            "hour_usd": usd(total_hour),
-            "day_usd": usd(total_hour * 24),
-            "days30_usd": usd(total_hour * 24 * 30),
-        },
-        "budgets": caps,
-        "note": "one pre-charge per start comes on top; restarts add one each",
-    }
+    return "\n".join(lines)
 
 
-def render_estimate(doc: dict[str, Any]) -> str:
+def _estimate(config: Config) -> Estimate:
+    return estimate(config.streams, config.budgets, segment_seconds=config.mavi.segment_seconds)
+
+
+def render_estimate(doc: Estimate) -> str:
     """The estimate as a table for people."""
     rows = [("STREAM", "FPS", "FEATURES", "$/SEGMENT", "$/HOUR", "$/DAY", "$/30 DAYS")]
     for s in doc["streams"]:
@@ -720,14 +648,7 @@ def render_estimate(doc: dict[str, Any]) -> str:
     rows.append(
         ("TOTAL", "", "", "", _money(t["hour_usd"]), _money(t["day_usd"]), _money(t["days30_usd"]))
     )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(
-            c.ljust(w) if i < 3 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in rows
-    ]
+    lines = table(rows, right=(3, 4, 5, 6))
     for cap in doc["budgets"]:
         when = (
             "never (nothing runs)"
@@ -760,7 +681,7 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
 async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> int:
     """Send one sample alert to each chosen sink through the outbox, as the daemon would."""
     from streamwatch.alerts.outbox import Outbox
-    from streamwatch.app import build_sinks
+    from streamwatch.alerts.sinks.registry import build_sinks
 
     now = time.time()
     event = AlertEvent(
@@ -772,7 +693,11 @@ async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> i
     )
     async with aiohttp.ClientSession() as session, Store(config.storage.path) as store:
         sinks = {
-            k: v for k, v in build_sinks(config, secrets, session, time.time).items() if k in chosen
+            k: v
+            for k, v in build_sinks(
+                config.alerts.sinks, secrets.sinks, session=session, clock=time.time
+            ).items()
+            if k in chosen
         }
         ids = {name: str(uuid.uuid4()) for name in chosen}
         await store.enqueue_alerts(
@@ -809,7 +734,7 @@ def _alerts_list(config: Config, *, limit: int, as_json: bool) -> int:
         async with ReadOnlyStore(config.storage.path) as store:
             return await store.recent_alerts(limit=limit)
 
-    rows = asyncio.run(read())
+    found = asyncio.run(read())
     docs = [
         {
             "alert_id": r.alert_id,
@@ -824,13 +749,13 @@ def _alerts_list(config: Config, *, limit: int, as_json: bool) -> int:
             "created_at": datetime.fromtimestamp(r.created_at, UTC).isoformat(),
             "last_error": r.last_error,
         }
-        for r in rows
+        for r in found
     ]
     if as_json:
         print(json.dumps(docs, indent=2))
         return EXIT_OK
-    table = [("WHEN", "SINK", "STATE", "TRIES", "KIND", "TITLE")]
-    table += [
+    rows = [("WHEN", "SINK", "STATE", "TRIES", "KIND", "TITLE")]
+    rows += [
         (
             _short(d["created_at"]),
             d["sink"],
@@ -841,9 +766,8 @@ def _alerts_list(config: Config, *, limit: int, as_json: bool) -> int:
         )
         for d in docs
     ]
-    widths = [max(len(r[i]) for r in table) for i in range(5)]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r[:5], widths, strict=True)) + "  " + r[5])
+    for line in table(rows):
+        print(line)
     if not docs:
         print("(no alerts yet)")
     return EXIT_OK
@@ -915,7 +839,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
-    from streamwatch.emulator import Emulator, Script
+    from streamwatch.emulator import Emulator, EmulatorScript, Script
     from streamwatch.pricing import usd_to_ticks
 
     scripts: dict[str, Script] = {}

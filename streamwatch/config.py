@@ -3,6 +3,8 @@
 `load_config(path)` returns a `Config` or raises `ConfigError` listing *every* problem, each
 with its key path (``streams[2].fps``) and a hint. Strings may use ``${VAR}`` or
 ``${VAR:-default}`` to take values from the environment; ``$$`` is a literal dollar.
+Why one module of this length: the whole schema (every section's model, with its bounds and
+descriptions) and the one validation pass over it read in one place.
 Secrets are never written inline: they name an environment variable or a file.
 """
 
@@ -34,6 +36,7 @@ from pydantic import (
 )
 
 from streamwatch.egress import parse_allow_entry
+from streamwatch.emulator.script import EmulatorScript
 from streamwatch.redact import MIN_SECRET_LENGTH, looks_secret, redact_urls, url_secrets
 
 __all__ = [
@@ -47,7 +50,6 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "EmulatorConfig",
-    "EmulatorScript",
     "EvidenceConfig",
     "LedgerConfig",
     "LoggingConfig",
@@ -62,7 +64,6 @@ __all__ = [
     "SupervisorConfig",
     "check_host_port",
     "load_config",
-    "local_url",
     "parse_config",
     "public_value_problems",
     "read_secret",
@@ -143,16 +144,6 @@ def check_host_port(v: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError('must be "host:port", e.g. "127.0.0.1:8080"')
     return v
-
-
-def local_url(host: str, port: int) -> str:
-    """The http URL a local client uses for a server bound to host:port (a wildcard bind is
-    reached on 127.0.0.1; IPv6 hosts get brackets)."""
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - naming the wildcard, not binding it
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{port}"
 
 
 class RetryConfig(_Model):
@@ -437,45 +428,6 @@ class StreamConfig(_Model):
         wire = [self.url, self.fps, self.content_moderation, self.logo_detection]
         wire.append(self.max_logos if self.logo_detection else 0)
         return hashlib.sha256(json.dumps(wire).encode()).hexdigest()[:16]
-
-
-class EmulatorScript(_Model):
-    """What the built-in emulator does for one stream URL."""
-
-    url: str
-    outcomes: list[str] = Field(
-        default_factory=lambda: ["safe"],
-        description='Per segment: "safe", "unsafe", "logo:NAME", "error".',
-    )
-    then: str = Field(
-        default="repeat",
-        description='After the outcomes: "repeat", or "end:14|15|16|402" to end the task.',
-    )
-    start_failures: list[int] = Field(
-        default_factory=list, description="HTTP statuses answered to the first starts."
-    )
-    duplicate: bool = Field(default=False, description="Deliver every callback twice.")
-    reorder: bool = Field(default=False, description="Swap each pair of segment callbacks.")
-    follow_source: bool = Field(
-        default=False,
-        description="Probe the URL (ffprobe) while the task runs: no segment before the source "
-        "is seen, and the task ends with status 15 once it is gone.",
-    )
-
-    @field_validator("outcomes")
-    @classmethod
-    def _outcomes(cls, v: list[str]) -> list[str]:
-        for item in v:
-            if item not in ("safe", "unsafe", "error") and not item.startswith("logo:"):
-                raise ValueError(f"unknown outcome {item!r}: use safe, unsafe, error, logo:NAME")
-        return v
-
-    @field_validator("then")
-    @classmethod
-    def _then(cls, v: str) -> str:
-        if v not in ("repeat", "end:14", "end:15", "end:16", "end:402"):
-            raise ValueError('use "repeat" or "end:14", "end:15", "end:16", "end:402"')
-        return v
 
 
 class EmulatorConfig(_Model):

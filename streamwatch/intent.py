@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from streamwatch.mavi.callbacks import SegmentReport
 from streamwatch.mavi.errors import MaviError, RejectedRequest
@@ -26,6 +27,8 @@ __all__ = [
     "Candidate",
     "Intent",
     "OrphanPrice",
+    "OrphanPricer",
+    "Pricer",
     "Shape",
     "assign",
     "infer_fps",
@@ -161,6 +164,28 @@ def price_orphan(seen: Shape | None, configured: Iterable[Shape]) -> OrphanPrice
         return _priced(same.pop(), *features, uncertain=False)
     every = {fps for *_, fps in known if fps is not None}
     return _priced(max(same or every or {1}), *features, uncertain=True)
+
+
+class Pricer(Protocol):
+    """Prices a segment of an unknown task from what its callback shows (the store's
+    `orphan_pricer`). It runs in the store's thread: pure, reading only what is replaced
+    whole."""
+
+    def __call__(self, seen: Shape | None) -> OrphanPrice: ...
+
+
+class OrphanPricer:
+    """`price_orphan()` against the configured streams' shapes, which `configure()` replaces
+    (at a reload)."""
+
+    def __init__(self, shapes: Iterable[Shape] = ()) -> None:
+        self._shapes = tuple(shapes)
+
+    def configure(self, shapes: Iterable[Shape]) -> None:
+        self._shapes = tuple(shapes)  # replaced whole: the store's thread reads it
+
+    def __call__(self, seen: Shape | None) -> OrphanPrice:
+        return price_orphan(seen, self._shapes)
 
 
 def _priced(fps: int, moderation: bool, logos: bool, *, uncertain: bool) -> OrphanPrice:

@@ -8,9 +8,11 @@ store at start), and decides, purely, what the budgets demand:
 - `BudgetGate`: which streams must stop (a cap is reached) and which may not start (the
   pre-charge of a start would cross a cap). `plan()` obeys it.
 - `BudgetEvent`s: thresholds crossed (default 50/80/100 %) and "projected to exceed" forecasts,
-  each once per cap and period. A threshold is found by the charge that crosses it (`add`),
-  so its event carries that charge and the spend and percentage right after it; only a
-  crossing made by estimates of unreported segments is found by the periodic `check`.
+  each once per cap and period. A threshold is found by the charge that crosses it
+  (`charge`), so its event carries that charge and the spend and percentage right after it;
+  only a crossing made by estimates of unreported segments is found by the periodic `check`.
+  What has fired is a value the caller keeps (and persists): both take it and return it
+  anew with the events' keys added, never changing the one they were given.
 
 Money is integer ticks of 1/2880 USD throughout; USD appears only for display.
 """
@@ -34,13 +36,15 @@ __all__ = [
     "BudgetEvent",
     "BudgetGate",
     "Cap",
+    "Fired",
     "Period",
     "Spending",
     "burn_ticks_per_second",
+    "caps_for",
     "period_bounds",
     "period_key",
+    "segment_ticks",
     "stream_ticks_per_hour",
-    "summary",
     "unreported_segments",
     "usd",
     "usd_per_hour",
@@ -80,7 +84,7 @@ def period_bounds(period: Period, ts: float) -> tuple[float, float]:
 
 def burn_ticks_per_second(spec: StreamConfig, segment_seconds: float) -> float:
     """What a running task of `spec` costs per second of wall time."""
-    return _segment_ticks(spec) / segment_seconds
+    return segment_ticks(spec) / segment_seconds
 
 
 def usd_per_hour(ticks_per_second: float) -> Decimal:
@@ -102,7 +106,8 @@ def unreported_segments(
     return max(0, elapsed - received - slack)
 
 
-def _segment_ticks(spec: StreamConfig) -> int:
+def segment_ticks(spec: StreamConfig) -> int:
+    """What one segment of a task of `spec` costs."""
     return segment_cost_ticks(
         fps=spec.fps,
         content_moderation=spec.content_moderation,
@@ -168,15 +173,19 @@ def _percent_text(permille: int) -> str:
 
 def caps_for(budgets: BudgetsConfig, streams: Iterable[StreamConfig]) -> list[Cap]:
     """Every configured cap, in ticks."""
+    owners: list[tuple[str | None, Decimal | None, Decimal | None]] = [
+        (None, budgets.daily_usd, budgets.monthly_usd),
+        *((s.name, s.budget.daily_usd, s.budget.monthly_usd) for s in streams),
+    ]
     caps = []
-    for period, amount in (("day", budgets.daily_usd), ("month", budgets.monthly_usd)):
-        if amount is not None:
-            caps.append(Cap(None, period, usd_to_ticks(amount)))  # type: ignore[arg-type]
-    for s in streams:
-        for period, amount in (("day", s.budget.daily_usd), ("month", s.budget.monthly_usd)):
-            if amount is not None:
-                caps.append(Cap(s.name, period, usd_to_ticks(amount)))  # type: ignore[arg-type]
+    for stream, daily, monthly in owners:
+        amounts: tuple[tuple[Period, Decimal | None], ...] = (("day", daily), ("month", monthly))
+        caps += [Cap(stream, p, usd_to_ticks(a)) for p, a in amounts if a is not None]
     return caps
+
+
+Fired = frozenset[str]
+"""The keys (`BudgetEvent.key`) of the budget events raised in the current periods."""
 
 
 class Spending:
@@ -213,21 +222,25 @@ class Spending:
             self._counters[(stream, period, key)] = ticks
         self._account[(period, key)] = sum(by_stream.values())
 
-    def add(
-        self, stream: str, ticks: int, at: float, *, fired: set[str] | None = None
-    ) -> list[BudgetEvent]:
-        """Count a charge the store has recorded. With `fired`, return the thresholds this
-        charge crossed that are not in it (and add them): each event carries the charge and
-        the spend and percentage right after it. The caller records them."""
+    def add(self, stream: str, ticks: int, at: float) -> None:
+        """Count a charge the store has recorded."""
         self.all_time[stream] = self.all_time.get(stream, 0) + ticks
         for period in PERIODS:
             key = period_key(period, at)
             k = (stream, period, key)
             self._counters[k] = self._counters.get(k, 0) + ticks
             self._account[(period, key)] = self._account.get((period, key), 0) + ticks
-        if fired is None or not ticks:
-            return []
-        events = []
+
+    def charge(
+        self, stream: str, ticks: int, at: float, *, fired: Fired
+    ) -> tuple[Fired, list[BudgetEvent]]:
+        """Count a charge the store has recorded, and find the thresholds it crossed that are
+        not in `fired`: each event carries the charge and the spend and percentage right after
+        it. Returns what has fired now and the events, for the caller to record."""
+        self.add(stream, ticks, at)
+        if not ticks:
+            return fired, []
+        events: list[BudgetEvent] = []
         for cap in self.caps:
             if cap.stream not in (None, stream):
                 continue
@@ -240,20 +253,19 @@ class Spending:
                 note=f"after a charge of {usd(ticks)} USD to stream {stream}",
                 charge=(stream, ticks),
             )
-        return events
+        return fired | {e.key for e in events}, events
 
     def _thresholds(
         self,
         cap: Cap,
         spent: int,
         at: float,
-        fired: set[str],
+        fired: Fired,
         *,
         note: str,
         charge: tuple[str, int] | None = None,
     ) -> list[BudgetEvent]:
-        """The thresholds of `cap` that `spent` has reached and `fired` does not hold yet
-        (added to it)."""
+        """The thresholds of `cap` that `spent` has reached and `fired` does not hold yet."""
         key = period_key(cap.period, at)
         permille = _permille(spent, cap.ticks)
         events = []
@@ -261,7 +273,6 @@ class Spending:
             ident = f"{cap.stream or '*'}:{cap.period}:{key}:{threshold}"
             if permille < threshold * 10 or ident in fired:
                 continue
-            fired.add(ident)
             events.append(
                 BudgetEvent(
                     "budget_threshold",
@@ -328,7 +339,7 @@ class Spending:
         if self.budgets.action != "stop":
             return False
         spec = self.specs.get(stream)
-        margin = _segment_ticks(spec) if spec is not None else 0
+        margin = segment_ticks(spec) if spec is not None else 0
         return any(
             self.effective(cap, at, {}) + margin >= cap.ticks
             for cap in self.caps
@@ -340,7 +351,7 @@ class Spending:
         account cap (an orphan's charge may have changed the gate)."""
         if self.budgets.action != "stop":
             return False
-        margin = max((_segment_ticks(s) for s in self.specs.values()), default=0)
+        margin = max((segment_ticks(s) for s in self.specs.values()), default=0)
         return any(
             self.effective(cap, at, {}) + margin >= cap.ticks
             for cap in self.caps
@@ -379,7 +390,7 @@ class Spending:
                     stop.add(name)
                     no_start.add(name)
                     reasons[name] = f"{cap.scope} {cap.label} budget reached"
-                elif spent + _segment_ticks(spec) > cap.ticks:
+                elif spent + segment_ticks(spec) > cap.ticks:
                     no_start.add(name)
                     reasons.setdefault(
                         name,
@@ -392,12 +403,12 @@ class Spending:
         now: float,
         *,
         running: Iterable[str],
-        fired: set[str],
+        fired: Fired,
         estimates: Mapping[str, int] | None = None,
-    ) -> list[BudgetEvent]:
-        """Thresholds crossed and forecasts due that are not in `fired` (which it updates).
-        Charges find their own crossings (`add`); what is left here is a crossing made by the
-        estimates of unreported segments, and forecasts."""
+    ) -> tuple[Fired, list[BudgetEvent]]:
+        """Thresholds crossed and forecasts due that are not in `fired`, and what has fired
+        with them. Charges find their own crossings (`charge`); what is left here is a
+        crossing made by the estimates of unreported segments, and forecasts."""
         est = estimates or {}
         self._estimates = dict(est)
         burn = {
@@ -429,7 +440,6 @@ class Spending:
                 period_left = period_bounds(cap.period, now)[1] - now
                 lead = self.budgets.forecast_lead_minutes * 60
                 if seconds_to_cap <= min(lead, period_left):
-                    fired.add(ident)
                     events.append(
                         BudgetEvent(
                             "budget_forecast",
@@ -442,10 +452,10 @@ class Spending:
                             f"{seconds_to_cap / 60:.0f} min at {usd_per_hour(rate)} USD/h",
                         )
                     )
-        return events
+        return fired | {e.key for e in events}, events
 
-    def prune(self, fired: set[str], now: float) -> set[str]:
-        """Drop fired keys (and counters) of periods that are over."""
+    def prune(self, fired: Fired, now: float) -> Fired:
+        """Drop the counters of periods that are over; returns `fired` without their keys."""
         current = {period_key(p, now) for p in PERIODS}
         for k in [k for k in self._counters if k[2] not in current]:
             del self._counters[k]
@@ -453,73 +463,10 @@ class Spending:
             del self._account[a]
         for o in [o for o in self._orphans if o[1] not in current]:
             del self._orphans[o]
-        return {f for f in fired if f.split(":")[2] in current}
+        return frozenset(f for f in fired if f.split(":")[2] in current)
 
 
 def stream_ticks_per_hour(spec: StreamConfig, segment_seconds: float) -> int:
     """Whole ticks a running task of `spec` costs per hour (exact when 3600 / segment_seconds
     is whole, as with MAVI's 5 s)."""
-    return round(_segment_ticks(spec) * 3600 / segment_seconds)
-
-
-def summary(
-    spending: Spending,
-    *,
-    now: float,
-    running: Iterable[str],
-    estimates: Mapping[str, int],
-) -> dict[str, object]:
-    """Spend, burn, estimates and budget use for the status document (USD as strings)."""
-    live = set(running)
-
-    def burn(names: Iterable[str]) -> float:
-        return sum(
-            burn_ticks_per_second(spending.specs[n], spending.segment_seconds)
-            for n in names
-            if n in live and n in spending.specs
-        )
-
-    def budget(stream: str | None) -> dict[str, object]:
-        out: dict[str, object] = {}
-        for cap in spending.caps:
-            if cap.stream == stream:
-                used = spending.effective(cap, now, estimates)
-                out[f"{cap.label}_usd"] = usd(cap.ticks)
-                out[f"{cap.label}_used_percent"] = used * 100 // cap.ticks if cap.ticks else 100
-        return out
-
-    streams = {}
-    for name in sorted(set(spending.specs) | spending.streams_charged()):
-        streams[name] = {
-            "today_usd": usd(spending.spent(name, "day", now)),
-            "month_usd": usd(spending.spent(name, "month", now)),
-            "burn_usd_per_hour": str(usd_per_hour(burn([name]))),
-            "estimated_unreported_usd": usd(estimates.get(name, 0)),
-            "budget": budget(name),
-        }
-    labels: dict[str, dict[str, int]] = {}
-    for name, spec in spending.specs.items():
-        for k, v in spec.labels.items():
-            entry = labels.setdefault(f"{k}={v}", {"day": 0, "month": 0})
-            entry["day"] += spending.spent(name, "day", now)
-            entry["month"] += spending.spent(name, "month", now)
-    return {
-        "account": {
-            "today_usd": usd(spending.spent(None, "day", now)),
-            "month_usd": usd(spending.spent(None, "month", now)),
-            "burn_usd_per_hour": str(usd_per_hour(burn(live))),
-            "estimated_unreported_usd": usd(sum(estimates.values())),
-            "budget": budget(None),
-        },
-        "orphans": {
-            "today_usd": usd(spending.orphan_spent("day", now)),
-            "month_usd": usd(spending.orphan_spent("month", now)),
-            "burn_usd_per_hour": str(usd_per_hour(spending.orphan_burn(now))),
-            "live_tasks": spending.live_orphans(now),
-        },
-        "streams": streams,
-        "by_label": {
-            k: {"today_usd": usd(v["day"]), "month_usd": usd(v["month"])}
-            for k, v in sorted(labels.items())
-        },
-    }
+    return round(segment_ticks(spec) * 3600 / segment_seconds)

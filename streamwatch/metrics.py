@@ -189,6 +189,11 @@ class Metrics:
         elif isinstance(cb, StreamEnded):
             self.stops.labels(stream, str(cb.status)).inc()
 
+    def mavi_request(self, endpoint: str, outcome: str, seconds: float) -> None:
+        """Observe one request to MAVI (the clients' `on_request` hook)."""
+        self.mavi_requests.labels(endpoint, outcome).inc()
+        self.mavi_seconds.labels(endpoint).observe(seconds)
+
     def commit(self, seconds: float, operations: int) -> None:
         """Observe one store commit (the store's `on_commit` hook)."""
         self.store_commit_seconds.observe(seconds)

@@ -19,6 +19,7 @@ from typing import Any
 from streamwatch.config import Config, load_config
 from streamwatch.probe import DEFAULT_TIMEOUT, MediaInfo, ProbeError, probe
 from streamwatch.redact import redact_url
+from streamwatch.table import table
 
 __all__ = ["EXIT_CODES", "Target", "UnknownSource", "add_parser", "probe_all", "run", "targets"]
 
@@ -36,7 +37,12 @@ EXIT_OK, EXIT_CONFIG = 0, 1
 AT_ONCE = 4  # probes running at the same time (each is an ffprobe process)
 
 
-def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parser(
+    sub: Any,
+    with_config: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """The `probe` verb, run by `run`."""
     p = sub.add_parser(
         "probe",
         help="read sources (RTMP/RTSP, files, HTTP(S)) and show what media they carry",
@@ -44,6 +50,7 @@ def add_parser(sub: Any, with_config: Callable[[argparse.ArgumentParser], None])
         "rate, bit rates; size and duration for files), before paying MAVI to watch it. "
         "Credentials in URLs are never printed.",
     )
+    p.set_defaults(func=run)
     with_config(p)
     p.add_argument(
         "sources",
@@ -165,12 +172,12 @@ def run(args: argparse.Namespace) -> int:
     return code
 
 
-def render(rows: list[tuple[str, MediaInfo]]) -> str:
+def render(probed: list[tuple[str, MediaInfo]]) -> str:
     """Probed sources as a table for people."""
-    table = [("SOURCE", "FORMAT", "DURATION", "SIZE", "BITRATE", "VIDEO", "AUDIO")]
-    for label, info in rows:
+    rows = [("SOURCE", "FORMAT", "DURATION", "SIZE", "BITRATE", "VIDEO", "AUDIO")]
+    for label, info in probed:
         doc = info.to_json()
-        table.append(
+        rows.append(
             (
                 label,
                 info.format,
@@ -181,10 +188,7 @@ def render(rows: list[tuple[str, MediaInfo]]) -> str:
                 _audio(info),
             )
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table
-    )
+    return "\n".join(table(rows))
 
 
 def _video(info: MediaInfo) -> str:

@@ -18,12 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import resource
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -32,27 +30,21 @@ from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import SecretStr
 
-from streamwatch import __version__
 from streamwatch.alerts.sources import logo_hit
-from streamwatch.config import Config, local_url
+from streamwatch.config import Config
 from streamwatch.evidence import Evidence
 from streamwatch.guard import ConnectionGuard, effective_limit, listen_backlog
-from streamwatch.ledger import summary
-from streamwatch.listen import bind
+from streamwatch.http import BadBody, bind, close_runner, local_url, read_json
 from streamwatch.logs import Throttle
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, decode_body, parse_callback
-from streamwatch.metrics import Metrics, Snapshot, StateCollector, StreamView
-from streamwatch.store import CallbackOutcome, StateStore, StoreError, StoreReader
+from streamwatch.metrics import Metrics, StateCollector
+from streamwatch.status import build_status, snapshot
+from streamwatch.store import CallbackOutcome, StateStore, StoreError
 from streamwatch.supervisor import Supervisor
 
 __all__ = [
     "CALLBACK_PREFIX",
-    "BadBody",
     "Server",
-    "build_status",
-    "close_runner",
-    "iso",
-    "read_json",
 ]
 
 log = structlog.get_logger("streamwatch.server")
@@ -63,153 +55,13 @@ ANSWERED = "streamwatch: answered and logged by the handler"
 VIDEO_CALLBACK_PREFIX = "/callbacks/mavi-video/"
 
 
-def iso(ts: float | None) -> str | None:
-    """A unix time as an ISO-8601 UTC string (None stays None)."""
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-async def build_status(
-    *, config: Config, supervisor: Supervisor, store: StoreReader, clock: Callable[[], float]
-) -> dict[str, Any]:
-    """The status document served by `/api/v1/status`. Holds no secrets and no stream URLs
-    (they may carry credentials)."""
-    totals = await store.stream_totals()
-    orphans = await store.orphan_totals()
-    outbox = await store.alert_counts()
-    now = clock()
-    halt = supervisor.halt
-    estimates = supervisor.estimates(now)
-    costs = summary(
-        supervisor.spending,
-        now=now,
-        running=[n for n, s in supervisor.streams.items() if s.task_id],
-        estimates=estimates,
-    )
-    stream_costs: dict[str, Any] = costs["streams"]  # type: ignore[assignment]
-    orphan_costs: dict[str, Any] = costs["orphans"]  # type: ignore[assignment]
-    no_cost = {
-        "today_usd": "0.000000",
-        "month_usd": "0.000000",
-        "burn_usd_per_hour": "0.0000",
-        "estimated_unreported_usd": "0.000000",
-        "budget": {},
-    }
-    streams = []
-    for name in sorted(set(supervisor.desired) | set(supervisor.streams)):
-        spec = supervisor.desired.get(name)
-        state = supervisor.streams.get(name)
-        total = totals.get(name)
-        shown = supervisor.display_state(name, now)
-        streams.append(
-            {
-                "name": name,
-                "state": shown,
-                "configured": spec is not None,
-                "task_id": state.task_id if state else None,
-                "fps": spec.fps if spec else None,
-                "content_moderation": spec.content_moderation if spec else None,
-                "logo_detection": spec.logo_detection if spec else None,
-                "labels": dict(spec.labels) if spec else {},
-                "last_segment_at": iso(total.last_callback_at) if total else None,
-                "segments": total.segments if total else 0,
-                "unsafe_segments": total.unsafe_segments if total else 0,
-                "logo_segments": total.logo_segments if total else 0,
-                "failed_segments": total.failed_segments if total else 0,
-                "tasks": total.tasks if total else 0,
-                "restarts": state.restarts if state else 0,
-                "retry_at": iso(state.retry_at) if state else None,
-                "last_end_status": state.last_end_status if state else None,
-                "held_reason": state.held_reason if state else None,
-                "last_error": state.last_error if state else None,
-                "budget_reason": supervisor.gate.reasons.get(name),
-                "cost": stream_costs.get(name, no_cost),
-            }
-        )
-    return {
-        "version": __version__,
-        "now": iso(now),
-        "backend": config.mavi.backend,
-        "account": {
-            "halted": halt is not None and now < halt.until,
-            "halt_reason": halt.reason if halt else None,
-            "halt_detail": halt.detail if halt else None,
-            "halted_until": iso(halt.until) if halt else None,
-        },
-        "streams": streams,
-        "orphans": {
-            "tasks": orphans.tasks,
-            "callbacks": orphans.callbacks,
-            "live_tasks": orphan_costs["live_tasks"],
-            "uncertain_tasks": orphans.uncertain,
-            "stopped_tasks": orphans.stopped,
-            "estimated_today_usd": orphan_costs["today_usd"],
-            "estimated_month_usd": orphan_costs["month_usd"],
-            "estimated_burn_usd_per_hour": orphan_costs["burn_usd_per_hour"],
-        },
-        "alerts": outbox,
-        "cost": {
-            **costs["account"],  # type: ignore[dict-item]
-            "by_label": costs["by_label"],
-            "precharge": config.ledger.precharge,
-        },
-    }
-
-
-async def close_runner(runner: web.AppRunner) -> None:
-    """Stop an aiohttp runner, including connections accepted while it was stopping.
-
-    `AppRunner.cleanup()` closes the listener without waiting for accepts asyncio already
-    began; such a connection can reach the handler after the shutdown pass and would be left
-    open. A second pass over the same low-level server closes those as well."""
-    low = runner.server
-    await runner.cleanup()
-    if low is not None:
-        for _ in range(3):  # let started accepts finish creating their transports
-            await asyncio.sleep(0)
-        low.pre_shutdown()
-        await low.shutdown(0)
-
-
-class BadBody(Exception):
-    """A request body that cannot be used; `response()` is the 4xx answer saying why."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-    def response(self) -> web.Response:
-        return web.json_response({"error": str(self)}, status=self.status)
-
-
-_UTF8 = {"utf-8", "utf8", "us-ascii", "ascii"}
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, which must be UTF-8 (RFC 8259): another declared charset is
-    refused (415; an unknown one made aiohttp raise, a 500), and nesting too deep for the
-    parser is "not JSON" (400), not a server error. Raises `BadBody` (413, 415 or 400)."""
-    charset = request.charset
-    if charset is not None and charset.lower() not in _UTF8:
-        raise BadBody(415, "JSON bodies are UTF-8: send charset=utf-8 or none")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BadBody(413, "body too large") from None
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise BadBody(400, "body is not JSON (UTF-8)") from None
-
-
 def _raw(text: str) -> bytes:
     """A path segment or header value as the bytes the client sent: aiohttp decodes them with
     surrogateescape, and a plain `encode()` of invalid UTF-8 raised (a 500)."""
     return text.encode("utf-8", "surrogateescape")
 
 
-def _is_text(value: Any, *, limit: int = 256) -> bool:
+def _is_text(value: object, *, limit: int = 256) -> bool:
     """True for a non-empty string of at most `limit` characters that is valid Unicode (a
     JSON "\\udc80" escape gives a lone surrogate, which no UTF-8 store or log accepts)."""
     if not isinstance(value, str) or not 0 < len(value) <= limit:
@@ -506,30 +358,8 @@ class Server:
         return web.json_response({"ok": True})
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
-        sup = self._supervisor
-        now = self._clock()
-        streams = {}
-        for name in set(sup.desired) | set(sup.streams):
-            spec = sup.desired.get(name)
-            state = sup.streams.get(name)
-            streams[name] = StreamView(
-                state=sup.display_state(name, now),
-                running=state is not None and state.task_id is not None,
-                restarts=state.restarts if state else 0,
-                labels=spec.labels if spec else {},
-                fps=spec.fps if spec else None,
-                content_moderation=spec.content_moderation if spec else None,
-                logo_detection=spec.logo_detection if spec else None,
-            )
-        self._collector.snapshot = Snapshot(
-            streams=streams,
-            totals=await self._store.stream_totals(),
-            orphans=await self._store.orphan_totals(),
-            halt_reason=sup.halt.reason if sup.halt is not None and now < sup.halt.until else None,
-            all_time_ticks=dict(sup.spending.all_time),
-            outbox=await self._store.alert_counts(),
-            intents=await self._store.intent_states(),
-            now=now,
+        self._collector.snapshot = await snapshot(
+            supervisor=self._supervisor, store=self._store, now=self._clock()
         )
         body = generate_latest(self._metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

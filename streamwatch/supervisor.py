@@ -1,24 +1,15 @@
 """Keep one MAVI task running per configured stream, and react to how tasks end.
 
-The deciding is pure: `plan()` looks at what is wanted (the config) and what is observed
-(`StreamState` per stream, the account halt) and returns actions; `on_task_ended()` and
-`on_start_failed()` say how a stream's state changes. `Supervisor` is the thin executor that
-calls MAVI, records what happened in the store, and runs `plan()` again whenever something
-changes or a tick passes.
+`Supervisor` is the executor: it runs `policy.plan()` whenever something changes or a tick
+passes and launches its actions, applies what the pure decisions of `streamwatch.policy` say
+follows from a callback, a start or a stop, calls MAVI (starts through the crash-safe
+protocol of `streamwatch.starts`), and records what happened in the store. It decides
+nothing itself: every transition of a stream's state is a function of `policy`, and the
+budget bookkeeping (what has fired, the gate) is the ledger's.
 
-Policy, in short:
-- 15 (no video), 16 (capacity) and failed starts: restart with exponential backoff + jitter.
-- Every start is written as an intent first. A start whose answer was lost (a crash, a
-  timeout, a malformed answer, any unexpected failure) leaves it open: the stream is
-  `adopting` for `adopt_wait_segments` periods, and adopts the unknown task whose callbacks
-  match the intent; if none does, it starts again. A refusal (4xx) closes it.
-- Tasks nobody started here (orphans): their spend is estimated and counted against the
-  account's caps; `on_orphan = "stop"` stops one after `orphan_stop_after_segments` callbacks,
-  unless an open intent may still adopt it.
-- 14 not asked for by streamwatch: a person stopped it; hold until `streamwatch resume`.
-- 402, or 401 at start: halt the whole account; retry after `balance_recheck_seconds` or on resume.
-- No callback for `stall_after_segments` periods: stalled; `on_stall` waits or restarts.
-- A task this daemon already runs is never started twice: tasks in the store are adopted.
+Why one module of this length: it is one executor whose steps (plan, start, adopt, stop,
+observe, resume, shut down) share the stream table, the task group and the store, and each
+step is short; split across modules they would share that state through a back door.
 """
 
 from __future__ import annotations
@@ -27,134 +18,66 @@ import asyncio
 import contextlib
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, replace
-from enum import StrEnum
-from typing import Any, Literal, Protocol
+from dataclasses import replace
+from typing import Any, Protocol
 
 import structlog
 
 from streamwatch.background import Failures, TaskGroup
-from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
-from streamwatch.intent import Intent, OrphanPrice, Shape, is_definitive, price_orphan, url_hash
+from streamwatch.config import BudgetsConfig, StreamConfig
 from streamwatch.ledger import (
     PERIODS,
     BudgetEvent,
     BudgetGate,
+    Fired,
     Spending,
     period_bounds,
     period_key,
     unreported_segments,
 )
-from streamwatch.mavi.callbacks import (
-    STATUS_CAPACITY,
-    STATUS_NO_BALANCE,
-    STATUS_NO_VIDEO,
-    STATUS_USER_STOPPED,
-    SegmentFailed,
-    SegmentReport,
-    StreamEnded,
+from streamwatch.mavi.callbacks import StreamEnded
+from streamwatch.mavi.errors import MaviError
+from streamwatch.policy import (
+    Action,
+    Effect,
+    Halt,
+    MarkStalled,
+    Phase,
+    Policy,
+    Recovered,
+    RestartLoop,
+    SegmentErrors,
+    Start,
+    Stop,
+    StreamState,
+    TaskEnded,
+    after_stop,
+    note_restart,
+    on_callback,
+    on_open_intent,
+    on_resume,
+    on_start_failed,
+    on_start_unanswered,
+    on_stop_failed,
+    on_task_running,
+    orphan_to_stop,
+    plan,
 )
-from streamwatch.mavi.errors import AuthError, InsufficientBalance, MaviError
-from streamwatch.mavi.streams import StartRequest
 from streamwatch.redact import Redactor
-from streamwatch.store import Adopted, CallbackOutcome, Halt, StateStore, StreamRecord
+from streamwatch.starts import Started, StartFailed, Starts, StreamStarter
+from streamwatch.store import Adopted, CallbackOutcome, StateStore, StreamRecord
 
-__all__ = [
-    "Action",
-    "Halt",
-    "MarkStalled",
-    "Phase",
-    "Policy",
-    "Start",
-    "Stop",
-    "StreamState",
-    "Supervisor",
-    "backoff_delay",
-    "on_start_failed",
-    "on_start_unanswered",
-    "on_task_ended",
-    "plan",
-]
+__all__ = ["AfterCommit", "Supervisor"]
 
 log = structlog.get_logger("streamwatch.supervisor")
 
 
-class Phase(StrEnum):
-    """Where a stream is in its life. These strings are part of the status API."""
+class AfterCommit(Protocol):
+    """What follows a committed callback (the server's pipeline: evidence, the supervisor's
+    `observe`, metrics, the log)."""
 
-    IDLE = "idle"  # wanted, no task: starts when the account and capacity allow
-    STARTING = "starting"
-    RUNNING = "running"
-    STALLED = "stalled"  # running, but no callback for too long
-    BACKOFF = "backoff"  # waiting to restart after a failure
-    ADOPTING = "adopting"  # a start's answer was lost: waiting for its task's callbacks
-    STOPPING = "stopping"
-    HELD = "held"  # stopped by a person; waits for `streamwatch resume`
-
-
-StopReason = Literal["removed", "changed", "stalled", "shutdown", "budget"]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamState:
-    """What the supervisor knows of one stream."""
-
-    name: str
-    phase: Phase = Phase.IDLE
-    task_id: str | None = None
-    spec_hash: str | None = None  # of the running task
-    started_at: float | None = None
-    last_seen: float | None = None  # last callback, or when the task was started/adopted
-    retry_at: float | None = None
-    failures: int = 0  # consecutive failed runs: the backoff exponent
-    restarts: int = 0
-    run_segments: int = 0  # segments of the current task
-    run_failed: int = 0  # failed (-1) callbacks of the current task
-    segment_ticks: int = 0  # what one segment of the current task costs
-    consecutive_errors: int = 0
-    stop_reason: StopReason | None = None
-    held_reason: str | None = None
-    last_end_status: int | None = None
-    last_error: str | None = None
-    restart_times: tuple[float, ...] = ()  # recent restarts, for restart-loop detection
-    intent: str | None = None  # while adopting: the attempt id of the start's open intent
-
-    def record(self) -> StreamRecord:
-        """What of this state outlives the process (the store keeps it between runs)."""
-        return StreamRecord(
-            self.name,
-            self.held_reason,
-            self.failures,
-            self.retry_at,
-            self.last_end_status,
-            self.last_error,
-            self.restart_times,
-        )
-
-    @classmethod
-    def restored(cls, record: StreamRecord, *, now: float, policy: Policy) -> StreamState:
-        """The state a new process starts from: held, backing off (never longer than the
-        current `restart_max` from now), or idle; restarts outside the window forgotten."""
-        retry_at = record.retry_at
-        if retry_at is not None:
-            retry_at = min(retry_at, now + policy.restart_max)
-        phase = (
-            Phase.HELD if record.held_reason else Phase.IDLE if retry_at is None else Phase.BACKOFF
-        )
-        return cls(
-            record.name,
-            phase,
-            held_reason=record.held_reason,
-            failures=record.failures,
-            retry_at=retry_at,
-            last_end_status=record.last_end_status,
-            last_error=record.last_error,
-            restart_times=tuple(
-                t for t in record.restart_times if now - t < policy.restart_loop_window
-            ),
-        )
+    def __call__(self, outcome: CallbackOutcome) -> None: ...
 
 
 class _Streams(dict[str, StreamState]):
@@ -170,220 +93,6 @@ class _Streams(dict[str, StreamState]):
         if old is None or old.record() != state.record():
             self.dirty.add(name)
         super().__setitem__(name, state)
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """The knobs `plan()` needs, taken from config."""
-
-    stall_seconds: float
-    on_stall: Literal["wait", "restart"]
-    restart_initial: float
-    restart_max: float
-    restart_jitter: float
-    stable_after_segments: int
-    error_threshold: int
-    restart_loop_count: int
-    restart_loop_window: float
-    balance_recheck: float
-    max_running: int | None
-    adopt_wait: float = 0.0
-    on_orphan: Literal["report", "stop"] = "report"
-    orphan_stop_after: int = 3
-
-    @classmethod
-    def from_config(
-        cls, sup: SupervisorConfig, *, segment_seconds: float, max_running: int | None
-    ) -> Policy:
-        return cls(
-            stall_seconds=sup.stall_after_segments * segment_seconds,
-            on_stall=sup.on_stall,
-            restart_initial=sup.restart_initial_seconds,
-            restart_max=sup.restart_max_seconds,
-            restart_jitter=sup.restart_jitter,
-            stable_after_segments=sup.stable_after_segments,
-            error_threshold=sup.error_threshold,
-            restart_loop_count=sup.restart_loop_count,
-            restart_loop_window=sup.restart_loop_window_seconds,
-            balance_recheck=sup.balance_recheck_seconds,
-            max_running=max_running,
-            adopt_wait=sup.adopt_wait_segments * segment_seconds,
-            on_orphan=sup.on_orphan,
-            orphan_stop_after=sup.orphan_stop_after_segments,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Start:
-    stream: str
-
-
-@dataclass(frozen=True, slots=True)
-class Stop:
-    stream: str
-    task_id: str
-    reason: StopReason
-
-
-@dataclass(frozen=True, slots=True)
-class MarkStalled:
-    stream: str
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class Forget:
-    stream: str
-
-
-Action = Start | Stop | MarkStalled | Forget
-
-_OCCUPYING = (Phase.STARTING, Phase.RUNNING, Phase.STALLED, Phase.STOPPING)
-
-
-def _occupies(state: StreamState, now: float) -> bool:
-    """Does the stream hold a place under max_running? One adopting may have a task at MAVI:
-    it holds its place while it waits, and starts in it when the wait is over."""
-    if state.phase is Phase.ADOPTING:
-        return state.retry_at is None or now < state.retry_at
-    return state.phase in _OCCUPYING
-
-
-def plan(
-    desired: Mapping[str, StreamConfig],
-    observed: Mapping[str, StreamState],
-    *,
-    now: float,
-    halt: Halt | None,
-    policy: Policy,
-    gate: BudgetGate | None = None,
-) -> list[Action]:
-    """Decide what to do next. Pure: same inputs, same actions."""
-    gate = gate or BudgetGate()
-    actions: list[Action] = []
-    halted = halt is not None and now < halt.until
-    startable: list[StreamState] = []
-    occupying = sum(1 for s in observed.values() if _occupies(s, now))
-    for name in sorted(set(desired) | set(observed)):
-        state = observed.get(name, StreamState(name))
-        spec = desired.get(name)
-        has_task = state.phase in (Phase.RUNNING, Phase.STALLED) and state.task_id is not None
-        waiting = state.retry_at is not None and now < state.retry_at
-        if spec is None:
-            if has_task:
-                assert state.task_id is not None
-                actions.append(Stop(name, state.task_id, "removed"))
-            elif state.phase is Phase.ADOPTING and waiting:
-                continue  # a task it adopts now is stopped as removed
-            elif state.phase not in (Phase.STARTING, Phase.STOPPING):
-                actions.append(Forget(name))
-            continue
-        if has_task:
-            assert state.task_id is not None
-            if name in gate.stop:
-                actions.append(Stop(name, state.task_id, "budget"))
-                continue
-            if state.spec_hash != spec.spec_hash():
-                actions.append(Stop(name, state.task_id, "changed"))
-                continue
-            silent = now - (state.last_seen or now)
-            if state.phase is Phase.RUNNING and silent > policy.stall_seconds:
-                actions.append(MarkStalled(name, state.task_id))
-                if policy.on_stall == "restart":
-                    actions.append(Stop(name, state.task_id, "stalled"))
-            elif state.phase is Phase.STALLED and policy.on_stall == "restart":
-                actions.append(Stop(name, state.task_id, "stalled"))
-            continue
-        if halted or name in gate.no_start:
-            continue
-        if state.phase is Phase.IDLE or (
-            state.phase in (Phase.BACKOFF, Phase.ADOPTING)
-            and state.retry_at is not None
-            and not waiting
-        ):
-            startable.append(state)
-    # Fill free capacity, longest-waiting first, so no stream starves behind the others.
-    free = None if policy.max_running is None else max(0, policy.max_running - occupying)
-    startable.sort(key=lambda s: (s.retry_at or 0.0, s.name))
-    for state in startable[:free]:
-        actions.append(Start(state.name))
-    return actions
-
-
-def backoff_delay(failures: int, policy: Policy, *, rand: float) -> float:
-    """Seconds before restart number `failures` (1-based); `rand` in [0, 1) draws the jitter."""
-    base = min(policy.restart_max, policy.restart_initial * 2.0 ** max(0, failures - 1))
-    return base * (1 - policy.restart_jitter * rand)
-
-
-def on_task_ended(
-    state: StreamState,
-    status: int,
-    *,
-    requested: bool,
-    now: float,
-    policy: Policy,
-    rand: float,
-) -> tuple[StreamState, Halt | None]:
-    """The stream's current task ended with `status` (via callback). Returns the new state
-    and, for 402, the account halt to impose."""
-    ended = replace(
-        state,
-        task_id=None,
-        spec_hash=None,
-        last_end_status=status,
-        stop_reason=None,
-        consecutive_errors=0,
-    )
-    if status == STATUS_USER_STOPPED and not requested:
-        return replace(ended, phase=Phase.HELD, held_reason="stopped outside streamwatch"), None
-    if status == STATUS_NO_BALANCE:
-        halt = Halt("balance", now, now + policy.balance_recheck, "task ended with status 402")
-        return replace(ended, phase=Phase.IDLE), halt
-    if status in (STATUS_NO_VIDEO, STATUS_CAPACITY) or status == STATUS_USER_STOPPED:
-        failures = state.failures + 1
-        delay = backoff_delay(failures, policy, rand=rand)
-        return (
-            replace(ended, phase=Phase.BACKOFF, failures=failures, retry_at=now + delay),
-            None,
-        )
-    raise ValueError(f"status {status} does not end a task")
-
-
-def on_start_failed(
-    state: StreamState, error: MaviError, *, now: float, policy: Policy, rand: float
-) -> tuple[StreamState, Halt | None]:
-    """A start was refused or failed after its retries."""
-    failed = replace(state, last_error=str(error))
-    if isinstance(error, InsufficientBalance):
-        halt = Halt("balance", now, now + policy.balance_recheck, "start refused with HTTP 402")
-        return replace(failed, phase=Phase.IDLE), halt
-    if isinstance(error, AuthError):
-        halt = Halt("auth", now, now + policy.balance_recheck, "start refused with HTTP 401")
-        return replace(failed, phase=Phase.IDLE), halt
-    failures = state.failures + 1
-    delay = backoff_delay(failures, policy, rand=rand)
-    return replace(failed, phase=Phase.BACKOFF, failures=failures, retry_at=now + delay), None
-
-
-def on_start_unanswered(
-    state: StreamState, attempt_id: str, *, now: float, policy: Policy, rand: float
-) -> StreamState:
-    """A start failed in a way that leaves open whether MAVI created the task: the stream
-    adopts for at least `adopt_wait` (and no less than its backoff) before starting again."""
-    failures = state.failures + 1
-    delay = max(backoff_delay(failures, policy, rand=rand), policy.adopt_wait)
-    return replace(
-        state, phase=Phase.ADOPTING, intent=attempt_id, failures=failures, retry_at=now + delay
-    )
-
-
-class StreamStarter(Protocol):
-    """What the executor needs from a MAVI stream client."""
-
-    async def start(self, request: StartRequest) -> str: ...
-
-    async def stop(self, task_id: str) -> bool: ...
 
 
 class Supervisor:
@@ -407,9 +116,10 @@ class Supervisor:
         self._redact = redact or Redactor()
         self.spending = spending
         self.gate = BudgetGate()
-        self._fired: set[str] = set()  # budget events already raised, this period
+        self._fired: Fired = frozenset()  # budget events already raised, this period
         self._unreported_flagged: set[str] = set()  # tasks flagged as billing unreported
         self._store = store
+        self._starts = Starts(client=client, store=store, clock=clock, text=self._text)
         self.policy = policy
         self._tick = tick_seconds
         self._clock = clock
@@ -428,25 +138,15 @@ class Supervisor:
         self._stopping = False
         self._adopt_tried = False
         self._orphan_stops: set[str] = set()  # orphan tasks whose stop is under way
-        self._shapes: tuple[Mapping[str, StreamConfig], list[Shape]] = ({}, [])
-        # What follows a committed callback (the server sets its own: evidence, metrics, the
-        # log, then observe): callbacks claimed at a start or an adoption go the same way.
-        self._after_commit: Callable[[CallbackOutcome], None] = self.observe
+        self._ending: set[str] = set()  # stopped at shutdown, final callback not stored yet
+        # What follows a committed callback: callbacks claimed at a start or an adoption go
+        # the same way as live ones (see `set_after_commit`).
+        self._after_commit: AfterCommit = self.observe
 
-    def price_orphan(self, seen: Shape | None) -> OrphanPrice:
-        """What a segment of an unknown task showing `seen` is estimated to cost, given the
-        configured streams (the store's orphan pricer; it runs in the store's thread)."""
-        desired = self.desired  # replaced whole on reload, never changed in place
-        if self._shapes[0] is not desired:
-            shapes = [
-                Shape(s.content_moderation, s.logo_detection, s.fps) for s in desired.values()
-            ]
-            self._shapes = (desired, shapes)
-        return price_orphan(seen, self._shapes[1])
-
-    def set_after_commit(self, after_commit: Callable[[CallbackOutcome], None]) -> None:
+    def set_after_commit(self, after_commit: AfterCommit) -> None:
         """Send callbacks claimed by a recorded or adopted task through `after_commit`, as the
-        callback handler does for live ones (it must call `observe`)."""
+        callback handler does for live ones (it must call `observe`). Set after construction:
+        that pipeline is the server's, which is built on this supervisor."""
         self._after_commit = after_commit
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -463,7 +163,7 @@ class Supervisor:
         self.desired = {s.name: s for s in streams}
         now = self._clock()
         self.halt = await self._store.load_halt()
-        self._fired = set(await self._store.load_budget_fired())
+        self._fired = frozenset(await self._store.load_budget_fired())
         everything = await self._store.charge_totals(since=float("-inf"), until=float("inf"))
         self.spending.all_time = {t.stream: t.ticks for t in everything}
         for period in PERIODS:
@@ -511,20 +211,14 @@ class Supervisor:
         for intent in await self._store.open_intents():
             name = intent.stream
             known = self.streams.get(name, StreamState(name))
-            if known.task_id is not None or known.phase is Phase.HELD:
-                # Held, or running a recorded task: not adopting; a task of this start is an
-                # orphan (reported, or stopped with on_orphan = "stop").
+            adopting = on_open_intent(known, intent.attempt_id, now=now, policy=self.policy)
+            if adopting is None:
+                # A task of this start is an orphan (reported, or stopped with on_orphan).
                 await self._store.close_intent(
                     intent.attempt_id, state="unmatched", detail=f"stream {known.phase}"
                 )
                 continue
-            self.streams[name] = replace(
-                known,
-                phase=Phase.ADOPTING,
-                intent=intent.attempt_id,
-                retry_at=max(known.retry_at or now, now + self.policy.adopt_wait),
-                last_error="the last start's answer was not recorded; waiting for its task",
-            )
+            self.streams[name] = adopting
             log.info(
                 "supervisor.intent_open",
                 stream=name,
@@ -584,23 +278,7 @@ class Supervisor:
             self._launch(action)
         return actions
 
-    def _note_restart(self, name: str, now: float) -> None:
-        window = self.policy.restart_loop_window
-        state = self.streams[name]
-        times = (*(t for t in state.restart_times if now - t < window), now)
-        # One more than the count is enough to tell "just reached it" from "already past it".
-        keep = times[-(self.policy.restart_loop_count + 1) :]
-        self.streams[name] = replace(state, restart_times=keep)
-        if len(times) == self.policy.restart_loop_count:
-            log.warning("supervisor.restart_loop", stream=name, restarts=len(times))
-            self._spawn(
-                self._record(
-                    "restart_loop",
-                    stream=name,
-                    detail=f"{len(times)} restarts in {window / 60:.0f} min; each costs a"
-                    " pre-charge",
-                )
-            )
+    # -- money ---------------------------------------------------------------------------------
 
     def estimates(self, now: float) -> dict[str, int]:
         """Ticks MAVI has presumably billed per stream but not reported by callback yet.
@@ -646,23 +324,24 @@ class Supervisor:
 
     def _check_budgets(self, now: float, estimates: Mapping[str, int]) -> None:
         pruned = self.spending.prune(self._fired, now)
-        events = self.spending.check(
+        fired, events = self.spending.check(
             now,
             running=[n for n, s in self.streams.items() if s.task_id],
             fired=pruned,
             estimates=estimates,
         )
-        if not events and pruned == self._fired:
+        if fired == self._fired:
             return
-        self._fired = pruned
-        if not events:
-            self._spawn(self._store.save_budget_fired(frozenset(self._fired)))
+        self._fired = fired
+        if not events:  # only keys of past periods dropped
+            self._spawn(self._store.save_budget_fired(fired))
         self._budget_events(events)
 
     def _count(self, stream: str, ticks: int, at: float, *, task_id: str | None) -> None:
         """Count a charge the store recorded, and record the thresholds it crossed, each with
         this charge and the spend right after it."""
-        self._budget_events(self.spending.add(stream, ticks, at, fired=self._fired), task_id)
+        self._fired, events = self.spending.charge(stream, ticks, at, fired=self._fired)
+        self._budget_events(events, task_id)
 
     def _budget_events(self, events: list[BudgetEvent], task_id: str | None = None) -> None:
         """Log and record budget events; what has fired is written with each, in one commit,
@@ -681,9 +360,11 @@ class Supervisor:
                     stream=event.cap.stream,
                     task_id=task_id if event.charge_stream else None,
                     detail=event.detail,
-                    budget_fired=frozenset(self._fired),
+                    budget_fired=self._fired,
                 )
             )
+
+    # -- actions -------------------------------------------------------------------------------
 
     def _launch(self, action: Action) -> None:
         name = action.stream
@@ -726,8 +407,9 @@ class Supervisor:
             self._notify()
 
     async def _start(self, name: str) -> None:
-        """Start the stream's task: intent written, MAVI asked, answer recorded. Every way
-        this can fail ends in a known state (backoff, halt, or adopting)."""
+        """Start the stream's task (`Starts`: intent written, MAVI asked, answer recorded) and
+        take what came of it. Every way this can fail ends in a known state (backoff, halt, or
+        adopting)."""
         spec = self.desired.get(name)
         state = self.streams[name]
         if spec is None:  # removed while queued
@@ -735,119 +417,67 @@ class Supervisor:
             if state.intent is not None:
                 await self._close_intent(state.intent, "the stream was removed")
             return
-        intent = Intent(
-            attempt_id=uuid.uuid4().hex,
-            stream=name,
-            url_hash=url_hash(spec.url),
-            spec_hash=spec.spec_hash(),
-            fps=spec.fps,
-            content_moderation=spec.content_moderation,
-            logo_detection=spec.logo_detection,
-            max_logos=spec.max_logos,
-            created_at=self._clock(),
-        )
-        try:
-            # Written before the call: a crash from here on leaves a trace to adopt from.
-            adopted = await self._store.begin_start(intent)
-        except Exception as exc:  # noqa: BLE001 - not written, so MAVI is not asked: back off
-            await self._start_failed(name, state, exc, intent=None)
-            return
-        if adopted is not None:  # the previous start's task showed up after all
-            self._took_adopted(name, adopted)
-            return
-        request = StartRequest(
-            url=spec.url,
-            content_moderation=spec.content_moderation,
-            logo_detection=spec.logo_detection,
-            fps=spec.fps,
-            max_logos=spec.max_logos,
-        )
-        try:
-            task_id = await self._client.start(request)
-        except Exception as exc:  # noqa: BLE001 - any failure ends the start in a known state
-            await self._start_failed(name, state, exc, intent=intent)
-            return
-        now = self._clock()
-        try:
-            registered = await self._store.record_task_started(
-                task_id=task_id,
-                stream=name,
-                spec_hash=spec.spec_hash(),
-                fps=spec.fps,
-                content_moderation=spec.content_moderation,
-                logo_detection=spec.logo_detection,
-                max_logos=spec.max_logos,
-                started_at=now,
-                attempt_id=intent.attempt_id,
-            )
-        except Exception as exc:  # noqa: BLE001 - MAVI started it: the open intent adopts it
-            await self._start_failed(name, state, exc, intent=intent)
-            return
+        outcome = await self._starts.start(name, spec)
+        if isinstance(outcome, Adopted):
+            self._took_adopted(name, outcome)
+        elif isinstance(outcome, StartFailed):
+            await self._start_failed(name, state, outcome)
+        else:
+            await self._started(name, state, outcome, fps=spec.fps)
+
+    async def _started(self, name: str, state: StreamState, started: Started, *, fps: int) -> None:
+        registered, task_id, now = started.registered, started.task_id, started.at
         self._count(name, registered.precharge_ticks, now, task_id=task_id)
         for at, ticks in registered.orphan_removed:
             self.spending.add_orphan(-ticks, at)
         self.spending.forget_orphan(task_id)
-        restarted = state.started_at is not None or state.last_end_status is not None
-        self.streams[name] = replace(
+        new = on_task_running(
             state,
-            phase=Phase.RUNNING,
             task_id=task_id,
-            spec_hash=spec.spec_hash(),
+            spec_hash=started.spec_hash,
             started_at=now,
-            last_seen=now,
-            retry_at=None,
-            run_segments=0,
-            run_failed=0,
+            now=now,
+            segments=0,
             segment_ticks=registered.precharge_ticks,
-            consecutive_errors=0,
-            restarts=state.restarts + int(restarted),
-            last_error=None,
-            intent=None,
         )
+        effects: list[Effect] = []
+        if new.restarts > state.restarts:
+            new, effects = note_restart(new, now, self.policy)
+        self.streams[name] = new
         self._by_task[task_id] = name
-        log.info("supervisor.task_started", stream=name, task_id=task_id, fps=spec.fps)
-        if restarted:
-            self._note_restart(name, now)
+        log.info("supervisor.task_started", stream=name, task_id=task_id, fps=fps)
+        self._apply(effects)
         await self._record("task_started", stream=name, task_id=task_id)
         for outcome in registered.claimed:
             self._after_commit(outcome)
 
-    async def _start_failed(
-        self, name: str, state: StreamState, error: Exception, *, intent: Intent | None
-    ) -> None:
-        """A start did not end with a recorded task. A refusal (or a failure before MAVI was
-        asked) closes the intent and backs off; anything else leaves it open and adopts."""
-        text = str(error) if isinstance(error, MaviError) else f"{type(error).__name__}: {error}"
-        detail = self._text(text)
-        definitive = intent is None or is_definitive(error)
-        if intent is not None and definitive:
-            try:
-                await self._store.close_intent(intent.attempt_id, state="failed", detail=detail)
-            except Exception:  # noqa: BLE001 - still open: then adopting is the safe reading
-                definitive = False
-        now = self._clock()
+    async def _start_failed(self, name: str, state: StreamState, failed: StartFailed) -> None:
+        """A start did not end with a recorded task: a refusal backs off (or halts the
+        account); a start MAVI may have answered adopts."""
+        now, detail, error = self._clock(), failed.detail, failed.error
         status = error.status if isinstance(error, MaviError) else None
-        if definitive:
-            refusal = error if isinstance(error, MaviError) else MaviError(detail)
+        rand = self._rng.random()
+        if failed.unanswered is None:
             new, halt = on_start_failed(
-                state, refusal, now=now, policy=self.policy, rand=self._rng.random()
+                state, error, now=now, policy=self.policy, rand=rand, detail=detail
             )
-            self.streams[name] = replace(new, last_error=detail, intent=None)
+            self.streams[name] = new
             if halt is not None:
                 self._impose_halt(halt)
             log.warning("supervisor.start_failed", stream=name, error=detail, status=status)
             await self._record("start_failed", stream=name, status=status, detail=detail)
             return
-        assert intent is not None
+        attempt_id = failed.unanswered
         new = on_start_unanswered(
-            state, intent.attempt_id, now=now, policy=self.policy, rand=self._rng.random()
+            state, attempt_id, now=now, policy=self.policy, rand=rand, detail=detail
         )
-        self.streams[name] = replace(new, last_error=detail)
+        self.streams[name] = new
+        self._notify(replan=False)  # waiters see it adopting before its callbacks come
         wait = (new.retry_at or now) - now
         log.warning(
             "supervisor.start_unanswered",
             stream=name,
-            attempt_id=intent.attempt_id,
+            attempt_id=attempt_id,
             error=detail,
             status=status,
             wait_seconds=round(wait, 3),
@@ -894,22 +524,14 @@ class Supervisor:
         for at, ticks in adopted.orphan_removed:
             self.spending.add_orphan(-ticks, at)
         self.spending.forget_orphan(adopted.task_id)
-        restarted = state.started_at is not None or state.last_end_status is not None
-        self.streams[name] = replace(
+        self.streams[name] = on_task_running(
             state,
-            phase=Phase.RUNNING,
             task_id=adopted.task_id,
             spec_hash=adopted.spec_hash,
             started_at=adopted.started_at,
-            last_seen=self._clock(),
-            retry_at=None,
-            run_segments=len(adopted.backfilled),
-            run_failed=0,
+            now=self._clock(),
+            segments=len(adopted.backfilled),
             segment_ticks=adopted.precharge_ticks,
-            consecutive_errors=0,
-            restarts=state.restarts + int(restarted),
-            last_error=None,
-            intent=None,
         )
         self._by_task[adopted.task_id] = name
         # Its event (and the alert it resolves) was recorded with the adoption.
@@ -937,9 +559,7 @@ class Supervisor:
             error = self._text(str(exc) or type(exc).__name__)
             state = self.streams.get(action.stream)
             if state is not None and state.task_id == action.task_id:
-                self.streams[action.stream] = replace(
-                    state, phase=Phase.RUNNING, stop_reason=None, last_error=error
-                )
+                self.streams[action.stream] = on_stop_failed(state, error)
             log.warning("supervisor.stop_failed", stream=action.stream, error=error)
             await self._record(
                 "stop_failed", stream=action.stream, task_id=action.task_id, detail=error
@@ -962,19 +582,13 @@ class Supervisor:
         state = self.streams.get(action.stream)
         if state is None or state.task_id != action.task_id:
             return
-        ended = replace(state, task_id=None, spec_hash=None, stop_reason=None, consecutive_errors=0)
-        if action.reason == "removed":
+        after = after_stop(
+            state, action.reason, now=self._clock(), policy=self.policy, rand=self._rng.random()
+        )
+        if after is None:
             self.streams.pop(action.stream, None)
-        elif action.reason in ("shutdown", "budget"):
-            self.streams[action.stream] = replace(ended, phase=Phase.IDLE)
-        elif action.reason == "stalled":
-            failures = state.failures + 1
-            delay = backoff_delay(failures, self.policy, rand=self._rng.random())
-            self.streams[action.stream] = replace(
-                ended, phase=Phase.BACKOFF, failures=failures, retry_at=self._clock() + delay
-            )
         else:
-            self.streams[action.stream] = replace(ended, phase=Phase.IDLE)
+            self.streams[action.stream] = after
 
     def _impose_halt(self, halt: Halt) -> None:
         """Halt the account now, in the same step as the stream state that caused it (so no
@@ -990,6 +604,49 @@ class Supervisor:
             await self._record("account_halted", detail=f"{halt.reason}: {halt.detail}")
         await self._store.save_halt(halt)
 
+    def _apply(self, effects: Iterable[Effect]) -> None:
+        """Log and record what a decision says follows (or halt the account)."""
+        for effect in effects:
+            if isinstance(effect, Halt):
+                self._impose_halt(effect)
+            elif isinstance(effect, Recovered):
+                log.info(
+                    "supervisor.stream_recovered", stream=effect.stream, task_id=effect.task_id
+                )
+                self._spawn(
+                    self._record("stream_recovered", stream=effect.stream, task_id=effect.task_id)
+                )
+            elif isinstance(effect, SegmentErrors):
+                log.warning(
+                    "supervisor.segment_errors", stream=effect.stream, consecutive=effect.count
+                )
+                self._spawn(
+                    self._record(
+                        "segment_errors",
+                        stream=effect.stream,
+                        task_id=effect.task_id,
+                        status=effect.status,
+                        detail=effect.detail,
+                    )
+                )
+            elif isinstance(effect, TaskEnded):
+                # Its event (and alert, unless this daemon asked for the stop) was recorded
+                # with the callback.
+                self._by_task.pop(effect.task_id, None)
+                log.warning(
+                    "supervisor.task_ended",
+                    stream=effect.stream,
+                    task_id=effect.task_id,
+                    status=effect.status,
+                )
+            elif isinstance(effect, RestartLoop):
+                log.warning(
+                    "supervisor.restart_loop", stream=effect.stream, restarts=effect.restarts
+                )
+                self._spawn(
+                    self._record("restart_loop", stream=effect.stream, detail=effect.detail)
+                )
+
     # -- what callbacks tell us ----------------------------------------------------------------
 
     def observe(self, outcome: CallbackOutcome) -> None:
@@ -998,6 +655,9 @@ class Supervisor:
         if outcome.kind == "orphan":
             self._observe_orphan(outcome)
             return
+        if isinstance(outcome.callback, StreamEnded) and outcome.callback.task_id in self._ending:
+            self._ending.discard(outcome.callback.task_id)  # stored now, or before (a duplicate)
+            self._notify(replan=False)
         if outcome.kind != "stored" or outcome.stream is None:
             return
         name = outcome.stream
@@ -1014,56 +674,17 @@ class Supervisor:
             # An older task of the stream, or one whose stop is in flight (that stop decides
             # what comes next): stored, nothing more to do.
             return
-        now = self._clock()
-        if isinstance(cb, SegmentReport):
-            segments = state.run_segments + 1
-            failures = 0 if segments >= self.policy.stable_after_segments else state.failures
-            phase = state.phase
-            if phase is Phase.STALLED:
-                phase = Phase.RUNNING
-                replan = True
-                log.info("supervisor.stream_recovered", stream=name, task_id=cb.task_id)
-                self._spawn(self._record("stream_recovered", stream=name, task_id=cb.task_id))
-            self.streams[name] = replace(
-                state,
-                phase=phase,
-                last_seen=now,
-                run_segments=segments,
-                failures=failures,
-                consecutive_errors=0,
-            )
-        elif isinstance(cb, SegmentFailed):
-            errors = state.consecutive_errors + 1
-            self.streams[name] = replace(
-                state, last_seen=now, consecutive_errors=errors, run_failed=state.run_failed + 1
-            )
-            if errors == self.policy.error_threshold:
-                log.warning("supervisor.segment_errors", stream=name, consecutive=errors)
-                self._spawn(
-                    self._record(
-                        "segment_errors",
-                        stream=name,
-                        task_id=cb.task_id,
-                        status=cb.status,
-                        detail=f"{errors} failed segments in a row: {cb.message}",
-                    )
-                )
-        elif isinstance(cb, StreamEnded):
-            self._by_task.pop(cb.task_id, None)
-            new, halt = on_task_ended(
-                state,
-                cb.status,
-                requested=outcome.stop_requested,
-                now=now,
-                policy=self.policy,
-                rand=self._rng.random(),
-            )
-            self.streams[name] = new
-            # Its event (and alert, unless this daemon asked for the stop) was recorded with it.
-            log.warning("supervisor.task_ended", stream=name, task_id=cb.task_id, status=cb.status)
-            if halt is not None:
-                self._impose_halt(halt)
-            replan = True
+        new, effects = on_callback(
+            state,
+            cb,
+            stop_requested=outcome.stop_requested,
+            now=self._clock(),
+            policy=self.policy,
+            rand=self._rng.random(),
+        )
+        self.streams[name] = new
+        self._apply(effects)
+        replan = replan or any(isinstance(e, Recovered | TaskEnded) for e in effects)
         self._notify(replan=replan)
 
     def _observe_orphan(self, outcome: CallbackOutcome) -> None:
@@ -1074,7 +695,8 @@ class Supervisor:
         if outcome.ticks:
             self.spending.add_orphan(outcome.ticks, outcome.at)
             replan = self.spending.near_account_cap(outcome.at)
-        if isinstance(cb, StreamEnded):
+        ended = isinstance(cb, StreamEnded)
+        if ended:
             self.spending.forget_orphan(cb.task_id)
         else:
             self.spending.note_orphan(cb.task_id, outcome.segment_ticks, outcome.at)
@@ -1084,11 +706,12 @@ class Supervisor:
             )
             if owner is not None:
                 self._try_adopt(owner)
-        elif (
-            self.policy.on_orphan == "stop"
-            and not isinstance(cb, StreamEnded)
-            and outcome.orphan_segments >= self.policy.orphan_stop_after
-            and cb.task_id not in self._orphan_stops
+        if orphan_to_stop(
+            self.policy,
+            ended=ended,
+            segments=outcome.orphan_segments,
+            candidate=outcome.candidate_for is not None,
+            stopping=cb.task_id in self._orphan_stops,
         ):
             self._orphan_stops.add(cb.task_id)
             self._spawn(self._stop_orphan(cb.task_id, outcome.orphan_segments))
@@ -1131,10 +754,9 @@ class Supervisor:
             await self._record("account_resumed")
         released = []
         for name, state in list(self.streams.items()):
-            if (not names or name in names) and state.phase in (Phase.HELD, Phase.BACKOFF):
-                self.streams[name] = replace(
-                    state, phase=Phase.IDLE, held_reason=None, retry_at=None, failures=0
-                )
+            new = on_resume(state) if not names or name in names else None
+            if new is not None:
+                self.streams[name] = new
                 await self._record("stream_resumed", stream=name)
                 released.append(name)
         await self._persist()
@@ -1153,6 +775,7 @@ class Supervisor:
                 for s in self.streams.values()
                 if s.task_id is not None and s.phase in (Phase.RUNNING, Phase.STALLED)
             ]
+            self._ending = {s.task_id for s in stops}
             for stop in stops:
                 # As _launch does: the stop in flight owns what its final 14 means.
                 state = self.streams[stop.stream]
@@ -1163,6 +786,12 @@ class Supervisor:
             stopped = [a.task_id for a in stops]
         await self._persist()
         return stopped
+
+    @property
+    def ending(self) -> frozenset[str]:
+        """The tasks `shutdown()` stopped whose final callback is not stored yet (the daemon
+        keeps serving a little for them: `wait_until(lambda: not supervisor.ending)`)."""
+        return frozenset(self._ending)
 
     # -- waiting (tests, status) -------------------------------------------------------------
 

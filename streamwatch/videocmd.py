@@ -21,21 +21,26 @@ from pydantic import SecretStr
 
 from streamwatch.config import Config, ConfigError, ConfigProblem, read_secret
 from streamwatch.mavi.videos import BatchError, Video, VideoClient
+from streamwatch.table import table
 
 __all__ = ["add_parsers", "run"]
 
 MANIFEST = ".streamwatch-uploads.json"
+VideoVerb = Callable[[VideoClient, argparse.Namespace], Awaitable[int]]
+"""A `video` verb: what it does with the client and its arguments; its exit code."""
 VIDEO_SUFFIXES = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".ts"}
 
 
 def add_parsers(
     sub: Any,
     with_config: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
     *,
     url: Callable[[str], str],
     positive: Callable[[str], int],
 ) -> None:
-    """The `video` verbs; `url` and `positive` check the --url and --jobs arguments."""
+    """The `video` verbs, run by `run`; `url` and `positive` check the --url and --jobs
+    arguments."""
     video = sub.add_parser(
         "video",
         help="batch video: upload, list, search, chat, …",
@@ -43,10 +48,12 @@ def add_parsers(
         "moments, chat about videos, transcribe and delete. VIDEO arguments are videoNos, as "
         "`video list` and `video upload` print them.",
     )
+    video.set_defaults(func=run)
     verbs = video.add_subparsers(dest="video_verb", required=True, metavar="VERB")
 
-    def verb(name: str, text: str, about: str) -> argparse.ArgumentParser:
+    def verb(name: str, text: str, about: str, run: VideoVerb) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = verbs.add_parser(name, help=text, description=about)
+        p.set_defaults(video_run=run)
         with_config(p)
         p.add_argument(
             "--url", type=url, help="batch API base URL (default: [mavi] batch_base_url)"
@@ -60,6 +67,7 @@ def add_parsers(
         "Upload video files, and the video files in folders, to the library, several at once. "
         f"A manifest ({MANIFEST}) in each folder records what was uploaded, so a second run "
         "skips it.",
+        _upload,
     )
     p.add_argument(
         "paths",
@@ -70,7 +78,7 @@ def add_parsers(
     )
     p.add_argument("--jobs", type=positive, default=3, help="uploads at once (default %(default)s)")
     p.add_argument("--callback", help="callBackUri for parse notifications")
-    p = verb("list", "list the library", "List every video in the library with its status.")
+    p = verb("list", "list the library", "List every video in the library with its status.", _list)
     p.add_argument(
         "--status",
         choices=["PARSE", "UNPARSE", "FAIL", "PARSE_ERROR"],
@@ -80,12 +88,14 @@ def add_parsers(
         "search",
         "find videos by an English prompt",
         "Find the library's videos that match an English prompt.",
+        _search,
     )
     p.add_argument("query", help="what to look for, in English")
     p = verb(
         "clips",
         "find moments in videos by an English prompt",
         "Find the moments in the given videos that match an English prompt.",
+        _clips,
     )
     p.add_argument("query", help="what to look for, in English")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="videoNos to search in")
@@ -93,6 +103,7 @@ def add_parsers(
         "chat",
         "ask about videos; the answer streams to the terminal",
         "Ask a question about videos; the answer is printed as it is written.",
+        _chat,
     )
     p.add_argument("message", help="the question, in English")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="videoNos to ask about")
@@ -100,6 +111,7 @@ def add_parsers(
         "transcribe",
         "transcribe a video and wait for the text",
         "Transcribe a video's audio (or what is seen) and print the timed text when done.",
+        _transcribe,
     )
     p.add_argument("video", metavar="VIDEO", help="the videoNo")
     p.add_argument(
@@ -109,7 +121,12 @@ def add_parsers(
         help="transcribe speech (AUDIO), what is seen (VIDEO) or both (default %(default)s)",
     )
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait")
-    p = verb("delete", "delete videos from the library", "Delete videos from the library for good.")
+    p = verb(
+        "delete",
+        "delete videos from the library",
+        "Delete videos from the library for good.",
+        _delete,
+    )
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="videoNos to delete")
 
 
@@ -156,9 +173,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
             api_key=key or SecretStr("emulator"),
             retry=config.mavi.retry,
         )
-        handler: Callable[[VideoClient, argparse.Namespace], Awaitable[int]] = globals()[
-            f"_{args.video_verb}"
-        ]
+        handler: VideoVerb = args.video_run
         try:
             return await handler(client, args)
         except BatchError as exc:
@@ -179,8 +194,8 @@ def _print_videos(videos: list[Video], as_json: bool) -> None:
     if as_json:
         print(json.dumps([_video_doc(v) for v in videos], indent=2))
         return
-    for v in videos:
-        print(f"{v.video_no}  {v.status or '-':<11} {v.name or ''}")
+    for line in table([(v.video_no, v.status or "-", v.name or "") for v in videos]):
+        print(line)
     if not videos:
         print("(no videos)")
 
@@ -292,8 +307,9 @@ async def _clips(client: VideoClient, args: argparse.Namespace) -> int:
             )
         )
     else:
-        for c in clips:
-            print(f"{c.video_no}  {c.start:8.1f}s to {c.end:8.1f}s  {c.name or ''}")
+        rows = [(c.video_no, f"{c.start:.1f}s", "to", f"{c.end:.1f}s", c.name or "") for c in clips]
+        for line in table(rows, right=(1, 3)):
+            print(line)
         if not clips:
             print("(no moments found)")
     return 0

@@ -25,8 +25,9 @@ import stamina
 from streamwatch.app import App
 from streamwatch.config import Config, parse_config
 from streamwatch.emulator import Emulator
+from streamwatch.policy import StreamState
 from streamwatch.store import EventRow, Store
-from streamwatch.supervisor import StreamState, Supervisor
+from streamwatch.supervisor import Supervisor
 
 if TYPE_CHECKING:
     from tests.media import LiveSources

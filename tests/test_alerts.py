@@ -9,7 +9,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import aiohttp
 import pytest
@@ -20,12 +20,15 @@ from streamwatch.alerts.events import LIMITS
 from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.rules import Condition, Routed, RuleState, Window
 from streamwatch.alerts.sinks import HttpSink, safe_link
+from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
+from streamwatch.alerts.sinks.apprise import AppriseSink
 from streamwatch.alerts.sinks.discord import DiscordSink
+from streamwatch.alerts.sinks.registry import KINDS, build_sinks
 from streamwatch.alerts.sinks.slack import SlackSink
 from streamwatch.alerts.sinks.teams import TeamsSink
 from streamwatch.alerts.sinks.webhook import WebhookSink
 from streamwatch.background import hosted
-from streamwatch.config import AlertRule
+from streamwatch.config import AlertRule, AlertSink
 from streamwatch.store import Store
 from tests.fakes.chat import Answer, ChatFakes
 from tests.fakes.serve import serve
@@ -580,3 +583,42 @@ def test_only_http_links_reach_a_chat(url, link):
     """A clip link is kept only as an absolute http(s) URL without credentials, whitespace or
     angle brackets, and not cut (a cut link would point elsewhere)."""
     assert safe_link(url) == link
+
+
+async def test_every_sink_type_the_config_accepts_is_built_by_its_kind():
+    """The registry has a factory for each `type` a `[[alerts.sinks]]` entry may name, and
+    `build_sinks` builds that kind's class with the entry's limits and secrets."""
+    allowed = set(get_args(AlertSink.model_fields["type"].annotation))
+    assert set(KINDS) == allowed
+    configured = [
+        AlertSink.model_validate(
+            {
+                "name": f"to-{kind}",
+                "type": kind,
+                "url": {"env": "URL"},
+                "max_attempts": 3,
+                **({"secret": {"env": "SECRET"}} if kind == "webhook" else {}),
+            }
+        )
+        for kind in sorted(allowed)
+    ]
+    secrets = {
+        s.name: (
+            SecretStr("json://127.0.0.1:9/hook"),
+            SecretStr("whsec_" + base64.b64encode(b"k" * 24).decode())
+            if s.type == "webhook"
+            else None,
+        )
+        for s in configured
+    }
+    async with aiohttp.ClientSession() as session:
+        built = build_sinks(configured, secrets, session=session, clock=lambda: 0.0)
+    assert {name: type(sink) for name, sink in built.items()} == {
+        "to-alertmanager": AlertmanagerSink,
+        "to-apprise": AppriseSink,
+        "to-discord": DiscordSink,
+        "to-slack": SlackSink,
+        "to-teams": TeamsSink,
+        "to-webhook": WebhookSink,
+    }
+    assert {sink.max_attempts for sink in built.values()} == {3}

@@ -17,7 +17,10 @@ from typing import Any
 
 import pytest
 
+from streamwatch import cli as cli_module
+from streamwatch import videocmd
 from streamwatch.cli import _parser
+from streamwatch.table import table
 from tests.conftest import SECRET, cli, free_port
 
 
@@ -357,3 +360,36 @@ def test_every_verb_option_and_positional_has_help():
         what = "/".join(action.option_strings) or action.dest
         assert action.help, f"{prog}: {what} has no help"
     assert {"streamwatch cost", "streamwatch video clips", "streamwatch emulator"} <= seen
+
+
+def test_every_verb_is_run_by_its_own_command():
+    """Each verb's parser names the command that runs it (no lookup by name at run time):
+    `streamwatch VERB` runs `_cmd_VERB`, and each `video` verb its own coroutine."""
+    parser = _parser()
+    (verbs,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, sub in verbs.choices.items():
+        assert sub.get_default("func") is getattr(cli_module, "_cmd_" + name.replace("-", "_"))
+    (video,) = [
+        a for a in verbs.choices["video"]._actions if isinstance(a, argparse._SubParsersAction)
+    ]
+    for name, sub in video.choices.items():
+        assert sub.get_default("video_run") is getattr(videocmd, "_" + name), name
+
+
+@pytest.mark.parametrize(
+    ("rows", "right", "lines"),
+    [
+        ([], (), []),
+        ([("A", "BB"), ("ccc", "d")], (), ["A    BB", "ccc  d"]),
+        (
+            [("NAME", "USD"), ("a", "1.5"), ("bb", "10.25")],
+            (1,),
+            ["NAME    USD", "a       1.5", "bb    10.25"],
+        ),
+        ([("x", ""), ("y", "")], (), ["x", "y"]),
+    ],
+)
+def test_the_one_table_renderer(rows, right, lines):
+    """Every table the command prints: columns as wide as their widest cell, two spaces apart,
+    numbers right-aligned where asked, no blanks at a line's end."""
+    assert table(rows, right=right) == lines

@@ -11,8 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from streamwatch.config import EmulatorScript
-from streamwatch.emulator import Emulator, Script
+from streamwatch.emulator import Emulator, EmulatorScript, Script
 from streamwatch.pricing import segment_cost_ticks
 from tests.conftest import until
 from tests.fakes.serve import serve

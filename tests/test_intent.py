@@ -29,8 +29,8 @@ from streamwatch.mavi.errors import (
     RejectedRequest,
     TransientError,
 )
+from streamwatch.policy import Phase, StreamState, on_start_unanswered, plan
 from streamwatch.pricing import segment_cost_ticks
-from streamwatch.supervisor import Phase, StreamState, on_start_unanswered, plan
 from tests.test_plan import POLICY, spec
 
 

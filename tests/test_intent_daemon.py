@@ -18,9 +18,10 @@ from streamwatch.emulator import Emulator, Script
 from streamwatch.intent import Intent
 from streamwatch.ledger import Spending, usd
 from streamwatch.mavi.streams import StreamClient
+from streamwatch.policy import Phase, Policy
 from streamwatch.pricing import segment_cost_ticks, usd_to_ticks
 from streamwatch.store import Store, StreamRecord
-from streamwatch.supervisor import Phase, Policy, Supervisor
+from streamwatch.supervisor import Supervisor
 from tests.conftest import API_KEY, Daemon, cli, stream_toml, until
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC

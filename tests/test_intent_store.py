@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import streamwatch.store as store_module
-from streamwatch.intent import Intent, Shape, price_orphan
+from streamwatch.intent import Intent, OrphanPricer, Shape
 from streamwatch.mavi.callbacks import parse_callback
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.store import MIGRATIONS, Store
@@ -188,9 +188,8 @@ async def test_orphan_segments_are_priced_by_the_pricer_and_count_toward_a_stop(
     pre-charge once; the outcome counts its segment callbacks; an orphan an open intent may
     adopt cannot be claimed for a stop, one nobody may claim can, once."""
     path = tmp_path / "s.db"
-    async with Store(path) as store:
-        configured = [Shape(True, False, 4)]
-        store.set_orphan_pricer(lambda seen: price_orphan(seen, configured))
+    configured = [Shape(True, False, 4)]
+    async with Store(path, orphan_pricer=OrphanPricer(configured)) as store:
         sure = [await send(store, "X", i, 10.0 + i, frames=15) for i in range(3)]
         guessed = await send(store, "Y", 0, 10.0, frames=None)
         three = segment_cost_ticks(fps=3, content_moderation=True, logo_detection=False)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from streamwatch.config import BudgetCaps, BudgetsConfig, StreamConfig
 from streamwatch.ledger import (
+    Fired,
     Spending,
     period_bounds,
     period_key,
@@ -139,17 +140,19 @@ def test_estimates_count_against_caps():
 def test_thresholds_fire_once_each_per_period():
     """50/80/100 % fire once each, and again in the next period."""
     spending = spending_for(stream("a", daily_usd=CAP))
-    fired: set[str] = set()
+    fired: Fired = frozenset()
     spending.add("a", CAP_TICKS // 2, NOON)
-    assert [e.percent for e in spending.check(NOON, running=[], fired=fired)] == [50]
+    fired, events = spending.check(NOON, running=[], fired=fired)
+    assert [e.percent for e in events] == [50]
     spending.add("a", CAP_TICKS // 2, NOON)
-    assert [e.percent for e in spending.check(NOON, running=[], fired=fired)] == [80, 100]
-    assert spending.check(NOON, running=[], fired=fired) == []
+    fired, events = spending.check(NOON, running=[], fired=fired)
+    assert [e.percent for e in events] == [80, 100]
+    assert spending.check(NOON, running=[], fired=fired) == (fired, [])
     tomorrow = NOON + 86_400
     fired = spending.prune(fired, tomorrow)
     assert fired == set()
     spending.add("a", CAP_TICKS, tomorrow)
-    assert len(spending.check(tomorrow, running=[], fired=fired)) == 3
+    assert len(spending.check(tomorrow, running=[], fired=fired)[1]) == 3
 
 
 @pytest.mark.parametrize(
@@ -173,10 +176,11 @@ def test_a_threshold_is_found_by_the_charge_that_crosses_it(
     the spend right after it and the percentage at that instant, not what a later check
     sees; it fires once."""
     spending = spending_for(stream("a", daily_usd=CAP))
-    fired: set[str] = set()
+    fired: Fired = frozenset()
     found = {}
     for n, ticks in enumerate(charges, start=1):
-        for event in spending.add("a", ticks, NOON, fired=fired):
+        fired, events = spending.charge("a", ticks, NOON, fired=fired)
+        for event in events:
             found[event.percent] = (n, event)
     hits = {p: hit for p, hit in found.items() if p in thresholds}
     assert sorted(hits) == thresholds
@@ -187,16 +191,17 @@ def test_a_threshold_is_found_by_the_charge_that_crosses_it(
         assert (event.charge_stream, event.charge_ticks) == ("a", charges[crossing - 1])
         assert f"{permille // 10}.{permille % 10} %" in event.detail
         assert f"a charge of 0.{charges[crossing - 1] * 1_000_000 // 2880:06d}" in event.detail
-    assert spending.check(NOON, running=[], fired=fired) == [], "each fires once"
+    assert spending.check(NOON, running=[], fired=fired) == (fired, []), "each fires once"
 
 
 def test_an_account_threshold_is_crossed_by_any_streams_charge():
     """The account cap counts every stream: the charge of whichever stream crosses it is the
     one its event names."""
     spending = spending_for(stream("a"), stream("b"), daily_usd=CAP)
-    fired: set[str] = set()
-    assert spending.add("a", 140, NOON, fired=fired) == []
-    (event,) = spending.add("b", 6, NOON, fired=fired)
+    fired: Fired = frozenset()
+    fired, events = spending.charge("a", 140, NOON, fired=fired)
+    assert events == []
+    _, (event,) = spending.charge("b", 6, NOON, fired=fired)
     assert (event.cap.stream, event.percent, event.spent_ticks) == (None, 50, 146)
     assert "a charge of 0.002083 USD to stream b" in event.detail
 
@@ -205,9 +210,8 @@ def test_estimates_that_cross_a_threshold_are_found_by_the_check():
     """Estimates of unreported segments are no charge: the periodic check finds the crossing
     they make and says how much of the spend is estimated."""
     spending = spending_for(stream("a", daily_usd=CAP))
-    fired: set[str] = set()
-    spending.add("a", 100, NOON, fired=fired)
-    (event,) = spending.check(NOON, running=[], fired=fired, estimates={"a": 50})
+    fired, _ = spending.charge("a", 100, NOON, fired=frozenset())
+    _, (event,) = spending.check(NOON, running=[], fired=fired, estimates={"a": 50})
     assert (event.percent, event.spent_ticks, event.charge_stream) == (50, 150, None)
     assert "0.017361 USD of it estimated" in event.detail
 
@@ -227,7 +231,7 @@ def test_forecast_fires_within_the_lead_time(lead_minutes, left_ticks, fires):
     """'Projected to exceed' fires when the burn rate reaches the cap within the lead time."""
     spending = spending_for(stream("a", daily_usd=Decimal(100)), forecast_lead_minutes=lead_minutes)
     spending.add("a", HUNDRED - left_ticks, NOON)
-    events = spending.check(NOON, running=["a"], fired=set())
+    _, events = spending.check(NOON, running=["a"], fired=frozenset())
     assert any(e.kind == "budget_forecast" for e in events) == fires
 
 
@@ -236,7 +240,7 @@ def test_forecast_ignores_caps_the_period_ends_before():
     late = datetime(2026, 11, 23, 23, 30, tzinfo=UTC).timestamp()
     spending = spending_for(stream("a", daily_usd=Decimal(100)), forecast_lead_minutes=600)
     spending.add("a", HUNDRED - 720 * PER, late)  # an hour of burn left, 30 min of the day
-    events = spending.check(late, running=["a"], fired=set())
+    _, events = spending.check(late, running=["a"], fired=frozenset())
     assert [e for e in events if e.kind == "budget_forecast"] == []
 
 
@@ -270,3 +274,20 @@ def test_near_cap_wakes_the_planner_only_close_to_a_cap():
     spending.add("a", PER, NOON)
     assert spending.near_cap("a", NOON)
     assert not spending_for(stream("a", daily_usd=CAP), action="alert-only").near_cap("a", NOON)
+
+
+def test_what_has_fired_is_returned_anew_with_the_events_keys():
+    """`charge` and `check` return what has fired with their events' keys added and leave
+    the value they were given as it was: the caller keeps it (and persists it with each
+    event)."""
+    spending = spending_for(stream("a", daily_usd=CAP))
+    given: Fired = frozenset({"*:day:2026-11-22:50"})
+    fired, events = spending.charge("a", CAP_TICKS // 2, NOON, fired=given)
+    assert [e.percent for e in events] == [50]
+    assert fired == given | {events[0].key}
+    assert given == {"*:day:2026-11-22:50"}
+    spending.add("a", CAP_TICKS // 2, NOON)
+    after, more = spending.check(NOON, running=[], fired=fired)
+    assert [e.percent for e in more] == [80, 100]
+    assert after == fired | {e.key for e in more}
+    assert spending.prune(after, NOON) == after - {"*:day:2026-11-22:50"}, "yesterday's key"

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
 from streamwatch.emulator import Script
-from streamwatch.ledger import usd
+from streamwatch.intent import Shape, price_orphan
+from streamwatch.ledger import Spending, usd
+from streamwatch.mavi.callbacks import parse_callback
+from streamwatch.policy import Phase, Policy, Start
 from streamwatch.pricing import segment_cost_ticks
-from streamwatch.supervisor import Phase, Start
+from streamwatch.store import Store
+from streamwatch.supervisor import Supervisor
 from tests.conftest import Daemon, stream_toml, until
 
 
@@ -191,6 +199,19 @@ async def test_reload_adds_removes_and_restarts_changed_streams(daemon, emulator
     assert len(emulator.accepted_starts()) == 5
 
 
+async def test_a_reload_prices_orphans_against_the_streams_it_brings(daemon):
+    """An orphan segment whose fps cannot be read is priced at the fps the configured streams
+    with its features run at: the streams as configured now, so a reload changes it."""
+    await daemon.start(stream_toml("cam", fps=1, content_moderation=True, logo_detection=False))
+    assert daemon.app is not None
+    seen = Shape(content_moderation=True, logo_detection=False, fps=None)
+    assert daemon.app.pricer(seen) == price_orphan(seen, [Shape(True, False, 1)])
+    daemon.write(stream_toml("cam", fps=3, content_moderation=True, logo_detection=False))
+    assert await daemon.app.reload()
+    assert daemon.app.pricer(seen) == price_orphan(seen, [Shape(True, False, 3)])
+    assert daemon.app.pricer(seen).fps == 3
+
+
 async def test_reload_with_a_bad_file_changes_nothing(daemon, emulator):
     """A reload that fails validation keeps the running config and streams."""
     await daemon.start(stream_toml("one"))
@@ -320,3 +341,84 @@ async def _status(d: Daemon) -> dict[str, Any]:
         assert resp.status == 200
         doc: dict[str, Any] = await resp.json()
         return doc
+
+
+class Stops:
+    """A MAVI client that only stops tasks, and says which."""
+
+    def __init__(self) -> None:
+        self.stopped: list[str] = []
+
+    async def start(self, request: Any) -> str:
+        raise AssertionError("no start expected")
+
+    async def stop(self, task_id: str) -> bool:
+        self.stopped.append(task_id)
+        return True
+
+
+def ended(task_id: str) -> bytes:
+    doc = {"task_id": task_id, "data": {"status": 14, "message": "Stream stopped by user"}}
+    return json.dumps(doc).encode()
+
+
+async def test_the_tasks_stopped_at_shutdown_are_ending_until_their_final_callback(
+    tmp_path: Path,
+):
+    """`shutdown()` says which stopped tasks still owe their final callback (`ending`, what the
+    drain waits on) and tells waiters as each one is stored, or shows up as stored already (a
+    redelivery of one stored before), instead of anyone polling the store."""
+    cams = [
+        StreamConfig(
+            name=n,
+            url=f"rtmp://h/{n}",
+            fps=1,
+            content_moderation=True,
+            logo_detection=False,
+            max_logos=5,
+        )
+        for n in ("a", "b")
+    ]
+    async with Store(tmp_path / "s.db", clock=lambda: 100.0) as store:
+        for n, spec in enumerate(cams):
+            await store.record_task_started(
+                task_id=f"T{n}",
+                stream=spec.name,
+                spec_hash=spec.spec_hash(),
+                fps=1,
+                content_moderation=True,
+                logo_detection=False,
+                max_logos=5,
+                started_at=100.0,
+            )
+        client = Stops()
+        sup = Supervisor(
+            client=client,
+            store=store,
+            policy=Policy.from_config(SupervisorConfig(), segment_seconds=5, max_running=None),
+            tick_seconds=1,
+            spending=Spending(budgets=BudgetsConfig(), streams=cams, segment_seconds=5),
+            clock=lambda: 100.0,
+        )
+
+        async def final(task_id: str) -> str:
+            raw = ended(task_id)
+            outcome = await store.apply_callback(parse_callback(raw), body=raw)
+            sup.observe(outcome)
+            return outcome.kind
+
+        async with sup.running():
+            await sup.load(cams)
+            raw = ended("T0")  # stored, but not yet seen by the supervisor
+            await store.apply_callback(parse_callback(raw), body=raw)
+            assert sup.ending == frozenset()
+            stopped = await sup.shutdown(stop_tasks=True)
+            assert sorted(stopped) == sorted(client.stopped) == ["T0", "T1"]
+            assert sup.ending == {"T0", "T1"}
+            drained = asyncio.create_task(sup.wait_until(lambda: not sup.ending))
+            assert await final("T0") == "duplicate"
+            assert sup.ending == {"T1"}
+            assert await final("T1") == "stored"
+            assert sup.ending == frozenset()
+            async with asyncio.timeout(5):
+                await drained

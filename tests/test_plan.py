@@ -8,8 +8,7 @@ import pytest
 
 from streamwatch.config import StreamConfig
 from streamwatch.mavi.errors import AuthError, CapacityError, InsufficientBalance, TransientError
-from streamwatch.store import StreamRecord
-from streamwatch.supervisor import (
+from streamwatch.policy import (
     Forget,
     Halt,
     MarkStalled,
@@ -23,6 +22,7 @@ from streamwatch.supervisor import (
     on_task_ended,
     plan,
 )
+from streamwatch.store import StreamRecord
 
 POLICY = Policy(
     stall_seconds=30,

@@ -75,7 +75,15 @@ def test_columns_the_readme_names_are_in_the_status_table():
     assert named
     header = cli.render_status(
         {
-            "account": {"halted": False},
+            "version": "0",
+            "now": None,
+            "backend": "emulator",
+            "account": {
+                "halted": False,
+                "halt_reason": None,
+                "halt_detail": None,
+                "halted_until": None,
+            },
             "streams": [],
             "cost": {
                 "today_usd": "0",
@@ -83,8 +91,20 @@ def test_columns_the_readme_names_are_in_the_status_table():
                 "burn_usd_per_hour": "0",
                 "estimated_unreported_usd": "0.000000",
                 "budget": {},
+                "by_label": {},
+                "precharge": "separate",
             },
-            "orphans": {"tasks": 0},
+            "orphans": {
+                "tasks": 0,
+                "callbacks": 0,
+                "live_tasks": 0,
+                "uncertain_tasks": 0,
+                "stopped_tasks": 0,
+                "estimated_today_usd": "0.000000",
+                "estimated_month_usd": "0.000000",
+                "estimated_burn_usd_per_hour": "0.0000",
+            },
+            "alerts": {},
         }
     ).splitlines()[0]
     for column in named:

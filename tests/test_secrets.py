@@ -21,9 +21,10 @@ from streamwatch.config import BudgetsConfig, StreamConfig, SupervisorConfig
 from streamwatch.ledger import Spending
 from streamwatch.logs import configure_logging
 from streamwatch.mavi.streams import StartRequest
+from streamwatch.policy import Policy
 from streamwatch.redact import Redactor
 from streamwatch.store import Store
-from streamwatch.supervisor import Policy, Supervisor
+from streamwatch.supervisor import Supervisor
 from tests.conftest import SECRET, free_port, spawn_daemon, stream_toml
 from tests.fakes.chat import ChatFakes
 from tests.fakes.serve import serve

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 from streamwatch.emulator import Script
 from streamwatch.ledger import period_bounds
+from streamwatch.policy import Phase, Start
 from streamwatch.pricing import segment_cost_ticks
-from streamwatch.supervisor import Phase, Start
 from tests.conftest import Daemon, FakeClock, stream_toml, until
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from streamwatch.app import App
 from streamwatch.config import parse_config
-from streamwatch.supervisor import Phase
+from streamwatch.policy import Phase
 from tests.conftest import API_KEY, ENV, SEGMENT, config_text, stream_toml
 from tests.fakes.mavi_standin import StandIn
 

@@ -9,6 +9,7 @@ import pytest
 from pydantic import SecretStr
 
 from streamwatch.config import RetryConfig
+from streamwatch.http import parse_retry_after
 from streamwatch.mavi.errors import (
     AuthError,
     CapacityError,
@@ -17,7 +18,7 @@ from streamwatch.mavi.errors import (
     RejectedRequest,
     TransientError,
 )
-from streamwatch.mavi.streams import StartRequest, StreamClient, parse_retry_after
+from streamwatch.mavi.streams import StartRequest, StreamClient
 from tests.fakes.mavi_api import Answer, FakeMavi
 
 REQUEST = StartRequest(

@@ -106,6 +106,33 @@ async def test_0429_storms_are_retried(emu, client):
         await client.search("clip")
 
 
+async def test_each_request_is_reported_with_its_outcome(emu):
+    """`on_request` hears of every single request, each retry alone, with its endpoint, its
+    outcome label (busy answers as rate_limited, a refused call as refused) and its duration."""
+    heard: list[tuple[str, str, float]] = []
+    async with aiohttp.ClientSession() as session:
+        client = VideoClient(
+            session=session,
+            base_url=emu.batch_url,
+            api_key=SecretStr(KEY),
+            retry=RetryConfig(attempts=4, initial_seconds=0.01, max_seconds=0.02),
+            on_request=lambda endpoint, outcome, seconds: heard.append(
+                (endpoint, outcome, seconds)
+            ),
+        )
+        emu.library.busy_next = 2
+        assert await client.search("clip") == []
+        with pytest.raises(BadRequest):
+            await client.page(page_size=500)
+    assert [(e, o) for e, o, _ in heard] == [
+        ("searchAI", "rate_limited"),
+        ("searchAI", "rate_limited"),
+        ("searchAI", "ok"),
+        ("searchDB", "refused"),
+    ]
+    assert all(seconds >= 0 for _, _, seconds in heard)
+
+
 async def test_clip_search_and_delete_are_chunked(emu, client):
     """Clip search above 50 videos and deletes above 500 are split into allowed calls."""
     nos = add_videos(emu, 620)

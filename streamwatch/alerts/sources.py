@@ -11,7 +11,7 @@ test`).
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import TypedDict
+from dataclasses import replace
 
 from streamwatch.alerts.events import AlertEvent, Severity
 from streamwatch.mavi.callbacks import SegmentReport
@@ -130,20 +130,6 @@ def logo_hit(report: SegmentReport, watched: Collection[str]) -> bool:
     return bool(names & set(watched)) if watched else bool(names)
 
 
-class _SegmentFields(TypedDict):
-    """What every alert about one segment carries."""
-
-    stream: str
-    labels: Mapping[str, str]
-    at: float
-    task_id: str
-    segment_index: int
-    start_time: float | None
-    end_time: float | None
-    clip_url: str | None
-    evidence: str | None
-
-
 def from_segment(
     report: SegmentReport,
     *,
@@ -158,27 +144,31 @@ def from_segment(
     """Alerts for one stored segment: unsafe content, and logos (only the watched names when
     the stream has a watch list)."""
     events = []
-    common: _SegmentFields = {
-        "stream": stream,
-        "labels": dict(labels),
-        "at": at,
-        "task_id": report.task_id,
-        "segment_index": report.segment_index,
-        "start_time": report.start_time,
-        "end_time": report.end_time,
-        "clip_url": report.video_url,
-        "evidence": evidence,
-    }
+    segment = AlertEvent(
+        kind="segment",
+        severity="info",
+        title="",
+        text="",
+        at=at,
+        stream=stream,
+        labels=dict(labels),
+        task_id=report.task_id,
+        segment_index=report.segment_index,
+        start_time=report.start_time,
+        end_time=report.end_time,
+        clip_url=report.video_url,
+        evidence=evidence,
+    )
     if report.unsafe:
         events.append(
-            AlertEvent(
+            replace(
+                segment,
                 kind="unsafe_content",
                 severity="critical",
                 title=f"Unsafe content on {stream}",
                 text=f"Segment {report.segment_index} of {stream} has unsafe content"
                 f" ({unsafe_streak} in a row).",
                 consecutive=unsafe_streak,
-                **common,
             )
         )
     names = tuple(n for n in (logo.name for logo in report.logos) if n)
@@ -186,14 +176,14 @@ def from_segment(
         names = tuple(n for n in names if n in watched)
     if names:
         events.append(
-            AlertEvent(
+            replace(
+                segment,
                 kind="logo_detected",
                 severity="warning",
                 title=f"Logo on {stream}: {', '.join(names)}",
                 text=f"Segment {report.segment_index} of {stream} shows {', '.join(names)}.",
                 logos=names,
                 consecutive=logo_streak,
-                **common,
             )
         )
     return events

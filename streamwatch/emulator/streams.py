@@ -7,7 +7,8 @@ URL does is scripted (`Script`); unscripted URLs produce a steady, deterministic
 
 Its own state is open to tests: in-process through the attributes, over HTTP through
 ``GET /_emulator/state``. Nothing under ``/_emulator`` is part of MAVI's API, and the daemon
-never calls it.
+never calls it. Why one module of this length: the HTTP handlers, the task loops and the
+callback delivery all work on one emulated account's state.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
@@ -28,15 +29,14 @@ import structlog
 from aiohttp import web
 
 from streamwatch.background import Failures
-from streamwatch.config import EmulatorScript, local_url
+from streamwatch.emulator.script import EmulatorScript, Script
 from streamwatch.emulator.videos import BATCH_PREFIX, VideoLibrary
-from streamwatch.listen import bind
+from streamwatch.http import bind, close_runner, local_url
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.probe import ProbeError, probe
 from streamwatch.redact import redact_url
-from streamwatch.server import close_runner
 
-__all__ = ["API_PREFIX", "Charge", "Delivery", "EmuTask", "Emulator", "Script", "StartRecord"]
+__all__ = ["API_PREFIX", "Charge", "Delivery", "EmuTask", "Emulator", "StartRecord"]
 
 log = structlog.get_logger("streamwatch.emulator")
 
@@ -47,30 +47,6 @@ END_MESSAGES = {
     16: "Server capacity reached, please retry later",
     402: "Insufficient balance",
 }
-
-
-@dataclass
-class Script:
-    """What one stream URL does: per-segment outcomes, then repeat or end; start failures;
-    duplicate and out-of-order delivery; whether its task follows the real source."""
-
-    outcomes: list[str] = field(default_factory=lambda: ["safe"])
-    then: str = "repeat"
-    start_failures: list[int] = field(default_factory=list)
-    duplicate: bool = False
-    reorder: bool = False
-    follow_source: bool = False
-
-    @classmethod
-    def from_config(cls, script: EmulatorScript) -> Script:
-        return cls(
-            outcomes=list(script.outcomes),
-            then=script.then,
-            start_failures=list(script.start_failures),
-            duplicate=script.duplicate,
-            reorder=script.reorder,
-            follow_source=script.follow_source,
-        )
 
 
 @dataclass

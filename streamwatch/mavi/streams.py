@@ -7,7 +7,6 @@ exponential backoff and jitter, honouring `Retry-After`; 401 and 402 raise at on
 
 from __future__ import annotations
 
-import email.utils
 import json
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import structlog
 from pydantic import SecretStr
 
 from streamwatch.config import RetryConfig
+from streamwatch.http import parse_retry_after
 from streamwatch.mavi.errors import (
     AuthError,
     CapacityError,
@@ -28,11 +28,11 @@ from streamwatch.mavi.errors import (
     RejectedRequest,
     TransientError,
 )
+from streamwatch.mavi.hooks import RequestHook
 from streamwatch.mavi.ids import TASK_ID_MAX, is_task_id
-from streamwatch.metrics import Metrics
 from streamwatch.redact import Redactor
 
-__all__ = ["StartRequest", "StreamClient", "parse_retry_after"]
+__all__ = ["StartRequest", "StreamClient"]
 
 log = structlog.get_logger("streamwatch.mavi")
 
@@ -57,33 +57,17 @@ class StartRequest:
         }
 
 
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
 def _retry_hook(exc: Exception) -> bool | float:
     if isinstance(exc, TransientError):
         return exc.retry_after if exc.retry_after is not None else True
     return False
 
 
-def _code_ok(code: Any) -> bool:
+def _code_ok(code: object) -> bool:
     return code in (200, "200", 0, "0", "0000", None)
 
 
-def _inner_status(code: Any) -> int:
+def _inner_status(code: object) -> int:
     """The HTTP status a gateway put in a 200 answer's `code` (an int, or up to three ASCII
     digits), or 0 if `code` is not one. `str.isdigit()` is no test: it accepts "²"."""
     if isinstance(code, bool):
@@ -106,12 +90,13 @@ class StreamClient:
         api_key: SecretStr,
         retry: RetryConfig,
         timeout_seconds: float,
-        metrics: Metrics | None = None,
+        on_request: RequestHook | None = None,
         redact: Callable[[str], str] | None = None,
     ) -> None:
         """`redact` masks secrets in MAVI's error text before it goes into an error (and from
-        there into `last_error`, events, alerts and logs); this client's own key always is."""
-        self._metrics = metrics
+        there into `last_error`, events, alerts and logs); this client's own key always is.
+        `on_request` is told of each single request (endpoint, outcome, seconds)."""
+        self._on_request = on_request
         self._redact = redact or Redactor([api_key])
         self._session = session
         self._base = base_url.rstrip("/")
@@ -158,9 +143,8 @@ class StreamClient:
             outcome = _outcome(exc)
             raise
         finally:
-            if self._metrics is not None:
-                self._metrics.mavi_requests.labels(endpoint, outcome).inc()
-                self._metrics.mavi_seconds.labels(endpoint).observe(time.perf_counter() - started)
+            if self._on_request is not None:
+                self._on_request(endpoint, outcome, time.perf_counter() - started)
 
     async def _request(self, endpoint: str, body: dict[str, Any]) -> Any:
         url = f"{self._base}/stream/{endpoint}"

@@ -21,6 +21,7 @@ from aiolimiter import AsyncLimiter
 from pydantic import SecretStr
 
 from streamwatch.config import RetryConfig
+from streamwatch.mavi.hooks import RequestHook
 
 __all__ = [
     "AccountDisabled",
@@ -56,11 +57,13 @@ DELETE_MAX = 500
 
 
 class BatchError(Exception):
-    """A batch API call failed; `code` is MAVI's string code."""
+    """A batch API call failed; `code` is MAVI's string code, `status` the HTTP status of an
+    answer that had none."""
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status
 
 
 class BadRequest(BatchError):
@@ -163,7 +166,10 @@ class VideoClient:
         retry: RetryConfig | None = None,
         timeout_seconds: float = 60.0,
         limits: dict[str, int] | None = None,
+        on_request: RequestHook | None = None,
     ) -> None:
+        """`on_request` is told of each single request (endpoint, outcome, seconds)."""
+        self._on_request = on_request
         self._session = session
         self._base = base_url.rstrip("/")
         self._key = api_key
@@ -365,8 +371,21 @@ class VideoClient:
                     log.info("mavi.request_retry", endpoint=endpoint, attempt=attempt.num)
                 limiter = self._limiters.get(endpoint)
                 async with limiter if limiter is not None else contextlib.nullcontext():
-                    return await send()
+                    return await self._timed(endpoint, send)
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
+
+    async def _timed(self, endpoint: str, send: Any) -> Any:
+        """One request, told to `on_request` with its outcome and duration."""
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            return await send()
+        except BatchError as exc:
+            outcome = _outcome(exc)
+            raise
+        finally:
+            if self._on_request is not None:
+                self._on_request(endpoint, outcome, time.perf_counter() - started)
 
     async def _request(
         self,
@@ -385,7 +404,7 @@ class VideoClient:
                 **kwargs,
             ) as resp:
                 if resp.status >= 500 or resp.status == 429:
-                    raise BatchBusy(f"{endpoint}: HTTP {resp.status}")
+                    raise BatchBusy(f"{endpoint}: HTTP {resp.status}", status=resp.status)
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise BatchBusy(f"{endpoint}: {type(exc).__name__} talking to MAVI") from None
@@ -394,6 +413,24 @@ class VideoClient:
         except ValueError:
             raise BatchError(f"{endpoint}: the answer is not JSON") from None
         return _data(doc, endpoint)
+
+
+def _outcome(exc: BatchError) -> str:
+    """The `outcome` label of a failed request, in the stream API's words."""
+    if isinstance(exc, BatchBusy):
+        if exc.code == "0429" or exc.status == 429:
+            return "rate_limited"
+        return "server_error" if exc.status else "unreachable"
+    for kind, name in (
+        (BatchAuthError, "auth"),
+        (AccountDisabled, "auth"),
+        (NoCredits, "balance"),
+        (BadRequest, "refused"),
+        (DuplicateOperation, "refused"),
+    ):
+        if isinstance(exc, kind):
+            return name
+    return "bad_answer"
 
 
 def _data(doc: Any, endpoint: str) -> Any:

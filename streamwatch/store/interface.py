@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Protocol, Self
 
-from streamwatch.intent import Intent, OrphanPrice, Shape
+from streamwatch.intent import Intent
 from streamwatch.mavi.callbacks import Callback
 from streamwatch.store.types import (
     Adopted,
@@ -170,8 +170,6 @@ class StateStore(StoreReader, Protocol):
     """The daemon's store: the queries, and every write."""
 
     def set_alert_hook(self, hook: AlertHook | None) -> None: ...
-
-    def set_orphan_pricer(self, pricer: Callable[[Shape | None], OrphanPrice]) -> None: ...
 
     async def check_writable(self) -> None: ...
 

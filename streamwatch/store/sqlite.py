@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-from streamwatch.intent import OrphanPrice, Shape
+from streamwatch.intent import OrphanPricer, Pricer
 from streamwatch.store.alerts import OutboxReads, OutboxWrites
 from streamwatch.store.intents import IntentReads, IntentWrites
 from streamwatch.store.interface import AlertHook, StateStore, StoreReader
@@ -70,10 +70,14 @@ class Store(
         clock: Callable[[], float] = time.time,
         precharge_covers_first_segment: bool = False,
         on_commit: Callable[[float, int], None] | None = None,
+        orphan_pricer: Pricer | None = None,
     ) -> None:
+        """`orphan_pricer` prices the segments of unknown tasks (default: as if no stream
+        were configured)."""
         self.path = path
         self._clock = clock
         self._context = Context(first_free=precharge_covers_first_segment)
+        self._context.pricer = orphan_pricer or OrphanPricer()
         self._writer = Writer(path, self._context, batch_max=batch_max, on_commit=on_commit)
         self._reader = Reader(path, beside_writer=True)
 
@@ -85,11 +89,6 @@ class Store(
     def set_alert_hook(self, hook: AlertHook | None) -> None:
         """Route alerts with `hook` inside the operations that record callbacks and events."""
         self._context.hook = hook
-
-    def set_orphan_pricer(self, pricer: Callable[[Shape | None], OrphanPrice]) -> None:
-        """Price orphan segments with `pricer` (it runs in the writer's thread: pure, reading
-        only what is replaced whole, like the configured streams)."""
-        self._context.pricer = pricer
 
     async def __aenter__(self) -> Self:
         await self.open()

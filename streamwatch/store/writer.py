@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 
 import structlog
 
-from streamwatch.intent import Intent, OrphanPrice, Shape, price_orphan
+from streamwatch.intent import Intent, OrphanPricer, Pricer
 from streamwatch.store.connection import connect_writer
 from streamwatch.store.reader import ReadSide
 from streamwatch.store.types import StoreError
@@ -48,7 +48,7 @@ class Context:
         # conservative default) or as payment for the task's first processed segment.
         self.first_free = first_free
         self.hook: AlertHook | None = None
-        self.pricer: Callable[[Shape | None], OrphanPrice] = lambda seen: price_orphan(seen, ())
+        self.pricer: Pricer = OrphanPricer()
         # The open intents, cached between the operations that change them: each such
         # operation drops the cache, as does any rollback.
         self.open_intents: list[Intent] | None = None

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from streamwatch.server import close_runner
+from streamwatch.http import close_runner
 
 
 @contextlib.asynccontextmanager

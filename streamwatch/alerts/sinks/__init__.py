@@ -11,9 +11,10 @@ dead-lettered alone: `Delivery.parts` says how each part went.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypedDict
 
 import aiohttp
 from pydantic import SecretStr
@@ -27,7 +28,7 @@ from streamwatch.alerts.events import (
     safe_link,
     truncate,
 )
-from streamwatch.mavi.streams import parse_retry_after
+from streamwatch.http import parse_retry_after
 
 __all__ = [
     "HARD_LIMITS",
@@ -37,6 +38,7 @@ __all__ = [
     "HttpSink",
     "Limits",
     "Sink",
+    "SinkSpec",
     "clamp",
     "escape_event",
     "safe_link",
@@ -89,6 +91,44 @@ class Delivery:
         )
 
 
+class HttpArgs(TypedDict):
+    """What every `HttpSink` is built with."""
+
+    name: str
+    url: SecretStr
+    session: aiohttp.ClientSession
+    timeout_seconds: float
+    max_in_flight: int
+    max_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """What every kind of sink is built from (`[[alerts.sinks]]` with its secrets resolved);
+    each kind takes what it needs."""
+
+    name: str
+    url: SecretStr
+    session: aiohttp.ClientSession
+    timeout_seconds: float
+    max_in_flight: int = 1
+    max_attempts: int = 8
+    clock: Callable[[], float] = time.time
+    repeat_seconds: float = 60.0  # alertmanager
+    secret: SecretStr | None = None  # webhook
+
+    def http(self) -> HttpArgs:
+        """The keyword arguments `HttpSink` takes."""
+        return HttpArgs(
+            name=self.name,
+            url=self.url,
+            session=self.session,
+            timeout_seconds=self.timeout_seconds,
+            max_in_flight=self.max_in_flight,
+            max_attempts=self.max_attempts,
+        )
+
+
 class Sink(Protocol):
     """What the outbox needs of a sink."""
 
@@ -138,6 +178,11 @@ class HttpSink:
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self.max_in_flight = max_in_flight
         self.max_attempts = max_attempts
+
+    @classmethod
+    def build(cls, spec: SinkSpec) -> Sink:
+        """The sink `spec` describes (the registry's factory; see `sinks.registry`)."""
+        return cls(**spec.http())
 
     def payload(self, alerts: list[Alert]) -> tuple[bytes, Mapping[str, str]]:
         """The body and extra headers for these alerts (one message)."""

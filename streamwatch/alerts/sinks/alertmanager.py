@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from streamwatch.alerts.events import AlertEvent
-from streamwatch.alerts.sinks import Alert, Delivery, HttpSink, truncate
+from streamwatch.alerts.sinks import Alert, Delivery, HttpSink, Sink, SinkSpec, truncate
 
 __all__ = ["STATEFUL", "AlertmanagerSink"]
 
@@ -52,6 +52,10 @@ class AlertmanagerSink(HttpSink):
         self.one_off_seconds = one_off_seconds
         self._clock = clock
         self.active: dict[str, dict[str, Any]] = {}  # subject -> the posted alert
+
+    @classmethod
+    def build(cls, spec: SinkSpec) -> Sink:
+        return cls(repeat_seconds=spec.repeat_seconds, clock=spec.clock, **spec.http())
 
     @staticmethod
     def labels(event: AlertEvent) -> dict[str, str]:

@@ -5,11 +5,9 @@ retried until `max_attempts`."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import SecretStr
 
-from streamwatch.alerts.sinks import Alert, Delivery, clamp, truncate
+from streamwatch.alerts.sinks import Alert, Delivery, Sink, SinkSpec, clamp, truncate
 
 __all__ = ["AppriseMissing", "AppriseSink"]
 
@@ -28,7 +26,6 @@ class AppriseSink:
         url: SecretStr,
         max_in_flight: int = 1,
         max_attempts: int = 8,
-        **_: Any,
     ) -> None:
         try:
             import apprise
@@ -44,6 +41,15 @@ class AppriseSink:
         for target in url.get_secret_value().split():
             if not self._client.add(target):
                 raise ValueError(f"sink {name!r}: Apprise does not understand one of its URLs")
+
+    @classmethod
+    def build(cls, spec: SinkSpec) -> Sink:
+        return cls(
+            name=spec.name,
+            url=spec.url,
+            max_in_flight=spec.max_in_flight,
+            max_attempts=spec.max_attempts,
+        )
 
     async def deliver(self, alerts: list[Alert]) -> Delivery:
         alerts = [Alert(a.alert_id, clamp(a.event)) for a in alerts]

@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
-from streamwatch.alerts.sinks import Alert, HttpSink
+from streamwatch.alerts.sinks import Alert, HttpSink, Sink, SinkSpec
 
 __all__ = ["WebhookSink", "sign"]
 
@@ -43,6 +43,11 @@ class WebhookSink(HttpSink):
         super().__init__(session=session, **kwargs)
         self._secret = secret
         self._clock = clock
+
+    @classmethod
+    def build(cls, spec: SinkSpec) -> Sink:
+        assert spec.secret is not None, "config validation requires a webhook secret"
+        return cls(secret=spec.secret, clock=spec.clock, **spec.http())
 
     def payload(self, alerts: list[Alert]) -> tuple[bytes, Mapping[str, str]]:
         ids = [a.alert_id for a in alerts]
