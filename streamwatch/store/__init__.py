@@ -44,7 +44,7 @@ from streamwatch.store.orphans import (
     ORPHAN_BODY_MAX_BYTES,
 )
 from streamwatch.store.schema import MIGRATIONS, SCHEMA_VERSION
-from streamwatch.store.sqlite import ReadOnlyStore, Store
+from streamwatch.store.stores import ReadOnlyStore, Store
 from streamwatch.store.types import (
     Adopted,
     ArchivedClip,

@@ -11,7 +11,7 @@ SQLite-specific (the SQL; the hook runs in the writer's thread).
 from __future__ import annotations
 
 import json
-import sqlite3
+from streamwatch.store.sql import Connection
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -112,7 +112,7 @@ class RuleStateTx:
         return row is not None and row[0] == task_id
 
 
-def insert_alerts(conn: sqlite3.Connection, alerts: list[NewAlert], now: float) -> None:
+def insert_alerts(conn: Connection, alerts: list[NewAlert], now: float) -> None:
     conn.executemany(
         "INSERT INTO alert_outbox (alert_id, sink, rule, grp, event, next_at, created_at)"
         " VALUES (?,?,?,?,?,?,?)",

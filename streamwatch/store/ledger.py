@@ -9,7 +9,7 @@ SQLite-specific (the SQL).
 
 from __future__ import annotations
 
-import sqlite3
+from streamwatch.store.sql import Connection
 
 from streamwatch.store.reader import ReadSide
 from streamwatch.store.types import ChargeTotal, OrphanCharges, OrphanTotals
@@ -21,7 +21,7 @@ class LedgerReads(ReadSide):
     async def charge_totals(self, *, since: float, until: float) -> list[ChargeTotal]:
         """Charges with `since <= at < until`, per stream."""
 
-        def op(conn: sqlite3.Connection) -> list[ChargeTotal]:
+        def op(conn: Connection) -> list[ChargeTotal]:
             rows = conn.execute(
                 "SELECT stream, sum(kind = 'precharge'), sum(kind = 'segment'), sum(ticks)"
                 " FROM charges WHERE at >= ? AND at < ? GROUP BY stream ORDER BY stream",

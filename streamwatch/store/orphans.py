@@ -12,7 +12,7 @@ SQLite-specific (the SQL).
 
 from __future__ import annotations
 
-import sqlite3
+from streamwatch.store.sql import Connection
 
 from streamwatch.intent import Candidate, Intent, Shape, owner, shape_of
 from streamwatch.mavi.callbacks import Callback, SegmentReport, StreamEnded
@@ -146,7 +146,7 @@ def park(ctx: Context, cb: Callback, body: str, at: float) -> CallbackOutcome:
     )
 
 
-def candidate(conn: sqlite3.Connection, task_id: str) -> Candidate | None:
+def candidate(conn: Connection, task_id: str) -> Candidate | None:
     """The orphan as a candidate for adoption: None until a segment has shown its shape,
     and once it has ended or been stopped."""
     row = conn.execute(
@@ -174,7 +174,7 @@ def intents(ctx: Context) -> list[Intent]:
     return ctx.open_intents
 
 
-def read_open_intents(conn: sqlite3.Connection) -> list[Intent]:
+def read_open_intents(conn: Connection) -> list[Intent]:
     """Intents still open, oldest first."""
     rows = conn.execute(
         "SELECT attempt_id, stream, url_hash, spec_hash, fps, content_moderation,"

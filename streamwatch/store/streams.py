@@ -10,7 +10,7 @@ SQLite-specific (the SQL; account state is JSON in the `settings` table).
 from __future__ import annotations
 
 import json
-import sqlite3
+from streamwatch.store.sql import Connection
 from collections.abc import Collection, Iterable
 
 from streamwatch.store.alerts import RuleStateTx
@@ -65,7 +65,7 @@ class StreamReads(ReadSide):
         """The last `limit` events (of `stream`), oldest first."""
         where, args = ("WHERE stream = ?", (stream,)) if stream else ("", ())
 
-        def op(conn: sqlite3.Connection) -> list[EventRow]:
+        def op(conn: Connection) -> list[EventRow]:
             rows = conn.execute(
                 f"SELECT at, stream, task_id, kind, status, detail FROM events {where}"
                 " ORDER BY id DESC LIMIT ?",
@@ -169,12 +169,12 @@ class StreamWrites(WriteSide):
         await self._write(lambda ctx: _set_setting(ctx.conn, _BUDGET_FIRED, value))
 
 
-def _setting(conn: sqlite3.Connection, key: str) -> object:
+def _setting(conn: Connection, key: str) -> object:
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return json.loads(row[0]) if row else None
 
 
-def _set_setting(conn: sqlite3.Connection, key: str, value: object) -> None:
+def _set_setting(conn: Connection, key: str, value: object) -> None:
     """Store `value` as JSON under `key`; None deletes it."""
     if value is None:
         conn.execute("DELETE FROM settings WHERE key = ?", (key,))
