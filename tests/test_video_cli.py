@@ -138,4 +138,3 @@ def test_a_manifest_that_is_not_ours_is_started_over(tmp_path: Path):
     (tmp_path / MANIFEST).write_text(json.dumps({"a.mp4": "done"}))
     todo, skipped, _ = _plan([tmp_path])
     assert (todo, skipped) == ([clip], 0)
-
