@@ -197,6 +197,12 @@ class Emulator:
                     await asyncio.gather(*running, return_exceptions=True)
         finally:
             await close_runner(runner)
+            # A start answered while the tasks above were being cancelled began a loop of
+            # its own: with the listener closed no more can come, so these are the last.
+            late = [*self._loops.values(), *self._followers, *self._senders]
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
             await self._session.close()
 
     def _make_app(self) -> web.Application:
