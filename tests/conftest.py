@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,8 +26,9 @@ from streamwatch.app import App
 from streamwatch.config import Config, parse_config
 from streamwatch.emulator import Emulator
 from streamwatch.policy import StreamState
-from streamwatch.store import EventRow, Store
+from streamwatch.store import EventRow, Location, PgTarget, Store
 from streamwatch.supervisor import Supervisor
+from tests import pg
 
 if TYPE_CHECKING:
     from tests.media import LiveSources
@@ -296,3 +297,34 @@ async def live_sources(tmp_path: Path) -> AsyncIterator[LiveSources]:
 
     async with LiveSources(tmp_path / "live") as sources:
         yield sources
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg.Cluster]:
+    """A throwaway PostgreSQL cluster for the session (tests/pg.py)."""
+    if not pg.available():
+        missing(f"PostgreSQL is not installed (no initdb in {pg.BIN})")
+    cluster = pg.Cluster(free_port())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cluster.stop("immediate")
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_target(pg_cluster: pg.Cluster) -> PgTarget:
+    """An empty PostgreSQL database of this test's own."""
+    return PgTarget(pg_cluster.url(pg_cluster.new_database()), pool_size=2)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """Where a store test keeps its state: an SQLite file, then an empty PostgreSQL database
+    (the same test runs on both backends)."""
+    if request.param == "sqlite":
+        return tmp_path / "s.db"
+    target: PgTarget = request.getfixturevalue("pg_target")
+    return target

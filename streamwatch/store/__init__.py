@@ -44,7 +44,8 @@ from streamwatch.store.orphans import (
     ORPHAN_BODY_MAX_BYTES,
 )
 from streamwatch.store.schema import MIGRATIONS, SCHEMA_VERSION
-from streamwatch.store.stores import ReadOnlyStore, Store
+from streamwatch.store.postgres import PgTarget
+from streamwatch.store.stores import Location, ReadOnlyStore, Store
 from streamwatch.store.types import (
     Adopted,
     ArchivedClip,
@@ -85,10 +86,12 @@ __all__ = [
     "EvidenceRecord",
     "Halt",
     "LibraryVideo",
+    "Location",
     "NewAlert",
     "OrphanCharges",
     "OrphanTotals",
     "OutboxRow",
+    "PgTarget",
     "Pruned",
     "ReadOnlyStore",
     "Registered",

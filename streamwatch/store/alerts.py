@@ -5,7 +5,8 @@ windows, streaks) and writes outbox rows through a `RuleStateTx`, inside the ope
 records what raises the alerts. The delivery worker reads due rows and settles them; a
 re-posting sink's active set is written with the delivery that changes it.
 
-SQLite-specific (the SQL; the hook runs in the writer's thread).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`); the hook runs
+in the writer's thread.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ charges, over a time range.
 Every charge MAVI makes is in `charges`, in ticks of 1/2880 USD, written in the same
 transaction as the start or segment it pays for; orphans' estimates are in `orphan_charges`.
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class LedgerReads(ReadSide):
 
         def op(conn: Connection) -> list[ChargeTotal]:
             rows = conn.execute(
-                "SELECT stream, sum(kind = 'precharge'), sum(kind = 'segment'), sum(ticks)"
+                "SELECT stream, count(CASE WHEN kind = 'precharge' THEN 1 END),"
+                " count(CASE WHEN kind = 'segment' THEN 1 END), sum(ticks)"
                 " FROM charges WHERE at >= ? AND at < ? GROUP BY stream ORDER BY stream",
                 (since, until),
             )
@@ -53,9 +54,9 @@ class LedgerReads(ReadSide):
         return await self._read(
             lambda c: OrphanCharges(
                 *c.execute(
-                    "SELECT count(DISTINCT task_id), coalesce(sum(segment_index = -1), 0),"
-                    " coalesce(sum(segment_index >= 0), 0), coalesce(sum(ticks), 0),"
-                    " count(DISTINCT CASE WHEN uncertain THEN task_id END)"
+                    "SELECT count(DISTINCT task_id), count(CASE WHEN segment_index = -1 THEN 1 END),"
+                    " count(CASE WHEN segment_index >= 0 THEN 1 END), coalesce(sum(ticks), 0),"
+                    " count(DISTINCT CASE WHEN uncertain <> 0 THEN task_id END)"
                     " FROM orphan_charges WHERE at >= ? AND at < ?",
                     (since, until),
                 ).fetchone()

@@ -7,7 +7,7 @@ they cost is estimated from what they show (`streamwatch.intent.price_orphan`) i
 `orphan_charges`, apart from the confirmed `charges`. An orphan is reported (an
 `orphan_task` event) once no open start intent may claim it.
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ budget thresholds already fired), each read back typed.
 An event is recorded with the alerts it raises (the alert hook runs in the same operation),
 and account state that says the event happened is written in the same commit.
 
-SQLite-specific (the SQL; account state is JSON in the `settings` table).
+Account state is JSON in the `settings` table; the SQL is the portable subset both backends
+run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A callback of a recorded task is stored once per `(task_id, segment_index)` with
 (a redelivery, even of a pruned segment, is a duplicate); one of an unknown task is parked
 as an orphan (`streamwatch.store.orphans`) until a start or an adoption claims it.
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations

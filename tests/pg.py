@@ -1,0 +1,147 @@
+"""A throwaway PostgreSQL cluster for the tests: `initdb` in a temporary folder, its own port on
+127.0.0.1 and its socket in that folder, never a system service. Run as an unprivileged user
+when the tests run as root (PostgreSQL refuses to run as root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+BIN = Path(os.environ.get("STREAMWATCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
+T = TypeVar("T")
+PASSWORD_USER = "sw_secret_user"
+PASSWORD = "pw-Secr3t-for-tests-only"
+
+
+def in_thread(coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to completion on a loop of its own, in a thread of its own (callable from a
+    sync fixture or from a test's running loop alike)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+            error.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+class Cluster:
+    """One cluster per test session; `new_database()` gives each test an empty database."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.dir = Path(tempfile.mkdtemp(prefix="streamwatch-pg-"))
+        self.data = self.dir / "data"
+        self._user: str | None = None
+        if os.geteuid() == 0:
+            self._user = "postgres" if _user_exists("postgres") else "nobody"
+            uid = pwd.getpwnam(self._user).pw_uid
+            os.chown(self.dir, uid, -1)
+        self._names = itertools.count(1)
+
+    def _run(self, *argv: str) -> None:
+        cmd = list(argv)
+        if self._user is not None:
+            cmd = ["runuser", "-u", self._user, "--", *cmd]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        if not self.data.exists():
+            self._run(
+                str(BIN / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            )
+            # Loopback TCP connections of one user need its password (the secret's test);
+            # every other connection is trusted.
+            hba = self.data / "pg_hba.conf"
+            hba.write_text(
+                f"local all all trust\nhost all {PASSWORD_USER} 127.0.0.1/32 scram-sha-256\n"
+                "host all all 127.0.0.1/32 trust\n"
+            )
+        self._run(
+            str(BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-w",
+            "-l",
+            str(self.dir / "log"),
+            "-o",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+            " -c full_page_writes=off -c max_connections=200",
+            "start",
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(str(BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def url(self, database: str, user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{database}"
+
+    def admin(self, *statements: str) -> None:
+        """Run statements as the superuser on the `postgres` database."""
+
+        async def run() -> None:
+            conn = await asyncpg.connect(self.url("postgres"))
+            try:
+                for statement in statements:
+                    await conn.execute(statement)
+            finally:
+                await conn.close()
+
+        in_thread(run())
+
+    def new_database(self) -> str:
+        """An empty database of its own (its name)."""
+        name = f"t{os.getpid()}_{next(self._names)}"
+        self.admin(f"CREATE DATABASE {name} TEMPLATE template0")
+        return name
+
+    def add_password_user(self) -> None:
+        self.admin(
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{PASSWORD_USER}')"
+            f" THEN CREATE ROLE {PASSWORD_USER} LOGIN PASSWORD '{PASSWORD}'; END IF; END $$"
+        )
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def available() -> bool:
+    return (BIN / "initdb").exists() and (BIN / "pg_ctl").exists()
