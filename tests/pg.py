@@ -10,14 +10,18 @@ import itertools
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
+
+from streamwatch.store import PgTarget
+from streamwatch.store.sql import to_postgres
 
 BIN = Path(os.environ.get("STREAMWATCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
 T = TypeVar("T")
@@ -145,3 +149,23 @@ def _user_exists(name: str) -> bool:
 
 def available() -> bool:
     return (BIN / "initdb").exists() and (BIN / "pg_ctl").exists()
+
+
+def rows(location: Path | PgTarget, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """What `sql` (as the store writes it, see streamwatch.store.sql) returns from the state
+    at `location`, read outside the store: for tests that look at rows no query returns."""
+    if isinstance(location, Path):
+        conn = sqlite3.connect(location)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    async def run() -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(location.url)
+        try:
+            return [tuple(r.values()) for r in await conn.fetch(to_postgres(sql), *params)]
+        finally:
+            await conn.close()
+
+    return in_thread(run())

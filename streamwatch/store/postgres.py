@@ -133,9 +133,7 @@ class DbLoop:
     def start(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
-        self._thread = threading.Thread(
-            target=loop.run_forever, name="streamwatch-pg", daemon=True
-        )
+        self._thread = threading.Thread(target=loop.run_forever, name="streamwatch-pg", daemon=True)
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -109,9 +109,7 @@ class Store(
                 batch_max=batch_max,
                 on_commit=on_commit,
             )
-            self._reader = Reader(
-                [PgReadConnection(path, loop) for _ in range(path.pool_size)]
-            )
+            self._reader = Reader([PgReadConnection(path, loop) for _ in range(path.pool_size)])
         else:
             file = path
             self._writer = Writer(
