@@ -43,8 +43,8 @@ from streamwatch.store.orphans import (
     ORPHAN_BODIES_PER_TASK,
     ORPHAN_BODY_MAX_BYTES,
 )
-from streamwatch.store.schema import MIGRATIONS, SCHEMA_VERSION
 from streamwatch.store.postgres import PgTarget
+from streamwatch.store.schema import MIGRATIONS, SCHEMA_VERSION
 from streamwatch.store.stores import Location, ReadOnlyStore, Store
 from streamwatch.store.types import (
     Adopted,

@@ -12,11 +12,11 @@ in the writer's thread.
 from __future__ import annotations
 
 import json
-from streamwatch.store.sql import Connection
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from streamwatch.store.reader import ReadSide, Row
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import JSONObject, NewAlert, OutboxRow
 from streamwatch.store.writer import Context, WriteSide
 

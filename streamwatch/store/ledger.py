@@ -9,9 +9,8 @@ The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 
 from __future__ import annotations
 
-from streamwatch.store.sql import Connection
-
 from streamwatch.store.reader import ReadSide
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import ChargeTotal, OrphanCharges, OrphanTotals
 
 __all__ = ["LedgerReads"]
@@ -54,7 +53,8 @@ class LedgerReads(ReadSide):
         return await self._read(
             lambda c: OrphanCharges(
                 *c.execute(
-                    "SELECT count(DISTINCT task_id), count(CASE WHEN segment_index = -1 THEN 1 END),"
+                    "SELECT count(DISTINCT task_id),"
+                    " count(CASE WHEN segment_index = -1 THEN 1 END),"
                     " count(CASE WHEN segment_index >= 0 THEN 1 END), coalesce(sum(ticks), 0),"
                     " count(DISTINCT CASE WHEN uncertain <> 0 THEN task_id END)"
                     " FROM orphan_charges WHERE at >= ? AND at < ?",

@@ -12,11 +12,10 @@ The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 
 from __future__ import annotations
 
-from streamwatch.store.sql import Connection
-
 from streamwatch.intent import Candidate, Intent, Shape, owner, shape_of
 from streamwatch.mavi.callbacks import Callback, SegmentReport, StreamEnded
 from streamwatch.store.reader import Row
+from streamwatch.store.sql import Connection
 from streamwatch.store.streams import record_event
 from streamwatch.store.types import CallbackOutcome, EventRow
 from streamwatch.store.writer import Context, WriteSide

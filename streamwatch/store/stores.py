@@ -10,10 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-from streamwatch.store.connection import ReadConnection, connect_writer
-
 from streamwatch.intent import OrphanPricer, Pricer
 from streamwatch.store.alerts import OutboxReads, OutboxWrites
+from streamwatch.store.connection import ReadConnection, connect_writer
 from streamwatch.store.intents import IntentReads, IntentWrites
 from streamwatch.store.interface import AlertHook, StateStore, StoreReader
 from streamwatch.store.ledger import LedgerReads

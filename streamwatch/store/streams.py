@@ -11,11 +11,11 @@ run (`streamwatch.store.sql`).
 from __future__ import annotations
 
 import json
-from streamwatch.store.sql import Connection
 from collections.abc import Collection, Iterable
 
 from streamwatch.store.alerts import RuleStateTx
 from streamwatch.store.reader import ReadSide
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import EventRow, Halt, StreamRecord
 from streamwatch.store.writer import Context, WriteSide
 

@@ -11,7 +11,6 @@ The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 from __future__ import annotations
 
 import json
-from streamwatch.store.sql import Connection
 
 from streamwatch.mavi.callbacks import (
     Callback,
@@ -25,6 +24,7 @@ from streamwatch.mavi.callbacks import (
 from streamwatch.store import orphans
 from streamwatch.store.alerts import RuleStateTx
 from streamwatch.store.reader import ReadSide, Row
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import CallbackOutcome, StreamTotals, TaskRow
 from streamwatch.store.writer import Context, WriteSide
 
