@@ -135,8 +135,16 @@ class Daemon:
         self._task: asyncio.Task[None] | None = None
         self.clock: Callable[[], float] = time.time
         self.env = dict(ENV)
+        self.storage = ""  # more [storage] lines (a PostgreSQL url)
+
+    def on(self, location: Location) -> Daemon:
+        """Keep the state at `location` (a PostgreSQL database; a path: the default file)."""
+        if isinstance(location, PgTarget):
+            self.storage = f'url = "{location.url}"'
+        return self
 
     def write(self, streams: str, **kwargs: Any) -> Config:
+        kwargs.setdefault("storage", self.storage)
         text = config_text(
             self.db,
             base_url=self.emulator.base_url,
@@ -213,6 +221,17 @@ async def daemon(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Daemon]:
     yield d
     # Stop deliveries first: a callback connection accepted while the server closes would
     # only be noise at teardown.
+    emulator.webhook = None
+    await d.stop()
+
+
+@pytest.fixture
+async def daemon_both(
+    tmp_path: Path, emulator: Emulator, location: Location
+) -> AsyncIterator[Daemon]:
+    """`daemon`, with its state in SQLite, then in PostgreSQL (the same test on both)."""
+    d = Daemon(tmp_path, emulator).on(location)
+    yield d
     emulator.webhook = None
     await d.stop()
 
