@@ -4,15 +4,17 @@ to 503 until it is back, and nothing acknowledged is lost."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from streamwatch.emulator import Emulator
 from streamwatch.store import PgTarget
 from tests import pg
-from tests.conftest import stream_toml, until
+from tests.conftest import Daemon, stream_toml, until
 from tests.test_restart_kill import Process
 
 STREAMS = (
@@ -84,4 +86,40 @@ async def test_kill_9_during_traffic_on_postgresql_loses_nothing(
     assert await process.stop() == 0
     stored = set(pg.rows(pg_target, "SELECT task_id, segment_index FROM segments"))
     assert {a for a in acknowledged_before if a[1] is not None} <= stored
+    check_against_provider(pg_target, emulator)
+
+
+async def readyz(daemon: Daemon) -> tuple[int, dict[str, object]]:
+    assert daemon.app is not None
+    assert daemon.app.server is not None
+    url = f"{daemon.app.server.base_url}/readyz"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        return resp.status, dict(await resp.json())
+
+
+async def test_a_database_outage_answers_503_and_loses_nothing(
+    daemon: Daemon, emulator: Emulator, pg_cluster: pg.Cluster, pg_target: PgTarget
+):
+    """The PostgreSQL server stopped mid-traffic: callbacks are answered 503 (the emulator
+    redelivers), /readyz is 503 saying why; once it is back the daemon reconnects by itself,
+    and in the end every segment is stored once and the ledger equals the emulator's
+    charges."""
+    await daemon.on(pg_target).start(STREAMS)
+    await until(emulator, lambda: sum(d.delivered for d in emulator.deliveries) >= 10, 30)
+    await asyncio.to_thread(pg_cluster.stop, "fast")
+    try:
+        await until(emulator, lambda: any(d.last_http == 503 for d in emulator.deliveries), 30)
+        status, doc = await readyz(daemon)
+        assert status == 503
+        assert any("store is not writable" in str(p) for p in doc["problems"]), doc
+    finally:
+        await asyncio.to_thread(pg_cluster.start)
+    before = sum(d.delivered for d in emulator.deliveries)
+    await until(emulator, lambda: sum(d.delivered for d in emulator.deliveries) >= before + 20, 30)
+    assert (await readyz(daemon))[0] == 200
+    emulator.balance_ticks = 40
+    await until(emulator, lambda: all(t.state == "ended" for t in emulator.tasks.values()), 30)
+    await until(emulator, lambda: all(d.delivered for d in emulator.deliveries), 30)
+    await daemon.sup.settle()
+    await daemon.stop()
     check_against_provider(pg_target, emulator)
