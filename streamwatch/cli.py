@@ -29,7 +29,7 @@ import structlog
 from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
-from streamwatch import __version__, probecmd, videocmd
+from streamwatch import __version__, probecmd, storecmd, videocmd
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.config import (
     Check,
@@ -50,8 +50,10 @@ from streamwatch.ledger import period_bounds
 from streamwatch.logs import configure_logging
 from streamwatch.redact import Redactor, redact_urls
 from streamwatch.status import StatusDoc
+from streamwatch.storage import storage_location
 from streamwatch.store import (
     ChargeTotal,
+    Location,
     NewAlert,
     OrphanCharges,
     OutboxRow,
@@ -268,6 +270,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("dest", type=Path, help="the backup file, or a folder for a dated one")
     probecmd.add_parser(sub, with_config, _cmd_probe)
+    storecmd.add_parser(sub, with_config, _cmd_store)
     p = verb(
         "emulator",
         "run the MAVI emulator on its own",
@@ -556,6 +559,20 @@ def _short(ts: str | None) -> str:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _recorded(config: Config, nothing: str) -> Location | None:
+    """Where the state is, to read it; None (with the error printed) if there is no state
+    file yet or a storage secret is missing."""
+    try:
+        location = storage_location(config)
+    except ConfigError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return None
+    if isinstance(location, Path) and not location.exists():
+        print(f"error: no state file at {location}: {nothing}", file=sys.stderr)
+        return None
+    return location
+
+
 def _cmd_cost(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if args.what == "estimate":
@@ -565,14 +582,12 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     now = time.time()
     since = args.since if args.since is not None else period_bounds("month", now)[0]
     until = args.until if args.until is not None else now
-    if not config.storage.path.exists():
-        print(
-            f"error: no state file at {config.storage.path}: nothing recorded yet", file=sys.stderr
-        )
+    location = _recorded(config, "nothing recorded yet")
+    if location is None:
         return EXIT_CONFIG
 
     async def read() -> tuple[list[ChargeTotal], OrphanCharges]:
-        async with ReadOnlyStore(config.storage.path) as store:
+        async with ReadOnlyStore(location) as store:
             return (
                 await store.charge_totals(since=since, until=until),
                 await store.orphan_charge_totals(since=since, until=until),
@@ -691,7 +706,8 @@ async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> i
         text="If you can read this, alerts from streamwatch reach you.",
         at=now,
     )
-    async with aiohttp.ClientSession() as session, Store(config.storage.path) as store:
+    location = storage_location(config)
+    async with aiohttp.ClientSession() as session, Store(location) as store:
         sinks = {
             k: v
             for k, v in build_sinks(
@@ -726,12 +742,12 @@ async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> i
 
 
 def _alerts_list(config: Config, *, limit: int, as_json: bool) -> int:
-    if not config.storage.path.exists():
-        print(f"error: no state file at {config.storage.path}", file=sys.stderr)
+    location = _recorded(config, "no alerts yet")
+    if location is None:
         return EXIT_CONFIG
 
     async def read() -> list[OutboxRow]:
-        async with ReadOnlyStore(config.storage.path) as store:
+        async with ReadOnlyStore(location) as store:
             return await store.recent_alerts(limit=limit)
 
     found = asyncio.run(read())
@@ -812,6 +828,14 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     from streamwatch.store import backup
 
     config = _load(args.config)
+    if config.storage.postgresql:
+        print(
+            "error: the state is in PostgreSQL ([storage] url): back it up with pg_dump "
+            "(e.g. pg_dump -Fc -f streamwatch.dump DBNAME) or your provider's backups; "
+            "`streamwatch store copy --to sqlite:///FILE` makes a state file of it",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     shown = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
@@ -836,6 +860,10 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     return probecmd.run(args)
+
+
+def _cmd_store(args: argparse.Namespace) -> int:
+    return storecmd.run(args, _load(args.config) if not args.source else Config(), os.environ)
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:

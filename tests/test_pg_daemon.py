@@ -111,7 +111,9 @@ async def test_a_database_outage_answers_503_and_loses_nothing(
         await until(emulator, lambda: any(d.last_http == 503 for d in emulator.deliveries), 30)
         status, doc = await readyz(daemon)
         assert status == 503
-        assert any("store is not writable" in str(p) for p in doc["problems"]), doc
+        problems = doc["problems"]
+        assert isinstance(problems, list)
+        assert any("store is not writable" in str(p) for p in problems), doc
     finally:
         await asyncio.to_thread(pg_cluster.start)
     before = sum(d.delivered for d in emulator.deliveries)

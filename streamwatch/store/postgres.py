@@ -298,7 +298,9 @@ class PgReadConnection:
             self._conn.close()
             raise
 
-    def run(self, fn: Callable[[Connection], T]) -> T:
+    def run(self, fn: Callable[[Connection], T], *, own_errors: bool = False) -> T:
+        """`fn` in one read transaction (its errors are raised as they are, `own_errors` or
+        not: the driver's never say anything of a file)."""
         conn = self._conn
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         try:
