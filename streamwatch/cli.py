@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -57,11 +58,13 @@ from streamwatch.store import (
     NewAlert,
     OrphanCharges,
     OutboxRow,
+    PgTarget,
     ReadOnlyStore,
     Store,
     StoreError,
     check_state_file,
 )
+from streamwatch.store.postgres import check_database
 from streamwatch.table import table
 
 __all__ = ["main"]
@@ -181,7 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     p = verb(
         "check-config",
         "validate the config; print every problem",
-        "Validate the config file, its secrets and the state file ([storage] path) in one pass "
+        "Validate the config file, its secrets and the state file ([storage] path) or database "
+        "([storage] url: connects, checks the credentials and the schema) in one pass "
         "and print every problem with its key path; when all is well, print what the config "
         "will cost.",
         _cmd_check_config,
@@ -355,17 +359,41 @@ def _load(path: Path) -> Config:
 
 
 def _state_file_problems(config: Config, environ: Mapping[str, str]) -> list[ConfigProblem]:
-    """The state file as a config `Check`: its folder, and what is already there."""
+    """The state file as a config `Check`: its folder, and what is already there. (The
+    database, for `check-config` only: `run` finds out as it opens it.)"""
+    if config.storage.postgresql:
+        return []
     problem = check_state_file(config.storage.path)
     return [ConfigProblem("storage.path", problem)] if problem else []
 
 
-def _load_with_secrets(path: Path, *, state_file: bool = False) -> tuple[Config, Secrets]:
-    """The config and its secrets; every problem with them (and with the state file, if
-    asked) is reported in one `ConfigError`."""
+def _database_problems(config: Config, environ: Mapping[str, str]) -> list[ConfigProblem]:
+    """The PostgreSQL database as a config `Check`: reachable, the credentials accepted, the
+    database there, its schema current (connects; writes nothing)."""
+    if not config.storage.postgresql:
+        return []
+    try:
+        location = storage_location(config, environ=environ)
+    except ConfigError:
+        return []  # the missing secret is reported by the secrets' check
+    assert isinstance(location, PgTarget)
+    location = dataclasses.replace(
+        location, connect_timeout_seconds=min(location.connect_timeout_seconds, 10.0)
+    )
+    problem = check_database(location)
+    return [ConfigProblem("storage.url", problem)] if problem else []
+
+
+def _load_with_secrets(
+    path: Path, *, state_file: bool = False, database: bool = False
+) -> tuple[Config, Secrets]:
+    """The config and its secrets; every problem with them (and with the state file or the
+    database, if asked) is reported in one `ConfigError`."""
     checks: list[Check] = [secret_problems]
     if state_file:
         checks.append(_state_file_problems)
+    if database:
+        checks.append(_database_problems)
     config = load_config(path, checks=checks)
     return config, resolve_secrets(config)
 
@@ -395,7 +423,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config, _ = _load_with_secrets(args.config, state_file=True)
+    config, _ = _load_with_secrets(args.config, state_file=True, database=True)
     print(f"{args.config}: OK — {len(config.streams)} stream(s), backend {config.mavi.backend}")
     print()
     print(render_estimate(_estimate(config)))

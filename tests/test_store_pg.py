@@ -4,6 +4,7 @@ refused), the password as a secret, and the SQL rewritten for it."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -18,6 +19,7 @@ from streamwatch.store import (
 )
 from streamwatch.store.sql import to_postgres
 from tests import pg
+from tests.conftest import cli, free_port
 from tests.test_store import register, segment
 
 
@@ -85,3 +87,38 @@ async def test_the_password_is_a_secret_apart_from_the_url(pg_cluster: pg.Cluste
         await Store(wrong).open()
     assert pg.PASSWORD not in str(failed.value)
     assert str(PgTarget(url.replace("@", f":{pg.PASSWORD}@"))) == url
+
+
+def check_config(tmp_path: Path, storage: str, env: dict[str, str] | None = None):
+    config = tmp_path / "c.toml"
+    config.write_text(f"[storage]\n{storage}\n")
+    return cli("check-config", "-c", str(config), env=env)
+
+
+async def test_check_config_says_what_is_wrong_with_the_database(
+    tmp_path: Path, pg_cluster: pg.Cluster, pg_target: PgTarget
+):
+    """check-config connects and names the problem: unreachable, authentication, missing
+    database, a schema that needs migrating or is too new; an empty database is fine."""
+    assert check_config(tmp_path, f'url = "{pg_target.url}"').returncode == 0
+    out = check_config(tmp_path, f'url = "postgresql://sw@127.0.0.1:{free_port()}/sw"')
+    assert out.returncode == 1
+    assert "storage.url" in out.stderr
+    assert "the server is unreachable" in out.stderr
+    out = check_config(tmp_path, f'url = "{pg_cluster.url("nosuchdb")}"')
+    assert "the database does not exist" in out.stderr
+    pg_cluster.add_password_user()
+    wrong = f'url = "{pg_cluster.url("postgres", user=pg.PASSWORD_USER)}"\n'
+    wrong += 'password = { env = "SW_DB_PASSWORD" }'
+    out = check_config(tmp_path, wrong, env={"SW_DB_PASSWORD": "not-it"})
+    assert "authentication failed" in out.stderr
+    assert check_config(tmp_path, wrong, env={"SW_DB_PASSWORD": pg.PASSWORD}).returncode == 0
+    async with Store(pg_target):
+        pass
+    pg.rows(pg_target, f"UPDATE schema_version SET version = {SCHEMA_VERSION - 1}")
+    out = check_config(tmp_path, f'url = "{pg_target.url}"')
+    assert (out.returncode, "needs migration" in out.stderr) == (1, True), out.stderr
+    pg.rows(pg_target, f"UPDATE schema_version SET version = {SCHEMA_VERSION + 1}")
+    assert (
+        "newer than this streamwatch" in check_config(tmp_path, f'url = "{pg_target.url}"').stderr
+    )

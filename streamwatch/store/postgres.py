@@ -29,7 +29,7 @@ import asyncpg
 from pydantic import SecretStr
 
 from streamwatch.store.pg_schema import migrate_pg, schema_version
-from streamwatch.store.schema import check_version
+from streamwatch.store.schema import SCHEMA_VERSION, check_version
 from streamwatch.store.sql import Connection, to_postgres
 from streamwatch.store.types import StoreError
 
@@ -39,6 +39,7 @@ __all__ = [
     "PgCursor",
     "PgReadConnection",
     "PgTarget",
+    "check_database",
     "connect_writer_pg",
     "safe_url",
 ]
@@ -326,3 +327,32 @@ def connect_writer_pg(target: PgTarget, loop: DbLoop) -> PgConnection:
         conn.close()
         raise
     return conn
+
+
+def check_database(target: PgTarget) -> str | None:
+    """What keeps `target` from being used as the store, or None: the server unreachable,
+    authentication failed, no such database, a schema newer than this streamwatch's, or an
+    older one that needs migrating (the daemon's first start does it, under a lock). An
+    empty database is fine: the schema is created at the first start. Reads only."""
+    loop = DbLoop()
+    loop.start()
+    conn = PgConnection(target, loop, read_only=True)
+    try:
+        conn.open()
+        version = schema_version(conn)
+    except StoreError as exc:
+        return str(exc)
+    finally:
+        conn.close()
+        loop.stop()
+    if version > SCHEMA_VERSION:
+        return (
+            f"{target} has schema version {version}, newer than this streamwatch understands "
+            f"({SCHEMA_VERSION}); upgrade streamwatch or use another database"
+        )
+    if 0 < version < SCHEMA_VERSION:
+        return (
+            f"{target} needs migration (schema {version}, this streamwatch uses "
+            f"{SCHEMA_VERSION}): `streamwatch run` migrates it at its start"
+        )
+    return None
