@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from streamwatch.config import Config, ServerConfig, load_config, resolve_secrets
 from streamwatch.guard import effective_limit
+from tests import pg
 from tests.conftest import cli, tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,6 +272,7 @@ def test_every_mounted_config_has_a_check_here():
     """A config mounted into the stack but not checked below fails this test."""
     checked = {
         ("streamwatch", "/etc/streamwatch/streams.toml"),
+        ("streamwatch-pg", "/etc/streamwatch/streams.toml"),
         ("prometheus", "/etc/prometheus"),
         ("alertmanager", "/etc/alertmanager/alertmanager.yml"),
         ("grafana", "/etc/grafana/provisioning"),
@@ -299,6 +302,47 @@ def test_compose_streamwatch_config_passes_check_config(tmp_path: Path):
     assert config.storage.path.parent == Path(state[0])
     sinks = resolve_secrets(config, environ=env).sinks
     assert_service_url(sinks["alertmanager"][0].get_secret_value())
+
+
+def test_compose_postgres_profile_runs_streamwatch_on_the_stacks_database(
+    tmp_path: Path, pg_cluster: pg.Cluster
+):
+    """The `postgres` profile: the official image with a volume and a healthcheck, and a
+    daemon whose config names that service, its user, database and password secret; with the
+    URL and secret pointed at a real server, `streamwatch check-config` passes."""
+    db = service("postgres")
+    assert db["image"].startswith("postgres:")
+    assert db["profiles"] == service("streamwatch-pg")["profiles"] == ["postgres"]
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert any(v.split(":")[0] in compose()["volumes"] for v in db["volumes"])
+    daemon = service("streamwatch-pg")
+    assert daemon["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert db["secrets"] == daemon["secrets"] == ["postgres-password"]
+    secret_file = f"/run/secrets/{db['secrets'][0]}"
+    assert db["environment"]["POSTGRES_PASSWORD_FILE"] == secret_file
+    env = dockerfile_env() | {k: str(v) for k, v in daemon["environment"].items()}
+    path = host_path("streamwatch-pg", env["STREAMWATCH_CONFIG"])
+    config = load_config(path, environ=env)
+    url = urlsplit(str(config.storage.url))
+    assert (url.hostname, url.port) == ("postgres", 5432)
+    assert url.username == db["environment"]["POSTGRES_USER"]
+    assert url.path.lstrip("/") == db["environment"]["POSTGRES_DB"]
+    assert config.storage.password is not None
+    assert config.storage.password.file == Path(secret_file)
+    pg_cluster.add_password_user()
+    name = pg_cluster.new_database()
+    pg_cluster.admin(f"ALTER DATABASE {name} OWNER TO {pg.PASSWORD_USER}")
+    (tmp_path / "pw").write_text(pg.PASSWORD + "\n")
+    real = {
+        "STREAMWATCH_DATABASE_URL": pg_cluster.url(name, user=pg.PASSWORD_USER),
+        "STREAMWATCH_DB_PASSWORD_FILE": str(tmp_path / "pw"),
+    }
+    result = cli("check-config", "--config", str(path), env=env | real)
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "pw").write_text("wrong\n")
+    result = cli("check-config", "--config", str(path), env=env | real)
+    assert "authentication failed" in result.stderr
+    assert pg.PASSWORD not in result.stderr + result.stdout
 
 
 def test_compose_prometheus_config_passes_promtool():
