@@ -465,11 +465,47 @@ def test_kubernetes_config_reads_exactly_the_secrets_the_deployment_provides(tmp
     standing in for the state volume)."""
     path, env = k8s_config(tmp_path)
     read = {s["env"] for s in toml_secret_sources(tomllib.loads(path.read_text())) if "env" in s}
-    provided = {e["name"] for e in container()["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    provided = {
+        e["name"]
+        for e in container()["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+        and not e["valueFrom"]["secretKeyRef"].get("optional")
+    }
     assert read == provided == {"MAVI_API_KEY", "STREAMWATCH_CALLBACK_SECRET"}
     volume = {"STREAMWATCH_STATE": str(tmp_path / "streamwatch.db")}
     result = cli("check-config", "--config", str(path), env=env | volume)
     assert result.returncode == 0, result.stderr
+
+
+def test_kubernetes_postgresql_variant_reads_the_database_url_from_its_secret(
+    tmp_path: Path, pg_cluster: pg.Cluster
+):
+    """deploy/kubernetes/postgresql/ replaces the ConfigMap (it passes kubernetes-validate
+    --strict) with one keeping the state in PostgreSQL at the URL of the Secret the
+    Deployment passes (optional, so the SQLite variant runs without it); with that URL
+    pointing at a real server, password included, `streamwatch check-config` passes."""
+    variant = K8S / "postgresql" / "configmap.yaml"
+    code, out = run(tool("kubernetes-validate"), "--strict", str(variant))
+    assert code == 0, out
+    doc = yaml.safe_load(variant.read_text())
+    assert doc["metadata"]["name"] == manifests()["ConfigMap"]["metadata"]["name"]
+    path, env = k8s_config(tmp_path)
+    path.write_text(doc["data"][path.name])
+    read = {s["env"] for s in toml_secret_sources(tomllib.loads(path.read_text())) if "env" in s}
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container()["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert read == set(refs)
+    assert refs["STREAMWATCH_DATABASE_URL"]["optional"] is True
+    pg_cluster.add_password_user()
+    name = pg_cluster.new_database()
+    pg_cluster.admin(f"ALTER DATABASE {name} OWNER TO {pg.PASSWORD_USER}")
+    url = pg_cluster.url(name, user=pg.PASSWORD_USER).replace("@", f":{pg.PASSWORD}@", 1)
+    result = cli("check-config", "--config", str(path), env=env | {"STREAMWATCH_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert pg.PASSWORD not in result.stdout + result.stderr
 
 
 def test_kubernetes_objects_agree_with_each_other_and_the_config(tmp_path: Path):
