@@ -180,6 +180,45 @@ def test_unit_credentials_are_the_files_the_config_reads(tmp_path: Path):
     assert "backend mavi" in ok.stdout
 
 
+def test_unit_and_config_postgresql_lines_keep_the_password_a_credential(
+    tmp_path: Path, pg_cluster: pg.Cluster
+):
+    """The commented PostgreSQL lines of the unit and of streams.toml, uncommented, agree: the
+    password is a credential the unit loads and the config reads, and with the URL pointed at
+    a real server `streamwatch check-config` passes."""
+    unit = "\n".join(
+        line.removeprefix("#") if line.startswith("#LoadCredential=") else line
+        for line in UNIT.read_text().splitlines()
+    )
+    text = (DEPLOY / "systemd" / "streams.toml").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("path = ")]
+    text = "\n".join(
+        line.removeprefix("#") if line.startswith(("#url = ", "#password = ")) else line
+        for line in lines
+    )
+    loaded = {v.partition(":")[0] for v in unit_settings(unit)["LoadCredential"]}
+    read = {
+        Path(source["file"]).name
+        for source in toml_secret_sources(tomllib.loads(text))
+        if source.get("file", "").startswith("${CREDENTIALS_DIRECTORY")
+    }
+    assert loaded == read == {"mavi_api_key", "callback_secret", "db_password"}
+    pg_cluster.add_password_user()
+    name = pg_cluster.new_database()
+    pg_cluster.admin(f"ALTER DATABASE {name} OWNER TO {pg.PASSWORD_USER}")
+    url = re.search(r'^url = "([^"]+)"', text, re.M)
+    assert url is not None
+    config = tmp_path / "streams.toml"
+    config.write_text(text.replace(url.group(1), pg_cluster.url(name, user=pg.PASSWORD_USER)))
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    for credential in loaded:
+        (creds / credential).write_text(secret_value() + "\n")
+    (creds / "db_password").write_text(pg.PASSWORD + "\n")
+    ok = cli("check-config", "--config", str(config), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert ok.returncode == 0, ok.stderr
+
+
 # --- compose ----------------------------------------------------------------------------------
 
 
