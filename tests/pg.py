@@ -23,7 +23,19 @@ import asyncpg
 from streamwatch.store import PgTarget
 from streamwatch.store.sql import to_postgres
 
-BIN = Path(os.environ.get("STREAMWATCH_PG_BIN", "/usr/lib/postgresql/15/bin"))
+
+def _newest_bin() -> Path:
+    """Debian's PostgreSQL binaries (not on PATH), the newest major version installed."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+BIN = (
+    Path(os.environ["STREAMWATCH_PG_BIN"]) if "STREAMWATCH_PG_BIN" in os.environ else _newest_bin()
+)
 T = TypeVar("T")
 PASSWORD_USER = "sw_secret_user"
 PASSWORD = "pw-Secr3t-for-tests-only"
