@@ -16,6 +16,7 @@ once a second while the server stays away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
@@ -199,6 +200,8 @@ class PgConnection:
         self._conn: asyncpg.Connection | None = None
         self._prepared: dict[str, Any] = {}
         self._broken = False  # lost inside a transaction: refuse until the next BEGIN
+        # SAVEPOINT and RELEASE, sent with the next statement (one round trip fewer each).
+        self._pending: list[str] = []
         self._last_attempt = 0.0
         self._last_error = ""
 
@@ -218,6 +221,7 @@ class PgConnection:
             raise
         self._last_error = ""
         self._prepared = {}
+        self._pending = []
         self._broken = False
 
     @property
@@ -227,30 +231,45 @@ class PgConnection:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
+        self._pending = []
         if conn is not None and not conn.is_closed():
             try:
                 self._loop.run(asyncio.wait_for(conn.close(), 5))
             except Exception:  # noqa: BLE001 - closing a broken connection: nothing to save
-                conn.terminate()
+                self._terminate(conn)
+
+    def _terminate(self, conn: asyncpg.Connection) -> None:
+        """Drop the connection at once, on the loop that owns it."""
+
+        async def terminate() -> None:
+            conn.terminate()
+
+        with contextlib.suppress(StoreError):
+            self._loop.run(terminate())
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> PgCursor:
         text, returns_rows = _postgres(sql)
         if self._conn is None or self._conn.is_closed():
             self._broken = True
+        head = text.lstrip().upper()
         if self._broken:
-            head = text.lstrip().upper()
+            self._pending = []
             if head.startswith("ROLLBACK") and not head.startswith("ROLLBACK TO"):
                 return PgCursor([], 0)  # the server rolled it back with the connection
             if not head.startswith("BEGIN"):
                 raise StoreError(f"the connection to {self.target} was lost")
             self._connect()
+        if not parameters and head.startswith(("SAVEPOINT ", "RELEASE ")):
+            self._pending.append(text)
+            return PgCursor([], 0)
         conn = self._conn
         assert conn is not None
+        pending, self._pending = self._pending, []
         try:
-            rows, status = self._loop.run(self._run(conn, text, returns_rows, parameters))
+            rows, status = self._loop.run(self._run(conn, pending, text, returns_rows, parameters))
         except _LOST as exc:
             self._broken = True
-            conn.terminate()
+            self._terminate(conn)
             raise StoreError(
                 f"the connection to {self.target} was lost: {describe_error(exc)}"
             ) from None
@@ -261,10 +280,17 @@ class PgConnection:
             self.execute(sql, params)
 
     async def _run(
-        self, conn: asyncpg.Connection, text: str, returns_rows: bool, params: Sequence[Any]
+        self,
+        conn: asyncpg.Connection,
+        pending: list[str],
+        text: str,
+        returns_rows: bool,
+        params: Sequence[Any],
     ) -> tuple[list[tuple[Any, ...]], str]:
         if not params and not returns_rows:
-            return [], await conn.execute(text)
+            return [], await conn.execute("; ".join([*pending, text]))
+        if pending:
+            await conn.execute("; ".join(pending))
         stmt = self._prepared.get(text)
         if stmt is None:
             stmt = self._prepared[text] = await conn.prepare(text)
