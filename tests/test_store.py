@@ -21,6 +21,7 @@ from streamwatch.store import (
     StoreError,
     StreamRecord,
 )
+from tests import pg
 
 
 def segment(task_id: str, index: int, *, unsafe: bool = False) -> tuple[SegmentReport, bytes]:
@@ -293,3 +294,15 @@ async def test_prune_stops_between_chunks_when_asked(location: Location):
         pruned = await store.prune(100.0, chunk=4, stop=lambda: True)
         assert pruned.segments == 4
         assert await store.segment_count() == 6
+
+
+async def test_text_with_a_nul_character_is_stored(location: Location):
+    """A callback whose text holds a NUL character (PostgreSQL's text cannot) is stored, not
+    refused forever: on PostgreSQL the NUL becomes U+FFFD."""
+    async with Store(location) as store:
+        await register(store, "t")
+        outcome = await store.apply_callback(SegmentFailed("t", -1, "bad\x00frame"), body=b"{}")
+        assert outcome.kind == "stored"
+        await store.add_event("stream_problem", stream="cam", detail="nul\x00here")
+    (message,) = pg.rows(location, "SELECT message FROM segment_failures")[0]
+    assert message in ("bad\x00frame", "bad\ufffdframe")

@@ -289,6 +289,10 @@ class PgConnection:
     ) -> tuple[list[tuple[Any, ...]], str]:
         if not params and not returns_rows:
             return [], await conn.execute("; ".join([*pending, text]))
+        if any(isinstance(p, str) and "\x00" in p for p in params):
+            # PostgreSQL's text cannot hold NUL (SQLite's can): stored as U+FFFD instead of
+            # refusing the callback it came in, which MAVI would redeliver forever.
+            params = [p.replace("\x00", "\ufffd") if isinstance(p, str) else p for p in params]
         if pending:
             await conn.execute("; ".join(pending))
         stmt = self._prepared.get(text)
