@@ -119,6 +119,7 @@ async def test_a_database_outage_answers_503_and_loses_nothing(
     before = sum(d.delivered for d in emulator.deliveries)
     await until(emulator, lambda: sum(d.delivered for d in emulator.deliveries) >= before + 20, 30)
     assert (await readyz(daemon))[0] == 200
+    assert await daemon.store.charge_totals(since=0, until=10**12), "reads reconnect too"
     emulator.balance_ticks = 40
     await until(emulator, lambda: all(t.state == "ended" for t in emulator.tasks.values()), 30)
     await until(emulator, lambda: all(d.delivered for d in emulator.deliveries), 30)
