@@ -122,3 +122,34 @@ async def test_check_config_says_what_is_wrong_with_the_database(
     assert (
         "newer than this streamwatch" in check_config(tmp_path, f'url = "{pg_target.url}"').stderr
     )
+
+
+async def test_waiting_for_another_daemons_migration_outlasts_the_statement_timeout(
+    pg_target: PgTarget,
+):
+    """A daemon starting while another holds the migration lock waits for it, however long,
+    and starts once it is released: the statement timeout does not cut the wait short."""
+    from dataclasses import replace
+
+    import asyncpg
+
+    from streamwatch.store.pg_schema import MIGRATION_LOCK
+
+    holder = await asyncpg.connect(pg_target.url)
+    try:
+        await holder.execute(f"SELECT pg_advisory_lock({MIGRATION_LOCK})")
+        store = Store(replace(pg_target, statement_timeout_seconds=0.2))
+        opening = asyncio.create_task(store.open())
+        async with asyncio.timeout(30):
+            while not await holder.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND now() - waitstart > interval '0.5 seconds'"
+            ):
+                assert not opening.done(), opening.exception()
+                await asyncio.sleep(0.05)
+        await holder.execute(f"SELECT pg_advisory_unlock({MIGRATION_LOCK})")
+        await opening
+        await register(store, "t")
+        await store.close()
+    finally:
+        await holder.close()

@@ -244,6 +244,9 @@ def schema_version(conn: Connection) -> int:
 def migrate_pg(conn: Connection, where: str) -> None:
     """Bring the database to `SCHEMA_VERSION`, one migration per transaction, holding the
     migration lock (a second daemon starting meanwhile waits, then finds it done)."""
+    # Neither waiting for another daemon's migration nor a migration itself is cut short by
+    # [storage] statement_timeout_seconds; RESET goes back to it.
+    conn.execute("SET statement_timeout = 0")
     conn.execute("SELECT pg_advisory_lock(?)", (MIGRATION_LOCK,))
     try:
         version = schema_version(conn)
@@ -265,3 +268,4 @@ def migrate_pg(conn: Connection, where: str) -> None:
             version = target
     finally:
         conn.execute("SELECT pg_advisory_unlock(?)", (MIGRATION_LOCK,))
+        conn.execute("RESET statement_timeout")
