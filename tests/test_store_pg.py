@@ -86,7 +86,9 @@ async def test_the_password_is_a_secret_apart_from_the_url(pg_cluster: pg.Cluste
     with pytest.raises(StoreError, match="authentication failed") as failed:
         await Store(wrong).open()
     assert pg.PASSWORD not in str(failed.value)
-    assert str(PgTarget(url.replace("@", f":{pg.PASSWORD}@"))) == url
+    in_url = PgTarget(url.replace("@", f":{pg.PASSWORD}@"))
+    assert str(in_url) == url
+    assert pg.PASSWORD not in repr(in_url)
 
 
 def check_config(tmp_path: Path, storage: str, env: dict[str, str] | None = None):

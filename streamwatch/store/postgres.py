@@ -20,7 +20,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -84,10 +84,12 @@ class PgTarget:
     pool_size: int = 4
     statement_timeout_seconds: float = 30.0
     connect_timeout_seconds: float = 10.0
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         return safe_url(self.url)
+
+    def __repr__(self) -> str:  # the URL may hold the password (a URL secret): never shown
+        return f"PgTarget({safe_url(self.url)!r}, pool_size={self.pool_size})"
 
     async def connect(self, *, read_only: bool = False) -> asyncpg.Connection:
         """A new connection, or `StoreError` saying why not (never with the password)."""
