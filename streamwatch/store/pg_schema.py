@@ -227,6 +227,25 @@ PG_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX orphan_charges_by_time ON orphan_charges (at);
     """,
+    # 10: several replicas on one database (`streamwatch.cluster`). Times are the database's
+    # clock, as epoch seconds.
+    """
+    CREATE TABLE replicas (
+        replica_id text PRIMARY KEY,
+        started_at double precision NOT NULL,
+        seen_at    double precision NOT NULL,
+        expires_at double precision NOT NULL,
+        leaving    bigint NOT NULL DEFAULT 0
+    );
+    CREATE TABLE stream_leases (
+        stream     text PRIMARY KEY,
+        owner      text,
+        epoch      bigint NOT NULL DEFAULT 0,
+        expires_at double precision NOT NULL,
+        changed_at double precision NOT NULL
+    );
+    CREATE INDEX stream_leases_by_owner ON stream_leases (owner);
+    """,
 )
 
 assert PG_BASELINE + len(PG_MIGRATIONS) - 1 == SCHEMA_VERSION, "a migration is missing here"

@@ -112,8 +112,11 @@ class StreamWrites(WriteSide):
             )
             for r in records
         ]
-        await self._write(
-            lambda ctx: ctx.conn.executemany(
+
+        def op(ctx: Context) -> None:
+            book = ctx.fence  # [cluster]: only the records of streams this replica holds
+            mine = rows if book is None else [r for r in rows if book.holds(ctx.conn, r[0])]
+            ctx.conn.executemany(
                 "INSERT INTO streams (name, held_reason, held_at, failures, retry_at,"
                 " last_end_status, last_error, restart_times) VALUES (?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(name) DO UPDATE SET held_reason = excluded.held_reason,"
@@ -122,9 +125,10 @@ class StreamWrites(WriteSide):
                 " failures = excluded.failures, retry_at = excluded.retry_at,"
                 " last_end_status = excluded.last_end_status, last_error = excluded.last_error,"
                 " restart_times = excluded.restart_times",
-                rows,
+                mine,
             )
-        )
+
+        await self._write(op)
 
     async def add_event(
         self,

@@ -1,0 +1,87 @@
+"""Several replicas on one PostgreSQL database: each stream's MAVI task owned by one replica at
+a time, through a lease row with a fencing epoch (`[cluster]`, PostgreSQL only).
+
+Design (issue 17). What is built is marked [built]; the rest is the plan.
+
+Tables (`streamwatch.store.pg_schema`, version 10; SQLite's version 10 adds nothing):
+- `replicas(replica_id, started_at, seen_at, expires_at, leaving)`: one heartbeat row per
+  replica, renewed with its leases. Live = `expires_at` in the future and not `leaving`.
+  [built]
+- `stream_leases(stream, owner, epoch, expires_at, changed_at)`: one row per stream ever
+  owned. `owner` NULL = released. `epoch` grows by one on every claim (every change of
+  owner, and a re-claim of one's own expired lease), never on a renewal. [built]
+Every time is the database's (`clock_timestamp()` as epoch seconds), never a replica's: the
+replicas' clocks may disagree, the database's is the one they share. A replica keeps, beside
+each lease, a local deadline taken *before* the round that renewed it (monotonic clock +
+`lease_seconds`): it stops acting on a stream at that deadline even if it cannot reach the
+database, so its local view never outlives the database's. [built]
+
+Config `[cluster]` [built]: `replica_id` (default `<host name>-<pid>`), `lease_seconds`
+(15), `renew_seconds` (default lease_seconds / 3; must be below lease_seconds / 2, so that one
+failed round does not lose a lease). Only valid with a PostgreSQL store: with SQLite it is a
+config error naming `[storage] url`.
+
+The lease round (every `renew_seconds`, one write transaction, `Leases.round`) [built]:
+1. heartbeat: upsert this replica's `replicas` row (expires = now + lease_seconds);
+2. renew every lease this replica holds that is still valid (`expires_at > now`);
+3. read the live replicas; for each configured stream, its preferred owner is the live
+   replica with the highest rendezvous hash `sha256(replica_id / stream)` (every replica
+   computes the same answer from the same table, without talking to the others; a joining
+   or leaving replica moves only ~1/n of the streams);
+4. claim, in stream order (no deadlock between two claiming replicas), every stream whose
+   preferred owner is this replica and whose lease is unowned, released or expired:
+   `INSERT … ON CONFLICT DO UPDATE … WHERE owner IS NULL OR expires_at <= now`, epoch + 1;
+5. hand back (`release`) what the supervisor says it can let go of: streams whose preferred
+   owner is now another live replica (one joined) and that are not in the middle of a start,
+   stop or adoption. The supervisor forgets the stream first, then the lease is released,
+   and the preferred owner claims it at its next round.
+A dead replica's heartbeat expires with its leases (both `lease_seconds` after its last
+round), so the survivors' rendezvous set no longer holds it exactly when its leases become
+claimable: its streams are adopted within lease_seconds + renew_seconds (+ one planning tick).
+
+Fencing [built]: the store operations that act on a stream's MAVI task check the lease in
+their own transaction (`SELECT … FOR SHARE` of the lease row: held by this replica, at the
+epoch this replica claimed, not expired by the database's clock): the start intent
+(`begin_start`), the task record (`record_task_started`), the adoption of an open intent's
+task (`adopt`), the stop mark (`mark_stop_requested`), and the stream records
+(`save_streams`: records of streams not held are skipped). A claimer's `UPDATE` of the row
+waits for that lock, so no claim can come between the check and the commit. A replica that
+stalled past its lease (GC pause, SIGSTOP) therefore cannot write an intent, record a task or
+mark a stop, and it never calls MAVI's start without a committed intent nor MAVI's stop
+without a committed stop mark. The one window left: a replica frozen between its committed
+intent and MAVI's start call; the new owner finds the open intent and waits `adopt_wait` for
+its task's callbacks (adopting it if it shows up), and a start answered after the lease moved
+is refused by the fenced task record, so its task is an orphan that `on_orphan` handles.
+
+Supervisor [built]: plans only the streams it holds; a stream gained is loaded from the store
+(its record, its running task adopted as it is — never restarted —, its open intents); a
+stream lost is forgotten without any call to MAVI. The planner also stops acting on a lease
+whose local deadline passed.
+
+Shutdown [built]: a replica stopping gracefully marks itself `leaving`, forgets its streams
+and releases all its leases in one transaction, so the others claim them at their next round.
+`on_shutdown = "stop"` stops tasks only when the replica is the last live one (the fleet
+stops); otherwise the tasks are left to the replicas that remain. [planned: `streamwatch
+fleet stop`, which marks every replica leaving and lets each stop what it owns.]
+
+Planned, not built yet:
+- Callbacks on any replica: any replica stores and acknowledges any callback (already true:
+  the store is shared); the owner learns of them by `LISTEN streamwatch_callbacks` (a
+  `pg_notify` with the task id in the callback's transaction) and, as the fallback bound, by
+  reading its running tasks' rows each lease round (segments, last callback, end status),
+  feeding `policy.on_callback` as a live callback does.
+- Fleet-wide account state: the halt (read each round; imposed by whichever replica saw the
+  402, through `save_halt`), budgets and fired thresholds (the ledger's totals read from the
+  database each round; a fired threshold recorded with `INSERT … ON CONFLICT DO NOTHING` so
+  it fires once), `max_running` (a fleet count of running tasks checked in `begin_start`'s
+  transaction), orphan detection (an unknown task is an orphan only if no replica's open
+  intent matches it: already true, intents live in the shared store).
+- The outbox claimed with `SELECT … FOR UPDATE SKIP LOCKED` (each alert delivered by one
+  replica); periodic jobs (pruning, reconciliation, Alertmanager re-posts) run by the replica
+  holding `pg_try_advisory_lock(LEADER_LOCK)` on a session of its own.
+- Metrics: `streamwatch_cluster_replicas` (live replicas, from the leader) and
+  `streamwatch_stream_lease_changes_total` (claims and releases made by this replica);
+  per-stream series only from the owner. The status API shows each stream's owner.
+- Deploy: Kubernetes with 2 replicas, `RollingUpdate` with `maxUnavailable: 0`, a PDB,
+  readiness after the first lease round; compose with Postgres, two replicas and nginx.
+"""

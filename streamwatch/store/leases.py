@@ -1,0 +1,261 @@
+"""Stream leases and replica heartbeats (`[cluster]`, PostgreSQL only): the lease round, the
+release, and the fence the stream-acting operations check in their own transaction.
+
+The design is `streamwatch.cluster`'s docstring. Every time here is the database's clock
+(`clock_timestamp()`, epoch seconds), read once per transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+
+from streamwatch.store.sql import Connection
+from streamwatch.store.types import StoreError
+from streamwatch.store.writer import Context, WriteSide
+
+__all__ = [
+    "Fenced",
+    "LeaseBook",
+    "LeaseRound",
+    "LeaseWrites",
+    "fence",
+    "preferred_owner",
+    "rendezvous_owners",
+]
+
+_NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
+_FORGET_REPLICAS_AFTER = 86_400.0  # a replica not seen for a day leaves the table
+
+
+def _weight(replica_id: str, stream: str) -> bytes:
+    return hashlib.sha256(f"{replica_id}/{stream}".encode()).digest()
+
+
+def preferred_owner(stream: str, replicas: Iterable[str]) -> str | None:
+    """The replica that should own `stream` (rendezvous hashing), or None if there is none."""
+    best: tuple[bytes, str] | None = None
+    for replica in replicas:
+        key = (_weight(replica, stream), replica)
+        if best is None or key > best:
+            best = key
+    return None if best is None else best[1]
+
+
+def rendezvous_owners(streams: Iterable[str], replicas: Iterable[str]) -> dict[str, str]:
+    """Each stream's preferred owner among `replicas` (no replicas: an empty answer)."""
+    live = sorted(set(replicas))
+    if not live:
+        return {}
+    return {s: owner for s in streams if (owner := preferred_owner(s, live)) is not None}
+
+
+class Fenced(StoreError):
+    """This replica does not hold the stream's lease (it expired, or another replica holds
+    it now): the operation acting on the stream is refused."""
+
+
+class LeaseBook:
+    """The leases this replica holds: each stream's epoch and its local deadline (monotonic
+    clock). Updated by the lease rounds (in the event loop), read by the fence (in the
+    writer's thread)."""
+
+    def __init__(self, replica_id: str, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.replica_id = replica_id
+        self.epochs: dict[str, int] = {}
+        self.deadlines: dict[str, float] = {}
+        self._monotonic = monotonic
+
+    def update(self, held: dict[str, int], *, deadline: float) -> None:
+        """Take a committed round's answer: `held` (stream → epoch), valid locally until
+        `deadline` (monotonic, taken before the round began)."""
+        self.epochs = dict(held)
+        self.deadlines = dict.fromkeys(held, deadline)
+
+    def drop(self, streams: Iterable[str]) -> None:
+        """Stop holding these (released, or about to be)."""
+        for stream in streams:
+            self.epochs.pop(stream, None)
+            self.deadlines.pop(stream, None)
+
+    def valid(self, stream: str) -> bool:
+        """Held, and its local deadline not passed (the database's may still be later)."""
+        deadline = self.deadlines.get(stream)
+        return deadline is not None and self._monotonic() < deadline
+
+    def owned(self) -> frozenset[str]:
+        """The streams held whose local deadline has not passed."""
+        now = self._monotonic()
+        return frozenset(s for s, d in self.deadlines.items() if now < d)
+
+    def holds(self, conn: Connection, stream: str) -> bool:
+        """In the caller's transaction: is the lease this replica's, at the epoch it claimed,
+        unexpired by the database's clock? The row stays share-locked until the transaction
+        ends, so no claim can come between this check and the commit."""
+        epoch = self.epochs.get(stream)
+        if epoch is None or not self.valid(stream):
+            return False
+        row = conn.execute(
+            "SELECT epoch FROM stream_leases WHERE stream = ? AND owner = ? AND epoch = ?"
+            f" AND expires_at > ({_NOW}) FOR SHARE",
+            (stream, self.replica_id, epoch),
+        ).fetchone()
+        return row is not None
+
+
+def fence(ctx: Context, stream: str) -> None:
+    """Refuse (`Fenced`) an operation acting on `stream` unless this replica holds its lease
+    (no fence: a single daemon, which owns every stream)."""
+    book = ctx.fence
+    if book is not None and not book.holds(ctx.conn, stream):
+        raise Fenced(f"this replica does not hold the lease of stream {stream!r}")
+
+
+@dataclass(frozen=True)
+class LeaseRound:
+    """What a lease round found and did. `held`: every lease held after it (stream → epoch);
+    `claimed`: those newly claimed; `lost`: those the book held that are no longer held;
+    `misplaced`: held streams whose preferred owner is another live replica (to hand back
+    when the supervisor can let them go); `replicas`: the live replicas."""
+
+    replicas: list[str]
+    held: dict[str, int]
+    claimed: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+    misplaced: list[str] = field(default_factory=list)
+    at: float = 0.0  # the database's time of the round
+
+
+class LeaseWrites(WriteSide):
+    def set_fence(self, book: LeaseBook | None) -> None:
+        """Check `book`'s leases in every operation acting on a stream (starts, task records,
+        adoptions, stop marks, stream records)."""
+        self._writer.context.fence = book
+
+    async def lease_round(
+        self, book: LeaseBook, streams: Collection[str], *, lease_seconds: float
+    ) -> LeaseRound:
+        """Heartbeat, renew what `book` holds, and claim the configured `streams` whose
+        preferred owner is this replica and whose lease is free or expired (one transaction).
+        `book` is not changed: the caller applies the answer once it committed."""
+        me = book.replica_id
+        known = dict(book.epochs)
+
+        def op(ctx: Context) -> LeaseRound:
+            conn = ctx.conn
+            now = float(conn.execute(_NOW).fetchone()[0])
+            until = now + lease_seconds
+            conn.execute(
+                "INSERT INTO replicas (replica_id, started_at, seen_at, expires_at, leaving)"
+                " VALUES (?, ?, ?, ?, 0) ON CONFLICT (replica_id) DO UPDATE SET"
+                " seen_at = excluded.seen_at, expires_at = excluded.expires_at, leaving = 0",
+                (me, now, now, until),
+            )
+            conn.execute(
+                "DELETE FROM replicas WHERE expires_at < ?", (now - _FORGET_REPLICAS_AFTER,)
+            )
+            held: dict[str, int] = {}
+            if known:
+                rows = conn.execute(
+                    "UPDATE stream_leases SET expires_at = ? WHERE owner = ? AND expires_at > ?"
+                    " AND stream = ANY(?) RETURNING stream, epoch",
+                    (until, me, now, sorted(known)),
+                ).fetchall()
+                held = {s: e for s, e in rows if known.get(s) == e}
+            replicas = sorted(
+                r
+                for (r,) in conn.execute(
+                    "SELECT replica_id FROM replicas WHERE expires_at > ? AND leaving = 0", (now,)
+                )
+            )
+            preferred = rendezvous_owners(streams, replicas)
+            claimed = []
+            for stream in sorted(s for s, owner in preferred.items() if owner == me):
+                if stream in held:
+                    continue
+                row = conn.execute(
+                    "INSERT INTO stream_leases (stream, owner, epoch, expires_at, changed_at)"
+                    " VALUES (?, ?, 1, ?, ?) ON CONFLICT (stream) DO UPDATE SET"
+                    " owner = excluded.owner, epoch = stream_leases.epoch + 1,"
+                    " expires_at = excluded.expires_at, changed_at = excluded.changed_at"
+                    " WHERE stream_leases.owner IS NULL OR stream_leases.expires_at <= ?"
+                    " OR stream_leases.owner = excluded.owner RETURNING epoch",
+                    (stream, me, until, now, now),
+                ).fetchone()
+                if row is not None:
+                    held[stream] = int(row[0])
+                    claimed.append(stream)
+            return LeaseRound(
+                replicas=replicas,
+                held=held,
+                claimed=claimed,
+                lost=sorted(set(known) - set(held)),
+                misplaced=sorted(s for s in held if preferred.get(s, me) != me),
+                at=now,
+            )
+
+        return await self._write(op)
+
+    async def release_leases(self, book: LeaseBook, streams: Iterable[str]) -> list[str]:
+        """Hand back these leases at once (the next claimer bumps the epoch). Returns those
+        released."""
+        me = book.replica_id
+        names = sorted(set(streams))
+
+        def op(ctx: Context) -> list[str]:
+            now = float(ctx.conn.execute(_NOW).fetchone()[0])
+            rows = ctx.conn.execute(
+                "UPDATE stream_leases SET owner = NULL, expires_at = ?, changed_at = ?"
+                " WHERE owner = ? AND stream = ANY(?) RETURNING stream",
+                (now, now, me, names),
+            ).fetchall()
+            return sorted(r[0] for r in rows)
+
+        return await self._write(op) if names else []
+
+    async def leave(self, book: LeaseBook) -> list[str]:
+        """This replica stops: marked leaving (no longer live) and every lease it holds
+        released, in one transaction. Returns the streams released."""
+        me = book.replica_id
+
+        def op(ctx: Context) -> list[str]:
+            conn = ctx.conn
+            now = float(conn.execute(_NOW).fetchone()[0])
+            conn.execute(
+                "UPDATE replicas SET leaving = 1, expires_at = ? WHERE replica_id = ?", (now, me)
+            )
+            rows = conn.execute(
+                "UPDATE stream_leases SET owner = NULL, expires_at = ?, changed_at = ?"
+                " WHERE owner = ? RETURNING stream",
+                (now, now, me),
+            ).fetchall()
+            return sorted(r[0] for r in rows)
+
+        return await self._write(op)
+
+    async def live_replicas(self) -> list[str]:
+        """The replicas whose heartbeat has not expired and that are not leaving."""
+
+        def op(conn: Connection) -> list[str]:
+            now = float(conn.execute(_NOW).fetchone()[0])
+            rows = conn.execute(
+                "SELECT replica_id FROM replicas WHERE expires_at > ? AND leaving = 0"
+                " ORDER BY replica_id",
+                (now,),
+            )
+            return [r[0] for r in rows]
+
+        return await self._read(op)
+
+    async def lease_owners(self) -> dict[str, tuple[str | None, int, float]]:
+        """Every lease row: stream → (owner, epoch, expires_at), the owner None if released."""
+
+        def op(conn: Connection) -> dict[str, tuple[str | None, int, float]]:
+            rows = conn.execute(
+                "SELECT stream, owner, epoch, expires_at FROM stream_leases ORDER BY stream"
+            )
+            return {s: (o, int(e), float(x)) for s, o, e, x in rows}
+
+        return await self._read(op)
