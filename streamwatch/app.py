@@ -39,6 +39,7 @@ from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.sinks.registry import build_sinks
 from streamwatch.background import BackgroundFailed, Backoff, Failures, TaskGroup
+from streamwatch.cluster import Cluster, default_replica_id
 from streamwatch.config import (
     Config,
     ConfigError,
@@ -80,6 +81,7 @@ class Parts:
     evidence: Evidence
     alerts: Alerts | None  # with alert rules
     server: Server
+    cluster: Cluster | None = None  # with [cluster]
 
 
 class App:
@@ -273,7 +275,19 @@ class App:
             failures=self.failures,
         )
         await stack.enter_async_context(supervisor.running())
+        cluster = None
+        if cfg.cluster is not None:
+            cluster = Cluster(
+                store=store,
+                supervisor=supervisor,
+                replica_id=cfg.cluster.replica_id or default_replica_id(),
+                lease_seconds=cfg.cluster.lease_seconds,
+                streams=lambda: list(supervisor.desired),
+            )
+            cluster.attach()
         await supervisor.load(cfg.streams)
+        if cluster is not None:
+            await cluster.run_once()  # the first lease round: this replica's share, adopted
         # The archive fetches clip URLs from callbacks on its own guarded pool, so slow or
         # hostile clip hosts never hold the connections MAVI's API needs.
         videos = VideoClient(
@@ -336,7 +350,7 @@ class App:
         if emulator is not None:
             # The account's webhook (MAVI's console setting), known once the server listens.
             emulator.webhook = server.callback_url()
-        return Parts(store, emulator, supervisor, evidence, alerts, server)
+        return Parts(store, emulator, supervisor, evidence, alerts, server, cluster)
 
     def _loops(self, daemon: TaskGroup, parts: Parts) -> anyio.Event:
         """Start the daemon's loops; returns the planning loop's end."""
@@ -348,6 +362,18 @@ class App:
             running=lambda: not sup.stopping,
             on_failure="exit",
         )
+        cluster = parts.cluster
+        if cluster is not None:
+            assert self.config.cluster is not None
+            renew = self.config.cluster.renew_every
+            daemon.loop(
+                "cluster",
+                cluster.run_once,
+                wait=lambda: self._pause(renew),
+                running=self._running,
+                on_failure="retry",
+                backoff=Backoff(min(1.0, renew), renew),
+            )
         if self.systemd.enabled:
             daemon.loop(
                 "systemd",
@@ -445,8 +471,14 @@ class App:
         # The built-in emulator ends with this process, and its tasks with it: stop them
         # properly rather than leave records of tasks that no longer exist anywhere.
         stop_tasks = self.config.supervisor.on_shutdown == "stop" or parts.emulator is not None
+        if parts.cluster is not None and stop_tasks:
+            # [cluster]: the tasks stop only with the fleet's last replica; otherwise the
+            # others adopt them.
+            stop_tasks = await parts.cluster.last_replica()
         stopped = await supervisor.shutdown(stop_tasks=stop_tasks)
         await planning.wait()
+        if parts.cluster is not None and not stop_tasks:
+            await parts.cluster.leave()  # the others adopt at their next round
         if not stop_tasks:
             log.info(
                 "app.tasks_kept",
@@ -462,6 +494,8 @@ class App:
         log.info(
             "app.drained", stopped=len(stopped), final_callbacks_missing=len(supervisor.ending)
         )
+        if parts.cluster is not None:
+            await parts.cluster.leave()
 
     async def reload(self) -> bool:
         """Re-read the config file (SIGHUP). Streams are reconciled; other sections need a

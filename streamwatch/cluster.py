@@ -85,3 +85,123 @@ Planned, not built yet:
 - Deploy: Kubernetes with 2 replicas, `RollingUpdate` with `maxUnavailable: 0`, a PDB,
   readiness after the first lease round; compose with Postgres, two replicas and nginx.
 """
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Collection
+
+import structlog
+
+from streamwatch.store import Store
+from streamwatch.store.leases import LeaseBook
+from streamwatch.supervisor import Supervisor
+
+__all__ = ["Cluster", "default_replica_id"]
+
+log = structlog.get_logger("streamwatch.cluster")
+
+
+def default_replica_id() -> str:
+    """`<host name>-<pid>`: unique per process on a host, and names the host it runs on."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Cluster:
+    """This replica's part in the fleet: runs the lease rounds and tells the supervisor which
+    streams it holds (`owned`), which it gained (`Supervisor.take`) and which it lost or hands
+    back (`Supervisor.drop`)."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        supervisor: Supervisor,
+        replica_id: str,
+        lease_seconds: float,
+        streams: Callable[[], Collection[str]],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`streams()`: the configured streams (whose leases are claimed)."""
+        self._store = store
+        self._supervisor = supervisor
+        self._lease = lease_seconds
+        self._streams = streams
+        self._monotonic = monotonic
+        self.book = LeaseBook(replica_id, monotonic=monotonic)
+        self.replicas: list[str] = []
+        self.rounds = 0  # lease rounds committed (readiness: at least one)
+        self._ready: set[str] = set()  # held, and loaded by the supervisor
+        self._left = False
+
+    @property
+    def replica_id(self) -> str:
+        return self.book.replica_id
+
+    def owned(self) -> frozenset[str]:
+        """The streams the supervisor may act on: held (local deadline not passed) and
+        loaded."""
+        return self.book.owned() & self._ready
+
+    def attach(self) -> None:
+        """Fence the store's stream operations with this replica's leases and have the
+        supervisor plan only what it holds (before `Supervisor.load`)."""
+        self._store.set_fence(self.book)
+        self._supervisor.set_ownership(self.owned)
+
+    async def run_once(self) -> None:
+        """One lease round: heartbeat, renew, claim this replica's share; then drop what was
+        lost, load what was gained, and hand back what belongs to a replica that joined."""
+        if self._left:
+            return
+        began = self._monotonic()  # before the round: the local view never outlives the DB's
+        result = await self._store.lease_round(
+            self.book, self._streams(), lease_seconds=self._lease
+        )
+        if self._left:
+            return
+        self.book.update(result.held, deadline=began + self._lease)
+        if result.replicas != self.replicas:
+            log.info("cluster.replicas", replicas=result.replicas, replica=self.replica_id)
+        self.replicas = result.replicas
+        lost = self._ready - set(result.held)
+        if lost:
+            log.warning("cluster.leases_lost", streams=sorted(lost), replica=self.replica_id)
+            self._forget(lost)
+        gained = sorted(set(result.held) - self._ready)
+        if gained:
+            log.info("cluster.leases_claimed", streams=gained, replica=self.replica_id)
+            await self._supervisor.take(gained)
+            self._ready |= set(gained)
+        give = self._supervisor.releasable([s for s in result.misplaced if s in self._ready])
+        if give:
+            self._forget(give)
+            self.book.drop(give)
+            released = await self._store.release_leases(self.book, give)
+            log.info("cluster.leases_handed_back", streams=released, replica=self.replica_id)
+        # What an action that ended after its stream was dropped may have put back.
+        stale = set(self._supervisor.streams) - self._ready
+        if stale:
+            self._supervisor.drop(stale)
+        self.rounds += 1
+
+    def _forget(self, streams: Collection[str]) -> None:
+        self._ready -= set(streams)
+        self._supervisor.drop(streams)
+
+    async def last_replica(self) -> bool:
+        """Is this the only live replica (the fleet stops with it)?"""
+        return [r for r in await self._store.live_replicas() if r != self.replica_id] == []
+
+    async def leave(self) -> list[str]:
+        """Stop taking part: forget every stream, release every lease and drop out of the
+        live set (one transaction), so the others adopt at their next round."""
+        self._left = True
+        streams = set(self._ready)
+        self._forget(streams)
+        released = await self._store.leave(self.book)
+        self.book.drop(list(self.book.epochs))
+        log.info("cluster.left", released=len(released), replica=self.replica_id)
+        return released

@@ -142,6 +142,9 @@ class Supervisor:
         # What follows a committed callback: callbacks claimed at a start or an adoption go
         # the same way as live ones (see `set_after_commit`).
         self._after_commit: AfterCommit = self.observe
+        # [cluster]: the streams this replica holds the lease of (None: a single daemon, which
+        # owns every stream). See `set_ownership`.
+        self._owned: Callable[[], frozenset[str]] | None = None
 
     def set_after_commit(self, after_commit: AfterCommit) -> None:
         """Send callbacks claimed by a recorded or adopted task through `after_commit`, as the
@@ -150,6 +153,12 @@ class Supervisor:
         self._after_commit = after_commit
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def set_ownership(self, owned: Callable[[], frozenset[str]]) -> None:
+        """[cluster]: plan only the streams `owned()` names (the leases this replica holds,
+        whose local deadline has not passed). Set before `load()`, which then loads the
+        account's state but no stream: each comes with `take()` once its lease is claimed."""
+        self._owned = owned
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Supervisor]:
@@ -172,13 +181,57 @@ class Supervisor:
             self.spending.load(period, period_key(period, now), {t.stream: t.ticks for t in totals})
             orphans = await self._store.orphan_charge_totals(since=start, until=end)
             self.spending.load_orphans(period, period_key(period, now), orphans.ticks)
+        self._unreported_flagged = await self._store.flagged_tasks("billing_unreported")
+        if self._owned is None:
+            await self._load_streams(None, now)
+        self._notify()
+
+    async def take(self, names: Collection[str]) -> None:
+        """[cluster]: this replica now holds these streams' leases: load each as a restart
+        would (its record, its running task adopted as it is, never restarted, its open
+        intents looked for at once). What was known of them before is replaced."""
+        fresh = set(names)
+        if not fresh:
+            return
+        for name in fresh:
+            self.streams.pop(name, None)
+            self.streams.dirty.discard(name)
+        self._by_task = {t: n for t, n in self._by_task.items() if n not in fresh}
+        await self._load_streams(fresh, self._clock())
+        for name in sorted(fresh):
+            self._try_adopt(name)
+        self._notify()
+
+    def drop(self, names: Collection[str]) -> None:
+        """[cluster]: this replica no longer holds these streams' leases: forget them, with no
+        call to MAVI and nothing written (their new owner carries on)."""
+        for name in names:
+            state = self.streams.pop(name, None)
+            self.streams.dirty.discard(name)
+            if state is not None:
+                log.info("supervisor.stream_dropped", stream=name, task_id=state.task_id)
+        self._by_task = {t: n for t, n in self._by_task.items() if n not in names}
+        self._notify()
+
+    def releasable(self, names: Collection[str]) -> list[str]:
+        """Of these streams, those that may be handed to another replica now: none of their
+        actions (a start, a stop, an adoption) is under way."""
+        busy = (Phase.STARTING, Phase.STOPPING, Phase.ADOPTING)
+        return sorted(n for n in names if (s := self.streams.get(n)) is None or s.phase not in busy)
+
+    async def _load_streams(self, names: Collection[str] | None, now: float) -> None:
+        """Restore what the store says of these streams (every stream: None): their records,
+        their running tasks (adopted), and their open intents."""
         for record in (await self._store.streams()).values():
+            if names is not None and record.name not in names:
+                continue
             if record != StreamRecord(record.name):
                 self.streams[record.name] = StreamState.restored(
                     record, now=now, policy=self.policy
                 )
-        self._unreported_flagged = await self._store.flagged_tasks("billing_unreported")
         for task in await self._store.running_tasks():
+            if names is not None and task.stream not in names:
+                continue
             if task.stream in self._by_task.values():
                 # Two live tasks for one stream can only come from an old crash: keep the newest
                 # and stop the other, so the account pays for one.
@@ -201,15 +254,16 @@ class Supervisor:
             self._by_task[task.task_id] = task.stream
             log.info("supervisor.task_adopted", stream=task.stream, task_id=task.task_id)
             await self._record("task_adopted", stream=task.stream, task_id=task.task_id)
-        await self._load_intents(now)
-        self._notify()
+        await self._load_intents(names, now)
 
-    async def _load_intents(self, now: float) -> None:
+    async def _load_intents(self, names: Collection[str] | None, now: float) -> None:
         """Starts whose answer never reached the store: MAVI may have created their tasks.
         Each such stream adopts for `adopt_wait` from now (callbacks parked before the restart
         are matched at once)."""
         for intent in await self._store.open_intents():
             name = intent.stream
+            if names is not None and name not in names:
+                continue
             known = self.streams.get(name, StreamState(name))
             adopting = on_open_intent(known, intent.attempt_id, now=now, policy=self.policy)
             if adopting is None:
@@ -271,8 +325,16 @@ class Supervisor:
         self._flag_unreported(estimates)
         self.gate = self.spending.gate(now, estimates)
         self._check_budgets(now, estimates)
+        desired: Mapping[str, StreamConfig] = self.desired
+        streams: Mapping[str, StreamState] = self.streams
+        if self._owned is not None:
+            # [cluster]: only what this replica holds; a stream not held is neither started,
+            # stopped nor forgotten here (its owner decides).
+            owned = self._owned()
+            desired = {n: c for n, c in self.desired.items() if n in owned}
+            streams = {n: s for n, s in self.streams.items() if n in owned}
         actions = plan(
-            self.desired, self.streams, now=now, halt=self.halt, policy=self.policy, gate=self.gate
+            desired, streams, now=now, halt=self.halt, policy=self.policy, gate=self.gate
         )
         for action in actions:
             self._launch(action)
