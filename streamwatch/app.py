@@ -285,6 +285,7 @@ class App:
                 streams=lambda: list(supervisor.desired),
             )
             cluster.attach()
+            await cluster.follow_once()  # the feed followed from here on
         await supervisor.load(cfg.streams)
         if cluster is not None:
             await cluster.run_once()  # the first lease round: this replica's share, adopted
@@ -373,6 +374,15 @@ class App:
                 running=self._running,
                 on_failure="retry",
                 backoff=Backoff(min(1.0, renew), renew),
+            )
+            tick = self.config.supervisor.tick_seconds
+            daemon.loop(
+                "cluster.feed",
+                cluster.follow_once,
+                wait=lambda: self._pause(tick),
+                running=self._running,
+                on_failure="retry",
+                backoff=Backoff(tick, max(tick, renew)),
             )
         if self.systemd.enabled:
             daemon.loop(

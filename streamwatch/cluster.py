@@ -95,7 +95,7 @@ from collections.abc import Callable, Collection
 
 import structlog
 
-from streamwatch.store import Store
+from streamwatch.store import CallbackOutcome, Store
 from streamwatch.store.leases import LeaseBook
 from streamwatch.supervisor import Supervisor
 
@@ -135,6 +135,8 @@ class Cluster:
         self.rounds = 0  # lease rounds committed (readiness: at least one)
         self._ready: set[str] = set()  # held, and loaded by the supervisor
         self._left = False
+        self._cursor: int | None = None  # where in the callback feed this replica is
+        self.followed = 0  # callbacks learnt from the feed (stored by another replica)
 
     @property
     def replica_id(self) -> str:
@@ -185,7 +187,28 @@ class Cluster:
         stale = set(self._supervisor.streams) - self._ready
         if stale:
             self._supervisor.drop(stale)
+        await self._store.prune_feed()
         self.rounds += 1
+
+    async def follow_once(self) -> None:
+        """Tell the supervisor of the callbacks another replica stored for the streams this
+        replica holds, as if they had come here (their money was counted where they came)."""
+        if self._left:
+            return
+        entries, self._cursor = await self._store.feed(self._cursor, self._ready)
+        for entry in entries:
+            if entry.replica == self.replica_id or entry.stream not in self._ready:
+                continue  # observed when it came (or no longer ours)
+            self.followed += 1
+            self._supervisor.observe(
+                CallbackOutcome(
+                    "stored",
+                    entry.stream,
+                    entry.callback,
+                    stop_requested=entry.stop_requested,
+                    at=entry.at,
+                )
+            )
 
     def _forget(self, streams: Collection[str]) -> None:
         self._ready -= set(streams)

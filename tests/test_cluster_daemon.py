@@ -4,13 +4,14 @@ never started twice."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from streamwatch.emulator import Emulator
+from streamwatch.emulator import Emulator, Script
 from streamwatch.policy import Phase
 from streamwatch.store import PgTarget
 from streamwatch.store.leases import rendezvous_owners
@@ -51,10 +52,14 @@ def running(daemon: Daemon) -> dict[str, str]:
     }
 
 
-async def start(daemon: Daemon, replica: str) -> None:
-    # Callbacks reach only the replica that receives them until the owner learns of the
-    # others' through the database (not built yet): no stall detection in this test.
-    await daemon.start(STREAMS, extra=cluster_toml(replica), stall_after_segments=100_000)
+async def start(daemon: Daemon, replica: str, *, stall_after_segments: int = 40) -> None:
+    await daemon.start(
+        STREAMS, extra=cluster_toml(replica), stall_after_segments=stall_after_segments
+    )
+
+
+def segments_charged(emulator: Emulator, task_id: str) -> int:
+    return sum(1 for c in emulator.charges if c.task_id == task_id and c.kind == "segment")
 
 
 async def test_a_joining_replica_takes_its_share_and_a_killed_ones_streams_are_adopted(
@@ -105,3 +110,35 @@ async def test_a_replica_stopping_gracefully_hands_its_streams_over_at_once(
     assert running(b) == tasks
     assert len(emulator.accepted_starts()) == len(NAMES)
     assert await b.store.live_replicas() == [B]
+
+
+async def test_the_owner_reacts_to_callbacks_another_replica_stored(
+    fleet: tuple[Daemon, Daemon], emulator: Emulator
+):
+    """Callbacks all reach the replica that does not own a stream: its owner learns of them
+    through the database, so its tasks are not taken for stalled (no restart), and the end
+    of one of them (15, no video) is restarted by its owner, once."""
+    a, b = fleet
+    share_a = sorted(n for n, r in rendezvous_owners(NAMES, [A, B]).items() if r == A)
+    ending = share_a[0]
+    url = f"rtmp://cams.test/{ending}"
+    emulator.scripts[url] = Script(outcomes=["safe"] * 40, then="end:15")
+    await start(a, A, stall_after_segments=10)
+    await a.wait(lambda: len(running(a)) == len(NAMES))
+    first = running(a)
+    await start(b, B, stall_after_segments=10)  # every callback from now on goes to b
+    await a.wait(lambda: set(a.sup.streams) == set(share_a), within=20)
+    steady = [first[n] for n in share_a if n != ending]
+    async with asyncio.timeout(30):
+        # Four stall periods of callbacks a never received itself.
+        await emulator.wait_until(lambda: all(segments_charged(emulator, t) >= 40 for t in steady))
+    await a.wait(lambda: running(a).get(ending) not in (None, first[ending]), within=20)
+    assert a.app is not None
+    cluster = a.app._parts.cluster if a.app._parts else None
+    assert cluster is not None
+    assert cluster.followed > 0
+    starts = Counter(s.url for s in emulator.accepted_starts())
+    assert starts == {f"rtmp://cams.test/{n}": 2 if n == ending else 1 for n in NAMES}
+    assert {n: running(a)[n] for n in share_a if n != ending} == {
+        n: first[n] for n in share_a if n != ending
+    }

@@ -5,12 +5,15 @@ a replica's writes for a stream whose lease moved."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from streamwatch.config import ConfigError, parse_config
 from streamwatch.intent import Intent
+from streamwatch.mavi.callbacks import StreamEnded, parse_callback
 from streamwatch.store import PgTarget, Store
 from streamwatch.store.leases import Fenced, LeaseBook, rendezvous_owners
 from tests import pg
@@ -183,3 +186,70 @@ def test_cluster_config_needs_postgresql_and_a_renewal_within_the_lease():
     config = parse_config('[storage]\nurl = "postgresql://u@h/db"\n[cluster]\n', environ={})
     assert config.cluster is not None
     assert (config.cluster.lease_seconds, config.cluster.renew_every) == (15.0, 5.0)
+
+
+async def record_task(store: Store, task_id: str, stream: str) -> None:
+    await store.record_task_started(
+        task_id=task_id,
+        stream=stream,
+        spec_hash="spec",
+        fps=1,
+        content_moderation=True,
+        logo_detection=False,
+        max_logos=5,
+        started_at=1000.0,
+    )
+
+
+async def test_the_feed_gives_the_owner_every_callback_another_replica_stored(
+    pg_target: PgTarget,
+):
+    """Callbacks stored by a replica that does not own the stream reach the owner through the
+    feed, in order, each once, with what the policy needs (segment, failure, end); a row of a
+    transaction still open when a later one committed is not skipped: the cursor waits for
+    it (a row-id cursor would have moved past it)."""
+    async with replica(pg_target, "a") as (a, book_a), replica(pg_target, "b") as (b, book_b):
+        await lease_round(a, book_a, ["cam"])
+        await lease_round(b, book_b, ["cam"])
+        await record_task(a, "t1", "cam")
+        entries, cursor = await a.feed(None, ["cam"])
+        assert entries == []
+        start = cursor
+        early = await asyncpg.connect(pg_target.url)
+        try:
+            tx = early.transaction()
+            await tx.start()
+            await early.execute(
+                "INSERT INTO callback_feed (stream, task_id, replica, kind, segment_index)"
+                " VALUES ('cam', 't1', 'b', 'segment', 0)"
+            )
+            for index in (1, 2):
+                raw = json.dumps(
+                    {
+                        "task_id": "t1",
+                        "data": {"status": 0, "data": {"segment_index": index}},
+                    }
+                ).encode()
+                await b.apply_callback(parse_callback(raw), body=raw, received_at=1001.0)
+            ended = b'{"task_id": "t1", "data": {"status": 15, "message": "no video"}}'
+            await b.apply_callback(parse_callback(ended), body=ended, received_at=1002.0)
+            waiting, cursor = await a.feed(cursor, ["cam"])
+            assert waiting == []  # behind the open transaction's row: held back, not skipped
+            await tx.commit()
+        finally:
+            await early.close()
+        entries, cursor = await a.feed(cursor, ["cam"])
+        seen = [
+            (e.replica, type(e.callback).__name__, getattr(e.callback, "segment_index", None))
+            for e in entries
+        ]
+        assert seen == [
+            ("b", "SegmentReport", 0),
+            ("b", "SegmentReport", 1),
+            ("b", "SegmentReport", 2),
+            ("b", "StreamEnded", None),
+        ]
+        assert isinstance(entries[-1].callback, StreamEnded)
+        assert entries[-1].callback.status == 15
+        assert (await a.feed(cursor, ["cam"]))[0] == []
+        assert (await a.feed(start, ["other"]))[0] == []  # only the streams asked for

@@ -12,22 +12,28 @@ import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
+from streamwatch.mavi.callbacks import Callback, SegmentFailed, SegmentReport, StreamEnded
 from streamwatch.store.sql import Connection
-from streamwatch.store.types import StoreError
+from streamwatch.store.types import CallbackOutcome, StoreError
 from streamwatch.store.writer import Context, WriteSide
 
 __all__ = [
+    "FEED_CHANNEL",
+    "FeedEntry",
     "Fenced",
     "LeaseBook",
     "LeaseRound",
     "LeaseWrites",
     "fence",
     "preferred_owner",
+    "publish",
     "rendezvous_owners",
 ]
 
 _NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
 _FORGET_REPLICAS_AFTER = 86_400.0  # a replica not seen for a day leaves the table
+_FEED_KEPT = 600.0  # seconds a callback stays in the feed (owners read it every tick)
+FEED_CHANNEL = "streamwatch_feed"  # NOTIFYed in each transaction that adds to the feed
 
 
 def _weight(replica_id: str, stream: str) -> bytes:
@@ -111,6 +117,61 @@ def fence(ctx: Context, stream: str) -> None:
     book = ctx.fence
     if book is not None and not book.holds(ctx.conn, stream):
         raise Fenced(f"this replica does not hold the lease of stream {stream!r}")
+
+
+def publish(ctx: Context, outcome: CallbackOutcome) -> None:
+    """Add a stored callback to the feed the stream's owner follows (in the transaction that
+    stored it), and wake the owners listening."""
+    cb, stream = outcome.callback, outcome.stream
+    book = ctx.fence
+    assert book is not None
+    assert stream is not None
+    index = status = message = None
+    if isinstance(cb, SegmentReport):
+        kind, index = "segment", cb.segment_index
+    elif isinstance(cb, SegmentFailed):
+        kind, status, message = "failed", cb.status, cb.message[:500]
+    else:
+        kind, status, message = "ended", cb.status, cb.message[:500]
+    ctx.conn.execute(
+        "INSERT INTO callback_feed (stream, task_id, replica, kind, segment_index, status,"
+        " message, stop_requested) VALUES (?,?,?,?,?,?,?,?)",
+        (
+            stream,
+            cb.task_id,
+            book.replica_id,
+            kind,
+            index,
+            status,
+            message,
+            outcome.stop_requested,
+        ),
+    )
+    ctx.conn.execute("SELECT pg_notify(?, '')", (FEED_CHANNEL,))
+
+
+@dataclass(frozen=True)
+class FeedEntry:
+    """A callback stored by `replica`, as the stream's owner sees it: enough for the policy
+    (which segment, how a failure or an end reads), not the whole report."""
+
+    stream: str
+    callback: Callback
+    replica: str
+    stop_requested: bool
+    at: float  # stored at, by the database's clock
+
+
+def _feed_callback(
+    kind: str, task_id: str, index: int | None, status: int | None, message: str | None
+) -> Callback:
+    if kind == "segment":
+        return SegmentReport(
+            task_id, index or 0, None, None, None, None, None, (), None, None, None
+        )
+    if kind == "failed":
+        return SegmentFailed(task_id, status or 0, message or "")
+    return StreamEnded(task_id, status or 0, message or "")
 
 
 @dataclass(frozen=True)
@@ -232,6 +293,47 @@ class LeaseWrites(WriteSide):
                 (now, now, me),
             ).fetchall()
             return sorted(r[0] for r in rows)
+
+        return await self._write(op)
+
+    async def feed(
+        self, after: int | None, streams: Collection[str]
+    ) -> tuple[list[FeedEntry], int]:
+        """The callbacks of `streams` stored since the cursor `after` (None: from now on, no
+        entry), in the order stored, and the next cursor. The cursor is a transaction id
+        horizon, not a row id: rows come only from transactions that all ended (ids commit
+        out of order; transaction ids below the snapshot's xmin do not), so none is skipped."""
+        names = sorted(streams)
+
+        def op(conn: Connection) -> tuple[list[FeedEntry], int]:
+            horizon = int(
+                conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()[0]
+            )
+            if after is None or not names:
+                return [], horizon if after is None else after
+            rows = conn.execute(
+                "SELECT stream, task_id, replica, kind, segment_index, status, message,"
+                " stop_requested, at FROM callback_feed"
+                " WHERE xid >= ?::text::xid8 AND xid < ?::text::xid8 AND stream = ANY(?)"
+                " ORDER BY xid, id",
+                (str(after), str(horizon), names),
+            ).fetchall()
+            entries = [
+                FeedEntry(s, _feed_callback(k, t, i, st, m), r, bool(sr), float(at))
+                for s, t, r, k, i, st, m, sr, at in rows
+            ]
+            return entries, horizon
+
+        return await self._read(op)
+
+    async def prune_feed(self) -> int:
+        """Drop what the feed holds beyond its keeping time (any replica may). Returns the
+        rows deleted."""
+
+        def op(ctx: Context) -> int:
+            now = float(ctx.conn.execute(_NOW).fetchone()[0])
+            cur = ctx.conn.execute("DELETE FROM callback_feed WHERE at < ?", (now - _FEED_KEPT,))
+            return cur.rowcount
 
         return await self._write(op)
 

@@ -23,7 +23,7 @@ from streamwatch.mavi.callbacks import (
 )
 from streamwatch.store import orphans
 from streamwatch.store.alerts import RuleStateTx
-from streamwatch.store.leases import fence
+from streamwatch.store.leases import fence, publish
 from streamwatch.store.reader import ReadSide, Row
 from streamwatch.store.sql import Connection
 from streamwatch.store.types import CallbackOutcome, StreamTotals, TaskRow
@@ -40,6 +40,8 @@ def apply(ctx: Context, cb: Callback, body: str, at: float) -> CallbackOutcome:
     hook = ctx.hook
     if hook is not None and outcome.kind == "stored":
         hook.callback(RuleStateTx(ctx, at), outcome)
+    if ctx.fence is not None and outcome.kind == "stored":
+        publish(ctx, outcome)  # [cluster]: for the stream's owner, whichever replica it is
     return outcome
 
 
