@@ -4,6 +4,7 @@ a replica's writes for a stream whose lease moved."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -14,7 +15,8 @@ import pytest
 from streamwatch.config import ConfigError, parse_config
 from streamwatch.intent import Intent
 from streamwatch.mavi.callbacks import StreamEnded, parse_callback
-from streamwatch.store import PgTarget, Store
+from streamwatch.store import NewAlert, PgTarget, Store
+from streamwatch.store.alerts import CLAIM_SECONDS
 from streamwatch.store.leases import Fenced, LeaseBook, rendezvous_owners
 from tests import pg
 
@@ -253,3 +255,27 @@ async def test_the_feed_gives_the_owner_every_callback_another_replica_stored(
         assert entries[-1].callback.status == 15
         assert (await a.feed(cursor, ["cam"]))[0] == []
         assert (await a.feed(start, ["other"]))[0] == []  # only the streams asked for
+
+
+async def test_each_due_alert_is_claimed_by_one_replica(pg_target: PgTarget):
+    """Two replicas asking for due alerts at once get disjoint sets that together hold every
+    due alert; a claimed alert is not due again for the other replica (until the claim ends),
+    so each is delivered once; without [cluster] the read claims nothing."""
+    alerts = [
+        NewAlert(f"al-{i}", "hook", "rule", f"g{i}", {"kind": "test"}, 0.0) for i in range(200)
+    ]
+    async with replica(pg_target, "a") as (a, _), replica(pg_target, "b") as (b, _):
+        await a.enqueue_alerts(alerts)
+        got_a, got_b = await asyncio.gather(
+            a.due_alerts(1000.0, limit=150), b.due_alerts(1000.0, limit=150)
+        )
+        ids_a, ids_b = {r.alert_id for r in got_a}, {r.alert_id for r in got_b}
+        assert not ids_a & ids_b
+        assert ids_a | ids_b == {al.alert_id for al in alerts}
+        assert await a.due_alerts(1000.0) == []
+        assert await b.due_alerts(1000.0 + CLAIM_SECONDS - 1) == []
+        assert len(await b.due_alerts(1000.0 + CLAIM_SECONDS)) == 200  # the claimer died
+    later = 1000.0 + 2 * CLAIM_SECONDS
+    async with Store(pg_target) as single:
+        assert len(await single.due_alerts(later)) == 200
+        assert len(await single.due_alerts(later)) == 200
