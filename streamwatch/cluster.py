@@ -188,6 +188,7 @@ class Cluster:
         if stale:
             self._supervisor.drop(stale)
         await self._store.prune_feed()
+        await self._supervisor.share_account()
         self.rounds += 1
 
     async def follow_once(self) -> None:

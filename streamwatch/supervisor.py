@@ -145,6 +145,7 @@ class Supervisor:
         # [cluster]: the streams this replica holds the lease of (None: a single daemon, which
         # owns every stream). See `set_ownership`.
         self._owned: Callable[[], frozenset[str]] | None = None
+        self._halt_saved: Halt | None = None  # the halt as this replica last wrote or read it
 
     def set_after_commit(self, after_commit: AfterCommit) -> None:
         """Send callbacks claimed by a recorded or adopted task through `after_commit`, as the
@@ -171,8 +172,34 @@ class Supervisor:
         """Set the desired streams and adopt what the store says is running or held."""
         self.desired = {s.name: s for s in streams}
         now = self._clock()
-        self.halt = await self._store.load_halt()
+        self.halt = self._halt_saved = await self._store.load_halt()
         self._fired = frozenset(await self._store.load_budget_fired())
+        await self._load_spending(now)
+        self._unreported_flagged = await self._store.flagged_tasks("billing_unreported")
+        if self._owned is None:
+            await self._load_streams(None, now)
+        self._notify()
+
+    async def share_account(self) -> None:
+        """[cluster]: take the account's state as the fleet left it in the store (each lease
+        round): the spend of every replica's charges, the budget thresholds fired, and the
+        halt another replica imposed or lifted."""
+        now = self._clock()
+        await self._load_spending(now)
+        self._fired = self._fired | await self._store.load_budget_fired()
+        stored = await self._store.load_halt()
+        if stored is not None and stored != self.halt:
+            if self.halt is None or stored.since >= self.halt.since:
+                log.error("supervisor.account_halted", reason=stored.reason, until=stored.until)
+                self.halt = self._halt_saved = stored
+        elif stored is None and self.halt is not None and self.halt == self._halt_saved:
+            # Saved by this replica, gone from the store: another replica resumed the account.
+            log.info("supervisor.account_resumed_by_fleet", reason=self.halt.reason)
+            self.halt = self._halt_saved = None
+        self._notify()
+
+    async def _load_spending(self, now: float) -> None:
+        """The ledger's totals (every period, every stream, the orphans' estimates)."""
         everything = await self._store.charge_totals(since=float("-inf"), until=float("inf"))
         self.spending.all_time = {t.stream: t.ticks for t in everything}
         for period in PERIODS:
@@ -181,10 +208,6 @@ class Supervisor:
             self.spending.load(period, period_key(period, now), {t.stream: t.ticks for t in totals})
             orphans = await self._store.orphan_charge_totals(since=start, until=end)
             self.spending.load_orphans(period, period_key(period, now), orphans.ticks)
-        self._unreported_flagged = await self._store.flagged_tasks("billing_unreported")
-        if self._owned is None:
-            await self._load_streams(None, now)
-        self._notify()
 
     async def take(self, names: Collection[str]) -> None:
         """[cluster]: this replica now holds these streams' leases: load each as a restart
@@ -665,6 +688,7 @@ class Supervisor:
         if new:
             await self._record("account_halted", detail=f"{halt.reason}: {halt.detail}")
         await self._store.save_halt(halt)
+        self._halt_saved = halt
 
     def _apply(self, effects: Iterable[Effect]) -> None:
         """Log and record what a decision says follows (or halt the account)."""
@@ -813,6 +837,7 @@ class Supervisor:
         if self.halt is not None:
             self.halt = None
             await self._store.save_halt(None)
+            self._halt_saved = None
             await self._record("account_resumed")
         released = []
         for name, state in list(self.streams.items()):

@@ -142,3 +142,24 @@ async def test_the_owner_reacts_to_callbacks_another_replica_stored(
     assert {n: running(a)[n] for n in share_a if n != ending} == {
         n: first[n] for n in share_a if n != ending
     }
+
+
+async def test_the_account_halt_and_its_resume_reach_every_replica(
+    fleet: tuple[Daemon, Daemon], emulator: Emulator
+):
+    """A 402 ending one replica's task halts the whole fleet (the other replica takes the halt
+    from the store at its next round and starts nothing), and a resume on the other replica
+    lifts it on both."""
+    a, b = fleet
+    share_b = sorted(n for n, r in rendezvous_owners(NAMES, [A, B]).items() if r == B)
+    emulator.scripts[f"rtmp://cams.test/{share_b[0]}"] = Script(
+        outcomes=["safe"] * 40, then="end:402"
+    )
+    await start(a, A)
+    await a.wait(lambda: len(running(a)) == len(NAMES))
+    await start(b, B)
+    await b.wait(lambda: b.sup.halt is not None, within=20)
+    await a.wait(lambda: a.sup.halt is not None, within=20)
+    assert a.sup.halt == b.sup.halt
+    await a.sup.resume()
+    await b.wait(lambda: b.sup.halt is None, within=20)
