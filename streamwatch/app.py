@@ -283,6 +283,7 @@ class App:
                 replica_id=cfg.cluster.replica_id or default_replica_id(),
                 lease_seconds=cfg.cluster.lease_seconds,
                 streams=lambda: list(supervisor.desired),
+                on_change=lambda change, n: metrics.lease_changes.labels(change).inc(n),
             )
             cluster.attach()
             await cluster.follow_once()  # the feed followed from here on
@@ -406,7 +407,8 @@ class App:
             interval = min(3600.0, retention * 86_400 / 10)
 
             async def prune() -> None:
-                await self.prune_once()
+                if parts.cluster is None or parts.cluster.leader:  # [cluster]: one replica
+                    await self.prune_once()
 
             daemon.loop(
                 "prune",

@@ -88,6 +88,7 @@ Planned, not built yet:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import time
@@ -96,7 +97,7 @@ from collections.abc import Callable, Collection
 import structlog
 
 from streamwatch.store import CallbackOutcome, Store
-from streamwatch.store.leases import LeaseBook
+from streamwatch.store.leases import FleetView, LeaseBook
 from streamwatch.supervisor import Supervisor
 
 __all__ = ["Cluster", "default_replica_id"]
@@ -123,8 +124,10 @@ class Cluster:
         lease_seconds: float,
         streams: Callable[[], Collection[str]],
         monotonic: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, int], None] | None = None,
     ) -> None:
-        """`streams()`: the configured streams (whose leases are claimed)."""
+        """`streams()`: the configured streams (whose leases are claimed); `on_change(change,
+        n)`: n leases claimed, lost, handed back or released (metrics)."""
         self._store = store
         self._supervisor = supervisor
         self._lease = lease_seconds
@@ -133,8 +136,11 @@ class Cluster:
         self.book = LeaseBook(replica_id, monotonic=monotonic)
         self.replicas: list[str] = []
         self.rounds = 0  # lease rounds committed (readiness: at least one)
+        self.leader = False  # this replica runs the fleet's periodic jobs
+        self._changes = on_change or (lambda change, n: None)
         self._ready: set[str] = set()  # held, and loaded by the supervisor
         self._left = False
+        self._round = asyncio.Lock()  # one round at a time (the loop's, or a test's)
         self._cursor: int | None = None  # where in the callback feed this replica is
         self.followed = 0  # callbacks learnt from the feed (stored by another replica)
 
@@ -156,6 +162,10 @@ class Cluster:
     async def run_once(self) -> None:
         """One lease round: heartbeat, renew, claim this replica's share; then drop what was
         lost, load what was gained, and hand back what belongs to a replica that joined."""
+        async with self._round:
+            await self._run_round()
+
+    async def _run_round(self) -> None:
         if self._left:
             return
         began = self._monotonic()  # before the round: the local view never outlives the DB's
@@ -167,22 +177,35 @@ class Cluster:
         self.book.update(result.held, deadline=began + self._lease)
         if result.replicas != self.replicas:
             log.info("cluster.replicas", replicas=result.replicas, replica=self.replica_id)
+        if result.leader != self.leader:
+            log.info("cluster.leader", leader=result.leader, replica=self.replica_id)
         self.replicas = result.replicas
+        self.leader = result.leader
+        self._supervisor.fleet = FleetView(
+            replica_id=self.replica_id,
+            leader=result.leader,
+            replicas=tuple(result.replicas),
+            owners=result.owners,
+            running=result.running,
+        )
         lost = self._ready - set(result.held)
         if lost:
             log.warning("cluster.leases_lost", streams=sorted(lost), replica=self.replica_id)
+            self._changes("lost", len(lost))
             self._forget(lost)
         gained = sorted(set(result.held) - self._ready)
         if gained:
             log.info("cluster.leases_claimed", streams=gained, replica=self.replica_id)
             await self._supervisor.take(gained)
             self._ready |= set(gained)
+            self._changes("claimed", len(gained))
         give = self._supervisor.releasable([s for s in result.misplaced if s in self._ready])
         if give:
             self._forget(give)
             self.book.drop(give)
             released = await self._store.release_leases(self.book, give)
             log.info("cluster.leases_handed_back", streams=released, replica=self.replica_id)
+            self._changes("handed_back", len(released))
         # What an action that ended after its stream was dropped may have put back.
         stale = set(self._supervisor.streams) - self._ready
         if stale:
@@ -227,5 +250,8 @@ class Cluster:
         self._forget(streams)
         released = await self._store.leave(self.book)
         self.book.drop(list(self.book.epochs))
+        self.leader = False
+        self._supervisor.fleet = None
+        self._changes("released", len(released))
         log.info("cluster.left", released=len(released), replica=self.replica_id)
         return released

@@ -141,6 +141,13 @@ class Metrics:
             ["sink", "outcome"],
             registry=registry,
         )
+        self.lease_changes = Counter(
+            "streamwatch_stream_lease_changes",
+            "[cluster] Stream leases this replica claimed, lost (expired or taken), handed back"
+            " to a replica that joined, or released when stopping, by change.",
+            ["change"],
+            registry=registry,
+        )
         self.http_connections = Gauge(
             "streamwatch_http_connections",
             "Connections open to the daemon's HTTP server (callbacks, API, metrics).",
@@ -251,6 +258,10 @@ class Snapshot:
     outbox: dict[str, int] = field(default_factory=dict)
     intents: dict[str, int] = field(default_factory=dict)
     now: float = 0.0
+    # [cluster]: False on a replica that does not lead (the leader exports the fleet's
+    # figures, so that sums over replicas add up); the live replicas, from the leader.
+    fleet_figures: bool = True
+    replicas: int | None = None
 
 
 STATES = (
@@ -285,7 +296,14 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot
         yield from self._streams(snap)
-        yield from self._account(snap)
+        if snap.fleet_figures:
+            yield from self._account(snap)
+        if snap.replicas is not None:
+            yield GaugeMetricFamily(
+                "streamwatch_cluster_replicas",
+                "[cluster] Live replicas in the fleet (exported by the leader only).",
+                value=snap.replicas,
+            )
 
     def _streams(self, snap: Snapshot) -> Iterator[Metric]:
         keys = sorted({k for v in snap.streams.values() for k in v.labels})

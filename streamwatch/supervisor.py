@@ -67,6 +67,7 @@ from streamwatch.policy import (
 from streamwatch.redact import Redactor
 from streamwatch.starts import Started, StartFailed, Starts, StreamStarter
 from streamwatch.store import Adopted, CallbackOutcome, StateStore, StreamRecord
+from streamwatch.store.leases import FleetView
 
 __all__ = ["AfterCommit", "Supervisor"]
 
@@ -146,6 +147,8 @@ class Supervisor:
         # owns every stream). See `set_ownership`.
         self._owned: Callable[[], frozenset[str]] | None = None
         self._halt_saved: Halt | None = None  # the halt as this replica last wrote or read it
+        # [cluster]: the fleet as the last lease round saw it (None: a single daemon).
+        self.fleet: FleetView | None = None
 
     def set_after_commit(self, after_commit: AfterCommit) -> None:
         """Send callbacks claimed by a recorded or adopted task through `after_commit`, as the

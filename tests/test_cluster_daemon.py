@@ -8,7 +8,9 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import pytest
 
 from streamwatch.emulator import Emulator, Script
@@ -17,6 +19,7 @@ from streamwatch.store import PgTarget
 from streamwatch.store.leases import rendezvous_owners
 from tests import pg
 from tests.conftest import Daemon, stream_toml
+from tests.test_metrics import samples, scrape, value
 
 NAMES = [f"cam{i}" for i in range(6)]
 STREAMS = "".join(stream_toml(n) for n in NAMES)
@@ -163,3 +166,61 @@ async def test_the_account_halt_and_its_resume_reach_every_replica(
     assert a.sup.halt == b.sup.halt
     await a.sup.resume()
     await b.wait(lambda: b.sup.halt is None, within=20)
+
+
+async def status(d: Daemon) -> dict[str, Any]:
+    assert d.app is not None
+    assert d.app.server is not None
+    url = f"{d.app.server.base_url}/api/v1/status"
+    async with aiohttp.ClientSession() as s, s.get(url) as resp:
+        assert resp.status == 200
+        doc: dict[str, Any] = await resp.json()
+        return doc
+
+
+async def test_metrics_add_up_over_replicas_and_status_names_each_owner(
+    fleet: tuple[Daemon, Daemon], emulator: Emulator
+):
+    """Per-stream series come only from each stream's owner (every stream once over the fleet),
+    the fleet figures and `streamwatch_cluster_replicas` from the leader alone, the lease
+    changes are counted; the status API of either replica shows every stream, its owner and
+    its running task."""
+    a, b = fleet
+    owner = rendezvous_owners(NAMES, [A, B])
+    share_b = {n for n, r in owner.items() if r == B}
+    await start(a, A)
+    await a.wait(lambda: len(running(a)) == len(NAMES))
+    tasks = running(a)
+    await start(b, B)
+    await b.wait(lambda: set(running(b)) == share_b, within=20)
+    await a.wait(lambda: set(a.sup.streams) == set(NAMES) - share_b)
+    # One more round each, so both fleet views hold the settled owners.
+    for d in (a, b):
+        assert d.app is not None
+        assert d.app._parts is not None
+        cluster = d.app._parts.cluster
+        assert cluster is not None
+        await cluster.run_once()
+    found = {A: samples(await scrape(a)), B: samples(await scrape(b))}
+    up = {
+        dict(labels)["stream"]: replica
+        for replica, got in found.items()
+        for (name, labels), v in got.items()
+        if name == "streamwatch_stream_up" and v == 1
+    }
+    assert up == owner
+    replicas = [got.get(("streamwatch_cluster_replicas", ())) for got in found.values()]
+    assert sorted(replicas, key=str) == [2.0, None]
+    spend = [("streamwatch_orphan_tasks", ()) in got for got in found.values()]
+    assert sorted(spend) == [False, True]
+    assert value(found[A], "streamwatch_stream_lease_changes_total", change="claimed") == 6
+    assert value(found[A], "streamwatch_stream_lease_changes_total", change="handed_back") == len(
+        share_b
+    )
+    assert value(found[B], "streamwatch_stream_lease_changes_total", change="claimed") == len(
+        share_b
+    )
+    for d in (a, b):
+        doc = await status(d)
+        shown = {s["name"]: (s["owner"], s["state"], s["task_id"]) for s in doc["streams"]}
+        assert shown == {n: (owner[n], "running", tasks[n]) for n in NAMES}

@@ -279,3 +279,17 @@ async def test_each_due_alert_is_claimed_by_one_replica(pg_target: PgTarget):
     async with Store(pg_target) as single:
         assert len(await single.due_alerts(later)) == 200
         assert len(await single.due_alerts(later)) == 200
+
+
+async def test_one_replica_leads_at_a_time_and_the_lead_passes_when_it_leaves(
+    pg_target: PgTarget,
+):
+    """The first replica to run a round takes the leader lock and keeps it round after round;
+    the other does not lead while it lives, and leads from the round after it left."""
+    async with replica(pg_target, "a") as (a, book_a), replica(pg_target, "b") as (b, book_b):
+        assert (await a.lease_round(book_a, STREAMS, lease_seconds=LEASE)).leader
+        assert not (await b.lease_round(book_b, STREAMS, lease_seconds=LEASE)).leader
+        assert (await a.lease_round(book_a, STREAMS, lease_seconds=LEASE)).leader
+        assert not (await b.lease_round(book_b, STREAMS, lease_seconds=LEASE)).leader
+        await a.leave(book_a)
+        assert (await b.lease_round(book_b, STREAMS, lease_seconds=LEASE)).leader

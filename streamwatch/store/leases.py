@@ -19,8 +19,10 @@ from streamwatch.store.writer import Context, WriteSide
 
 __all__ = [
     "FEED_CHANNEL",
+    "LEADER_LOCK",
     "FeedEntry",
     "Fenced",
+    "FleetView",
     "LeaseBook",
     "LeaseRound",
     "LeaseWrites",
@@ -31,6 +33,8 @@ __all__ = [
 ]
 
 _NOW = "SELECT extract(epoch FROM clock_timestamp())::double precision"
+# The advisory lock the leader holds on its writer connection ("swleader" in ASCII).
+LEADER_LOCK = 0x73776C6561646572
 _FORGET_REPLICAS_AFTER = 86_400.0  # a replica not seen for a day leaves the table
 _FEED_KEPT = 600.0  # seconds a callback stays in the feed (owners read it every tick)
 FEED_CHANNEL = "streamwatch_feed"  # NOTIFYed in each transaction that adds to the feed
@@ -175,6 +179,18 @@ def _feed_callback(
 
 
 @dataclass(frozen=True)
+class FleetView:
+    """The fleet as one replica last saw it (each lease round): itself, whether it leads, the
+    live replicas, each stream's owner (valid leases) and each stream's running task."""
+
+    replica_id: str
+    leader: bool
+    replicas: tuple[str, ...]
+    owners: dict[str, str]
+    running: dict[str, str]
+
+
+@dataclass(frozen=True)
 class LeaseRound:
     """What a lease round found and did. `held`: every lease held after it (stream → epoch);
     `claimed`: those newly claimed; `lost`: those the book held that are no longer held;
@@ -187,6 +203,9 @@ class LeaseRound:
     lost: list[str] = field(default_factory=list)
     misplaced: list[str] = field(default_factory=list)
     at: float = 0.0  # the database's time of the round
+    leader: bool = False  # this replica holds the leader lock
+    owners: dict[str, str] = field(default_factory=dict)  # every valid lease: stream → owner
+    running: dict[str, str] = field(default_factory=dict)  # stream → its running task
 
 
 class LeaseWrites(WriteSide):
@@ -248,7 +267,33 @@ class LeaseWrites(WriteSide):
                 if row is not None:
                     held[stream] = int(row[0])
                     claimed.append(stream)
+            # The leader: whoever holds the advisory lock, a session lock on this (the
+            # writer's) connection; it goes with the connection if that breaks. Taken only when
+            # not held already (the lock counts each taking).
+            leader = bool(
+                conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND pid = pg_backend_pid() AND granted"
+                    " AND ((classid::bigint << 32) | objid::bigint) = ?)",
+                    (LEADER_LOCK,),
+                ).fetchone()[0]
+            ) or bool(conn.execute("SELECT pg_try_advisory_lock(?)", (LEADER_LOCK,)).fetchone()[0])
+            owners = dict(
+                conn.execute(
+                    "SELECT stream, owner FROM stream_leases WHERE owner IS NOT NULL"
+                    " AND expires_at > ?",
+                    (now,),
+                ).fetchall()
+            )
+            running = dict(
+                conn.execute(
+                    "SELECT stream, task_id FROM tasks WHERE ended_at IS NULL ORDER BY rowid"
+                ).fetchall()
+            )
             return LeaseRound(
+                owners=owners,
+                running=running,
+                leader=leader,
                 replicas=replicas,
                 held=held,
                 claimed=claimed,
@@ -287,6 +332,7 @@ class LeaseWrites(WriteSide):
             conn.execute(
                 "UPDATE replicas SET leaving = 1, expires_at = ? WHERE replica_id = ?", (now, me)
             )
+            conn.execute("SELECT pg_advisory_unlock_all()")
             rows = conn.execute(
                 "UPDATE stream_leases SET owner = NULL, expires_at = ?, changed_at = ?"
                 " WHERE owner = ? RETURNING stream",
