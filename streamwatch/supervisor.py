@@ -353,15 +353,20 @@ class Supervisor:
         self._check_budgets(now, estimates)
         desired: Mapping[str, StreamConfig] = self.desired
         streams: Mapping[str, StreamState] = self.streams
+        policy = self.policy
         if self._owned is not None:
             # [cluster]: only what this replica holds; a stream not held is neither started,
             # stopped nor forgotten here (its owner decides).
             owned = self._owned()
             desired = {n: c for n, c in self.desired.items() if n in owned}
             streams = {n: s for n, s in self.streams.items() if n in owned}
-        actions = plan(
-            desired, streams, now=now, halt=self.halt, policy=self.policy, gate=self.gate
-        )
+            fleet = self.fleet
+            if fleet is not None and policy.max_running is not None:
+                # max_running is the account's: what runs on the other replicas (as of the
+                # last lease round) takes its share.
+                others = sum(1 for n in fleet.running if n not in owned)
+                policy = replace(policy, max_running=max(0, policy.max_running - others))
+        actions = plan(desired, streams, now=now, halt=self.halt, policy=policy, gate=self.gate)
         for action in actions:
             self._launch(action)
         return actions

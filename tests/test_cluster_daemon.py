@@ -224,3 +224,22 @@ async def test_metrics_add_up_over_replicas_and_status_names_each_owner(
         doc = await status(d)
         shown = {s["name"]: (s["owner"], s["state"], s["task_id"]) for s in doc["streams"]}
         assert shown == {n: (owner[n], "running", tasks[n]) for n in NAMES}
+
+
+async def test_max_running_holds_across_the_fleet(fleet: tuple[Daemon, Daemon], emulator: Emulator):
+    """`[mavi] max_running` caps the account's tasks over the whole fleet: with a cap of 3 and
+    6 streams over two replicas, a replica counts what the other runs, and no fourth task is
+    ever started."""
+    a, b = fleet
+    cap = "max_running = 3"
+    await a.start(STREAMS, extra=cluster_toml(A), mavi=cap)
+    await a.wait(lambda: len(running(a)) == 3)
+    await b.start(STREAMS, extra=cluster_toml(B), mavi=cap)
+    assert b.app is not None
+    assert b.app._parts is not None
+    cluster = b.app._parts.cluster
+    assert cluster is not None
+    await b.wait(lambda: cluster.rounds >= 4, within=20)
+    await a.wait(lambda: a.sup.fleet is not None and len(a.sup.fleet.replicas) == 2)
+    assert len(emulator.accepted_starts()) == 3
+    assert len(running(a)) + len(running(b)) == 3

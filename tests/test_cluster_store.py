@@ -293,3 +293,14 @@ async def test_one_replica_leads_at_a_time_and_the_lead_passes_when_it_leaves(
         assert not (await b.lease_round(book_b, STREAMS, lease_seconds=LEASE)).leader
         await a.leave(book_a)
         assert (await b.lease_round(book_b, STREAMS, lease_seconds=LEASE)).leader
+
+
+async def test_a_running_task_of_a_stream_no_longer_configured_is_claimed(pg_target: PgTarget):
+    """A stream removed from the config while its owner was down still has a running task:
+    its lease is claimed like a configured stream's, so an owner stops it (nobody would)."""
+    async with replica(pg_target, "a") as (a, book_a):
+        await lease_round(a, book_a, ["gone"])  # configured then
+        await record_task(a, "t-gone", "gone")
+        await a.leave(book_a)
+    async with replica(pg_target, "b") as (b, book_b):
+        assert await lease_round(b, book_b, ["cam"]) == ["cam", "gone"]

@@ -217,8 +217,9 @@ class LeaseWrites(WriteSide):
     async def lease_round(
         self, book: LeaseBook, streams: Collection[str], *, lease_seconds: float
     ) -> LeaseRound:
-        """Heartbeat, renew what `book` holds, and claim the configured `streams` whose
-        preferred owner is this replica and whose lease is free or expired (one transaction).
+        """Heartbeat, renew what `book` holds, and claim the configured `streams` (and any
+        stream with a running task) whose preferred owner is this replica and whose lease is
+        free or expired (one transaction).
         `book` is not changed: the caller applies the answer once it committed."""
         me = book.replica_id
         known = dict(book.epochs)
@@ -250,7 +251,14 @@ class LeaseWrites(WriteSide):
                     "SELECT replica_id FROM replicas WHERE expires_at > ? AND leaving = 0", (now,)
                 )
             )
-            preferred = rendezvous_owners(streams, replicas)
+            running = dict(
+                conn.execute(
+                    "SELECT stream, task_id FROM tasks WHERE ended_at IS NULL ORDER BY rowid"
+                ).fetchall()
+            )
+            # A stream with a running task is claimed even if no longer configured: its owner
+            # stops it (as removed), whoever started it.
+            preferred = rendezvous_owners(set(streams) | set(running), replicas)
             claimed = []
             for stream in sorted(s for s, owner in preferred.items() if owner == me):
                 if stream in held:
@@ -283,11 +291,6 @@ class LeaseWrites(WriteSide):
                     "SELECT stream, owner FROM stream_leases WHERE owner IS NOT NULL"
                     " AND expires_at > ?",
                     (now,),
-                ).fetchall()
-            )
-            running = dict(
-                conn.execute(
-                    "SELECT stream, task_id FROM tasks WHERE ended_at IS NULL ORDER BY rowid"
                 ).fetchall()
             )
             return LeaseRound(
