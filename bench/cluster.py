@@ -1,0 +1,296 @@
+"""A fleet under fire: replicas as real processes on one PostgreSQL, one killed with SIGKILL
+every 10-20 s and restarted, while the emulator (its own process) posts every callback
+through a proxy that spreads them over the replicas.
+
+At the end (the emulator paused, its deliveries settled) it prints: callbacks the emulator
+had acknowledged against those stored (each once by construction: `(task_id,
+segment_index)` is unique), each stream's URL started how many times at the emulator (1: no
+double start), the ledger against the emulator's charged total (to the tick), kills, and the
+longest time any stream had no valid lease (no owner). A benchmark, not a test: it asserts
+nothing; the exit code is 1 when a figure is wrong.
+
+Without `--storage`, a throwaway PostgreSQL cluster is made as the tests make theirs
+(tests/pg.py, Debian's binaries).
+
+    python -m bench.cluster [--replicas 3] [--streams 50] [--seconds 120]
+                            [--kill-every 10:20] [--storage postgresql://…]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+SECRET = "bench-cluster-secret-0123456789"  # noqa: S105 - a loopback-only test secret
+KEY = "sk-mai-bench"
+ENV = {"SW_SECRET": SECRET, "MAVI_KEY": KEY}
+SEGMENT = 0.5  # seconds between a task's callbacks (MAVI: 5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def config(url: str, replica: str, port: int, emulator: str, streams: int, lease: float) -> str:
+    entries = "".join(
+        f'[[streams]]\nname = "cam{i:03d}"\nurl = "rtmp://cams.test/cam{i:03d}"\n'
+        for i in range(streams)
+    )
+    return f"""
+[mavi]
+backend = "mavi"
+base_url = "{emulator}/serve/api/v2"
+api_key = {{ env = "MAVI_KEY" }}
+segment_seconds = {SEGMENT}
+[server]
+listen = "127.0.0.1:{port}"
+callback_secret = {{ env = "SW_SECRET" }}
+[storage]
+url = "{url}"
+[supervisor]
+tick_seconds = 0.5
+stall_after_segments = 20
+adopt_wait_segments = 10
+[cluster]
+replica_id = "{replica}"
+lease_seconds = {lease}
+renew_seconds = {lease / 3}
+[logging]
+level = "warning"
+{entries}"""
+
+
+class Proxy:
+    """Spreads each callback over the live replicas (round robin), trying the next one when a
+    replica does not answer: what nginx in front of the fleet does."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self._next = itertools.count()
+        self.session: aiohttp.ClientSession | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        assert self.session is not None
+        body = await request.read()
+        start = next(self._next)
+        for i in range(len(self.ports)):
+            port = self.ports[(start + i) % len(self.ports)]
+            try:
+                async with self.session.post(
+                    f"http://127.0.0.1:{port}{request.path}",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    return web.Response(status=resp.status, body=await resp.read())
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+        return web.Response(status=502)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[int]:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            yield port
+        finally:
+            await self.session.close()
+            await runner.cleanup()
+
+
+async def spawn(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamwatch",
+        *args,
+        env={**os.environ, **ENV},
+        stdout=asyncio.subprocess.PIPE if args[0] == "emulator" else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+async def run(args: argparse.Namespace, url: str, work: Path) -> int:
+    rng = random.Random(args.seed)
+    ports = [free_port() for _ in range(args.replicas)]
+    proxy = Proxy(ports)
+    async with proxy.running() as proxy_port, aiohttp.ClientSession() as http:
+        emu = await spawn(
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--segment-seconds",
+            str(SEGMENT),
+            "--api-key-env",
+            "MAVI_KEY",
+            "--balance-usd",
+            "100000",
+            "--webhook",
+            f"http://127.0.0.1:{proxy_port}/callbacks/mavi/{SECRET}",
+        )
+        assert emu.stdout is not None
+        line = (await emu.stdout.readline()).decode()
+        base = line.split("base_url = ", 1)[1].strip().removesuffix("/serve/api/v2")
+        paths = []
+        for i, port in enumerate(ports):
+            path = work / f"r{i}.toml"
+            path.write_text(config(url, f"r{i}", port, base, args.streams, args.lease_seconds))
+            paths.append(path)
+        procs = [await spawn("run", "-c", str(p)) for p in paths]
+        db = await asyncpg.connect(url)
+        while not await db.fetchval("SELECT to_regclass('stream_leases') IS NOT NULL"):  # noqa: ASYNC110 - another process's schema
+            await asyncio.sleep(0.2)  # the first replica is migrating the schema
+        longest = 0.0
+        adoption = 0.0  # the longest from a kill until all its streams had a new owner
+        orphaned: dict[int, tuple[str, list[str], float]] = {}
+        replica_ids = [f"r{i}" for i in range(len(ports))]
+        since: dict[str, float] = {}
+        kills = 0
+        low, high = (float(x) for x in args.kill_every.split(":"))
+        began = time.monotonic()
+        next_kill = began + 5 + rng.uniform(low, high)  # let the fleet settle first
+        names = [f"cam{i:03d}" for i in range(args.streams)]
+        try:
+            while time.monotonic() - began < args.seconds:
+                await asyncio.sleep(0.25)
+                now_db = await db.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+                owners = {
+                    r["stream"]: r["owner"]
+                    for r in await db.fetch(
+                        "SELECT stream, owner FROM stream_leases WHERE owner IS NOT NULL"
+                        " AND expires_at > $1",
+                        now_db,
+                    )
+                }
+                held = set(owners)
+                for killed in list(orphaned):
+                    dead, streams, at = orphaned[killed]
+                    if all(owners.get(n) not in (None, dead) for n in streams):
+                        adoption = max(adoption, time.monotonic() - at)
+                        del orphaned[killed]
+                if time.monotonic() - began > 10:  # after the first start of everything
+                    for name in names:
+                        if name in held:
+                            since.pop(name, None)
+                        else:
+                            start = since.setdefault(name, time.monotonic())
+                            longest = max(longest, time.monotonic() - start)
+                if time.monotonic() >= next_kill:
+                    victim = rng.randrange(len(procs))
+                    dead = replica_ids[victim]
+                    mine = [n for n, o in owners.items() if o == dead]
+                    orphaned[kills] = (dead, mine, time.monotonic())
+                    procs[victim].send_signal(signal.SIGKILL)
+                    await procs[victim].wait()
+                    kills += 1
+                    await asyncio.sleep(1.0)
+                    # Restarted as a new replica (as a new pod is): its streams wait for their
+                    # leases to expire and are adopted by the others meanwhile.
+                    replica_ids[victim] = f"r{victim}-{kills}"
+                    paths[victim].write_text(
+                        config(
+                            url,
+                            replica_ids[victim],
+                            ports[victim],
+                            base,
+                            args.streams,
+                            args.lease_seconds,
+                        )
+                    )
+                    procs[victim] = await spawn("run", "-c", str(paths[victim]))
+                    next_kill = time.monotonic() + rng.uniform(low, high)
+            # Settle: no more segments, every delivery answered (or given up).
+            await http.put(f"{base}/_emulator/paused", json={"paused": True})
+            for _ in range(240):
+                async with http.get(f"{base}/_emulator/state") as resp:
+                    state: dict[str, Any] = await resp.json()
+                deliveries = state["deliveries"]
+                if deliveries["posting"] == 0 and deliveries["pending"] == 0:
+                    break
+                await asyncio.sleep(0.5)
+            stored = await db.fetchval(
+                "SELECT (SELECT count(*) FROM segments) + (SELECT count(*) FROM segment_failures)"
+                " + (SELECT count(*) FROM tasks WHERE end_reason = 'callback')"
+                " + (SELECT count(*) FROM orphan_callbacks)"
+            )
+            ledger = await db.fetchval("SELECT coalesce(sum(ticks), 0) FROM charges")
+            orphan = await db.fetchval("SELECT coalesce(sum(ticks), 0) FROM orphan_charges")
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                await proc.wait()
+            emu.send_signal(signal.SIGINT)
+            await emu.wait()
+            await db.close()
+    starts = Counter(s["url"] for s in state["starts"] if s["task_id"])
+    twice = {u: n for u, n in starts.items() if n > 1}
+    print(f"replicas: {args.replicas}, streams: {args.streams}, seconds: {args.seconds}")
+    print(f"kills (SIGKILL, then restarted): {kills}")
+    print(f"callbacks acknowledged by the emulator: {deliveries['delivered']}, stored: {stored}")
+    print(f"streams started: {len(starts)}, started more than once: {len(twice)} {twice or ''}")
+    print(
+        f"ledger: {ledger} ticks (+ {orphan} estimated for orphans),"
+        f" emulator charged: {state['charged_ticks']} ticks"
+    )
+    print(f"longest time a stream had no valid lease: {longest:.2f} s")
+    print(
+        f"longest from a kill until all its streams had a new owner: {adoption:.2f} s"
+        f" (lease_seconds = {args.lease_seconds:g})"
+    )
+    ok = deliveries["delivered"] == stored and not twice and ledger == state["charged_ticks"]
+    print("OK" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=50)
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--kill-every", default="10:20", help="seconds between kills, lo:hi")
+    parser.add_argument("--lease-seconds", type=float, default=3.0)
+    parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument("--storage", help="postgresql://… of an empty database")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="streamwatch-cluster-") as tmp:
+        if args.storage:
+            return await run(args, args.storage, Path(tmp))
+        from tests import pg  # a throwaway cluster, as the tests make theirs
+
+        cluster = pg.Cluster(free_port())
+        cluster.start()
+        try:
+            return await run(args, cluster.url(cluster.new_database()), Path(tmp))
+        finally:
+            cluster.stop("immediate")
+            cluster.remove()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
