@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,27 @@ async def spawn(*args: str) -> asyncio.subprocess.Process:
     )
 
 
-async def run(args: argparse.Namespace, url: str, work: Path) -> int:
+@dataclass(frozen=True)
+class Figures:
+    """What a run found (see the module's docstring)."""
+
+    kills: int
+    acknowledged: int
+    stored: int
+    starts: dict[str, int]  # URL -> accepted starts at the emulator
+    ledger: int
+    orphan_estimates: int
+    charged: int
+    longest_unowned: float
+    longest_adoption: float
+
+    @property
+    def ok(self) -> bool:
+        twice = any(n > 1 for n in self.starts.values())
+        return self.acknowledged == self.stored and not twice and self.ledger == self.charged
+
+
+async def run(args: argparse.Namespace, url: str, work: Path) -> Figures:
     rng = random.Random(args.seed)
     ports = [free_port() for _ in range(args.replicas)]
     proxy = Proxy(ports)
@@ -172,7 +193,7 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> int:
         kills = 0
         low, high = (float(x) for x in args.kill_every.split(":"))
         began = time.monotonic()
-        next_kill = began + 5 + rng.uniform(low, high)  # let the fleet settle first
+        next_kill = began + args.settle + rng.uniform(low, high)  # the fleet settles first
         names = [f"cam{i:03d}" for i in range(args.streams)]
         try:
             while time.monotonic() - began < args.seconds:
@@ -192,7 +213,7 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> int:
                     if all(owners.get(n) not in (None, dead) for n in streams):
                         adoption = max(adoption, time.monotonic() - at)
                         del orphaned[killed]
-                if time.monotonic() - began > 10:  # after the first start of everything
+                if time.monotonic() - began > args.settle:  # everything has started once
                     for name in names:
                         if name in held:
                             since.pop(name, None)
@@ -248,45 +269,63 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> int:
             emu.send_signal(signal.SIGINT)
             await emu.wait()
             await db.close()
-    starts = Counter(s["url"] for s in state["starts"] if s["task_id"])
-    twice = {u: n for u, n in starts.items() if n > 1}
-    print(f"replicas: {args.replicas}, streams: {args.streams}, seconds: {args.seconds}")
-    print(f"kills (SIGKILL, then restarted): {kills}")
-    print(f"callbacks acknowledged by the emulator: {deliveries['delivered']}, stored: {stored}")
-    print(f"streams started: {len(starts)}, started more than once: {len(twice)} {twice or ''}")
-    print(
-        f"ledger: {ledger} ticks (+ {orphan} estimated for orphans),"
-        f" emulator charged: {state['charged_ticks']} ticks"
+    return Figures(
+        kills=kills,
+        acknowledged=deliveries["delivered"],
+        stored=stored,
+        starts=dict(Counter(s["url"] for s in state["starts"] if s["task_id"])),
+        ledger=ledger,
+        orphan_estimates=orphan,
+        charged=state["charged_ticks"],
+        longest_unowned=longest,
+        longest_adoption=adoption,
     )
-    print(f"longest time a stream had no valid lease: {longest:.2f} s")
+
+
+def report(args: argparse.Namespace, fig: Figures) -> int:
+    twice = {u: n for u, n in fig.starts.items() if n > 1}
+    print(f"replicas: {args.replicas}, streams: {args.streams}, seconds: {args.seconds}")
+    print(f"kills (SIGKILL, then restarted): {fig.kills}")
+    print(f"callbacks acknowledged by the emulator: {fig.acknowledged}, stored: {fig.stored}")
+    print(f"streams started: {len(fig.starts)}, started more than once: {len(twice)} {twice or ''}")
     print(
-        f"longest from a kill until all its streams had a new owner: {adoption:.2f} s"
+        f"ledger: {fig.ledger} ticks (+ {fig.orphan_estimates} estimated for orphans),"
+        f" emulator charged: {fig.charged} ticks"
+    )
+    print(f"longest time a stream had no valid lease: {fig.longest_unowned:.2f} s")
+    print(
+        f"longest from a kill until all its streams had a new owner: {fig.longest_adoption:.2f} s"
         f" (lease_seconds = {args.lease_seconds:g})"
     )
-    ok = deliveries["delivered"] == stored and not twice and ledger == state["charged_ticks"]
-    print("OK" if ok else "MISMATCH")
-    return 0 if ok else 1
+    print("OK" if fig.ok else "MISMATCH")
+    return 0 if fig.ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--streams", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=120)
+    p.add_argument("--kill-every", default="10:20", help="seconds between kills, lo:hi")
+    p.add_argument("--settle", type=float, default=5, help="seconds before the first kill")
+    p.add_argument("--lease-seconds", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=17)
+    p.add_argument("--storage", help="postgresql://… of an empty database")
+    return p
 
 
 async def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--replicas", type=int, default=3)
-    parser.add_argument("--streams", type=int, default=50)
-    parser.add_argument("--seconds", type=float, default=120)
-    parser.add_argument("--kill-every", default="10:20", help="seconds between kills, lo:hi")
-    parser.add_argument("--lease-seconds", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=17)
-    parser.add_argument("--storage", help="postgresql://… of an empty database")
-    args = parser.parse_args()
+    args = parser().parse_args()
     with tempfile.TemporaryDirectory(prefix="streamwatch-cluster-") as tmp:
         if args.storage:
-            return await run(args, args.storage, Path(tmp))
+            return report(args, await run(args, args.storage, Path(tmp)))
         from tests import pg  # a throwaway cluster, as the tests make theirs
 
         cluster = pg.Cluster(free_port())
         cluster.start()
         try:
-            return await run(args, cluster.url(cluster.new_database()), Path(tmp))
+            url = cluster.url(cluster.new_database())
+            return report(args, await run(args, url, Path(tmp)))
         finally:
             cluster.stop("immediate")
             cluster.remove()

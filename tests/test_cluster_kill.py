@@ -1,5 +1,6 @@
-"""Fencing with real processes: a replica frozen with SIGSTOP past its lease, then resumed, does
-not start or stop anything for the streams another replica adopted meanwhile."""
+"""A fleet of real processes: a replica frozen with SIGSTOP past its lease, then resumed, does
+not start or stop anything for the streams another replica adopted meanwhile; a short kill -9
+trial (bench.cluster) loses no callback, starts nothing twice and charges nothing twice."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from bench import cluster as bench_cluster
 from streamwatch.emulator import Emulator
 from streamwatch.store import PgTarget
 from streamwatch.store.leases import rendezvous_owners
@@ -80,3 +84,24 @@ async def test_a_replica_frozen_past_its_lease_acts_on_nothing_it_lost(
     finally:
         emulator.webhook = None
         await b.stop()
+
+
+@pytest.mark.timeout(240)
+async def test_kill_9_trial_of_a_small_fleet(tmp_path: Path, pg_target: PgTarget):
+    """`bench.cluster`, shortened: two replicas as processes, six streams, the emulator in its
+    own process behind a proxy spreading callbacks over them, a replica killed with SIGKILL
+    and restarted as a new one (every 5-6 s): every callback the emulator had acknowledged is
+    stored, each stream's URL was started once, the ledger equals the emulator's charged
+    total."""
+    args = bench_cluster.parser().parse_args(
+        [
+            *("--replicas", "2", "--streams", "6", "--seconds", "16", "--kill-every", "5:6"),
+            *("--settle", "3", "--lease-seconds", "2", "--seed", "3"),
+        ]
+    )
+    fig = await bench_cluster.run(args, pg_target.url, tmp_path)
+    assert fig.kills >= 1
+    assert fig.acknowledged > 0
+    assert fig.stored == fig.acknowledged
+    assert fig.starts == {f"rtmp://cams.test/cam{i:03d}": 1 for i in range(6)}
+    assert fig.ledger == fig.charged
