@@ -62,7 +62,7 @@ from streamwatch.pricing import usd_to_ticks
 from streamwatch.redact import Redactor, url_secrets
 from streamwatch.server import Server
 from streamwatch.storage import storage_location
-from streamwatch.store import Pruned, Store
+from streamwatch.store import PgTarget, Pruned, Store
 from streamwatch.supervisor import Supervisor
 from streamwatch.systemd import Notifier
 
@@ -286,6 +286,8 @@ class App:
                 on_change=lambda change, n: metrics.lease_changes.labels(change).inc(n),
             )
             cluster.attach()
+            assert isinstance(store.path, PgTarget), "[cluster] is refused without PostgreSQL"
+            await stack.enter_async_context(cluster.listening(store.path))
             await cluster.follow_once()  # the feed followed from here on
         await supervisor.load(cfg.streams)
         if cluster is not None:
@@ -380,7 +382,7 @@ class App:
             daemon.loop(
                 "cluster.feed",
                 cluster.follow_once,
-                wait=lambda: self._pause(tick),
+                wait=lambda: cluster.wait_for_feed(tick),
                 running=self._running,
                 on_failure="retry",
                 backoff=Backoff(tick, max(tick, renew)),

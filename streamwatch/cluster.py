@@ -89,15 +89,17 @@ Planned, not built yet:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Collection
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any
 
 import structlog
 
-from streamwatch.store import CallbackOutcome, Store
-from streamwatch.store.leases import FleetView, LeaseBook
+from streamwatch.store import CallbackOutcome, PgTarget, Store, StoreError
+from streamwatch.store.leases import FEED_CHANNEL, FleetView, LeaseBook
 from streamwatch.supervisor import Supervisor
 
 __all__ = ["Cluster", "default_replica_id"]
@@ -143,6 +145,8 @@ class Cluster:
         self._round = asyncio.Lock()  # one round at a time (the loop's, or a test's)
         self._cursor: int | None = None  # where in the callback feed this replica is
         self.followed = 0  # callbacks learnt from the feed (stored by another replica)
+        self.notified = 0  # feed notifications received (LISTEN)
+        self._fed = asyncio.Event()
 
     @property
     def replica_id(self) -> str:
@@ -213,6 +217,35 @@ class Cluster:
         await self._store.prune_feed()
         await self._supervisor.share_account()
         self.rounds += 1
+
+    @contextlib.asynccontextmanager
+    async def listening(self, target: PgTarget) -> AsyncIterator[None]:
+        """LISTEN for the feed's notifications on a connection of its own, so that the owner
+        reads new callbacks at once rather than at its next tick (the tick stays the bound:
+        without the connection, or while it is broken, the feed is polled)."""
+        try:
+            conn = await target.connect()
+            await conn.add_listener(FEED_CHANNEL, self._notified)
+        except (StoreError, OSError) as exc:
+            log.warning("cluster.listen_failed", error=str(exc), replica=self.replica_id)
+            yield
+            return
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # closing: a broken connection has no more
+                await conn.close(timeout=5)
+
+    def _notified(self, *_: Any) -> None:
+        self.notified += 1
+        self._fed.set()
+
+    async def wait_for_feed(self, seconds: float) -> None:
+        """Until a notification says the feed grew, or `seconds` passed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._fed.wait()
+        self._fed.clear()
 
     async def follow_once(self) -> None:
         """Tell the supervisor of the callbacks another replica stored for the streams this

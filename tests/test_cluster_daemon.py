@@ -119,8 +119,9 @@ async def test_the_owner_reacts_to_callbacks_another_replica_stored(
     fleet: tuple[Daemon, Daemon], emulator: Emulator
 ):
     """Callbacks all reach the replica that does not own a stream: its owner learns of them
-    through the database, so its tasks are not taken for stalled (no restart), and the end
-    of one of them (15, no video) is restarted by its owner, once."""
+    through the database (notified, and polled each tick), so its tasks are not taken for
+    stalled (no restart), and the end of one of them (15, no video) is restarted by its
+    owner, once."""
     a, b = fleet
     share_a = sorted(n for n, r in rendezvous_owners(NAMES, [A, B]).items() if r == A)
     ending = share_a[0]
@@ -140,6 +141,7 @@ async def test_the_owner_reacts_to_callbacks_another_replica_stored(
     cluster = a.app._parts.cluster if a.app._parts else None
     assert cluster is not None
     assert cluster.followed > 0
+    assert cluster.notified > 0  # woken by LISTEN/NOTIFY, not only by its tick
     starts = Counter(s.url for s in emulator.accepted_starts())
     assert starts == {f"rtmp://cams.test/{n}": 2 if n == ending else 1 for n in NAMES}
     assert {n: running(a)[n] for n in share_a if n != ending} == {
