@@ -67,7 +67,7 @@ from streamwatch.policy import (
 from streamwatch.redact import Redactor
 from streamwatch.starts import Started, StartFailed, Starts, StreamStarter
 from streamwatch.store import Adopted, CallbackOutcome, StateStore, StreamRecord
-from streamwatch.store.leases import FleetView
+from streamwatch.store.leases import Fenced, FleetView
 
 __all__ = ["AfterCommit", "Supervisor"]
 
@@ -550,6 +550,12 @@ class Supervisor:
         now, detail, error = self._clock(), failed.detail, failed.error
         status = error.status if isinstance(error, MaviError) else None
         rand = self._rng.random()
+        if isinstance(error, Fenced) and failed.unanswered is None:
+            # [cluster]: the lease moved before the intent was written: MAVI was not asked,
+            # and the stream is another replica's now (dropped at the next lease round).
+            self.streams[name] = replace(state, phase=Phase.IDLE)
+            log.info("supervisor.fenced", stream=name, action="start")
+            return
         if failed.unanswered is None:
             new, halt = on_start_failed(
                 state, error, now=now, policy=self.policy, rand=rand, detail=detail
@@ -644,6 +650,14 @@ class Supervisor:
             # Noted first, so that the task's final 14 is known as asked for.
             await self._store.mark_stop_requested(action.task_id)
             stopped_now = await self._client.stop(action.task_id)
+        except Fenced:
+            # [cluster]: the lease moved before the stop was noted: MAVI was not asked, and the
+            # task is another replica's now (the stream is dropped at the next lease round).
+            state = self.streams.get(action.stream)
+            if state is not None and state.task_id == action.task_id:
+                self.streams[action.stream] = replace(state, phase=Phase.RUNNING)
+            log.info("supervisor.fenced", stream=action.stream, action="stop")
+            return
         except Exception as exc:  # noqa: BLE001 - a stop's edge: whatever failed, it is retried
             # Could not reach MAVI (or note the stop): keep the task as ours and try again on
             # the next pass. Anything but MAVI's own errors is a bug: its traceback is logged.

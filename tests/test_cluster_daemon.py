@@ -14,9 +14,9 @@ import aiohttp
 import pytest
 
 from streamwatch.emulator import Emulator, Script
-from streamwatch.policy import Phase
-from streamwatch.store import PgTarget
-from streamwatch.store.leases import rendezvous_owners
+from streamwatch.policy import Phase, Stop
+from streamwatch.store import PgTarget, Store
+from streamwatch.store.leases import LeaseBook, rendezvous_owners
 from tests import pg
 from tests.conftest import Daemon, stream_toml
 from tests.test_metrics import samples, scrape, value
@@ -245,3 +245,44 @@ async def test_max_running_holds_across_the_fleet(fleet: tuple[Daemon, Daemon], 
     await a.wait(lambda: a.sup.fleet is not None and len(a.sup.fleet.replicas) == 2)
     assert len(emulator.accepted_starts()) == 3
     assert len(running(a)) + len(running(b)) == 3
+
+
+async def test_a_stop_refused_by_the_fence_is_neither_sent_nor_reported_as_a_failure(
+    fleet: tuple[Daemon, Daemon], emulator: Emulator, pg_target: PgTarget
+):
+    """A replica whose lease moved in the database while its own view still holds it (its
+    local deadline not passed) decides to stop a stream removed from its config: the stop
+    mark is refused in its transaction, so MAVI is not asked, and the refusal is neither a
+    `stop_failed` event nor a background failure; the task keeps running, and the replica
+    stops acting on the stream at once (no retry loop until its next lease round)."""
+    a, _ = fleet
+    await a.start(
+        STREAMS,
+        extra=cluster_toml(A)
+        .replace("lease_seconds = 1", "lease_seconds = 60")
+        .replace("renew_seconds = 0.3", "renew_seconds = 20"),
+    )
+    await a.wait(lambda: len(running(a)) == len(NAMES))
+    pg.rows(pg_target, "UPDATE replicas SET expires_at = 0")
+    pg.rows(pg_target, "UPDATE stream_leases SET expires_at = 0")
+    async with Store(pg_target) as store:
+        intruder = LeaseBook("intruder")
+        taken = await store.lease_round(intruder, NAMES, lease_seconds=60)
+        assert sorted(taken.claimed) == NAMES
+    assert a.app is not None
+    config = a.app.config
+    a.sup.reload([s for s in config.streams if s.name != "cam0"], config.budgets)
+    actions = a.sup.step()
+    assert any(isinstance(x, Stop) and x.stream == "cam0" for x in actions)
+    await a.sup.settle()
+    assert emulator.stop_calls == []
+    assert [e for e in await a.events() if e.kind == "stop_failed"] == []
+    failures = a.app.registry.get_sample_value(
+        "streamwatch_background_failures_total", {"task": "supervisor.stop"}
+    )
+    assert not failures
+    assert len(emulator.running_tasks()) == len(NAMES)
+    # Not tried again and again until the next round: the replica stopped acting on it.
+    assert a.app._parts is not None
+    assert a.app._parts.cluster is not None
+    assert "cam0" not in a.app._parts.cluster.owned()

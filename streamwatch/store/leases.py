@@ -103,7 +103,8 @@ class LeaseBook:
     def holds(self, conn: Connection, stream: str) -> bool:
         """In the caller's transaction: is the lease this replica's, at the epoch it claimed,
         unexpired by the database's clock? The row stays share-locked until the transaction
-        ends, so no claim can come between this check and the commit."""
+        ends, so no claim can come between this check and the commit. A lease found lost is
+        dropped from the book (in the writer's thread: single dict operations)."""
         epoch = self.epochs.get(stream)
         if epoch is None or not self.valid(stream):
             return False
@@ -112,7 +113,12 @@ class LeaseBook:
             f" AND expires_at > ({_NOW}) FOR SHARE",
             (stream, self.replica_id, epoch),
         ).fetchone()
-        return row is not None
+        if row is None:
+            # Not ours at this epoch any more: stop acting on it now (the planner asks the
+            # book), not at the next round, which claims it again if it is still free.
+            self.drop([stream])
+            return False
+        return True
 
 
 def fence(ctx: Context, stream: str) -> None:
