@@ -9,11 +9,16 @@ double start), the ledger against the emulator's charged total (to the tick), ki
 longest time any stream had no valid lease (no owner). A benchmark, not a test: it asserts
 nothing; the exit code is 1 when a figure is wrong.
 
+With `--throughput N`, it measures instead how many callbacks per second one replica and then
+`--replicas` replicas take through the proxy (N segment callbacks of one recorded task,
+`--concurrency` in flight, from this process), and prints both figures side by side.
+
 Without `--storage`, a throwaway PostgreSQL cluster is made as the tests make theirs
 (tests/pg.py, Debian's binaries).
 
     python -m bench.cluster [--replicas 3] [--streams 50] [--seconds 120]
                             [--kill-every 10:20] [--storage postgresql://…]
+    python -m bench.cluster --throughput 5000 [--replicas 3] [--concurrency 64]
 """
 
 from __future__ import annotations
@@ -282,6 +287,69 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> Figures:
     )
 
 
+async def throughput(url: str, replicas: int, n: int, concurrency: int, work: Path) -> float:
+    """Callbacks per second `replicas` replicas take through the proxy (see the docstring)."""
+    from bench.callbacks import body
+    from streamwatch.store import PgTarget, Store
+
+    ports = [free_port() for _ in range(replicas)]
+    procs = []
+    for i, port in enumerate(ports):
+        path = work / f"t{replicas}-{i}.toml"
+        path.write_text(config(url, f"t{replicas}-{i}", port, "http://127.0.0.1:9", 0, 3.0))
+        procs.append(await spawn("run", "-c", str(path)))
+    task_id = f"bench-{replicas}-{time.time_ns()}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for port in ports:  # each replica serves (migrated, first lease round run)
+                for _ in range(600):
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                            if resp.status == 200:
+                                break
+                    await asyncio.sleep(0.1)
+        async with Store(PgTarget(url)) as store:
+            await store.record_task_started(
+                task_id=task_id,
+                stream="bench",
+                spec_hash="h",
+                fps=1,
+                content_moderation=True,
+                logo_detection=False,
+                max_logos=5,
+                started_at=time.time(),
+            )
+        proxy = Proxy(ports)
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(body(i, task_id))
+        async with proxy.running() as proxy_port:
+            target = f"http://127.0.0.1:{proxy_port}/callbacks/mavi/{SECRET}"
+            connector = aiohttp.TCPConnector(limit=concurrency)
+            async with aiohttp.ClientSession(connector=connector) as session:
+
+                async def worker() -> None:
+                    while not queue.empty():
+                        data = queue.get_nowait()
+                        async with session.post(target, data=data) as resp:
+                            if resp.status != 200:
+                                raise RuntimeError(f"callback answered {resp.status}")
+
+                started = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                elapsed = time.perf_counter() - started
+        async with Store(PgTarget(url)) as store:
+            stored = await store.segment_count(task_id=task_id)
+        if stored != n:
+            raise RuntimeError(f"stored {stored} of {n}")
+        return n / elapsed
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            await proc.wait()
+
+
 def report(args: argparse.Namespace, fig: Figures) -> int:
     twice = {u: n for u, n in fig.starts.items() if n > 1}
     print(f"replicas: {args.replicas}, streams: {args.streams}, seconds: {args.seconds}")
@@ -311,21 +379,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-seconds", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--storage", help="postgresql://… of an empty database")
+    p.add_argument("--throughput", type=int, metavar="N", help="measure callbacks/s instead")
+    p.add_argument("--concurrency", type=int, default=64)
     return p
+
+
+async def measure(args: argparse.Namespace, url: str, work: Path) -> int:
+    if not args.throughput:
+        return report(args, await run(args, url, work))
+    one = await throughput(url, 1, args.throughput, args.concurrency, work)
+    many = await throughput(url, args.replicas, args.throughput, args.concurrency, work)
+    print(
+        f"callbacks/s through the proxy, {args.throughput} callbacks, {args.concurrency} in flight:"
+    )
+    print(f"  1 replica: {one:.0f}   {args.replicas} replicas: {many:.0f}   ratio {many / one:.2f}")
+    return 0
 
 
 async def main() -> int:
     args = parser().parse_args()
     with tempfile.TemporaryDirectory(prefix="streamwatch-cluster-") as tmp:
         if args.storage:
-            return report(args, await run(args, args.storage, Path(tmp)))
+            return await measure(args, args.storage, Path(tmp))
         from tests import pg  # a throwaway cluster, as the tests make theirs
 
         cluster = pg.Cluster(free_port())
         cluster.start()
         try:
             url = cluster.url(cluster.new_database())
-            return report(args, await run(args, url, Path(tmp)))
+            return await measure(args, url, Path(tmp))
         finally:
             cluster.stop("immediate")
             cluster.remove()
