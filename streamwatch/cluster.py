@@ -197,6 +197,11 @@ class Cluster:
             log.warning("cluster.leases_lost", streams=sorted(lost), replica=self.replica_id)
             self._changes("lost", len(lost))
             self._forget(lost)
+        again = sorted(set(result.claimed) & self._ready)
+        if again:
+            # Its own leases, claimed anew (a round came too late to renew them, or a fenced
+            # operation found one lost): a new epoch, the same streams.
+            log.info("cluster.leases_reclaimed", streams=again, replica=self.replica_id)
         gained = sorted(set(result.held) - self._ready)
         if gained:
             log.info("cluster.leases_claimed", streams=gained, replica=self.replica_id)

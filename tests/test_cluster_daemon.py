@@ -71,7 +71,7 @@ async def test_a_joining_replica_takes_its_share_and_a_killed_ones_streams_are_a
     """A lone replica starts every stream; a second one joining takes over its rendezvous
     share without a restart; the first killed without releasing anything (kill -9), the
     second adopts its streams once their leases expire: the same task ids throughout, each
-    stream's URL started once at the emulator, every lease at epoch 2 (one change of owner)."""
+    stream's URL started once at the emulator, every lease's epoch grown."""
     a, b = fleet
     share_b = {n for n, r in rendezvous_owners(NAMES, [A, B]).items() if r == B}
     assert share_b
@@ -92,7 +92,9 @@ async def test_a_joining_replica_takes_its_share_and_a_killed_ones_streams_are_a
         f"rtmp://cams.test/{n}": 1 for n in NAMES
     }
     assert len(emulator.running_tasks()) == len(NAMES)
-    assert pg.rows(pg_target, "SELECT DISTINCT owner, epoch FROM stream_leases") == [(B, 2)]
+    leases = pg.rows(pg_target, "SELECT owner, epoch FROM stream_leases")
+    assert {owner for owner, _ in leases} == {B}
+    assert all(epoch >= 2 for _, epoch in leases)  # one change of owner at least
 
 
 async def test_a_replica_stopping_gracefully_hands_its_streams_over_at_once(
@@ -286,3 +288,37 @@ async def test_a_stop_refused_by_the_fence_is_neither_sent_nor_reported_as_a_fai
     assert a.app._parts is not None
     assert a.app._parts.cluster is not None
     assert "cam0" not in a.app._parts.cluster.owned()
+
+
+async def test_a_rolling_restart_restarts_no_task_and_loses_no_callback(
+    fleet: tuple[Daemon, Daemon], emulator: Emulator, pg_target: PgTarget
+):
+    """Each replica in turn stopped gracefully and started again while callbacks flow (the
+    one receiving them too: MAVI redelivers what was refused meanwhile): every task keeps its
+    id, no stream is started again, and every callback the emulator had delivered is stored."""
+    a, b = fleet
+    await start(a, A)
+    await a.wait(lambda: len(running(a)) == len(NAMES))
+    tasks = running(a)
+    await start(b, B)  # callbacks go to b from here on
+    share_b = {n for n, r in rendezvous_owners(NAMES, [A, B]).items() if r == B}
+    await b.wait(lambda: set(running(b)) == share_b, within=20)
+    for first, second, replica in ((a, b, A), (b, a, B)):
+        await first.stop()
+        await second.wait(lambda s=second: len(running(s)) == len(NAMES), within=20)
+        await start(first, replica)
+        await first.wait(lambda f=first: len(running(f)) > 0, within=20)
+    # Settled: every stream run by its preferred owner again (a's rounds re-check this).
+    await a.wait(lambda: set(running(a)) | set(running(b)) == set(NAMES), within=20)
+    owned = {**running(a), **running(b)}
+    assert owned == tasks
+    assert Counter(s.url for s in emulator.accepted_starts()) == {
+        f"rtmp://cams.test/{n}": 1 for n in NAMES
+    }
+    emulator.paused = True
+    async with asyncio.timeout(30):
+        await emulator.wait_until(
+            lambda: all(d.delivered for d in emulator.deliveries) and not emulator.posting
+        )
+    stored = pg.rows(pg_target, "SELECT count(*) FROM segments")[0][0]
+    assert stored == sum(1 for d in emulator.deliveries if d.delivered)
