@@ -5,6 +5,7 @@ never started twice."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -290,6 +291,14 @@ async def test_a_stop_refused_by_the_fence_is_neither_sent_nor_reported_as_a_fai
     assert "cam0" not in a.app._parts.cluster.owned()
 
 
+def runs_all(daemon: Daemon) -> bool:
+    return len(running(daemon)) == len(NAMES)
+
+
+def runs_any(daemon: Daemon) -> bool:
+    return len(running(daemon)) > 0
+
+
 async def test_a_rolling_restart_restarts_no_task_and_loses_no_callback(
     fleet: tuple[Daemon, Daemon], emulator: Emulator, pg_target: PgTarget
 ):
@@ -305,9 +314,9 @@ async def test_a_rolling_restart_restarts_no_task_and_loses_no_callback(
     await b.wait(lambda: set(running(b)) == share_b, within=20)
     for first, second, replica in ((a, b, A), (b, a, B)):
         await first.stop()
-        await second.wait(lambda s=second: len(running(s)) == len(NAMES), within=20)
+        await second.wait(functools.partial(runs_all, second), within=20)
         await start(first, replica)
-        await first.wait(lambda f=first: len(running(f)) > 0, within=20)
+        await first.wait(functools.partial(runs_any, first), within=20)
     # Settled: every stream run by its preferred owner again (a's rounds re-check this).
     await a.wait(lambda: set(running(a)) | set(running(b)) == set(NAMES), within=20)
     owned = {**running(a), **running(b)}
