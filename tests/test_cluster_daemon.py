@@ -129,16 +129,16 @@ async def test_the_owner_reacts_to_callbacks_another_replica_stored(
     share_a = sorted(n for n, r in rendezvous_owners(NAMES, [A, B]).items() if r == A)
     ending = share_a[0]
     url = f"rtmp://cams.test/{ending}"
-    emulator.scripts[url] = Script(outcomes=["safe"] * 40, then="end:15")
-    await start(a, A, stall_after_segments=10)
+    emulator.scripts[url] = Script(outcomes=["safe"] * 60, then="end:15")
+    await start(a, A, stall_after_segments=20)
     await a.wait(lambda: len(running(a)) == len(NAMES))
     first = running(a)
-    await start(b, B, stall_after_segments=10)  # every callback from now on goes to b
+    await start(b, B, stall_after_segments=20)  # every callback from now on goes to b
     await a.wait(lambda: set(a.sup.streams) == set(share_a), within=20)
     steady = [first[n] for n in share_a if n != ending]
     async with asyncio.timeout(30):
-        # Four stall periods of callbacks a never received itself.
-        await emulator.wait_until(lambda: all(segments_charged(emulator, t) >= 40 for t in steady))
+        # Three stall periods of callbacks a never received itself.
+        await emulator.wait_until(lambda: all(segments_charged(emulator, t) >= 60 for t in steady))
     await a.wait(lambda: running(a).get(ending) not in (None, first[ending]), within=20)
     assert a.app is not None
     cluster = a.app._parts.cluster if a.app._parts else None
