@@ -1,9 +1,11 @@
 """Several replicas on one PostgreSQL database: each stream's MAVI task owned by one replica at
 a time, through a lease row with a fencing epoch (`[cluster]`, PostgreSQL only).
 
-Design (issue 17). What is built is marked [built]; the rest is the plan.
+Design (issue 17). What is built is marked [built]; the rest is the plan. Deploy examples:
+deploy/kubernetes/cluster/; under fire: bench/cluster.py.
 
-Tables (`streamwatch.store.pg_schema`, version 10; SQLite's version 10 adds nothing):
+Tables (`streamwatch.store.pg_schema`, version 10, with `callback_feed`; SQLite's version 10
+adds nothing):
 - `replicas(replica_id, started_at, seen_at, expires_at, leaving)`: one heartbeat row per
   replica, renewed with its leases. Live = `expires_at` in the future and not `leaving`.
   [built]
@@ -61,29 +63,41 @@ whose local deadline passed.
 Shutdown [built]: a replica stopping gracefully marks itself `leaving`, forgets its streams
 and releases all its leases in one transaction, so the others claim them at their next round.
 `on_shutdown = "stop"` stops tasks only when the replica is the last live one (the fleet
-stops); otherwise the tasks are left to the replicas that remain. [planned: `streamwatch
-fleet stop`, which marks every replica leaving and lets each stop what it owns.]
+stops); otherwise the tasks are left to the replicas that remain.
+
+Callbacks on any replica [built]: any replica stores and acknowledges any callback (the store
+is shared). In the transaction that stores it, a callback goes into `callback_feed` with a
+`pg_notify('streamwatch_feed')`; every replica LISTENs on a connection of its own and reads
+the feed when notified and at least every planning tick (the bound when the connection is
+down), and feeds the callbacks of the streams it owns to `Supervisor.observe` as live ones
+(their money was counted where they were stored). The feed's cursor is a transaction-id
+horizon (`pg_snapshot_xmin`), not a row id: ids commit out of order, finished transactions
+below the horizon do not, so no row is skipped.
+
+Fleet-wide account state [built]: each lease round reads the ledger's totals (every replica's
+charges), the budget thresholds fired and the halt from the store (`Supervisor.share_account`;
+a halt this replica saved that the store no longer holds was resumed elsewhere);
+`max_running` counts the tasks running on the other replicas as of the last round; orphan
+detection needs nothing (intents live in the shared store). A stream with a running task is
+claimed even once removed from the config, so an owner stops it.
+
+Alerts once [built]: due alerts are claimed as they are read (`UPDATE … WHERE id IN (SELECT …
+FOR UPDATE SKIP LOCKED)`, not due again for `CLAIM_SECONDS`). The leader [built] is the
+replica holding the advisory lock `LEADER_LOCK` on its writer's session (taken in the lease
+round); it runs pruning and exports the fleet's figures (and `streamwatch_cluster_replicas`);
+per-stream series come only from each stream's owner; `streamwatch_stream_lease_changes_total`
+counts this replica's claims, losses, hand-backs and releases; the status API shows each
+stream's owner.
 
 Planned, not built yet:
-- Callbacks on any replica: any replica stores and acknowledges any callback (already true:
-  the store is shared); the owner learns of them by `LISTEN streamwatch_callbacks` (a
-  `pg_notify` with the task id in the callback's transaction) and, as the fallback bound, by
-  reading its running tasks' rows each lease round (segments, last callback, end status),
-  feeding `policy.on_callback` as a live callback does.
-- Fleet-wide account state: the halt (read each round; imposed by whichever replica saw the
-  402, through `save_halt`), budgets and fired thresholds (the ledger's totals read from the
-  database each round; a fired threshold recorded with `INSERT … ON CONFLICT DO NOTHING` so
-  it fires once), `max_running` (a fleet count of running tasks checked in `begin_start`'s
-  transaction), orphan detection (an unknown task is an orphan only if no replica's open
-  intent matches it: already true, intents live in the shared store).
-- The outbox claimed with `SELECT … FOR UPDATE SKIP LOCKED` (each alert delivered by one
-  replica); periodic jobs (pruning, reconciliation, Alertmanager re-posts) run by the replica
-  holding `pg_try_advisory_lock(LEADER_LOCK)` on a session of its own.
-- Metrics: `streamwatch_cluster_replicas` (live replicas, from the leader) and
-  `streamwatch_stream_lease_changes_total` (claims and releases made by this replica);
-  per-stream series only from the owner. The status API shows each stream's owner.
-- Deploy: Kubernetes with 2 replicas, `RollingUpdate` with `maxUnavailable: 0`, a PDB,
-  readiness after the first lease round; compose with Postgres, two replicas and nginx.
+- Budget caps with at most the segments in flight of overshoot (today the others' charges
+  are seen at the next lease round: up to `renew_seconds` of the fleet's spend), and a
+  threshold fired once across the fleet (recorded with `INSERT … ON CONFLICT DO NOTHING` in
+  its own row, instead of the whole fired set saved by each replica).
+- Alertmanager re-posts by the leader only (each replica re-posts what it delivered today).
+- `streamwatch fleet stop`, which marks every replica leaving and lets each stop what it owns.
+- A compose stack with two replicas behind nginx; alert rules and dashboard panels for the
+  new series.
 """
 
 from __future__ import annotations
