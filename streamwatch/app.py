@@ -324,6 +324,9 @@ class App:
                 clock=self._clock,
                 failures=self.failures,
             )
+            if cluster is not None:
+                outbox.shared = True
+                outbox.leads = lambda: cluster.leader
             await stack.enter_async_context(outbox.running())
             alerts = Alerts(
                 router=Router(cfg.alerts.rules),

@@ -84,7 +84,8 @@ claimed even once removed from the config, so an owner stops it.
 Alerts once [built]: due alerts are claimed as they are read (`UPDATE … WHERE id IN (SELECT …
 FOR UPDATE SKIP LOCKED)`, not due again for `CLAIM_SECONDS`). The leader [built] is the
 replica holding the advisory lock `LEADER_LOCK` on its writer's session (taken in the lease
-round); it runs pruning and exports the fleet's figures (and `streamwatch_cluster_replicas`);
+round); it runs pruning and the Alertmanager re-posts (of the active set the store holds,
+which every delivery reads first), and exports the fleet's figures (and `streamwatch_cluster_replicas`);
 per-stream series come only from each stream's owner; `streamwatch_stream_lease_changes_total`
 counts this replica's claims, losses, hand-backs and releases; the status API shows each
 stream's owner.
@@ -94,7 +95,6 @@ Planned, not built yet:
   are seen at the next lease round: up to `renew_seconds` of the fleet's spend), and a
   threshold fired once across the fleet (recorded with `INSERT … ON CONFLICT DO NOTHING` in
   its own row, instead of the whole fired set saved by each replica).
-- Alertmanager re-posts by the leader only (each replica re-posts what it delivered today).
 - `streamwatch fleet stop`, which marks every replica leaving and lets each stop what it owns.
 - A compose stack with two replicas behind nginx; alert rules and dashboard panels for the
   new series.
