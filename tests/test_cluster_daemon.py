@@ -331,3 +331,22 @@ async def test_a_rolling_restart_restarts_no_task_and_loses_no_callback(
         )
     stored = pg.rows(pg_target, "SELECT count(*) FROM segments")[0][0]
     assert stored == sum(1 for d in emulator.deliveries if d.delivered)
+
+
+async def test_on_shutdown_stop_stops_the_tasks_only_with_the_last_replica(
+    fleet: tuple[Daemon, Daemon], emulator: Emulator
+):
+    """With `on_shutdown = "stop"`, a replica stopping while another runs hands its streams
+    over and stops nothing; the last replica stopping stops every task (the fleet stops)."""
+    a, b = fleet
+    for d, replica in ((a, A), (b, B)):
+        await d.start(STREAMS, extra=cluster_toml(replica), supervisor='on_shutdown = "stop"')
+        await d.wait(functools.partial(runs_any, d), within=20)
+    await a.stop()
+    assert emulator.stop_calls == []
+    await b.wait(functools.partial(runs_all, b), within=20)
+    await b.stop()
+    assert sorted(t for t, _ in emulator.stop_calls) == sorted(
+        t.task_id for t in emulator.tasks.values()
+    )
+    assert len(emulator.stop_calls) == len(NAMES)
