@@ -85,10 +85,10 @@ Alerts once [built]: due alerts are claimed as they are read (`UPDATE … WHERE 
 FOR UPDATE SKIP LOCKED)`, not due again for `CLAIM_SECONDS`). The leader [built] is the
 replica holding the advisory lock `LEADER_LOCK` on its writer's session (taken in the lease
 round); it runs pruning and the Alertmanager re-posts (of the active set the store holds,
-which every delivery reads first), and exports the fleet's figures (and `streamwatch_cluster_replicas`);
-per-stream series come only from each stream's owner; `streamwatch_stream_lease_changes_total`
-counts this replica's claims, losses, hand-backs and releases; the status API shows each
-stream's owner.
+which every delivery reads first), and exports the fleet's figures (and
+`streamwatch_cluster_replicas`); per-stream series come only from each stream's owner;
+`streamwatch_stream_lease_changes_total` counts this replica's claims, losses, hand-backs
+and releases; the status API shows each stream's owner.
 
 Planned, not built yet:
 - Budget caps with at most the segments in flight of overshoot (today the others' charges

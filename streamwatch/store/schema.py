@@ -274,7 +274,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX orphan_tasks_by_first ON orphan_tasks (first_at);
     CREATE INDEX orphan_tasks_unreported ON orphan_tasks (task_id) WHERE reported = 0;
     """,
-    # 10: `[cluster]`'s replicas and stream leases, PostgreSQL's only (pg_schema): nothing here.
+    # 10: `[cluster]`'s replicas, stream leases and callback feed, PostgreSQL's only
+    # (pg_schema): nothing here.
     "",
 )
 
