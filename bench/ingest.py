@@ -39,6 +39,7 @@ from prometheus_client import disable_created_metrics
 from bench.payload import wrk_script
 from streamwatch.app import App
 from streamwatch.config import parse_config
+from streamwatch.eventloop import ENV, run
 from streamwatch.logs import configure_logging
 
 Result = dict[str, float]
@@ -172,7 +173,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
     daemon: list[Result] = []
     acknowledged = 0
 
-    async def run(url: str, rate: float | None) -> Result:
+    async def one_run(url: str, rate: float | None) -> Result:
         nonlocal first
         r = await drive(
             url,
@@ -189,9 +190,9 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
     try:
         print("throughput (closed loop):", flush=True)
         for _ in range(args.runs):
-            bare.append(await run(bare_url, None))
+            bare.append(await one_run(bare_url, None))
             show("bare", bare[-1])
-            daemon.append(await run(daemon_url, None))
+            daemon.append(await one_run(daemon_url, None))
             show("daemon", daemon[-1])
             acknowledged += int(daemon[-1]["requests"] - daemon[-1]["errors"])
         fixed: dict[str, Result] = {}
@@ -202,7 +203,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                 flush=True,
             )
             for label, url in (("bare", bare_url), ("daemon", daemon_url)):
-                fixed[label] = await run(url, args.rate)
+                fixed[label] = await one_run(url, args.rate)
                 show(label, fixed[label])
             acknowledged += int(fixed["daemon"]["requests"] - fixed["daemon"]["errors"])
         stored = await app.store.segment_count(task_id=task_id)
@@ -257,10 +258,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             await bench(args, Path(tmp))
 
-    if args.loop == "asyncio":
-        asyncio.run(go())
-    else:
-        asyncio.run(go())  # replaced by the loop choice once streamwatch picks uvloop
+    environ = {} if args.loop == "auto" else {ENV: args.loop}
+    run(go(), environ=environ)
 
 
 if __name__ == "__main__":
