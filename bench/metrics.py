@@ -15,14 +15,17 @@ import asyncio
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
-from prometheus_client import disable_created_metrics, generate_latest
+from prometheus_client import disable_created_metrics
 
 from streamwatch.app import App
 from streamwatch.config import parse_config
 from streamwatch.logs import configure_logging
+from streamwatch.metrics import render_page
+from streamwatch.status import snapshot
 
 
 def config(n: int, db: Path, segment_seconds: float) -> str:
@@ -50,7 +53,27 @@ level = "warning"
 """
 
 
-async def measure(n: int, scrapes: int, workdir: Path) -> tuple[float, float, int, int, float]:
+# What Prometheus 2.x/3.x sends when it scrapes.
+PROMETHEUS = {
+    "Accept": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+    "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "Accept-Encoding": "gzip",
+}
+
+
+@dataclass
+class Scrape:
+    median: float
+    worst: float
+    size: int
+    series: int
+    render: float
+    gz_median: float
+    gz_worst: float
+    gz_size: int
+
+
+async def measure(n: int, scrapes: int, workdir: Path) -> Scrape:
     segment_seconds = 5.0  # MAVI's real rate: n / 5 callbacks a second keep arriving
     app = App(
         parse_config(config(n, workdir / f"m{n}.db", segment_seconds), environ={}), environ={}
@@ -63,25 +86,41 @@ async def measure(n: int, scrapes: int, workdir: Path) -> tuple[float, float, in
     async with asyncio.timeout(120):
         await sup.wait_until(lambda: sum(s.run_segments > 0 for s in sup.streams.values()) == n)
     url = f"{app.server.base_url}/metrics"
-    times = []
-    size = series = 0
-    registry = app.registry
+    times: list[float] = []
+    gzipped: list[float] = []
+    size = series = gz_size = 0
     render = []
+    collector, metrics = app.server.collector, app.metrics
+    assert app.store is not None
     for _ in range(scrapes):
         started = time.perf_counter()
-        generate_latest(registry)
+        collector.snapshot = await snapshot(supervisor=sup, store=app.store, now=time.time())
+        render_page(metrics.registry, collector.stream_families(metrics.tokens), "")
         render.append(time.perf_counter() - started)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
         for _ in range(scrapes):
             started = time.perf_counter()
-            async with session.get(url) as resp:
+            async with session.get(url, headers={"Accept-Encoding": "identity"}) as resp:
                 body = await resp.read()
             times.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            async with session.get(url, headers=PROMETHEUS) as resp:
+                gz_size = len(await resp.read())
+            gzipped.append(time.perf_counter() - started)
         size = len(body)
         series = sum(1 for line in body.decode().splitlines() if line and line[0] != "#")
     app.request_stop()
     await serving
-    return statistics.median(times), max(times), size, series, statistics.median(render)
+    return Scrape(
+        statistics.median(times),
+        max(times),
+        size,
+        series,
+        statistics.median(render),
+        statistics.median(gzipped),
+        max(gzipped),
+        gz_size,
+    )
 
 
 async def main() -> None:
@@ -95,18 +134,21 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = await measure(args.baseline, args.scrapes, Path(tmp))
         big = await measure(args.streams, args.scrapes, Path(tmp))
-    for label, n, (median, worst, size, series, render) in (
-        ("baseline", args.baseline, base),
-        ("large", args.streams, big),
-    ):
+    for label, n, m in (("baseline", args.baseline, base), ("large", args.streams, big)):
         print(
-            f"{label:<8} {n:>5} streams: scrape median {median * 1000:7.1f} ms, worst "
-            f"{worst * 1000:7.1f} ms (rendering alone {render * 1000:6.1f} ms), "
-            f"{size / 1024:8.1f} KiB, {series} series"
+            f"{label:<8} {n:>5} streams: scrape median {m.median * 1000:7.1f} ms, worst "
+            f"{m.worst * 1000:7.1f} ms (rendering alone {m.render * 1000:6.1f} ms), "
+            f"{m.size / 1024:8.1f} KiB, {m.series} series ({m.series / n:.1f} per stream)"
+        )
+        print(
+            f"{'':<8} {'':>5}  as Prometheus scrapes (OpenMetrics, gzip): median "
+            f"{m.gz_median * 1000:7.1f} ms, worst {m.gz_worst * 1000:7.1f} ms, "
+            f"{m.gz_size / 1024:8.1f} KiB"
         )
     print(
-        f"ratio large/baseline: time {big[0] / base[0]:.1f}x for "
-        f"{args.streams / args.baseline:.0f}x the streams and {big[3] / base[3]:.1f}x the series"
+        f"ratio large/baseline: time {big.median / base.median:.1f}x for "
+        f"{args.streams / args.baseline:.0f}x the streams and {big.series / base.series:.1f}x "
+        "the series"
     )
 
 

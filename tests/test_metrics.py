@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 from asyncio.subprocess import PIPE
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamwatch import __version__
@@ -198,3 +202,45 @@ def test_a_stream_named_account_has_budget_series_of_its_own():
     assert value(found, cap, scope="stream", stream="account", period="day") == 5
     assert value(found, "streamwatch_budget_remaining_usd", scope="account", period="day") == 100
     assert [k for k in found if k[0] == cap and ("stream", "lobby") in k[1]] == []
+
+
+async def test_openmetrics_when_asked_and_gzip_when_accepted(daemon, emulator):
+    """A scraper asking for OpenMetrics gets it (the per-stream series included, `# EOF`
+    last), one accepting gzip gets the page compressed, and both say so in their headers."""
+    url = "rtmp://cams.test/om"
+    emulator.scripts[url] = Script(outcomes=["safe"])
+    await daemon.start(stream_toml("om", url))
+    await daemon.wait(lambda: daemon.state("om").run_segments >= 2)
+    assert daemon.app is not None
+    assert daemon.app.server is not None
+    page = f"{daemon.app.server.base_url}/metrics"
+    accept = {"Accept": "application/openmetrics-text; version=1.0.0", "Accept-Encoding": ""}
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.get(page, headers=accept) as resp:
+            assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert "Content-Encoding" not in resp.headers
+            text = await resp.text()
+        async with s.get(page, headers={"Accept-Encoding": "gzip"}) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            plain = gzip.decompress(await resp.read()).decode()
+    assert text.endswith("# EOF\n")
+    families = {f.name: f for f in openmetrics_families(text)}
+    assert families["streamwatch_stream_segments"].type == "counter"
+    (sample,) = families["streamwatch_stream_segments"].samples
+    assert sample.name == "streamwatch_stream_segments_total"
+    assert sample.labels == {"stream": "om"}
+    assert sample.value >= 2
+    found = samples(plain)
+    assert value(found, "streamwatch_stream_segments_total", stream="om") >= 2
+    assert value(found, "streamwatch_stream_state", stream="om", state="running") == 1
+
+
+async def test_standard_process_and_python_series(daemon, emulator):
+    """The page carries the standard process_* and python_* series of Prometheus clients."""
+    await daemon.start(stream_toml("cam"))
+    found = samples(await scrape(daemon))
+    names = {name for name, _ in found}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= names
+    assert "python_info" in names
+    assert any(name.startswith("python_gc_") for name in names)
