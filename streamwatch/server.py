@@ -269,8 +269,11 @@ class Server:
     # -- handlers ------------------------------------------------------------------------------
 
     async def _callback(self, request: web.Request) -> web.Response:
-        with self._metrics.callback_seconds.time():
+        started = time.perf_counter()
+        try:
             return await self._handle_callback(request)
+        finally:
+            self._metrics.callback_seconds.observe(time.perf_counter() - started)
 
     async def _handle_callback(self, request: web.Request) -> web.Response:
         given = request.match_info["secret"].encode()
