@@ -1,9 +1,12 @@
 """How long a /metrics scrape takes with many streams, against a small baseline.
 
-Runs the daemon with the built-in emulator twice in one process — a baseline fleet and a large
-one — lets segments flow so that every per-stream series exists, then times repeated scrapes
-over HTTP. Prints the median and worst scrape, the payload size and series count, and the
-ratios large/baseline. A benchmark, not a test: it asserts nothing about time.
+Runs the daemon twice in this process — a baseline fleet and a large one — against the
+emulator in a process of its own (`streamwatch emulator`, a segment every 5 seconds per
+stream, as MAVI), lets segments flow so that every per-stream series exists, then times
+rendering alone and repeated scrapes over HTTP, plain and as Prometheus scrapes (OpenMetrics,
+gzip) while the callbacks keep arriving. Prints the median and worst scrape, the payload size
+and series count, and the ratios large/baseline. A benchmark, not a test: it asserts nothing
+about time.
 
     python -m bench.metrics [--streams 1000] [--baseline 10] [--scrapes 20]
 """
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,30 +32,39 @@ from streamwatch.logs import configure_logging
 from streamwatch.metrics import render_page
 from streamwatch.status import snapshot
 
+ENV = {"KEY": "sk-bench", "SECRET": "metrics-bench-secret-0123456789abcdef"}
 
-def config(n: int, db: Path, segment_seconds: float) -> str:
+
+def config(n: int, db: Path, port: int, base_url: str) -> str:
     streams = "".join(
-        f'[[streams]]\nname = "cam-{i:04d}"\nurl = "rtmp://bench.invalid/{i}"\n'
+        f'[[streams]]\nname = "cam-{i:05d}"\nurl = "rtmp://bench.invalid/{i}"\n'
         f"fps = {1 + i % 3}\nlogo_detection = {'true' if i % 2 else 'false'}\n"
         f'labels = {{ site = "site-{i % 7}", team = "team-{i % 3}" }}\n'
         for i in range(n)
     )
     return f"""
 [mavi]
-backend = "emulator"
-segment_seconds = {segment_seconds}
+backend = "mavi"
+base_url = "{base_url}"
+api_key = {{ env = "KEY" }}
 [server]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
+callback_secret = {{ env = "SECRET" }}
+max_connections = 4000
 [storage]
 path = "{db}"
 [budgets]
-daily_usd = "1000.00"
-[emulator]
-balance_usd = "1000000"
+daily_usd = "1000000.00"
 [logging]
 level = "warning"
 {streams}
 """
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # What Prometheus 2.x/3.x sends when it scrapes.
@@ -74,16 +88,36 @@ class Scrape:
 
 
 async def measure(n: int, scrapes: int, workdir: Path) -> Scrape:
-    segment_seconds = 5.0  # MAVI's real rate: n / 5 callbacks a second keep arriving
+    # The emulator in a process of its own, at MAVI's rate: n / 5 callbacks a second keep
+    # arriving while the page is scraped (in this process it would take the daemon's CPU).
+    port = free_port()
+    emulator = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamwatch", "emulator", "--listen", "127.0.0.1:0",
+        "--balance-usd", "100000000", "--webhook",
+        f"http://127.0.0.1:{port}/callbacks/mavi/{ENV['SECRET']}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert emulator.stdout is not None
+    base_url = (await emulator.stdout.readline()).decode().split("=", 1)[1].strip()
     app = App(
-        parse_config(config(n, workdir / f"m{n}.db", segment_seconds), environ={}), environ={}
+        parse_config(config(n, workdir / f"m{n}.db", port, base_url), environ=ENV), environ=ENV
     )
     serving = asyncio.create_task(app.serve())
+    try:
+        return await scrape_all(app, n, scrapes)
+    finally:
+        app.request_stop()
+        await serving
+        emulator.terminate()
+        await emulator.wait()
+
+
+async def scrape_all(app: App, n: int, scrapes: int) -> Scrape:
     await app.started.wait()
     assert app.supervisor is not None
     assert app.server is not None
     sup = app.supervisor
-    async with asyncio.timeout(120):
+    async with asyncio.timeout(60 + n / 20):
         await sup.wait_until(lambda: sum(s.run_segments > 0 for s in sup.streams.values()) == n)
     url = f"{app.server.base_url}/metrics"
     times: list[float] = []
@@ -109,8 +143,6 @@ async def measure(n: int, scrapes: int, workdir: Path) -> Scrape:
             gzipped.append(time.perf_counter() - started)
         size = len(body)
         series = sum(1 for line in body.decode().splitlines() if line and line[0] != "#")
-    app.request_stop()
-    await serving
     return Scrape(
         statistics.median(times),
         max(times),
