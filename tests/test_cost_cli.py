@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from streamwatch.store import Store
+from streamwatch.store import Store, StreamRecord
 from tests.conftest import cli
 
 NOV = datetime(2026, 11, 10, 12, tzinfo=UTC).timestamp()
@@ -107,3 +107,32 @@ def test_check_config_shows_the_estimate(tmp_path: Path):
     assert out.returncode == 0, out.stderr
     assert "$/HOUR" in out.stdout
     assert "account daily budget $10.00: reached after 2.22 h at full burn" in out.stdout
+
+
+async def test_cost_shows_what_preflight_saved(tmp_path: Path):
+    """The pre-charges preflight avoided (and their price) and its probes by outcome, kept in
+    the streams' records, are in `cost` --json and in the table, summed over streams."""
+    config = write_config(tmp_path)
+    await seed(tmp_path / "state.db")
+    async with Store(tmp_path / "state.db") as store:
+        await store.save_streams(
+            [
+                StreamRecord(
+                    "a",
+                    probes=(("ok", 2), ("unreachable", 3)),
+                    precharges_avoided=3,
+                    ticks_saved=18,
+                ),
+                StreamRecord("b", probes=(("timeout", 1),), precharges_avoided=1, ticks_saved=12),
+            ]
+        )
+    out = cli("cost", "-c", str(config), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["preflight"] == {
+        "probes": {"ok": 2, "timeout": 1, "unreachable": 3},
+        "precharges_avoided": 4,
+        "precharges_avoided_usd": "0.010417",  # 30 ticks
+    }
+    table = cli("cost", "-c", str(config))
+    assert "4 pre-charge(s) avoided, $0.0104 not spent" in table.stdout
+    assert "unreachable 3" in table.stdout
