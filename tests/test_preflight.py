@@ -5,6 +5,8 @@ STREAMWATCH_REQUIRE_TOOLS=1."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 
 from streamwatch.emulator.script import Script
@@ -37,7 +39,7 @@ async def preflighted(daemon: Daemon, url: str, *, fps: int = 1) -> None:
     await daemon.start(stream, stall_after_segments=600)
 
 
-async def status(daemon: Daemon) -> dict:
+async def status(daemon: Daemon) -> dict[str, Any]:
     assert daemon.app is not None
     assert daemon.app.server is not None
     async with (
