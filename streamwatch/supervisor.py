@@ -169,6 +169,7 @@ class Supervisor:
         self._adopt_tried = False
         self._orphan_stops: set[str] = set()  # orphan tasks whose stop is under way
         self._ending: set[str] = set()  # stopped at shutdown, final callback not stored yet
+        self._probing: set[asyncio.Task[MediaInfo]] = set()  # preflight probes under way
         # What follows a committed callback: callbacks claimed at a start or an adoption go
         # the same way as live ones (see `set_after_commit`).
         self._after_commit: AfterCommit = self.observe
@@ -467,8 +468,18 @@ class Supervisor:
         stream is `source_offline`), or the stream was removed meanwhile."""
         now = self._clock()
         result: SourceInfo | ProbeFailed
+        probing = asyncio.create_task(
+            self._probe(spec.url, timeout=spec.preflight_timeout_seconds),
+            name=f"supervisor.preflight:{name}",
+        )
+        self._probing.add(probing)
         try:
-            info = await self._probe(spec.url, timeout=spec.preflight_timeout_seconds)
+            info = await probing
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if self._stopping and (this is None or not this.cancelling()):
+                return None  # `shutdown()` cancelled the probe: no start
+            raise
         except ProbeError as exc:
             result = ProbeFailed(exc.kind, self._text(str(exc)))
         except Exception as exc:  # noqa: BLE001 - every start ends in a known state: a bug in a probe is a failed probe
@@ -476,6 +487,8 @@ class Supervisor:
             result = ProbeFailed("failed", self._text(f"{type(exc).__name__}: {exc}"))
         else:
             result = source_info(info, self._clock())
+        finally:
+            self._probing.discard(probing)
         current = self.desired.get(name)
         state = self.streams.get(name)
         if current is None or state is None:  # removed while it probed
@@ -907,6 +920,8 @@ class Supervisor:
         """Stop planning; with `stop_tasks`, stop every running task. Returns the stopped ids."""
         self._stopping = True
         self._wake.set()
+        for probing in self._probing:  # no start follows: nothing to wait for
+            probing.cancel()
         await self.settle()
         stopped: list[str] = []
         if stop_tasks:

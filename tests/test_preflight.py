@@ -5,13 +5,14 @@ STREAMWATCH_REQUIRE_TOOLS=1."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 
 from streamwatch.emulator.script import Script
 from streamwatch.policy import Phase
-from tests.conftest import Daemon, stream_toml
+from tests.conftest import Daemon, stream_toml, tool
 from tests.media import LiveSource, LiveSources, Pattern
 
 PASSWORD = "pa55-w0rd-preflight"
@@ -122,3 +123,36 @@ async def test_a_task_ended_by_its_source_restarts_only_once_the_source_is_back(
     assert len(warned) == 1
     assert "fps = 20" in warned[0].detail
     assert "15" in warned[0].detail
+
+
+async def test_a_probe_under_way_holds_up_no_other_stream_and_no_shutdown(daemon: Daemon):
+    """A preflight probe of a source that never answers runs in the background: another
+    stream starts meanwhile, and a shutdown cancels the probe instead of waiting for its
+    timeout (longer than the test's own)."""
+    tool("ffprobe")
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # answers nothing, until the prober goes
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        streams = stream_toml(
+            "cam",
+            f"rtmp://127.0.0.1:{port}/live/test",
+            preflight=True,
+            preflight_timeout_seconds=120,
+        )
+        await daemon.start(streams + stream_toml("other"))
+        async with asyncio.timeout(20):
+            await accepted.wait()
+        await daemon.wait(lambda: daemon.state("other").phase is Phase.RUNNING)
+        assert daemon.state("cam").phase is Phase.STARTING  # still probing
+        await daemon.stop()
+        assert [s.url for s in daemon.emulator.starts] == ["rtmp://cams.test/other"]
+    finally:
+        server.close()
+        await server.wait_closed()
