@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 from asyncio.subprocess import PIPE
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -204,27 +205,23 @@ def test_preflight_counters_per_stream():
     registry = CollectorRegistry()
     spending = Spending(budgets=config.budgets, streams=config.streams, segment_seconds=5)
     collector = StateCollector(registry, spending)
-    view = {
-        "state": "source_offline",
-        "running": False,
-        "restarts": 0,
-        "labels": {},
-        "fps": 1,
-        "content_moderation": True,
-        "logo_detection": False,
-    }
-    collector.snapshot = Snapshot(
-        streams={
-            "cam": StreamView(
-                **view,
-                preflight=True,
-                probes={"ok": 1, "unreachable": 2},
-                precharges_avoided=2,
-                ticks_saved=12,
-            ),
-            "plain": StreamView(**view),
-        }
+    plain = StreamView(
+        state="source_offline",
+        running=False,
+        restarts=0,
+        labels={},
+        fps=1,
+        content_moderation=True,
+        logo_detection=False,
     )
+    cam = replace(
+        plain,
+        preflight=True,
+        probes={"ok": 1, "unreachable": 2},
+        precharges_avoided=2,
+        ticks_saved=12,
+    )
+    collector.snapshot = Snapshot(streams={"cam": cam, "plain": plain})
     found = samples(generate_latest(registry).decode())
     probes = "streamwatch_stream_probes_total"
     assert value(found, probes, stream="cam", outcome="ok") == 1
