@@ -92,7 +92,7 @@ async def test_an_offline_source_is_not_started_until_it_is_back(
     text = str(doc) + capsys.readouterr().out
     text += "".join(e.detail for e in await daemon.events())
     assert PASSWORD not in text
-    assert "source_offline" in text  # the log and the events were read
+    assert "supervisor.source_offline" in text  # the log was read
 
 
 async def test_a_task_ended_by_its_source_restarts_only_once_the_source_is_back(
