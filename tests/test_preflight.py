@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 
+from streamwatch.cli import render_status
 from streamwatch.emulator.script import Script
 from streamwatch.policy import Phase
 from tests.conftest import Daemon, stream_toml, tool
@@ -74,6 +75,9 @@ async def test_an_offline_source_is_not_started_until_it_is_back(
     assert cam["precharges_avoided"] >= 2
     assert cam["probes"].get("ok", 0) == 0
     assert doc["preflight"]["precharges_avoided"] == cam["precharges_avoided"]
+    table = render_status(doc)  # type: ignore[arg-type]  # the document, as JSON gave it
+    assert "offline" in table.splitlines()[1]
+    assert "pre-charge(s) avoided" in table
 
     await source.start()
     await daemon.wait(lambda: daemon.state("cam").phase is Phase.RUNNING, within=40)
@@ -89,6 +93,7 @@ async def test_an_offline_source_is_not_started_until_it_is_back(
     assert cam["source"]["fps"] == 15
     assert cam["source_offline_since"] is None
     assert cam["probes"]["ok"] == 1
+    assert "h264 320x240 15fps" in render_status(doc)  # type: ignore[arg-type]
     text = str(doc) + capsys.readouterr().out
     text += "".join(e.detail for e in await daemon.events())
     assert PASSWORD not in text
