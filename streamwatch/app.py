@@ -11,6 +11,10 @@ Each loop has a policy for when a pass fails (README, "Background work"): the pl
 and the systemd notifier stop the daemon cleanly, which then exits non-zero
 (`BackgroundFailed`) for its service manager to restart it; alert delivery and retention are
 retried with backoff.
+
+Why one module of this length (a little over 500 lines): startup, the main loop and shutdown
+share the parts `startup()` returns and the order they were entered in; apart, each would
+have to know the others' order.
 """
 
 from __future__ import annotations

@@ -238,25 +238,27 @@ def format_duration(seconds: float) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}.{frac:02d}"
 
 
-def media_info(doc: dict[str, Any]) -> MediaInfo:
+def media_info(doc: dict[str, object]) -> MediaInfo:
     """A `MediaInfo` from ffprobe's `-show_format -show_streams` JSON; `NotMedia` when it holds
-    neither audio nor video (cover art does not count as video)."""
-    streams = [s for s in doc.get("streams", []) if isinstance(s, dict)]
+    neither audio nor video (cover art does not count as video). A field of an unexpected type
+    (the media, not ffprobe, decides much of what is written) is taken as absent."""
+    listed = doc.get("streams")
+    streams = [_obj(s) for s in listed if isinstance(s, dict)] if isinstance(listed, list) else []
     video = next(
         (
             s
             for s in streams
-            if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")
+            if s.get("codec_type") == "video" and not _obj(s.get("disposition")).get("attached_pic")
         ),
         None,
     )
     audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
     if video is None and audio is None:
         raise NotMedia("no audio or video stream in it")
-    fmt = doc.get("format", {})
+    fmt = _obj(doc.get("format"))
     duration = _float(fmt.get("duration"))
-    fields: dict[str, Any] = {
-        "format": str(fmt.get("format_name") or "unknown"),
+    fields: dict[str, Any] = {  # MediaInfo's fields, each typed by the helper that reads it
+        "format": _str(fmt.get("format_name")) or "unknown",
         "filesize": _int(fmt.get("size")),
         # A live source reports no duration, or 0.
         "duration": round(duration, 3) if duration else None,
@@ -265,19 +267,19 @@ def media_info(doc: dict[str, Any]) -> MediaInfo:
     if video is not None:
         fields |= {
             "has_video": True,
-            "video_codec": video.get("codec_name"),
-            "video_codec_long": video.get("codec_long_name"),
+            "video_codec": _str(video.get("codec_name")),
+            "video_codec_long": _str(video.get("codec_long_name")),
             "width": _int(video.get("width")) or None,
             "height": _int(video.get("height")) or None,
             "fps": _rate(video.get("avg_frame_rate")) or _rate(video.get("r_frame_rate")),
             "video_bitrate": _bitrate(video),
-            "pixel_format": video.get("pix_fmt"),
+            "pixel_format": _str(video.get("pix_fmt")),
         }
     if audio is not None:
         fields |= {
             "has_audio": True,
-            "audio_codec": audio.get("codec_name"),
-            "audio_codec_long": audio.get("codec_long_name"),
+            "audio_codec": _str(audio.get("codec_name")),
+            "audio_codec_long": _str(audio.get("codec_long_name")),
             "audio_channels": _int(audio.get("channels")),
             "audio_sample_rate": _int(audio.get("sample_rate")),
             "audio_bitrate": _bitrate(audio),
@@ -285,21 +287,33 @@ def media_info(doc: dict[str, Any]) -> MediaInfo:
     return MediaInfo(**fields)
 
 
-def _int(value: Any) -> int | None:
+def _obj(value: object) -> dict[str, object]:
+    return value if isinstance(value, dict) else {}
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (OverflowError, ValueError):
         return None
 
 
-def _float(value: Any) -> float | None:
+def _float(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except ValueError:
         return None
 
 
-def _rate(value: Any) -> float | None:
+def _rate(value: object) -> float | None:
     """A frame rate as ffprobe writes it ("30000/1001" -> 29.97); None when unknown ("0/0")."""
     try:
         rate = Fraction(str(value))
@@ -308,12 +322,12 @@ def _rate(value: Any) -> float | None:
     return round(float(rate), 3) if rate > 0 else None
 
 
-def _bitrate(stream: dict[str, Any]) -> int | None:
+def _bitrate(stream: dict[str, object]) -> int | None:
     """The stream's bit rate, or Matroska's per-track statistics tag when the stream has none."""
     rate = _int(stream.get("bit_rate"))
     if rate is None:
-        tags = stream.get("tags", {})
-        rate = _int(tags.get("BPS") or tags.get("BPS-eng")) if isinstance(tags, dict) else None
+        tags = _obj(stream.get("tags"))
+        rate = _int(tags.get("BPS") or tags.get("BPS-eng"))
     return rate
 
 

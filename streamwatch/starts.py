@@ -23,7 +23,7 @@ from streamwatch.config import StreamConfig
 from streamwatch.intent import Intent, is_definitive, url_hash
 from streamwatch.mavi.errors import MaviError
 from streamwatch.mavi.streams import StartRequest
-from streamwatch.store import Adopted, Registered, Store
+from streamwatch.store import Adopted, Registered, StateStore
 
 __all__ = ["StartFailed", "StartOutcome", "Started", "Starts", "StreamStarter"]
 
@@ -66,7 +66,7 @@ class Starts:
         self,
         *,
         client: StreamStarter,
-        store: Store,
+        store: StateStore,
         clock: Callable[[], float],
         text: Callable[[str], str],
     ) -> None:

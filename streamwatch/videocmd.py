@@ -181,7 +181,7 @@ async def _run(args: argparse.Namespace, config: Config) -> int:
             return 1
 
 
-def _video_doc(v: Video) -> dict[str, Any]:
+def _video_doc(v: Video) -> dict[str, object]:
     return {
         "videoNo": v.video_no,
         "name": v.name,
@@ -212,31 +212,35 @@ def _files(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _manifest(folder: Path) -> dict[str, Any]:
+def _manifest(folder: Path) -> dict[str, object]:
     try:
-        doc: dict[str, Any] = json.loads((folder / MANIFEST).read_text())
-        return doc
+        doc = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
+    return doc if isinstance(doc, dict) else {}  # not ours: start over
 
 
-def _plan(paths: list[Path]) -> tuple[list[Path], int, dict[Path, dict[str, Any]]]:
+def _plan(paths: list[Path]) -> tuple[list[Path], int, dict[Path, dict[str, object]]]:
     """The files still to upload, how many are skipped, and the folders' manifests."""
-    manifests: dict[Path, dict[str, Any]] = {}
+    manifests: dict[Path, dict[str, object]] = {}
     todo: list[Path] = []
     skipped = 0
     for f in _files(paths):
         m = manifests.setdefault(f.parent, _manifest(f.parent))
         st = f.stat()
         done = m.get(f.name)
-        if done and done.get("size") == st.st_size and done.get("mtime") == st.st_mtime:
+        if (
+            isinstance(done, dict)
+            and done.get("size") == st.st_size
+            and done.get("mtime") == st.st_mtime
+        ):
             skipped += 1
         else:
             todo.append(f)
     return todo, skipped, manifests
 
 
-def _remember(manifests: dict[Path, dict[str, Any]], f: Path, video_no: str) -> None:
+def _remember(manifests: dict[Path, dict[str, object]], f: Path, video_no: str) -> None:
     """Record an upload in its folder's manifest, at once, so an interrupted run resumes."""
     st = f.stat()
     manifests[f.parent][f.name] = {"videoNo": video_no, "size": st.st_size, "mtime": st.st_mtime}
@@ -246,7 +250,7 @@ def _remember(manifests: dict[Path, dict[str, Any]], f: Path, video_no: str) -> 
 async def _upload(client: VideoClient, args: argparse.Namespace) -> int:
     todo, skipped, manifests = await asyncio.to_thread(_plan, args.paths)
     total = len(todo)
-    results: list[dict[str, Any]] = []
+    results: list[dict[str, object]] = []
     failed = 0
     limit = asyncio.Semaphore(max(1, args.jobs))
 

@@ -172,6 +172,34 @@ def test_live_source_document_has_no_size_or_duration_and_skips_cover_art():
         media_info({"format": {"format_name": "tty"}, "streams": [{"codec_type": "data"}]})
 
 
+def test_fields_of_unexpected_types_are_taken_as_absent():
+    """What the media writes into ffprobe's answer (a codec name that is a number, a format or
+    disposition that is not an object, tags that are a list) reads as absent, not a crash."""
+    odd = media_info(
+        {
+            "format": ["not", "an", "object"],
+            "streams": [
+                {
+                    "codec_type": "video",
+                    "codec_name": 264,
+                    "disposition": "none",
+                    "width": True,
+                    "height": "360",
+                    "bit_rate": "fast",
+                    "tags": ["BPS", "1000"],
+                },
+                "not a stream",
+            ],
+        }
+    ).to_json()
+    assert odd["format"] == "unknown"
+    assert odd["has_video"] is True
+    assert "video_codec" not in odd
+    assert "width" not in odd
+    assert odd["height"] == 360
+    assert "video_bitrate" not in odd
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [

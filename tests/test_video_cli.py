@@ -124,3 +124,17 @@ async def test_upload_refuses_a_file_that_is_not_a_video(emu, tmp_path: Path):
         assert fragment in lines[0]
         assert "config" not in lines[0]
     assert emu.library.videos == {}
+
+
+def test_a_manifest_that_is_not_ours_is_started_over(tmp_path: Path):
+    """An upload manifest holding something else (a list, an entry that is not an object) is
+    not trusted: every file is uploaded again, instead of the command failing."""
+    from streamwatch.videocmd import MANIFEST, _plan
+
+    clip = tmp_path / "a.mp4"
+    clip.write_bytes(b"x" * 10)
+    (tmp_path / MANIFEST).write_text("[1, 2]")
+    assert _plan([tmp_path]) == ([clip], 0, {tmp_path: {}})
+    (tmp_path / MANIFEST).write_text(json.dumps({"a.mp4": "done"}))
+    todo, skipped, _ = _plan([tmp_path])
+    assert (todo, skipped) == ([clip], 0)

@@ -197,6 +197,12 @@ class Emulator:
                     await asyncio.gather(*running, return_exceptions=True)
         finally:
             await close_runner(runner)
+            # A start answered while the tasks above were being cancelled began a loop of
+            # its own: with the listener closed no more can come, so these are the last.
+            late = [*self._loops.values(), *self._followers, *self._senders]
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
             await self._session.close()
 
     def _make_app(self) -> web.Application:
@@ -234,7 +240,7 @@ class Emulator:
     def accepted_starts(self, url: str | None = None) -> list[StartRecord]:
         return [s for s in self.starts if s.task_id and (url is None or s.url == url)]
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> dict[str, object]:
         """What `GET /_emulator/state` shows. That route has no authentication, so stream
         URLs are shown with their credentials masked."""
         return {
@@ -260,7 +266,7 @@ class Emulator:
 
     # -- the v2 API ----------------------------------------------------------------------------
 
-    def _reply(self, status: int, message: str, data: Any = None) -> web.Response:
+    def _reply(self, status: int, message: str, data: object = None) -> web.Response:
         code: int | str = str(status) if self.string_codes else status
         body = {"code": code, "message": message, "data": data}
         return web.json_response(body, status=status)
@@ -414,7 +420,7 @@ class Emulator:
         outcomes, then = self._outcomes(task)
         script = self.scripts.get(task.url)
         reorder = script is not None and script.reorder
-        held: tuple[dict[str, Any], int] | None = None  # a segment kept back to be sent late
+        held: tuple[dict[str, object], int] | None = None  # a segment kept back to be sent late
 
         def release() -> None:
             nonlocal held
@@ -497,7 +503,7 @@ class Emulator:
         task.state = "ended"
         task.end_status = status
         self._loops.pop(task.task_id, None)
-        body = {
+        body: dict[str, object] = {
             "code": self._code(),
             "message": "SUCCESS",
             "task_id": task.task_id,
@@ -517,7 +523,7 @@ class Emulator:
 
     def _send(
         self,
-        body: dict[str, Any],
+        body: dict[str, object],
         task_id: str,
         index: int | None,
         status: int,
@@ -532,7 +538,7 @@ class Emulator:
             self._senders.add(sender)
             sender.add_done_callback(self._senders.discard)
 
-    async def _deliver(self, delivery: Delivery, body: dict[str, Any]) -> None:
+    async def _deliver(self, delivery: Delivery, body: dict[str, object]) -> None:
         assert self._session is not None
         delay = self.redelivery_initial
         while delivery.attempts < self.redelivery_attempts:
@@ -558,7 +564,7 @@ class Emulator:
         )
 
 
-def _validate_start(body: Any) -> str | None:
+def _validate_start(body: object) -> str | None:
     if not isinstance(body, dict):
         return "Body must be a JSON object"
     url = body.get("url")
@@ -580,7 +586,7 @@ def _validate_start(body: Any) -> str | None:
     return None
 
 
-def _failed(task_id: str) -> dict[str, Any]:
+def _failed(task_id: str) -> dict[str, object]:
     return {
         "code": 200,
         "message": "SUCCESS",
@@ -589,9 +595,11 @@ def _failed(task_id: str) -> dict[str, Any]:
     }
 
 
-def _segment(task: EmuTask, index: int, outcome: str, period: float, clips: str) -> dict[str, Any]:
+def _segment(
+    task: EmuTask, index: int, outcome: str, period: float, clips: str
+) -> dict[str, object]:
     frames = task.fps * 5
-    data: dict[str, Any] = {
+    data: dict[str, object] = {
         "segment_index": index,
         "start_time": f"{index * 5:.1f}",
         "end_time": f"{(index + 1) * 5:.1f}",

@@ -49,7 +49,7 @@ class LibraryVideo:
     upload_ms: int
     status: str = "UNPARSE"
 
-    def wire(self) -> dict[str, Any]:
+    def wire(self) -> dict[str, object]:
         """The video as upload, searchDB and searchAI show it: four strings."""
         return {
             "videoNo": self.video_no,
@@ -58,7 +58,7 @@ class LibraryVideo:
             "uploadTime": str(self.upload_ms),
         }
 
-    def clip_wire(self, start_s: int, end_s: int) -> dict[str, Any]:
+    def clip_wire(self, start_s: int, end_s: int) -> dict[str, object]:
         """One searchVideoFragment hit: the video's fields, its duration and the clip's bounds,
         all strings of whole seconds."""
         return {
@@ -88,7 +88,7 @@ class VideoLibrary:
     busy_next: int = 0  # answer this many calls with 0429 first
     videos: dict[str, LibraryVideo] = field(default_factory=dict)
     tasks: dict[str, _Task] = field(default_factory=dict)
-    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    callbacks: list[dict[str, object]] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     _seen: dict[str, deque[float]] = field(default_factory=dict)
     _counter: int = 0
@@ -128,10 +128,10 @@ class VideoLibrary:
     # -- helpers ------------------------------------------------------------------------------
 
     @staticmethod
-    def _answer(code: str, data: Any = None, msg: str = "success") -> web.Response:
+    def _answer(code: str, data: object = None, msg: str = "success") -> web.Response:
         """`{"code", "msg", "data"}`; without `data` when there is none, as MAVI documents for
         delete (`{"code", "msg"}`)."""
-        doc: dict[str, Any] = {"code": code, "msg": msg}
+        doc: dict[str, object] = {"code": code, "msg": msg}
         if data is not None:
             doc["data"] = data
         return web.json_response(doc)
@@ -168,7 +168,7 @@ class VideoLibrary:
         self._counter += 1
         return f"{prefix}{self._counter:010d}"
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         if self._tasks is None:
             coro.close()
             raise RuntimeError("the emulator's video library is not running")
@@ -199,7 +199,11 @@ class VideoLibrary:
         await asyncio.sleep(self.parse_seconds)
         video.status = "PARSE" if video.size > 0 else "FAIL"
         if callback:
-            body = {"videoNo": video.video_no, "clientId": "emulator", "status": video.status}
+            body: dict[str, object] = {
+                "videoNo": video.video_no,
+                "clientId": "emulator",
+                "status": video.status,
+            }
             self.callbacks.append(body)
             try:
                 async with aiohttp.ClientSession() as s, s.post(callback, json=body):

@@ -27,7 +27,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import NoReturn
 
 from streamwatch.mavi.ids import TASK_ID_MAX, is_task_id
 from streamwatch.redact import redact_urls
@@ -93,7 +93,7 @@ class LogoHit:
 
     name: str | None
     confidence: float | None
-    raw: Any
+    raw: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +161,7 @@ def decode_body(body: bytes) -> str:
         raise CallbackError("encoding", f"the body is not UTF-8 (byte {exc.start})") from None
 
 
-def _constant(name: str) -> Any:
+def _constant(name: str) -> NoReturn:
     raise CallbackError("range", f"{name} is not a number JSON allows")
 
 
@@ -179,9 +179,9 @@ _DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_float)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _walk(doc: Any, *, depth: bool, strings: bool) -> None:
+def _walk(doc: object, *, depth: bool, strings: bool) -> None:
     """Check nesting depth and/or strings (keys included) for lone surrogates."""
-    stack: list[tuple[Any, int]] = [(doc, 1)]
+    stack: list[tuple[object, int]] = [(doc, 1)]
     while stack:
         node, level = stack.pop()
         if isinstance(node, dict | list):
@@ -204,7 +204,7 @@ def _check_str(value: str) -> None:
             raise CallbackError("field", "a string holds a lone surrogate") from None
 
 
-def _load(body: bytes | str) -> Any:
+def _load(body: bytes | str) -> object:
     """Parse the JSON: no NaN or Infinity, finite floats, at most `MAX_DEPTH` levels, no
     lone surrogates (integers are bounded where they are read). The checks that need a walk
     run only when the text could fail them (more brackets than the depth limit, a surrogate
@@ -237,7 +237,7 @@ def _short(exc: ValueError) -> str:
 # -- fields -------------------------------------------------------------------------------------
 
 
-def _num(value: Any, field: str, *, high: float) -> float | None:
+def _num(value: object, field: str, *, high: float) -> float | None:
     """A finite number in [0, high], sent as a number or a numeric string; "" and null: None."""
     if value is None or value == "":
         return None
@@ -261,7 +261,7 @@ def _num(value: Any, field: str, *, high: float) -> float | None:
     return number
 
 
-def _int(value: Any, field: str, *, low: int, high: int) -> int | None:
+def _int(value: object, field: str, *, low: int, high: int) -> int | None:
     """A whole number in [low, high], as a number or a numeric string; null: None."""
     if value is None or value == "":
         return None
@@ -291,13 +291,13 @@ def _int(value: Any, field: str, *, low: int, high: int) -> int | None:
     return number
 
 
-def _bool(value: Any, field: str) -> bool | None:
+def _bool(value: object, field: str) -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise CallbackError("field", f"{field} must be true or false")
 
 
-def _text(value: Any, field: str) -> str:
+def _text(value: object, field: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -307,7 +307,7 @@ def _text(value: Any, field: str) -> str:
     return redact_urls(value)[:MAX_MESSAGE]
 
 
-def _obj(value: Any, field: str) -> dict[str, Any] | None:
+def _obj(value: object, field: str) -> dict[str, object] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -315,7 +315,7 @@ def _obj(value: Any, field: str) -> dict[str, Any] | None:
     return value
 
 
-def _logo(item: Any) -> LogoHit:
+def _logo(item: object) -> LogoHit:
     if len(json.dumps(item)) > MAX_LOGO_BYTES:
         raise CallbackError("range", f"a logo element is over {MAX_LOGO_BYTES} bytes")
     if isinstance(item, dict):
@@ -338,7 +338,7 @@ def _logo(item: Any) -> LogoHit:
     return LogoHit(None, None, item)
 
 
-def _logos(block: dict[str, Any] | None) -> tuple[LogoHit, ...]:
+def _logos(block: dict[str, object] | None) -> tuple[LogoHit, ...]:
     raw = block.get("logos") if block is not None else None
     if raw is None:
         return ()
@@ -349,7 +349,7 @@ def _logos(block: dict[str, Any] | None) -> tuple[LogoHit, ...]:
     return tuple(_logo(x) for x in raw)
 
 
-def _tokens(raw: dict[str, Any] | None) -> Tokens | None:
+def _tokens(raw: dict[str, object] | None) -> Tokens | None:
     if raw is None:
         return None
 
@@ -361,7 +361,7 @@ def _tokens(raw: dict[str, Any] | None) -> Tokens | None:
     )
 
 
-def _url(value: Any) -> str | None:
+def _url(value: object) -> str | None:
     if value is None or value == "":
         return None
     if not isinstance(value, str):

@@ -47,7 +47,7 @@ class StartRequest:
     fps: int
     max_logos: int
 
-    def body(self) -> dict[str, Any]:
+    def body(self) -> dict[str, object]:
         return {
             "url": self.url,
             "enable_content_moderation": self.content_moderation,
@@ -126,7 +126,7 @@ class StreamClient:
             return False
         return True
 
-    async def _call(self, endpoint: str, body: dict[str, Any]) -> Any:
+    async def _call(self, endpoint: str, body: dict[str, object]) -> Any:
         async for attempt in self._retry.context(_retry_hook):
             with attempt:
                 if attempt.num > 1:
@@ -134,7 +134,7 @@ class StreamClient:
                 return await self._once(endpoint, body)
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
-    async def _once(self, endpoint: str, body: dict[str, Any]) -> Any:
+    async def _once(self, endpoint: str, body: dict[str, object]) -> Any:
         started = time.perf_counter()
         outcome = "ok"
         try:
@@ -146,7 +146,7 @@ class StreamClient:
             if self._on_request is not None:
                 self._on_request(endpoint, outcome, time.perf_counter() - started)
 
-    async def _request(self, endpoint: str, body: dict[str, Any]) -> Any:
+    async def _request(self, endpoint: str, body: dict[str, object]) -> Any:
         url = f"{self._base}/stream/{endpoint}"
         headers = {"Authorization": self._key.get_secret_value()}
         try:

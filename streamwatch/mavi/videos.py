@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,13 +116,13 @@ class Video:
     upload_time_ms: int | None
 
     @classmethod
-    def from_wire(cls, d: dict[str, Any]) -> Video:
+    def from_wire(cls, d: dict[str, object]) -> Video:
         upload = d.get("uploadTime")
         return cls(
             video_no=str(d["videoNo"]),
-            name=d.get("videoName"),
-            status=d.get("videoStatus"),
-            upload_time_ms=int(upload) if upload not in (None, "") else None,
+            name=_text(d.get("videoName")),
+            status=_text(d.get("videoStatus")),
+            upload_time_ms=_millis(upload),
         )
 
 
@@ -216,7 +217,7 @@ class VideoClient:
         end_ms: int | None = None,
     ) -> Page:
         """One page of the library's metadata (pages count from 1)."""
-        params: dict[str, Any] = {"page": page, "pageSize": page_size}
+        params: dict[str, object] = {"page": page, "pageSize": page_size}
         if status:
             params["videoStatus"] = status
         if start_ms is not None:
@@ -257,7 +258,7 @@ class VideoClient:
             body = {"videoNos": chunk, "searchValue": query}
             data = await self._call(
                 "searchVideoFragment",
-                lambda body=body: self._request("POST", "searchVideoFragment", json=body),
+                partial(self._request, "POST", "searchVideoFragment", json=body),
             )
             for v in data.get("videos") or []:
                 clips.append(
@@ -317,7 +318,7 @@ class VideoClient:
         callback_uri: str | None = None,
     ) -> str:
         """Submit a transcription; returns its task number."""
-        body: dict[str, Any] = {"videoNo": video_no, "type": kind}
+        body: dict[str, object] = {"videoNo": video_no, "type": kind}
         if callback_uri:
             body["callBackUri"] = callback_uri
         data = await self._call(
@@ -354,9 +355,7 @@ class VideoClient:
     async def delete(self, video_nos: Sequence[str]) -> int:
         """Delete videos (in chunks of 500). Returns how many were asked for."""
         for chunk in _chunks(video_nos, DELETE_MAX):
-            await self._call(
-                "delete", lambda chunk=chunk: self._request("DELETE", "delete", json=chunk)
-            )
+            await self._call("delete", partial(self._request, "DELETE", "delete", json=chunk))
         return len(video_nos)
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -364,7 +363,7 @@ class VideoClient:
     def _headers(self) -> dict[str, str]:
         return {"Authorization": self._key.get_secret_value()}
 
-    async def _call(self, endpoint: str, send: Any) -> Any:
+    async def _call(self, endpoint: str, send: Callable[[], Awaitable[Any]]) -> Any:
         async for attempt in self._retry.context(_retry_busy):
             with attempt:
                 if attempt.num > 1:
@@ -374,7 +373,7 @@ class VideoClient:
                     return await self._timed(endpoint, send)
         raise AssertionError("unreachable: stamina re-raises the last error")  # pragma: no cover
 
-    async def _timed(self, endpoint: str, send: Any) -> Any:
+    async def _timed(self, endpoint: str, send: Callable[[], Awaitable[Any]]) -> Any:
         """One request, told to `on_request` with its outcome and duration."""
         started = time.perf_counter()
         outcome = "ok"
@@ -433,7 +432,7 @@ def _outcome(exc: BatchError) -> str:
     return "bad_answer"
 
 
-def _data(doc: Any, endpoint: str) -> Any:
+def _data(doc: object, endpoint: str) -> Any:
     if not isinstance(doc, dict):
         raise BatchError(f"{endpoint}: the answer is not an object")
     code = str(doc.get("code", ""))
@@ -445,7 +444,7 @@ def _data(doc: Any, endpoint: str) -> Any:
 
 def _chat_body(
     video_nos: Sequence[str], message: str, history: Iterable[tuple[str, str]], *, stream: bool
-) -> dict[str, Any]:
+) -> dict[str, object]:
     return {
         "videoNos": list(video_nos),
         "message": message,
@@ -456,3 +455,18 @@ def _chat_body(
 
 def _chunks(items: Sequence[str], size: int) -> list[list[str]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _text(value: object) -> str | None:
+    """A string field of a video, or None when MAVI sent none (or something else)."""
+    return value if isinstance(value, str) else None
+
+
+def _millis(value: object) -> int | None:
+    """`uploadTime` in milliseconds, sent as a number or a numeric string; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str) or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
