@@ -443,16 +443,17 @@ class Supervisor:
         adopting)."""
         spec = self.desired.get(name)
         state = self.streams[name]
-        if spec is None:  # removed while queued
+        if spec is not None and spec.preflight:
+            await self._preflight(name, spec)
+            spec = self.desired.get(name)  # as it is now: a reload may have changed it
+            state = self.streams.get(name, state)
+            if self._stopping or (spec is not None and state.phase is not Phase.STARTING):
+                return  # the source is down (source_offline), or shutting down: no start
+        if spec is None:  # removed while queued (or while its source was probed)
             self.streams.pop(name, None)
             if state.intent is not None:
                 await self._close_intent(state.intent, "the stream was removed")
             return
-        if spec.preflight:
-            spec = await self._preflight(name, spec)
-            if spec is None:
-                return
-            state = self.streams[name]
         outcome = await self._starts.start(name, spec)
         if isinstance(outcome, Adopted):
             self._took_adopted(name, outcome)
@@ -461,11 +462,11 @@ class Supervisor:
         else:
             await self._started(name, state, outcome, fps=spec.fps)
 
-    async def _preflight(self, name: str, spec: StreamConfig) -> StreamConfig | None:
-        """Probe the stream's source before its start (the stream is `starting` meanwhile;
-        the probe runs in this action's task, so planning and other streams go on). Returns
-        the spec to start with, or None when there is no start: the source is down (the
-        stream is `source_offline`), or the stream was removed meanwhile."""
+    async def _preflight(self, name: str, spec: StreamConfig) -> None:
+        """Probe the stream's source before its start, and apply what `on_probe` decides: the
+        stream stays `starting` when the start goes ahead, or is `source_offline`. The probe
+        is a task of its own, awaited by this start's (so planning and other streams go on),
+        which `shutdown()` cancels (no start follows once it began)."""
         now = self._clock()
         result: SourceInfo | ProbeFailed
         probing = asyncio.create_task(
@@ -478,7 +479,7 @@ class Supervisor:
         except asyncio.CancelledError:
             this = asyncio.current_task()
             if self._stopping and (this is None or not this.cancelling()):
-                return None  # `shutdown()` cancelled the probe: no start
+                return  # `shutdown()` cancelled the probe
             raise
         except ProbeError as exc:
             result = ProbeFailed(exc.kind, self._text(str(exc)))
@@ -491,9 +492,8 @@ class Supervisor:
             self._probing.discard(probing)
         current = self.desired.get(name)
         state = self.streams.get(name)
-        if current is None or state is None:  # removed while it probed
-            self.streams.pop(name, None)
-            return None
+        if current is None or state is None:  # removed while it probed: `_start` forgets it
+            return
         ticks = segment_cost_ticks(
             fps=current.fps,
             content_moderation=current.content_moderation,
@@ -530,8 +530,6 @@ class Supervisor:
         self._apply(effects)
         if not go:
             self._notify(replan=False)
-            return None
-        return current
 
     async def _started(self, name: str, state: StreamState, started: Started, *, fps: int) -> None:
         registered, task_id, now = started.registered, started.task_id, started.at
