@@ -79,6 +79,7 @@ __all__ = [
     "on_callback",
     "on_open_intent",
     "on_probe",
+    "on_start_unprobed",
     "on_resume",
     "on_start_failed",
     "on_start_unanswered",
@@ -506,14 +507,20 @@ class SourceOffline:
 
 @dataclass(frozen=True, slots=True)
 class SourceOnline:
-    """Preflight found the stream's source again after `offline_seconds` down."""
+    """Preflight found the stream's source again after `offline_seconds` down (`source`: what
+    it saw), or no longer looks (preflight turned off: `source` is None)."""
 
     stream: str
     offline_seconds: float
-    source: SourceInfo
+    source: SourceInfo | None
 
     @property
     def detail(self) -> str:
+        if self.source is None:
+            return (
+                f"preflight is off: the source, offline for {self.offline_seconds:.0f}s when"
+                " last probed, is no longer probed"
+            )
         return f"the source is back after {self.offline_seconds:.0f}s offline"
 
 
@@ -727,6 +734,15 @@ def on_probe(
     if state.offline_since is None:
         offline.append(SourceOffline(state.name, result.kind, result.detail))
     return new, False, offline
+
+
+def on_start_unprobed(state: StreamState, *, now: float) -> tuple[StreamState, list[Effect]]:
+    """A start without a probe (preflight is off now) of a stream whose source preflight last
+    found down: the outage is no longer watched, so it is forgotten and its alert resolved."""
+    if state.offline_since is None:
+        return state, []
+    gone = SourceOnline(state.name, max(0.0, now - state.offline_since), None)
+    return replace(state, offline_since=None), [gone]
 
 
 def on_open_intent(

@@ -64,6 +64,7 @@ from streamwatch.policy import (
     on_open_intent,
     on_probe,
     on_resume,
+    on_start_unprobed,
     on_start_failed,
     on_start_unanswered,
     on_stop_failed,
@@ -449,6 +450,10 @@ class Supervisor:
             state = self.streams.get(name, state)
             if self._stopping or (spec is not None and state.phase is not Phase.STARTING):
                 return  # the source is down (source_offline), or shutting down: no start
+        elif state.offline_since is not None:
+            state, effects = on_start_unprobed(state, now=self._clock())
+            self.streams[name] = state
+            self._apply(effects)
         if spec is None:  # removed while queued (or while its source was probed)
             self.streams.pop(name, None)
             if state.intent is not None:

@@ -30,6 +30,7 @@ from streamwatch.policy import (
     on_open_intent,
     on_probe,
     on_resume,
+    on_start_unprobed,
     on_start_failed,
     on_start_unanswered,
     on_stop_failed,
@@ -531,3 +532,14 @@ def test_a_restored_offline_stream_probes_again_when_its_backoff_is_over():
         1,
         8,
     )
+
+
+def test_a_start_without_preflight_forgets_an_outage_preflight_saw():
+    """preflight turned off (a reload) while the source was offline: the next start, without
+    a probe, forgets the outage and resolves it; a stream with no outage is left alone."""
+    offline = replace(OFFLINE, phase=Phase.STARTING)
+    new, effects = on_start_unprobed(offline, now=NOW)
+    assert new == replace(offline, offline_since=None)
+    assert effects == [SourceOnline("a", 50.0, None)]
+    assert "no longer probed" in effects[0].detail
+    assert on_start_unprobed(STARTING, now=NOW) == (STARTING, [])
