@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import tomllib
@@ -401,6 +402,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config, _ = _load_with_secrets(args.config, state_file=True)
     print(f"{args.config}: OK — {len(config.streams)} stream(s), backend {config.mavi.backend}")
+    probed = [s.name for s in config.streams if s.preflight]
+    if probed and shutil.which("ffprobe") is None:
+        print(
+            f"warning: preflight is on for {', '.join(probed)} but ffprobe is not installed:"
+            " they will start without a probe (install FFmpeg: apt-get install ffmpeg)"
+        )
     print()
     print(render_estimate(_estimate(config)))
     return EXIT_OK

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from streamwatch.store import Store, StreamRecord
-from tests.conftest import cli
+from tests.conftest import cli, tool
 
 NOV = datetime(2026, 11, 10, 12, tzinfo=UTC).timestamp()
 OCT = datetime(2026, 10, 10, 12, tzinfo=UTC).timestamp()
@@ -136,3 +136,18 @@ async def test_cost_shows_what_preflight_saved(tmp_path: Path):
     table = cli("cost", "-c", str(config))
     assert "4 pre-charge(s) avoided, $0.0104 not spent" in table.stdout
     assert "unreachable 3" in table.stdout
+
+
+def test_check_config_warns_when_preflight_cannot_probe(tmp_path: Path):
+    """With preflight on and no ffprobe on PATH, check-config still passes (starts go ahead
+    without a probe) but says so, naming the streams; with ffprobe there, no warning."""
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('name = "b"', 'name = "b"\npreflight = true'))
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    out = cli("check-config", "-c", str(config), env={"PATH": str(empty)})
+    assert out.returncode == 0, out.stderr
+    assert "warning: preflight is on for b but ffprobe is not installed" in out.stdout
+    tool("ffprobe")
+    out = cli("check-config", "-c", str(config))
+    assert "warning" not in out.stdout
