@@ -13,7 +13,8 @@ import aiohttp
 from streamwatch.cli import render_status
 from streamwatch.emulator.script import Script
 from streamwatch.policy import Phase
-from tests.conftest import Daemon, stream_toml, tool
+from streamwatch.store import Store
+from tests.conftest import Daemon, free_port, stream_toml, tool
 from tests.media import LiveSource, LiveSources, Pattern
 
 PASSWORD = "pa55-w0rd-preflight"
@@ -161,3 +162,28 @@ async def test_a_probe_under_way_holds_up_no_other_stream_and_no_shutdown(daemon
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_an_outage_and_what_it_saved_survive_a_restart(daemon: Daemon):
+    """What preflight counted (since when the source is offline, probes, pre-charges avoided)
+    is in the state file: the next process goes on from it, without a second
+    `source_offline` event for the same outage, and still starts nothing."""
+    tool("ffprobe")
+    closed = free_port()  # nothing listens: connection refused
+    await daemon.start(
+        stream_toml("cam", f"rtmp://127.0.0.1:{closed}/live/x", preflight=True),
+        stall_after_segments=600,
+    )
+    await daemon.wait(lambda: daemon.state("cam").precharges_avoided >= 2)
+    await daemon.stop()
+    async with Store(daemon.db) as store:
+        kept = (await store.streams())["cam"]
+    assert kept.offline_since is not None
+    assert kept.precharges_avoided >= 2
+    assert dict(kept.probes)["unreachable"] == kept.precharges_avoided
+    await daemon.start()
+    assert daemon.state("cam").offline_since == kept.offline_since
+    await daemon.wait(lambda: daemon.state("cam").precharges_avoided > kept.precharges_avoided + 1)
+    kinds = [e.kind for e in await daemon.events(stream="cam")]
+    assert kinds.count("source_offline") == 1
+    assert daemon.emulator.starts == []
