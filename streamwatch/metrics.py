@@ -276,6 +276,10 @@ class StreamView:
     fps: int | None
     content_moderation: bool | None
     logo_detection: bool | None
+    preflight: bool = False
+    probes: Mapping[str, int] = field(default_factory=dict)  # preflight probes by outcome
+    precharges_avoided: int = 0
+    ticks_saved: int = 0
 
 
 @dataclass
@@ -303,7 +307,9 @@ STATES = (
     "held",
     "halted",
     "over_budget",
+    "source_offline",
 )
+PROBE_OUTCOMES = ("ok", "unreachable", "timeout", "refused", "not_media", "failed", "unavailable")
 
 
 def _usd(ticks: float) -> float:
@@ -321,6 +327,12 @@ _LAST_HELP = "Unix time of the last callback stored for the stream."
 _COST_HELP = "What MAVI charged for the stream (the ledger)."
 _BURN_HELP = "What the stream costs per hour while its task runs (0 when stopped)."
 _TOKENS_HELP = "Tokens MAVI reports per segment, by kind: input, output, video, text."
+_PROBES_HELP = (
+    "Preflight probes of the stream's source, by outcome: ok, unreachable, timeout,"
+    " refused, not_media, failed, unavailable (no ffprobe)."
+)
+_AVOIDED_HELP = "Starts not made because preflight found the source offline: pre-charges avoided."
+_SAVED_HELP = "What the pre-charges avoided by preflight would have cost."
 
 
 def _escape(value: str) -> str:
@@ -448,6 +460,9 @@ class StateCollector(Collector):
         cost = fam("streamwatch_stream_cost_usd", "counter", _COST_HELP)
         burn = fam("streamwatch_stream_burn_usd_per_hour", "gauge", _BURN_HELP)
         token = fam("streamwatch_segment_tokens", "counter", _TOKENS_HELP, ("kind",))
+        probes = fam("streamwatch_stream_probes", "counter", _PROBES_HELP, ("outcome",))
+        avoided = fam("streamwatch_stream_precharges_avoided", "counter", _AVOIDED_HELP)
+        saved = fam("streamwatch_stream_precharges_avoided_usd", "counter", _SAVED_HELP)
         # One pass, one escaped label set per stream, lines appended as f-strings: at 10,000
         # streams this loop makes a quarter of a million lines per scrape.
         n = _number
@@ -476,6 +491,11 @@ class StateCollector(Collector):
                     else 0.0
                 )
                 burn_l.append(f"streamwatch_stream_burn_usd_per_hour{labels}{n(_usd(rate))}\n")
+                if view.preflight or view.probes:  # from zero, so that increase() sees the first
+                    for outcome in PROBE_OUTCOMES:
+                        probes.add(name, (outcome,), view.probes.get(outcome, 0))
+                    avoided.add(name, (), view.precharges_avoided)
+                    saved.add(name, (), _usd(view.ticks_saved))
             total = totals.get(name)
             if total is not None:
                 seg_l.append(f"streamwatch_stream_segments_total{labels}{total.segments}\n")
@@ -516,6 +536,9 @@ class StateCollector(Collector):
             last,
             cost,
             burn,
+            probes,
+            avoided,
+            saved,
             token,
         ]
 
