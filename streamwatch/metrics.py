@@ -13,7 +13,6 @@ USD (`_usd`). Every name here is part of the README's metrics contract.
 
 from __future__ import annotations
 
-import math
 import platform
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from streamwatch import __version__
 from streamwatch.ledger import PERIODS, Spending, burn_ticks_per_second
@@ -341,12 +341,11 @@ def _escape(value: str) -> str:
 
 
 def _number(value: float) -> str:
-    if type(value) is int:
-        return str(value)
-    number = float(value)
-    if math.isfinite(number):
-        return repr(number)
-    return "NaN" if math.isnan(number) else ("+Inf" if number > 0 else "-Inf")
+    """As prometheus_client writes a value (`floatToGoString`: `1.0`, `1.5e+06`), with a
+    fast path for the small whole numbers most per-stream series hold."""
+    if type(value) is int and -1_000_000 < value < 1_000_000:
+        return f"{value}.0"
+    return str(floatToGoString(value))  # type: ignore[no-untyped-call]  # unannotated upstream
 
 
 class StreamFamily:
@@ -402,7 +401,7 @@ class StreamFamily:
         esc = _escape(stream)
         self.lines.append(
             "".join(
-                f'{self.sample}{{stream="{esc}",state="{s}"}} {1 if s == state else 0}\n'
+                f'{self.sample}{{stream="{esc}",state="{s}"}} {1.0 if s == state else 0.0}\n'
                 for s in STATES
             )
         )
@@ -482,8 +481,10 @@ class StateCollector(Collector):
                 )
                 info.add_cached(self._lines, name, settings, info_labels, 1)
                 state.add_cached(self._lines, name, view.state, None, 0)
-                up_l.append(f"streamwatch_stream_up{labels}{int(view.state == 'running')}\n")
-                restarts_l.append(f"streamwatch_stream_restarts_total{labels}{view.restarts}\n")
+                up_l.append(
+                    f"streamwatch_stream_up{labels}{1.0 if view.state == 'running' else 0.0}\n"
+                )
+                restarts_l.append(f"streamwatch_stream_restarts_total{labels}{n(view.restarts)}\n")
                 spec = specs.get(name)
                 rate = (
                     burn_ticks_per_second(spec, segment_seconds) * 3600
@@ -498,15 +499,15 @@ class StateCollector(Collector):
                     saved.add(name, (), _usd(view.ticks_saved))
             total = totals.get(name)
             if total is not None:
-                seg_l.append(f"streamwatch_stream_segments_total{labels}{total.segments}\n")
+                seg_l.append(f"streamwatch_stream_segments_total{labels}{n(total.segments)}\n")
                 unsafe_l.append(
-                    f"streamwatch_stream_unsafe_segments_total{labels}{total.unsafe_segments}\n"
+                    f"streamwatch_stream_unsafe_segments_total{labels}{n(total.unsafe_segments)}\n"
                 )
                 logo_l.append(
-                    f"streamwatch_stream_logo_segments_total{labels}{total.logo_segments}\n"
+                    f"streamwatch_stream_logo_segments_total{labels}{n(total.logo_segments)}\n"
                 )
                 err_l.append(
-                    f"streamwatch_stream_segment_errors_total{labels}{total.failed_segments}\n"
+                    f"streamwatch_stream_segment_errors_total{labels}{n(total.failed_segments)}\n"
                 )
                 if total.last_callback_at is not None:
                     last_l.append(
@@ -522,7 +523,7 @@ class StateCollector(Collector):
                     if count:
                         token_l.append(
                             f'streamwatch_segment_tokens_total{{stream="{esc}",kind="{kind}"}}'
-                            f" {count}\n"
+                            f" {n(count)}\n"
                         )
         return [
             info,
