@@ -237,6 +237,10 @@ class StreamView:
     fps: int | None
     content_moderation: bool | None
     logo_detection: bool | None
+    preflight: bool = False
+    probes: Mapping[str, int] = field(default_factory=dict)  # preflight probes by outcome
+    precharges_avoided: int = 0
+    ticks_saved: int = 0
 
 
 @dataclass
@@ -264,7 +268,9 @@ STATES = (
     "held",
     "halted",
     "over_budget",
+    "source_offline",
 )
+PROBE_OUTCOMES = ("ok", "unreachable", "timeout", "refused", "not_media", "failed", "unavailable")
 
 
 def _usd(ticks: float) -> float:
@@ -348,6 +354,22 @@ class StateCollector(Collector):
             "What the stream costs per hour while its task runs (0 when stopped).",
             labels=["stream"],
         )
+        probes = CounterMetricFamily(
+            "streamwatch_stream_probes",
+            "Preflight probes of the stream's source, by outcome: ok, unreachable, timeout,"
+            " refused, not_media, failed, unavailable (no ffprobe).",
+            labels=["stream", "outcome"],
+        )
+        avoided = CounterMetricFamily(
+            "streamwatch_stream_precharges_avoided",
+            "Starts not made because preflight found the source offline: pre-charges avoided.",
+            labels=["stream"],
+        )
+        saved = CounterMetricFamily(
+            "streamwatch_stream_precharges_avoided_usd",
+            "What the pre-charges avoided by preflight would have cost.",
+            labels=["stream"],
+        )
         for name in sorted(set(snap.streams) | set(snap.totals) | set(snap.all_time_ticks)):
             view = snap.streams.get(name)
             if view is not None:
@@ -372,6 +394,11 @@ class StateCollector(Collector):
                     else 0.0
                 )
                 burn.add_metric([name], _usd(rate))
+                if view.preflight or view.probes:  # from zero, so that increase() sees the first
+                    for outcome in PROBE_OUTCOMES:
+                        probes.add_metric([name, outcome], view.probes.get(outcome, 0))
+                    avoided.add_metric([name], view.precharges_avoided)
+                    saved.add_metric([name], _usd(view.ticks_saved))
             total = snap.totals.get(name)
             if total is not None:
                 segments.add_metric([name], total.segments)
@@ -393,6 +420,9 @@ class StateCollector(Collector):
             last,
             cost,
             burn,
+            probes,
+            avoided,
+            saved,
         )
 
     def _account(self, snap: Snapshot) -> Iterator[Metric]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 from asyncio.subprocess import PIPE
+from dataclasses import replace
 
 import aiohttp
 import pytest
@@ -15,7 +16,7 @@ from streamwatch import __version__
 from streamwatch.config import parse_config
 from streamwatch.emulator import Script
 from streamwatch.ledger import Spending
-from streamwatch.metrics import OTHER_LOGO, StateCollector
+from streamwatch.metrics import OTHER_LOGO, Snapshot, StateCollector, StreamView
 from streamwatch.pricing import TICKS_PER_USD
 from tests.conftest import SECRET, Daemon, stream_toml, tool, until
 
@@ -195,3 +196,39 @@ def test_a_stream_named_account_has_budget_series_of_its_own():
     assert value(found, cap, scope="stream", stream="account", period="day") == 5
     assert value(found, "streamwatch_budget_remaining_usd", scope="account", period="day") == 100
     assert [k for k in found if k[0] == cap and ("stream", "lobby") in k[1]] == []
+
+
+def test_preflight_counters_per_stream():
+    """A stream with preflight has its probes by outcome (every outcome from zero), the
+    pre-charges avoided and their price as counters; a stream without it has none."""
+    config = parse_config(stream_toml("cam") + stream_toml("plain"), environ={})
+    registry = CollectorRegistry()
+    spending = Spending(budgets=config.budgets, streams=config.streams, segment_seconds=5)
+    collector = StateCollector(registry, spending)
+    plain = StreamView(
+        state="source_offline",
+        running=False,
+        restarts=0,
+        labels={},
+        fps=1,
+        content_moderation=True,
+        logo_detection=False,
+    )
+    cam = replace(
+        plain,
+        preflight=True,
+        probes={"ok": 1, "unreachable": 2},
+        precharges_avoided=2,
+        ticks_saved=12,
+    )
+    collector.snapshot = Snapshot(streams={"cam": cam, "plain": plain})
+    found = samples(generate_latest(registry).decode())
+    probes = "streamwatch_stream_probes_total"
+    assert value(found, probes, stream="cam", outcome="ok") == 1
+    assert value(found, probes, stream="cam", outcome="unreachable") == 2
+    assert value(found, probes, stream="cam", outcome="timeout") == 0
+    assert value(found, "streamwatch_stream_precharges_avoided_total", stream="cam") == 2
+    saved = value(found, "streamwatch_stream_precharges_avoided_usd_total", stream="cam")
+    assert saved == 12 / TICKS_PER_USD
+    assert value(found, "streamwatch_stream_state", stream="cam", state="source_offline") == 1
+    assert [k for k in found if k[0] == probes and ("stream", "plain") in k[1]] == []

@@ -129,11 +129,23 @@ async def test_status_document_fields_and_no_secrets(daemon, http):
         "orphans",
         "cost",
         "alerts",
+        "preflight",
     }
     assert doc["alerts"] == {"pending": 0, "delivered": 0, "dead": 0}
+    assert doc["preflight"] == {
+        "probes": {},
+        "precharges_avoided": 0,
+        "precharges_avoided_usd": "0.000000",
+    }
     stream = doc["streams"][0]
     assert stream["name"] == "cam"
     assert stream["state"] == "running"
+    assert (stream["preflight"], stream["source"], stream["source_offline_since"]) == (
+        False,
+        None,
+        None,
+    )
+    assert (stream["probes"], stream["precharges_avoided"]) == ({}, 0)
     assert stream["segments"] >= 2
     assert stream["last_segment_at"].endswith("Z")
     assert set(stream["cost"]) == {

@@ -227,6 +227,13 @@ PG_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX orphan_charges_by_time ON orphan_charges (at);
     """,
+    # 10: preflight (as SQLite's 10).
+    """
+    ALTER TABLE streams ADD COLUMN offline_since double precision;
+    ALTER TABLE streams ADD COLUMN probes text NOT NULL DEFAULT '{}';
+    ALTER TABLE streams ADD COLUMN precharges_avoided bigint NOT NULL DEFAULT 0;
+    ALTER TABLE streams ADD COLUMN ticks_saved bigint NOT NULL DEFAULT 0;
+    """,
 )
 
 assert PG_BASELINE + len(PG_MIGRATIONS) - 1 == SCHEMA_VERSION, "a migration is missing here"
