@@ -3,9 +3,11 @@
 Runs the daemon (no streams) on loopback, registers one task, and posts N segment callbacks
 with C in flight at once. It runs twice in the same process: the baseline with
 `batch_max = 1` (one commit, one fsync per callback) and the shipped default. Prints
-callbacks/s, commits and the ratio. A benchmark, not a test: it asserts nothing about time.
+callbacks/s, commits and the ratio. With `--storage postgresql://…` it also runs the default
+on that PostgreSQL database (its schema created if missing; each run's task is new), printed
+beside SQLite. A benchmark, not a test: it asserts nothing about time.
 
-    python -m bench.callbacks [--n 5000] [--concurrency 64]
+    python -m bench.callbacks [--n 5000] [--concurrency 64] [--storage postgresql://…]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import json
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import aiohttp
@@ -26,12 +29,12 @@ from streamwatch.logs import configure_logging
 ENV = {"SECRET": "bench-secret-0123456789abcdef", "KEY": "sk-mai-bench"}
 
 
-def body(index: int) -> bytes:
+def body(index: int, task_id: str = "bench-task") -> bytes:
     return json.dumps(
         {
             "code": 200,
             "message": "SUCCESS",
-            "task_id": "bench-task",
+            "task_id": task_id,
             "data": {
                 "status": 0,
                 "message": "Segment processed successfully",
@@ -58,7 +61,11 @@ def body(index: int) -> bytes:
     ).encode()
 
 
-async def run(n: int, concurrency: int, batch_max: int, workdir: Path) -> tuple[float, int]:
+async def run(
+    n: int, concurrency: int, batch_max: int, workdir: Path, url: str | None = None
+) -> tuple[float, int]:
+    where = f'url = "{url}"' if url else f'path = "{workdir / f"bench-{batch_max}.db"}"'
+    task_id = f"bench-task-{uuid.uuid4()}"
     text = f"""
 [mavi]
 backend = "mavi"
@@ -68,7 +75,7 @@ api_key = {{ env = "KEY" }}
 listen = "127.0.0.1:0"
 callback_secret = {{ env = "SECRET" }}
 [storage]
-path = "{workdir / f"bench-{batch_max}.db"}"
+{where}
 batch_max = {batch_max}
 [logging]
 level = "warning"
@@ -80,7 +87,7 @@ level = "warning"
     assert app.store is not None
     assert app.server is not None
     await app.store.record_task_started(
-        task_id="bench-task",
+        task_id=task_id,
         stream="bench",
         spec_hash="h",
         fps=1,
@@ -90,7 +97,7 @@ level = "warning"
         started_at=time.time(),
     )
     url = app.server.callback_url()
-    bodies = [body(i) for i in range(n)]
+    bodies = [body(i, task_id) for i in range(n)]
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for b in bodies:
         queue.put_nowait(b)
@@ -109,7 +116,7 @@ level = "warning"
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     commits = app.store.commits - commits_before
-    stored = await app.store.segment_count(task_id="bench-task")
+    stored = await app.store.segment_count(task_id=task_id)
     app.request_stop()
     await serving
     if stored != n:
@@ -121,16 +128,28 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument(
+        "--storage", metavar="URL", help="also run on this PostgreSQL database (postgresql://…)"
+    )
     args = parser.parse_args()
     configure_logging(level="warning")
     default_batch = StorageConfig().batch_max
     with tempfile.TemporaryDirectory() as tmp:
         base_rate, base_commits = await run(args.n, args.concurrency, 1, Path(tmp))
         rate, commits = await run(args.n, args.concurrency, default_batch, Path(tmp))
+        if args.storage:
+            pg_rate, pg_commits = await run(
+                args.n, args.concurrency, default_batch, Path(tmp), args.storage
+            )
     print(f"callbacks: {args.n}, in flight: {args.concurrency}")
     print(f"baseline  batch_max=1   : {base_rate:8.0f} callbacks/s, {base_commits} commits")
     print(f"default   batch_max={default_batch:<4}: {rate:8.0f} callbacks/s, {commits} commits")
     print(f"ratio default/baseline  : {rate / base_rate:.2f}x")
+    if args.storage:
+        print(
+            f"postgresql batch_max={default_batch:<4}: {pg_rate:8.0f} callbacks/s, "
+            f"{pg_commits} commits (SQLite: {rate:.0f})"
+        )
 
 
 if __name__ == "__main__":

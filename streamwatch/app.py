@@ -60,6 +60,7 @@ from streamwatch.policy import Policy
 from streamwatch.pricing import usd_to_ticks
 from streamwatch.redact import Redactor, url_secrets
 from streamwatch.server import Server
+from streamwatch.storage import storage_location
 from streamwatch.store import Pruned, Store
 from streamwatch.supervisor import Supervisor
 from streamwatch.systemd import Notifier
@@ -224,7 +225,7 @@ class App:
         cfg, metrics = self.config, self.metrics
         store = await stack.enter_async_context(
             Store(
-                cfg.storage.path,
+                storage_location(cfg, environ=self._environ),
                 batch_max=cfg.storage.batch_max,
                 clock=self._clock,
                 precharge_covers_first_segment=cfg.ledger.precharge == "first_segment",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -30,7 +31,7 @@ import structlog
 from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
-from streamwatch import __version__, probecmd, videocmd
+from streamwatch import __version__, probecmd, storecmd, videocmd
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.config import (
     Check,
@@ -59,16 +60,20 @@ from streamwatch.ledger import period_bounds
 from streamwatch.logs import configure_logging
 from streamwatch.redact import Redactor, redact_urls
 from streamwatch.status import StatusDoc, StreamDoc
+from streamwatch.storage import storage_location
 from streamwatch.store import (
     ChargeTotal,
+    Location,
     NewAlert,
     OrphanCharges,
     OutboxRow,
+    PgTarget,
     ReadOnlyStore,
     Store,
     StoreError,
     check_state_file,
 )
+from streamwatch.store.postgres import check_database
 from streamwatch.table import table
 
 __all__ = ["main"]
@@ -188,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     p = verb(
         "check-config",
         "validate the config; print every problem",
-        "Validate the config file, its secrets and the state file ([storage] path) in one pass "
+        "Validate the config file, its secrets and the state file ([storage] path) or database "
+        "([storage] url: connects, checks the credentials and the schema) in one pass "
         "and print every problem with its key path; when all is well, print what the config "
         "will cost.",
         _cmd_check_config,
@@ -277,6 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("dest", type=Path, help="the backup file, or a folder for a dated one")
     probecmd.add_parser(sub, with_config, _cmd_probe)
+    storecmd.add_parser(sub, with_config, _cmd_store)
     p = verb(
         "emulator",
         "run the MAVI emulator on its own",
@@ -361,17 +368,41 @@ def _load(path: Path) -> Config:
 
 
 def _state_file_problems(config: Config, environ: Mapping[str, str]) -> list[ConfigProblem]:
-    """The state file as a config `Check`: its folder, and what is already there."""
+    """The state file as a config `Check`: its folder, and what is already there. (The
+    database, for `check-config` only: `run` finds out as it opens it.)"""
+    if config.storage.postgresql:
+        return []
     problem = check_state_file(config.storage.path)
     return [ConfigProblem("storage.path", problem)] if problem else []
 
 
-def _load_with_secrets(path: Path, *, state_file: bool = False) -> tuple[Config, Secrets]:
-    """The config and its secrets; every problem with them (and with the state file, if
-    asked) is reported in one `ConfigError`."""
+def _database_problems(config: Config, environ: Mapping[str, str]) -> list[ConfigProblem]:
+    """The PostgreSQL database as a config `Check`: reachable, the credentials accepted, the
+    database there, its schema current (connects; writes nothing)."""
+    if not config.storage.postgresql:
+        return []
+    try:
+        location = storage_location(config, environ=environ)
+    except ConfigError:
+        return []  # the missing secret is reported by the secrets' check
+    assert isinstance(location, PgTarget)
+    location = dataclasses.replace(
+        location, connect_timeout_seconds=min(location.connect_timeout_seconds, 10.0)
+    )
+    problem = check_database(location)
+    return [ConfigProblem("storage.url", problem)] if problem else []
+
+
+def _load_with_secrets(
+    path: Path, *, state_file: bool = False, database: bool = False
+) -> tuple[Config, Secrets]:
+    """The config and its secrets; every problem with them (and with the state file or the
+    database, if asked) is reported in one `ConfigError`."""
     checks: list[Check] = [secret_problems]
     if state_file:
         checks.append(_state_file_problems)
+    if database:
+        checks.append(_database_problems)
     config = load_config(path, checks=checks)
     return config, resolve_secrets(config)
 
@@ -407,7 +438,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    config, _ = _load_with_secrets(args.config, state_file=True)
+    config, _ = _load_with_secrets(args.config, state_file=True, database=True)
     print(f"{args.config}: OK — {len(config.streams)} stream(s), backend {config.mavi.backend}")
     probed = [s.name for s in config.streams if s.preflight]
     if probed and shutil.which("ffprobe") is None:
@@ -602,6 +633,20 @@ def _short(ts: str | None) -> str:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _recorded(config: Config, nothing: str) -> Location | None:
+    """Where the state is, to read it; None (with the error printed) if there is no state
+    file yet or a storage secret is missing."""
+    try:
+        location = storage_location(config)
+    except ConfigError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return None
+    if isinstance(location, Path) and not location.exists():
+        print(f"error: no state file at {location}: {nothing}", file=sys.stderr)
+        return None
+    return location
+
+
 def _cmd_cost(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if args.what == "estimate":
@@ -611,14 +656,12 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     now = time.time()
     since = args.since if args.since is not None else period_bounds("month", now)[0]
     until = args.until if args.until is not None else now
-    if not config.storage.path.exists():
-        print(
-            f"error: no state file at {config.storage.path}: nothing recorded yet", file=sys.stderr
-        )
+    location = _recorded(config, "nothing recorded yet")
+    if location is None:
         return EXIT_CONFIG
 
     async def read() -> tuple[list[ChargeTotal], OrphanCharges, PreflightCost]:
-        async with ReadOnlyStore(config.storage.path) as store:
+        async with ReadOnlyStore(location) as store:
             return (
                 await store.charge_totals(since=since, until=until),
                 await store.orphan_charge_totals(since=since, until=until),
@@ -747,7 +790,8 @@ async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> i
         text="If you can read this, alerts from streamwatch reach you.",
         at=now,
     )
-    async with aiohttp.ClientSession() as session, Store(config.storage.path) as store:
+    location = storage_location(config)
+    async with aiohttp.ClientSession() as session, Store(location) as store:
         sinks = {
             k: v
             for k, v in build_sinks(
@@ -782,12 +826,12 @@ async def _alerts_test(config: Config, secrets: Secrets, chosen: list[str]) -> i
 
 
 def _alerts_list(config: Config, *, limit: int, as_json: bool) -> int:
-    if not config.storage.path.exists():
-        print(f"error: no state file at {config.storage.path}", file=sys.stderr)
+    location = _recorded(config, "no alerts yet")
+    if location is None:
         return EXIT_CONFIG
 
     async def read() -> list[OutboxRow]:
-        async with ReadOnlyStore(config.storage.path) as store:
+        async with ReadOnlyStore(location) as store:
             return await store.recent_alerts(limit=limit)
 
     found = asyncio.run(read())
@@ -868,6 +912,14 @@ def _cmd_backup(args: argparse.Namespace) -> int:
     from streamwatch.store import backup
 
     config = _load(args.config)
+    if config.storage.postgresql:
+        print(
+            "error: the state is in PostgreSQL ([storage] url): back it up with pg_dump "
+            "(e.g. pg_dump -Fc -f streamwatch.dump DBNAME) or your provider's backups; "
+            "`streamwatch store copy --to sqlite:///FILE` makes a state file of it",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
     shown = sys.stderr.isatty()
 
     def progress(done: int, total: int) -> None:
@@ -892,6 +944,10 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     return probecmd.run(args)
+
+
+def _cmd_store(args: argparse.Namespace) -> int:
+    return storecmd.run(args, _load(args.config) if not args.source else Config(), os.environ)
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:

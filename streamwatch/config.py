@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import stamina
 from pydantic import (
@@ -260,7 +261,31 @@ class ServerConfig(_Model):
 class StorageConfig(_Model):
     """Where state lives and how writes are batched."""
 
-    path: Path = Field(default=Path("streamwatch.db"), description="SQLite file.")
+    url: str | SecretSource | None = Field(
+        default=None,
+        description="`sqlite:///path/to/streamwatch.db` (an SQLite file: the path after "
+        "`sqlite://`) or `postgresql://user@host:5432/db` (TLS as its `sslmode`/`sslrootcert` "
+        'parameters); or `{ env = "VAR" }` / `{ file = "/path" }` for a PostgreSQL URL held '
+        "as a secret (it may hold the password). Unset: the SQLite file `path`.",
+    )
+    path: Path = Field(
+        default=Path("streamwatch.db"),
+        description='SQLite file (the same as `url = "sqlite://PATH"`).',
+    )
+    password: SecretSource | None = Field(
+        default=None,
+        description="PostgreSQL: where the password is read from (else the URL's secret, "
+        "PGPASSWORD or ~/.pgpass, as libpq does).",
+    )
+    pool_size: int = Field(
+        default=4, ge=1, le=100, description="PostgreSQL: read connections (the writer has one)."
+    )
+    statement_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600, description="PostgreSQL: a statement running longer fails."
+    )
+    connect_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="PostgreSQL: give up connecting after this long."
+    )
     batch_max: int = Field(default=512, ge=1, le=100_000, description="Writes per commit, at most.")
     segment_retention_days: float | None = Field(
         default=None,
@@ -268,6 +293,41 @@ class StorageConfig(_Model):
         description="Delete segment records older than this (unset: keep them all). Task "
         "totals, charges and events are kept.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sqlite_url_is_path(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("url"), str):
+            url = data["url"]
+            if url.startswith("sqlite://"):
+                if "path" in data:
+                    raise ValueError("give `url` or `path`, not both")
+                data = {**data, "path": url.removeprefix("sqlite://")}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _known_url(cls, v: str | SecretSource | None) -> str | SecretSource | None:
+        if isinstance(v, str):
+            if not v.startswith(("sqlite://", "postgresql://", "postgres://")):
+                raise ValueError(
+                    'must be "sqlite:///path/to/streamwatch.db" or "postgresql://user@host:5432/db"'
+                )
+            if v.startswith("sqlite://") and not v.removeprefix("sqlite://"):
+                raise ValueError('names no file: "sqlite:///path/to/streamwatch.db"')
+            if not v.startswith("sqlite://") and urlsplit(v).password is not None:
+                raise ValueError(
+                    "holds a password: keep it out of the config, e.g. password = { env = "
+                    '"STREAMWATCH_DB_PASSWORD" } (or the whole URL as url = { env = "…" })'
+                )
+        return v
+
+    @property
+    def postgresql(self) -> bool:
+        """Is the state in PostgreSQL (else in the SQLite file `path`)?"""
+        return self.url is not None and not (
+            isinstance(self.url, str) and self.url.startswith("sqlite://")
+        )
 
 
 class SupervisorConfig(_Model):
@@ -626,6 +686,9 @@ class Secrets:
     status_token: SecretStr | None
     # sink name -> (url, signing secret)
     sinks: dict[str, tuple[SecretStr, SecretStr | None]] = field(default_factory=dict)
+    # PostgreSQL: the URL when it is held as a secret, and the password from its source.
+    storage_url: SecretStr | None = None
+    storage_password: SecretStr | None = None
 
 
 def _interpolate(
@@ -965,10 +1028,27 @@ def resolve_secrets(config: Config, *, environ: Mapping[str, str] | None = None)
             )
         if url is not None:
             sinks[sink.name] = (url, signing)
+    storage_url = storage_password = None
+    if isinstance(config.storage.url, SecretSource):
+        storage_url = read_secret(config.storage.url, "storage.url", env, problems)
+        if storage_url is not None and not storage_url.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            problems.append(ConfigProblem("storage.url", "the secret must be a postgresql:// URL"))
+    if config.storage.password is not None:
+        storage_password = read_secret(config.storage.password, "storage.password", env, problems)
     if problems:
         raise ConfigError("secrets", problems)
     assert callback is not None
-    resolved = Secrets(api_key, callback, generated, status, sinks)
+    resolved = Secrets(
+        api_key,
+        callback,
+        generated,
+        status,
+        sinks,
+        storage_url=storage_url,
+        storage_password=storage_password,
+    )
     problems = public_value_problems(config, resolved)
     if problems:
         raise ConfigError("secrets", problems)
@@ -997,6 +1077,13 @@ def _named_secrets(config: Config, secrets: Secrets) -> list[tuple[str, str]]:
             found.append((f"alerts.sinks[{i}].secret", signing.get_secret_value()))
     for i, stream in enumerate(config.streams):
         found.extend((f"streams[{i}].url", value) for value in url_secrets(stream.url))
+    if secrets.storage_url is not None:
+        found.append(("storage.url", secrets.storage_url.get_secret_value()))
+        found.extend(
+            ("storage.url", value) for value in url_secrets(secrets.storage_url.get_secret_value())
+        )
+    if secrets.storage_password is not None:
+        found.append(("storage.password", secrets.storage_password.get_secret_value()))
     return [(where, value) for where, value in found if value]
 
 

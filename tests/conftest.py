@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -26,8 +26,9 @@ from streamwatch.app import App
 from streamwatch.config import Config, parse_config
 from streamwatch.emulator import Emulator
 from streamwatch.policy import StreamState
-from streamwatch.store import EventRow, Store
+from streamwatch.store import EventRow, Location, PgTarget, Store
 from streamwatch.supervisor import Supervisor
+from tests import pg
 
 if TYPE_CHECKING:
     from tests.media import LiveSources
@@ -134,8 +135,16 @@ class Daemon:
         self._task: asyncio.Task[None] | None = None
         self.clock: Callable[[], float] = time.time
         self.env = dict(ENV)
+        self.storage = ""  # more [storage] lines (a PostgreSQL url)
+
+    def on(self, location: Location) -> Daemon:
+        """Keep the state at `location` (a PostgreSQL database; a path: the default file)."""
+        if isinstance(location, PgTarget):
+            self.storage = f'url = "{location.url}"'
+        return self
 
     def write(self, streams: str, **kwargs: Any) -> Config:
+        kwargs.setdefault("storage", self.storage)
         text = config_text(
             self.db,
             base_url=self.emulator.base_url,
@@ -212,6 +221,17 @@ async def daemon(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Daemon]:
     yield d
     # Stop deliveries first: a callback connection accepted while the server closes would
     # only be noise at teardown.
+    emulator.webhook = None
+    await d.stop()
+
+
+@pytest.fixture
+async def daemon_both(
+    tmp_path: Path, emulator: Emulator, location: Location
+) -> AsyncIterator[Daemon]:
+    """`daemon`, with its state in SQLite, then in PostgreSQL (the same test on both)."""
+    d = Daemon(tmp_path, emulator).on(location)
+    yield d
     emulator.webhook = None
     await d.stop()
 
@@ -296,3 +316,37 @@ async def live_sources(tmp_path: Path) -> AsyncIterator[LiveSources]:
 
     async with LiveSources(tmp_path / "live") as sources:
         yield sources
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[pg.Cluster]:
+    """A throwaway PostgreSQL cluster for the session (tests/pg.py)."""
+    if not pg.available():
+        missing(f"PostgreSQL is not installed (no initdb in {pg.BIN})")
+    cluster = pg.Cluster(free_port())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cluster.stop("immediate")
+        cluster.remove()
+
+
+@pytest.fixture
+def pg_target(pg_cluster: pg.Cluster) -> Iterator[PgTarget]:
+    """An empty PostgreSQL database of this test's own, dropped after it (the cluster stays
+    small: each database is some 1,000 files)."""
+    name = pg_cluster.new_database()
+    yield PgTarget(pg_cluster.url(name), pool_size=2)
+    pg_cluster.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """Where a store test keeps its state: an SQLite file, then an empty PostgreSQL database
+    (the same test runs on both backends)."""
+    if request.param == "sqlite":
+        return tmp_path / "s.db"
+    target: PgTarget = request.getfixturevalue("pg_target")
+    return target

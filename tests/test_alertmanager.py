@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.sinks.alertmanager import AlertmanagerSink
-from streamwatch.store import Store
+from streamwatch.store import Location, Store
 from tests.conftest import free_port, tool
 from tests.test_alerts import event, rule
 
@@ -79,10 +79,10 @@ async def active(base: str) -> list[dict[str, Any]]:
         return doc
 
 
-async def test_alertmanager_receives_groups_and_resolves(alertmanager, tmp_path: Path):
+async def test_alertmanager_receives_groups_and_resolves(alertmanager, location: Location):
     """A lasting condition stays active (and is re-posted) until resolved; a one-off event is
     listed too; amtool sees them; a resolution clears the condition."""
-    async with aiohttp.ClientSession() as session, Store(tmp_path / "s.db") as store:
+    async with aiohttp.ClientSession() as session, Store(location) as store:
         sink = AlertmanagerSink(
             name="am",
             url=SecretStr(alertmanager),
@@ -191,7 +191,7 @@ async def test_shipped_config_pages_for_a_balance_halt_not_for_each_stream(tmp_p
         }
 
 
-async def test_active_conditions_outlive_the_process(alertmanager, tmp_path: Path):
+async def test_active_conditions_outlive_the_process(alertmanager, location: Location):
     """What the sink keeps active is in the state file: the next process re-posts a condition
     that is still open and resolves it with the labels it was posted with (its severity
     included), so Alertmanager does not keep it firing until its resolve_timeout."""
@@ -203,7 +203,7 @@ async def test_active_conditions_outlive_the_process(alertmanager, tmp_path: Pat
                 name="am", url=SecretStr(alertmanager), session=session, timeout_seconds=5
             )
 
-        async with Store(tmp_path / "s.db") as store:
+        async with Store(location) as store:
             outbox = Outbox(
                 store=store, sinks={"am": sink()}, retry_initial=1, retry_max=1, poll_seconds=1
             )
@@ -216,7 +216,7 @@ async def test_active_conditions_outlive_the_process(alertmanager, tmp_path: Pat
         (firing,) = await active(alertmanager)
         assert firing["labels"]["severity"] == "critical"
 
-        async with Store(tmp_path / "s.db") as store:  # the next process
+        async with Store(location) as store:  # the next process
             again = sink()
             outbox = Outbox(
                 store=store, sinks={"am": again}, retry_initial=1, retry_max=1, poll_seconds=1

@@ -29,7 +29,7 @@ from streamwatch.alerts.sinks.teams import TeamsSink
 from streamwatch.alerts.sinks.webhook import WebhookSink
 from streamwatch.background import hosted
 from streamwatch.config import AlertRule, AlertSink
-from streamwatch.store import Store
+from streamwatch.store import Location, Store
 from tests.fakes.chat import Answer, ChatFakes
 from tests.fakes.serve import serve
 
@@ -305,7 +305,7 @@ async def test_a_burst_is_one_message_per_sink(rig):
     assert "more" in rig.fakes.received["discord"][0]["doc"]["content"]
 
 
-async def test_pending_alerts_survive_a_restart(tmp_path: Path):
+async def test_pending_alerts_survive_a_restart(location: Location):
     """Alerts written to the outbox while every sink is down are delivered by the next
     process's worker."""
     fakes = ChatFakes(SECRET)
@@ -317,7 +317,7 @@ async def test_pending_alerts_survive_a_restart(tmp_path: Path):
             timeout_seconds=0.5,
             max_attempts=10,
         )
-        async with Store(tmp_path / "s.db") as store:
+        async with Store(location) as store:
             fakes.script["slack"] = [Answer(503)]
             outbox = Outbox(
                 store=store,
@@ -333,7 +333,7 @@ async def test_pending_alerts_survive_a_restart(tmp_path: Path):
                 await outbox.deliver_due()
                 await outbox.settle()
         assert fakes.received["slack"] == []
-        async with Store(tmp_path / "s.db") as store:  # the next process, an hour later
+        async with Store(location) as store:  # the next process, an hour later
             outbox = Outbox(
                 store=store,
                 sinks={"slack": sink},
@@ -350,12 +350,12 @@ async def test_pending_alerts_survive_a_restart(tmp_path: Path):
     assert rows[0].state == "delivered"
 
 
-async def test_apprise_sink_delivers_through_apprise(tmp_path: Path):
+async def test_apprise_sink_delivers_through_apprise(location: Location):
     """An Apprise URL (here its generic json:// notifier, pointed at loopback) gets the alert."""
     from streamwatch.alerts.sinks.apprise import AppriseSink
 
     fakes = ChatFakes(SECRET, services=("apprise",))
-    async with serve(fakes.app) as base, Store(tmp_path / "s.db") as store:
+    async with serve(fakes.app) as base, Store(location) as store:
         target = base.replace("http://", "json://") + "/apprise"
         sink = AppriseSink(name="many", url=SecretStr(target), max_attempts=3)
         outbox = Outbox(

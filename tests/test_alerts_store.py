@@ -18,7 +18,8 @@ from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.config import AlertRule, EvidenceConfig, StreamConfig
 from streamwatch.evidence import Evidence
 from streamwatch.mavi.callbacks import StreamEnded, parse_callback
-from streamwatch.store import MIGRATIONS, AlertTx, OutboxRow, Store
+from streamwatch.store import MIGRATIONS, AlertTx, Location, OutboxRow, Store
+from tests import pg
 from tests.test_store import register, segment
 
 CAM = StreamConfig.model_validate(
@@ -95,10 +96,10 @@ class Broken(Alerts):
         raise RuntimeError("routing bug")
 
 
-async def test_a_failing_alert_decision_stores_nothing(tmp_path: Path):
+async def test_a_failing_alert_decision_stores_nothing(location: Location):
     """If deciding the alert fails, the segment (and its charge) or the event is not stored
     either: the caller gets the error (503 for MAVI, which retries), never a silent loss."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         hooked(store, [rule()], cls=Broken)
         await register(store, "t1")
         cb, body = segment("t1", 1, unsafe=True)
@@ -114,10 +115,10 @@ async def test_a_failing_alert_decision_stores_nothing(tmp_path: Path):
     assert totals[0].segments == 1
 
 
-async def test_recorded_events_and_their_alerts_commit_together(tmp_path: Path):
+async def test_recorded_events_and_their_alerts_commit_together(location: Location):
     """A supervisor event and its outbox row are one operation; non-alerting events add
     none."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         hooked(store, [rule()])
         await store.add_event("stream_stalled", stream="cam", task_id="t1")
         await store.add_event("task_adopted", stream="cam", task_id="t1")
@@ -128,11 +129,11 @@ async def test_recorded_events_and_their_alerts_commit_together(tmp_path: Path):
     assert rows[0].event["labels"] == {"site": "paris"}
 
 
-async def test_rule_state_survives_a_restart(tmp_path: Path):
+async def test_rule_state_survives_a_restart(location: Location):
     """Cooldowns, open conditions, grouping windows and streaks are in the state file: after
     a restart a repeat is still held back, an open condition is resolved, a grouping window
     goes on and a streak keeps counting."""
-    path = tmp_path / "s.db"
+    path = location
     rules = [
         rule(name="stall", events=["stream_stalled"], cooldown_seconds=3600, group_seconds=60),
         rule(name="unsafe", events=["unsafe_content"], min_consecutive=2),
@@ -158,26 +159,26 @@ async def test_rule_state_survives_a_restart(tmp_path: Path):
     assert after[1].event["consecutive"] == 2
 
 
-async def test_a_safe_segment_ends_a_streak_and_leaves_no_row(tmp_path: Path):
+async def test_a_safe_segment_ends_a_streak_and_leaves_no_row(location: Location):
     """Streak rows exist only while a streak does: a clean stream costs no rule-state row."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         hooked(store, [rule(events=["unsafe_content"], min_consecutive=3)])
         await register(store, "t1")
         for index, unsafe in enumerate([True, True, False, True]):
             cb, body = segment("t1", index, unsafe=unsafe)
             await store.apply_callback(cb, body=body)
         rows = await store.recent_alerts()
-    conn = sqlite3.connect(tmp_path / "s.db")
-    streaks = conn.execute("SELECT stream, unsafe, logo FROM alert_streaks").fetchall()
-    conn.close()
+    streaks = pg.rows(location, "SELECT stream, unsafe, logo FROM alert_streaks")
     assert rows == []
     assert streaks == [("cam", 1, 0)]
 
 
-async def test_task_ends_alert_only_for_the_current_task_and_not_when_asked(tmp_path: Path):
+async def test_task_ends_alert_only_for_the_current_task_and_not_when_asked(
+    location: Location,
+):
     """A task that ends by itself alerts; an older task's end, or a stop this daemon asked
     for, does not."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         hooked(store, [rule(events=["stream_stopped"])])
         await register(store, "t1")
         await register(store, "t2")
@@ -198,19 +199,17 @@ def orphan_body(task_id: str, index: int, pad: int = 0) -> bytes:
     return json.dumps(doc).encode()
 
 
-def kept_bodies(path: Path) -> dict[str, int]:
-    conn = sqlite3.connect(path)
-    rows = conn.execute("SELECT task_id, count(*) FROM orphan_callbacks GROUP BY task_id")
-    out = dict(rows.fetchall())
-    conn.close()
-    return out
+def kept_bodies(location: Location) -> dict[str, int]:
+    return dict(
+        pg.rows(location, "SELECT task_id, count(*) FROM orphan_callbacks GROUP BY task_id")
+    )
 
 
-async def test_orphans_are_counted_and_only_a_few_small_bodies_kept(tmp_path: Path):
+async def test_orphans_are_counted_and_only_a_few_small_bodies_kept(location: Location):
     """Every callback from an unknown task is counted, its first few small bodies are kept
     (and claimed if the task turns out to be ours), one orphan_task alert is raised, and a
     flood of orphan callbacks does not grow the state file body by body."""
-    path = tmp_path / "s.db"
+    path = location
     async with Store(path) as store:
         hooked(store, [rule(events=["orphan_task"])])
         big = orphan_body("stranger", 0, pad=20_000)
@@ -238,10 +237,10 @@ async def test_orphans_are_counted_and_only_a_few_small_bodies_kept(tmp_path: Pa
     ], "one alert per unknown task, on its first callback"
 
 
-async def test_orphan_bodies_kept_in_all_are_capped(tmp_path: Path, monkeypatch):
+async def test_orphan_bodies_kept_in_all_are_capped(location: Location, monkeypatch):
     """Across many unknown tasks, at most ORPHAN_BODIES_MAX bodies are kept; all are counted."""
     monkeypatch.setattr(orphans_module, "ORPHAN_BODIES_MAX", 3)
-    path = tmp_path / "s.db"
+    path = location
     async with Store(path) as store:
         for n in range(10):
             body = orphan_body(f"task-{n}", 0)
@@ -279,11 +278,13 @@ async def test_upgrade_to_schema_7_counts_orphans_and_trims_their_bodies(tmp_pat
     assert kept == [0, 1, 3, 4]
 
 
-async def test_an_orphan_body_with_a_byte_order_mark_is_kept_clean_and_claimable(tmp_path: Path):
+async def test_an_orphan_body_with_a_byte_order_mark_is_kept_clean_and_claimable(
+    location: Location,
+):
     """A UTF-8 byte-order mark is not stored with an orphan body, so the body is claimed as
     a segment when its task is registered (it used to be stored garbled and unparseable)."""
     body = b"\xef\xbb\xbf" + orphan_body("early", 0)
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         assert (await store.apply_callback(parse_callback(body), body=body)).kind == "orphan"
         claimed = await register(store, "early")
     assert [(o.kind, o.stream) for o in claimed] == [("stored", "cam")]

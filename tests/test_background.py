@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +17,7 @@ from streamwatch.alerts.rules import Router
 from streamwatch.alerts.sinks import Alert, Delivery
 from streamwatch.background import BackgroundFailed, Backoff, Failures, TaskGroup, repeat
 from streamwatch.metrics import Metrics
-from streamwatch.store import Store
+from streamwatch.store import Location, Store
 from streamwatch.supervisor import Supervisor
 from tests.conftest import Daemon, stream_toml
 from tests.test_alerts import event, rule
@@ -157,7 +156,7 @@ class Raises:
 
 
 async def test_a_sink_that_raises_makes_failed_attempts_with_backoff_then_a_dead_letter(
-    tmp_path: Path,
+    location: Location,
 ):
     """Each raise is one failed attempt: attempts grow, the next one waits for the backoff
     (nothing is retried while it runs, however often the worker looks), and after
@@ -165,7 +164,7 @@ async def test_a_sink_that_raises_makes_failed_attempts_with_backoff_then_a_dead
     now = [1_000.0]
     metrics = Metrics(CollectorRegistry())
     sink = Raises()
-    async with Store(tmp_path / "s.db", clock=lambda: now[0]) as store:
+    async with Store(location, clock=lambda: now[0]) as store:
         outbox = Outbox(
             store=store,
             sinks={"broken": sink},
@@ -212,11 +211,11 @@ async def test_a_sink_that_raises_makes_failed_attempts_with_backoff_then_a_dead
     assert [(line["task"], line["sink"]) for line in lines] == [("alerts.delivery", "broken")] * 3
 
 
-async def test_the_delivery_loop_does_not_spin_on_a_sink_that_raises(tmp_path: Path):
+async def test_the_delivery_loop_does_not_spin_on_a_sink_that_raises(location: Location):
     """Over a fixed number of passes of the delivery loop, with no wait between them, a sink
     that raises is called once: the failed attempt is not due again before its backoff."""
     sink = Raises()
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         outbox = Outbox(
             store=store, sinks={"broken": sink}, retry_initial=60, retry_max=60, poll_seconds=1
         )
@@ -245,11 +244,11 @@ async def test_the_delivery_loop_does_not_spin_on_a_sink_that_raises(tmp_path: P
     assert sink.calls == 1
 
 
-async def test_an_alert_that_cannot_be_written_is_logged_and_counted(tmp_path: Path):
+async def test_an_alert_that_cannot_be_written_is_logged_and_counted(location: Location):
     """An emitted alert whose write fails is not dropped silently: its task logs it with the
     traceback and counts it."""
     told = Counted()
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         outbox = Outbox(
             store=store,
             sinks={},

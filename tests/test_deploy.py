@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from streamwatch.config import Config, ServerConfig, load_config, resolve_secrets
 from streamwatch.guard import effective_limit
+from tests import pg
 from tests.conftest import cli, tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +180,45 @@ def test_unit_credentials_are_the_files_the_config_reads(tmp_path: Path):
     assert "backend mavi" in ok.stdout
 
 
+def test_unit_and_config_postgresql_lines_keep_the_password_a_credential(
+    tmp_path: Path, pg_cluster: pg.Cluster
+):
+    """The commented PostgreSQL lines of the unit and of streams.toml, uncommented, agree: the
+    password is a credential the unit loads and the config reads, and with the URL pointed at
+    a real server `streamwatch check-config` passes."""
+    unit = "\n".join(
+        line.removeprefix("#") if line.startswith("#LoadCredential=") else line
+        for line in UNIT.read_text().splitlines()
+    )
+    text = (DEPLOY / "systemd" / "streams.toml").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("path = ")]
+    text = "\n".join(
+        line.removeprefix("#") if line.startswith(("#url = ", "#password = ")) else line
+        for line in lines
+    )
+    loaded = {v.partition(":")[0] for v in unit_settings(unit)["LoadCredential"]}
+    read = {
+        Path(source["file"]).name
+        for source in toml_secret_sources(tomllib.loads(text))
+        if source.get("file", "").startswith("${CREDENTIALS_DIRECTORY")
+    }
+    assert loaded == read == {"mavi_api_key", "callback_secret", "db_password"}
+    pg_cluster.add_password_user()
+    name = pg_cluster.new_database()
+    pg_cluster.admin(f"ALTER DATABASE {name} OWNER TO {pg.PASSWORD_USER}")
+    url = re.search(r'^url = "([^"]+)"', text, re.M)
+    assert url is not None
+    config = tmp_path / "streams.toml"
+    config.write_text(text.replace(url.group(1), pg_cluster.url(name, user=pg.PASSWORD_USER)))
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    for credential in loaded:
+        (creds / credential).write_text(secret_value() + "\n")
+    (creds / "db_password").write_text(pg.PASSWORD + "\n")
+    ok = cli("check-config", "--config", str(config), env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert ok.returncode == 0, ok.stderr
+
+
 # --- compose ----------------------------------------------------------------------------------
 
 
@@ -270,6 +311,7 @@ def test_every_mounted_config_has_a_check_here():
     """A config mounted into the stack but not checked below fails this test."""
     checked = {
         ("streamwatch", "/etc/streamwatch/streams.toml"),
+        ("streamwatch-pg", "/etc/streamwatch/streams.toml"),
         ("prometheus", "/etc/prometheus"),
         ("alertmanager", "/etc/alertmanager/alertmanager.yml"),
         ("grafana", "/etc/grafana/provisioning"),
@@ -299,6 +341,47 @@ def test_compose_streamwatch_config_passes_check_config(tmp_path: Path):
     assert config.storage.path.parent == Path(state[0])
     sinks = resolve_secrets(config, environ=env).sinks
     assert_service_url(sinks["alertmanager"][0].get_secret_value())
+
+
+def test_compose_postgres_profile_runs_streamwatch_on_the_stacks_database(
+    tmp_path: Path, pg_cluster: pg.Cluster
+):
+    """The `postgres` profile: the official image with a volume and a healthcheck, and a
+    daemon whose config names that service, its user, database and password secret; with the
+    URL and secret pointed at a real server, `streamwatch check-config` passes."""
+    db = service("postgres")
+    assert db["image"].startswith("postgres:")
+    assert db["profiles"] == service("streamwatch-pg")["profiles"] == ["postgres"]
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert any(v.split(":")[0] in compose()["volumes"] for v in db["volumes"])
+    daemon = service("streamwatch-pg")
+    assert daemon["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert db["secrets"] == daemon["secrets"] == ["postgres-password"]
+    secret_file = f"/run/secrets/{db['secrets'][0]}"
+    assert db["environment"]["POSTGRES_PASSWORD_FILE"] == secret_file
+    env = dockerfile_env() | {k: str(v) for k, v in daemon["environment"].items()}
+    path = host_path("streamwatch-pg", env["STREAMWATCH_CONFIG"])
+    config = load_config(path, environ=env)
+    url = urlsplit(str(config.storage.url))
+    assert (url.hostname, url.port) == ("postgres", 5432)
+    assert url.username == db["environment"]["POSTGRES_USER"]
+    assert url.path.lstrip("/") == db["environment"]["POSTGRES_DB"]
+    assert config.storage.password is not None
+    assert config.storage.password.file == Path(secret_file)
+    pg_cluster.add_password_user()
+    name = pg_cluster.new_database()
+    pg_cluster.admin(f"ALTER DATABASE {name} OWNER TO {pg.PASSWORD_USER}")
+    (tmp_path / "pw").write_text(pg.PASSWORD + "\n")
+    real = {
+        "STREAMWATCH_DATABASE_URL": pg_cluster.url(name, user=pg.PASSWORD_USER),
+        "STREAMWATCH_DB_PASSWORD_FILE": str(tmp_path / "pw"),
+    }
+    result = cli("check-config", "--config", str(path), env=env | real)
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "pw").write_text("wrong\n")
+    result = cli("check-config", "--config", str(path), env=env | real)
+    assert "authentication failed" in result.stderr
+    assert pg.PASSWORD not in result.stderr + result.stdout
 
 
 def test_compose_prometheus_config_passes_promtool():
@@ -421,11 +504,47 @@ def test_kubernetes_config_reads_exactly_the_secrets_the_deployment_provides(tmp
     standing in for the state volume)."""
     path, env = k8s_config(tmp_path)
     read = {s["env"] for s in toml_secret_sources(tomllib.loads(path.read_text())) if "env" in s}
-    provided = {e["name"] for e in container()["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    provided = {
+        e["name"]
+        for e in container()["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+        and not e["valueFrom"]["secretKeyRef"].get("optional")
+    }
     assert read == provided == {"MAVI_API_KEY", "STREAMWATCH_CALLBACK_SECRET"}
     volume = {"STREAMWATCH_STATE": str(tmp_path / "streamwatch.db")}
     result = cli("check-config", "--config", str(path), env=env | volume)
     assert result.returncode == 0, result.stderr
+
+
+def test_kubernetes_postgresql_variant_reads_the_database_url_from_its_secret(
+    tmp_path: Path, pg_cluster: pg.Cluster
+):
+    """deploy/kubernetes/postgresql/ replaces the ConfigMap (it passes kubernetes-validate
+    --strict) with one keeping the state in PostgreSQL at the URL of the Secret the
+    Deployment passes (optional, so the SQLite variant runs without it); with that URL
+    pointing at a real server, password included, `streamwatch check-config` passes."""
+    variant = K8S / "postgresql" / "configmap.yaml"
+    code, out = run(tool("kubernetes-validate"), "--strict", str(variant))
+    assert code == 0, out
+    doc = yaml.safe_load(variant.read_text())
+    assert doc["metadata"]["name"] == manifests()["ConfigMap"]["metadata"]["name"]
+    path, env = k8s_config(tmp_path)
+    path.write_text(doc["data"][path.name])
+    read = {s["env"] for s in toml_secret_sources(tomllib.loads(path.read_text())) if "env" in s}
+    refs = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in container()["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert read == set(refs)
+    assert refs["STREAMWATCH_DATABASE_URL"]["optional"] is True
+    pg_cluster.add_password_user()
+    name = pg_cluster.new_database()
+    pg_cluster.admin(f"ALTER DATABASE {name} OWNER TO {pg.PASSWORD_USER}")
+    url = pg_cluster.url(name, user=pg.PASSWORD_USER).replace("@", f":{pg.PASSWORD}@", 1)
+    result = cli("check-config", "--config", str(path), env=env | {"STREAMWATCH_DATABASE_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert pg.PASSWORD not in result.stdout + result.stderr
 
 
 def test_kubernetes_objects_agree_with_each_other_and_the_config(tmp_path: Path):

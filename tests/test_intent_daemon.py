@@ -20,7 +20,7 @@ from streamwatch.ledger import Spending, usd
 from streamwatch.mavi.streams import StreamClient
 from streamwatch.policy import Phase, Policy
 from streamwatch.pricing import segment_cost_ticks, usd_to_ticks
-from streamwatch.store import Store, StreamRecord
+from streamwatch.store import Location, Store, StreamRecord
 from streamwatch.supervisor import Supervisor
 from tests.conftest import API_KEY, Daemon, cli, stream_toml, until
 from tests.fakes.serve import serve
@@ -272,7 +272,7 @@ class NoCalls:
         raise AssertionError("no stop expected")
 
 
-async def test_an_open_intent_at_load_adopts_unless_the_stream_is_held(tmp_path: Path):
+async def test_an_open_intent_at_load_adopts_unless_the_stream_is_held(location: Location):
     """After a restart an open intent makes its stream `adopting` until the window ends; one of
     a held stream is closed instead (a task it made is then an orphan, reported)."""
     cams = [
@@ -286,7 +286,7 @@ async def test_an_open_intent_at_load_adopts_unless_the_stream_is_held(tmp_path:
         )
         for n in ("cam", "held")
     ]
-    async with Store(tmp_path / "state.db") as store:
+    async with Store(location) as store:
         for n, spec in enumerate(cams):
             await store.begin_start(
                 Intent(f"a{n}", spec.name, "u", spec.spec_hash(), 1, True, False, 5, 100.0)

@@ -13,8 +13,9 @@ import streamwatch.store as store_module
 from streamwatch.intent import Intent, OrphanPricer, Shape
 from streamwatch.mavi.callbacks import parse_callback
 from streamwatch.pricing import segment_cost_ticks
-from streamwatch.store import MIGRATIONS, Store
+from streamwatch.store import MIGRATIONS, Location, Store
 from streamwatch.store.schema import split_sql
+from tests import pg
 from tests.test_alerts_store import hooked, rule
 
 TICKS = segment_cost_ticks(fps=2, content_moderation=True, logo_detection=False)  # 9
@@ -43,20 +44,16 @@ async def send(store: Store, task: str, index: int, at: float, **kw: Any) -> Any
     return await store.apply_callback(parse_callback(raw), body=raw, received_at=at)
 
 
-def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql).fetchall()
-    finally:
-        conn.close()
+def rows(path: Location, sql: str) -> list[tuple[Any, ...]]:
+    return pg.rows(path, sql)
 
 
-async def test_adoption_moves_an_orphans_charges_to_the_stream_once(tmp_path: Path):
+async def test_adoption_moves_an_orphans_charges_to_the_stream_once(location: Location):
     """An unknown task matching an open intent is estimated as an orphan (its pre-charge once
     and each segment, a redelivery not twice); adopting it moves every tick to the stream,
     exactly priced, including segments whose bodies were not kept, and a redelivery of one of
     those later is a duplicate."""
-    path = tmp_path / "s.db"
+    path = location
     async with Store(path) as store:
         assert await store.begin_start(intent("a1", 100.0)) is None
         outcomes = [await send(store, "T", i, 101.0 + i) for i in range(8)]
@@ -106,11 +103,11 @@ async def test_adoption_moves_an_orphans_charges_to_the_stream_once(tmp_path: Pa
         assert kinds == ["intent_adopted"], "an adopted task is never reported as an orphan"
 
 
-async def test_two_candidates_the_earliest_is_adopted_and_the_other_reported(tmp_path: Path):
+async def test_two_candidates_the_earliest_is_adopted_and_the_other_reported(location: Location):
     """Of two unknown tasks that match one intent, the one that called back first is adopted;
     the other stays an orphan and is reported (with its alert) only then, once no open intent
     may claim it."""
-    path = tmp_path / "s.db"
+    path = location
     async with Store(path) as store:
         hooked(store, [rule(events=["orphan_task"])])
         await store.begin_start(intent("a1", 100.0))
@@ -133,10 +130,10 @@ async def test_two_candidates_the_earliest_is_adopted_and_the_other_reported(tmp
         assert await store.adopt("a1", at=104.0) is None, "closed: adopts nothing more"
 
 
-async def test_an_intent_closed_by_the_answer_claims_its_early_callbacks(tmp_path: Path):
+async def test_an_intent_closed_by_the_answer_claims_its_early_callbacks(location: Location):
     """Callbacks that beat the start answer are estimated but not reported; the answer's
     record closes the intent, claims them and replaces the estimates with exact charges."""
-    path = tmp_path / "s.db"
+    path = location
     async with Store(path) as store:
         await store.begin_start(intent("a1", 100.0))
         early = await send(store, "T", 0, 100.5, unsafe=True)
@@ -161,10 +158,12 @@ async def test_an_intent_closed_by_the_answer_claims_its_early_callbacks(tmp_pat
         assert await store.events() == [], "the daemon's own early callbacks are no orphan"
 
 
-async def test_a_new_start_closes_an_unmatched_intent_and_reports_its_candidates(tmp_path: Path):
+async def test_a_new_start_closes_an_unmatched_intent_and_reports_its_candidates(
+    location: Location,
+):
     """A stream's next start closes its old open intent as unmatched (an event) unless an
     unknown task matches it, in which case that task is adopted and nothing is started."""
-    path = tmp_path / "s.db"
+    path = location
     async with Store(path) as store:
         await store.begin_start(intent("a1", 100.0))
         assert await store.begin_start(intent("a2", 110.0)) is None
@@ -183,11 +182,11 @@ async def test_a_new_start_closes_an_unmatched_intent_and_reports_its_candidates
         assert [e.kind for e in await store.events()][-1] == "orphan_task"
 
 
-async def test_orphan_segments_are_priced_by_the_pricer_and_count_toward_a_stop(tmp_path: Path):
+async def test_orphan_segments_are_priced_by_the_pricer_and_count_toward_a_stop(location: Location):
     """Each orphan segment is priced from what it shows (fps from frames_processed), its
     pre-charge once; the outcome counts its segment callbacks; an orphan an open intent may
     adopt cannot be claimed for a stop, one nobody may claim can, once."""
-    path = tmp_path / "s.db"
+    path = location
     configured = [Shape(True, False, 4)]
     async with Store(path, orphan_pricer=OrphanPricer(configured)) as store:
         sure = [await send(store, "X", i, 10.0 + i, frames=15) for i in range(3)]
@@ -235,10 +234,10 @@ async def test_upgrade_to_schema_9_keeps_known_orphans_reported(tmp_path: Path):
     assert rows(path, "SELECT reported FROM orphan_tasks") == [(1,)]
 
 
-async def test_orphans_read_the_precharge_as_the_ledger_does(tmp_path: Path):
+async def test_orphans_read_the_precharge_as_the_ledger_does(location: Location):
     """With precharge = "first_segment" an orphan's first segment is estimated free, as a
     recorded task's is, and its adoption keeps the same total."""
-    async with Store(tmp_path / "s.db", precharge_covers_first_segment=True) as store:
+    async with Store(location, precharge_covers_first_segment=True) as store:
         await store.begin_start(intent("a1", 100.0))
         outcomes = [await send(store, "T", i, 101.0 + i) for i in range(3)]
         assert [o.ticks for o in outcomes] == [TICKS, TICKS, TICKS]  # pre-charge, free, paid

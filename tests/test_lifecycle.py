@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,7 +15,7 @@ from streamwatch.ledger import Spending, usd
 from streamwatch.mavi.callbacks import parse_callback
 from streamwatch.policy import Phase, Policy, Start
 from streamwatch.pricing import segment_cost_ticks
-from streamwatch.store import Store
+from streamwatch.store import Location, Store
 from streamwatch.supervisor import Supervisor
 from tests.conftest import Daemon, stream_toml, until
 
@@ -26,8 +25,10 @@ def phase(d: Daemon, name: str) -> Phase | None:
     return state.phase if state else None
 
 
-async def test_segments_are_stored_once_despite_duplicates_and_reordering(daemon, emulator):
-    """Every segment MAVI delivers twice and out of order is stored exactly once."""
+async def test_segments_are_stored_once_despite_duplicates_and_reordering(daemon_both, emulator):
+    """Every segment MAVI delivers twice and out of order is stored exactly once (on either
+    backend)."""
+    daemon = daemon_both
     url = "rtmp://cams.test/busy"
     emulator.scripts[url] = Script(
         outcomes=["safe", "unsafe", "logo:Acme", "safe", "error", "safe"],
@@ -160,8 +161,10 @@ async def test_failed_segments_in_a_row_raise_a_stream_problem(daemon, emulator)
     assert totals.segments == 0
 
 
-async def test_daemon_restart_adopts_the_running_task(daemon, emulator):
-    """After a crash, the new daemon adopts the task: one start, segments keep flowing to it."""
+async def test_daemon_restart_adopts_the_running_task(daemon_both, emulator):
+    """After a crash, the new daemon adopts the task: one start, segments keep flowing to it
+    (on either backend)."""
+    daemon = daemon_both
     url = "rtmp://cams.test/adopt"
     await daemon.start(stream_toml("adopt", url))
     await daemon.wait(lambda: daemon.state("adopt").run_segments >= 2)
@@ -290,8 +293,10 @@ async def test_transient_start_failures_are_retried(daemon, emulator):
     assert kinds.count("start_failed") == 1, "three tries in one start, the fourth after backoff"
 
 
-async def test_callbacks_from_unknown_tasks_are_kept_as_orphans(daemon, emulator):
-    """A callback for a task this daemon never started is acknowledged and reported."""
+async def test_callbacks_from_unknown_tasks_are_kept_as_orphans(daemon_both, emulator):
+    """A callback for a task this daemon never started is acknowledged and reported (on either
+    backend)."""
+    daemon = daemon_both
     await daemon.start(stream_toml("mine"))
     assert daemon.app.server is not None
     body = {
@@ -363,7 +368,7 @@ def ended(task_id: str) -> bytes:
 
 
 async def test_the_tasks_stopped_at_shutdown_are_ending_until_their_final_callback(
-    tmp_path: Path,
+    location: Location,
 ):
     """`shutdown()` says which stopped tasks still owe their final callback (`ending`, what the
     drain waits on) and tells waiters as each one is stored, or shows up as stored already (a
@@ -379,7 +384,7 @@ async def test_the_tasks_stopped_at_shutdown_are_ending_until_their_final_callba
         )
         for n in ("a", "b")
     ]
-    async with Store(tmp_path / "s.db", clock=lambda: 100.0) as store:
+    async with Store(location, clock=lambda: 100.0) as store:
         for n, spec in enumerate(cams):
             await store.record_task_started(
                 task_id=f"T{n}",

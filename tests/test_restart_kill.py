@@ -35,9 +35,16 @@ class Process:
         self.env = {**ENV, **(env or {})}
         self.emulator = emulator
         self.proc: asyncio.subprocess.Process | None = None
+        self.storage = ""  # more [storage] lines (a PostgreSQL url)
 
     def write(self, streams: str, *, supervisor: dict[str, str], extra: str = "") -> None:
-        text = config_text(self.db, base_url=self.emulator.base_url, streams=streams, extra=extra)
+        text = config_text(
+            self.db,
+            base_url=self.emulator.base_url,
+            streams=streams,
+            extra=extra,
+            storage=self.storage,
+        )
         text = text.replace('listen = "127.0.0.1:0"', f'listen = "127.0.0.1:{self.port}"')
         for key, value in supervisor.items():
             text, found = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)

@@ -17,9 +17,11 @@ async def ledger_ticks(d: Daemon) -> dict[str, int]:
     return {t.stream: t.ticks for t in totals}
 
 
-async def test_ledger_equals_the_providers_charges_to_the_tick(daemon, emulator):
+async def test_ledger_equals_the_providers_charges_to_the_tick(daemon_both, emulator):
     """Across mixed fps and features, restarts, duplicates and a 402, the daemon's ledger is
-    exactly what the emulator charged, stream by stream."""
+    exactly what the emulator charged, stream by stream, and every segment is stored once (on
+    either backend)."""
+    daemon = daemon_both
     emulator.scripts["rtmp://cams.test/flaky"] = Script(outcomes=["safe", "unsafe"], then="end:15")
     emulator.scripts["rtmp://cams.test/dupes"] = Script(duplicate=True, reorder=True)
     emulator.scripts["rtmp://cams.test/errs"] = Script(outcomes=["safe", "error"])
@@ -56,6 +58,7 @@ async def test_ledger_equals_the_providers_charges_to_the_tick(daemon, emulator)
         assert row is not None
         segments = sum(1 for c in emulator.charges if c.task_id == task_id and c.kind == "segment")
         assert row.segments == segments
+        assert await daemon.store.segment_count(task_id=task_id) == segments
     # the in-memory counters the budgets use agree with the ledger
     now = daemon.clock()
     assert daemon.sup.spending.spent(None, "month", now) == emulator.charged_ticks()

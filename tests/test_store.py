@@ -7,6 +7,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from streamwatch.mavi.callbacks import SegmentFailed, SegmentReport, StreamEnded, parse_callback
@@ -14,11 +15,13 @@ from streamwatch.store import (
     MIGRATIONS,
     CallbackOutcome,
     Halt,
+    Location,
     SchemaError,
     Store,
     StoreError,
     StreamRecord,
 )
+from tests import pg
 
 
 def segment(task_id: str, index: int, *, unsafe: bool = False) -> tuple[SegmentReport, bytes]:
@@ -77,9 +80,9 @@ async def test_missing_directory_is_a_clear_error(tmp_path: Path):
         await Store(tmp_path / "nope" / "s.db").open()
 
 
-async def test_duplicates_are_stored_once(tmp_path: Path):
+async def test_duplicates_are_stored_once(location: Location):
     """The same (task_id, segment_index) twice is one row and one count."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         await register(store, "t")
         cb, body = segment("t", 0, unsafe=True)
         first = await store.apply_callback(cb, body=body)
@@ -92,9 +95,9 @@ async def test_duplicates_are_stored_once(tmp_path: Path):
         assert (await store.stream_totals())["cam"].unsafe_segments == 1
 
 
-async def test_callbacks_before_registration_are_claimed(tmp_path: Path):
+async def test_callbacks_before_registration_are_claimed(location: Location):
     """A callback that beats the start answer is parked as an orphan, then claimed."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         cb, body = segment("early", 0)
         outcome = await store.apply_callback(cb, body=body)
         assert outcome.kind == "orphan"
@@ -106,9 +109,9 @@ async def test_callbacks_before_registration_are_claimed(tmp_path: Path):
         assert await store.segment_indexes("early") == [0]
 
 
-async def test_end_callback_is_recorded_once_and_knows_who_asked(tmp_path: Path):
+async def test_end_callback_is_recorded_once_and_knows_who_asked(location: Location):
     """A 14 after the daemon's own stop is stored once and flagged as requested."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         await register(store, "t")
         await store.mark_stop_requested("t")
         assert await store.record_task_ended("t", status=None, reason="stopped by streamwatch")
@@ -123,18 +126,18 @@ async def test_end_callback_is_recorded_once_and_knows_who_asked(tmp_path: Path)
         assert await store.running_tasks() == []
 
 
-async def test_failed_segments_are_counted(tmp_path: Path):
+async def test_failed_segments_are_counted(location: Location):
     """-1 callbacks are kept and counted on their task."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         await register(store, "t")
         for _ in range(3):
             await store.apply_callback(SegmentFailed("t", -1, "x"), body=b"{}")
         assert (await store.stream_totals())["cam"].failed_segments == 3
 
 
-async def test_concurrent_callbacks_share_commits(tmp_path: Path):
+async def test_concurrent_callbacks_share_commits(location: Location):
     """Callbacks arriving together are committed together: far fewer commits than callbacks."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         await register(store, "t")
         base = store.commits
         cbs = [segment("t", i) for i in range(500)]
@@ -144,9 +147,9 @@ async def test_concurrent_callbacks_share_commits(tmp_path: Path):
         assert await store.segment_count(task_id="t") == 500
 
 
-async def test_one_failing_operation_does_not_fail_its_batch(tmp_path: Path):
+async def test_one_failing_operation_does_not_fail_its_batch(location: Location):
     """A bad operation raises for its caller alone; its batch-mates commit."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         await register(store, "t")
         cb, body = segment("t", 1)
         results = await asyncio.gather(
@@ -154,13 +157,13 @@ async def test_one_failing_operation_does_not_fail_its_batch(tmp_path: Path):
             store.apply_callback(cb, body=body),
             return_exceptions=True,
         )
-        assert isinstance(results[0], sqlite3.IntegrityError)
+        assert isinstance(results[0], (sqlite3.IntegrityError, asyncpg.UniqueViolationError))
         assert await store.segment_indexes("t") == [1]
 
 
-async def test_state_survives_reopening(tmp_path: Path):
+async def test_state_survives_reopening(location: Location):
     """Settings, holds, tasks and events are on disk, not in memory."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         await register(store, "t")
         halt = Halt("balance", 10.0, 70.0, "task ended with status 402")
         await store.save_halt(halt)
@@ -175,7 +178,7 @@ async def test_state_survives_reopening(tmp_path: Path):
         )
         await store.save_streams([held])
         await store.add_event("task_started", stream="cam", task_id="t")
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         assert await store.load_halt() == halt
         assert (await store.streams())["cam"] == held
         assert [t.task_id for t in await store.running_tasks()] == ["t"]
@@ -184,9 +187,9 @@ async def test_state_survives_reopening(tmp_path: Path):
         assert (await store.streams())["cam"] == StreamRecord("cam")
 
 
-async def test_closed_store_refuses_work(tmp_path: Path):
+async def test_closed_store_refuses_work(location: Location):
     """Using a store that is not open is an error, not a hang."""
-    store = Store(tmp_path / "s.db")
+    store = Store(location)
     with pytest.raises(StoreError, match="not open"):
         await store.load_halt()
 
@@ -246,11 +249,11 @@ async def test_upgrade_to_schema_8_keeps_each_streams_last_end(tmp_path: Path):
     assert records["live"] == StreamRecord("live")
 
 
-async def test_prune_deletes_old_segments_and_keeps_counts_costs_and_dedupe(tmp_path: Path):
+async def test_prune_deletes_old_segments_and_keeps_counts_costs_and_dedupe(location: Location):
     """Segments received before the cutoff go (in chunks, across streams); task totals and
     charges stay; a pruned segment redelivered later is a duplicate, not a second charge; newer
     segments and later callbacks are unaffected."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         await register(store, "t1", "cam")
         await register(store, "t2", "door")
         for i in range(25):
@@ -282,8 +285,8 @@ async def test_prune_deletes_old_segments_and_keeps_counts_costs_and_dedupe(tmp_
         assert (await store.prune(1010.0)).segments == 0
 
 
-async def test_prune_stops_between_chunks_when_asked(tmp_path: Path):
-    async with Store(tmp_path / "s.db") as store:
+async def test_prune_stops_between_chunks_when_asked(location: Location):
+    async with Store(location) as store:
         await register(store, "t1")
         for i in range(10):
             cb, body = segment("t1", i)
@@ -291,3 +294,15 @@ async def test_prune_stops_between_chunks_when_asked(tmp_path: Path):
         pruned = await store.prune(100.0, chunk=4, stop=lambda: True)
         assert pruned.segments == 4
         assert await store.segment_count() == 6
+
+
+async def test_text_with_a_nul_character_is_stored(location: Location):
+    """A callback whose text holds a NUL character (PostgreSQL's text cannot) is stored, not
+    refused forever: on PostgreSQL the NUL becomes U+FFFD."""
+    async with Store(location) as store:
+        await register(store, "t")
+        outcome = await store.apply_callback(SegmentFailed("t", -1, "bad\x00frame"), body=b"{}")
+        assert outcome.kind == "stored"
+        await store.add_event("stream_problem", stream="cam", detail="nul\x00here")
+    (message,) = pg.rows(location, "SELECT message FROM segment_failures")[0]
+    assert message in ("bad\x00frame", "bad\ufffdframe")

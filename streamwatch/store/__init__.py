@@ -3,8 +3,13 @@ account state, alert rule state and the outbox, library videos and evidence.
 
 The rest of the daemon depends on the interface (`StateStore`, and `StoreReader` for what
 only reads), whose rows are typed (`streamwatch.store.types`). `Store` implements it on one
-SQLite file in WAL mode (the embedded default); `ReadOnlyStore` opens such a file for the
-commands that only read, and never migrates, writes or creates a file.
+SQLite file in WAL mode (the embedded default, a `Path`) or on a PostgreSQL database (a
+`PgTarget`); `ReadOnlyStore` opens either for the commands that only read, and never
+migrates, writes or creates anything.
+
+Each operation is written once: sync code over a `Connection` (`streamwatch.store.sql`), in a
+portable subset of SQL that PostgreSQL's connection rewrites once per statement. The writer's
+group commit and savepoint per operation are the same on both.
 
 Modules, one concept each:
 
@@ -12,10 +17,13 @@ Modules, one concept each:
 |---|---|
 | `types` | the typed rows, `Halt`, the errors (backend-neutral) |
 | `interface` | `StateStore`, `StoreReader`, `AlertTx`, `AlertHook` (backend-neutral) |
-| `schema` | migrations and the schema version check |
-| `connection` | opening the file: for the writer, read-only, and `check_state_file` |
+| `sql` | the `Connection` protocol, and the SQL rewritten for PostgreSQL |
+| `schema` | SQLite's migrations and the schema version check (both backends) |
+| `pg_schema` | PostgreSQL's migrations, on the same version numbers, under an advisory lock |
+| `connection` | opening the SQLite file: for the writer, read-only, and `check_state_file` |
+| `postgres` | PostgreSQL through asyncpg, as a sync `Connection`; `check_database` |
 | `writer` | the writer: group commit, one savepoint per operation, its own thread |
-| `reader` | the read connection beside the writer, in its own thread |
+| `reader` | the read connections beside the writer, in threads of their own |
 | `tasks` | tasks and their callbacks (`apply`, `claim`) |
 | `orphans` | callbacks of unknown tasks: counted, priced, parked, reported |
 | `intents` | start intents: registering a started task, adopting an unknown one |
@@ -24,15 +32,18 @@ Modules, one concept each:
 | `alerts` | alert rule state and the outbox |
 | `videos` | library videos and evidence |
 | `prune` | retention |
-| `backup` | the online backup |
-| `sqlite` | `Store` and `ReadOnlyStore`, composed of the parts above |
+| `backup` | the online backup (SQLite) |
+| `copy` | `store copy`: the whole state into an empty store of either backend, verified |
+| `stores` | `Store` and `ReadOnlyStore`, composed of the parts above |
 
-SQLite-specific, and for another backend to do its own way: the writer's thread (sqlite3
-blocks; an async driver needs none) and its batching, `BEGIN IMMEDIATE` and savepoints, the
-`PRAGMA`s (WAL, `synchronous`, `user_version` as the schema version), the read connection in
-its thread (WAL lets it read beside the writer), the snapshot read of an idle file
-(`immutable=1`), the online backup API, and the SQL itself. Everything else (the interface,
-the rows, the pure decisions in `streamwatch.intent` and `streamwatch.pricing`) is shared.
+What differs between the backends: SQLite's connection (WAL, `synchronous`, `user_version`
+as the schema version, the snapshot read of an idle file with `immutable=1`, the online
+backup API, the file's mode); PostgreSQL's (asyncpg on an event loop in a thread of its own,
+statements prepared once per connection, reconnection after the server went away, a
+`schema_version` table, identities instead of `INTEGER PRIMARY KEY`, `REPEATABLE READ`
+reads, `pool_size` read connections), each backend's DDL, and the few statements
+`sql.to_postgres` rewrites. Everything else (the operations, the interface, the rows, the
+pure decisions in `streamwatch.intent` and `streamwatch.pricing`) is shared.
 """
 
 from streamwatch.store.backup import backup
@@ -43,8 +54,9 @@ from streamwatch.store.orphans import (
     ORPHAN_BODIES_PER_TASK,
     ORPHAN_BODY_MAX_BYTES,
 )
+from streamwatch.store.postgres import PgTarget
 from streamwatch.store.schema import MIGRATIONS, SCHEMA_VERSION
-from streamwatch.store.sqlite import ReadOnlyStore, Store
+from streamwatch.store.stores import Location, ReadOnlyStore, Store
 from streamwatch.store.types import (
     Adopted,
     ArchivedClip,
@@ -85,10 +97,12 @@ __all__ = [
     "EvidenceRecord",
     "Halt",
     "LibraryVideo",
+    "Location",
     "NewAlert",
     "OrphanCharges",
     "OrphanTotals",
     "OutboxRow",
+    "PgTarget",
     "Pruned",
     "ReadOnlyStore",
     "Registered",

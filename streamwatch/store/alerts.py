@@ -5,17 +5,18 @@ windows, streaks) and writes outbox rows through a `RuleStateTx`, inside the ope
 records what raises the alerts. The delivery worker reads due rows and settles them; a
 re-posting sink's active set is written with the delivery that changes it.
 
-SQLite-specific (the SQL; the hook runs in the writer's thread).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`); the hook runs
+in the writer's thread.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from streamwatch.store.reader import ReadSide, Row
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import JSONObject, NewAlert, OutboxRow
 from streamwatch.store.writer import Context, WriteSide
 
@@ -112,7 +113,7 @@ class RuleStateTx:
         return row is not None and row[0] == task_id
 
 
-def insert_alerts(conn: sqlite3.Connection, alerts: list[NewAlert], now: float) -> None:
+def insert_alerts(conn: Connection, alerts: list[NewAlert], now: float) -> None:
     conn.executemany(
         "INSERT INTO alert_outbox (alert_id, sink, rule, grp, event, next_at, created_at)"
         " VALUES (?,?,?,?,?,?,?)",

@@ -8,7 +8,7 @@ intent's parameters, its parked callbacks are claimed like live ones, and its es
 orphan charges are replaced by the exact ones, in one transaction. An intent is also closed
 as failed (MAVI refused the start) or unmatched (no task showed up; its stream is gone).
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations

@@ -4,14 +4,13 @@ charges, over a time range.
 Every charge MAVI makes is in `charges`, in ticks of 1/2880 USD, written in the same
 transaction as the start or segment it pays for; orphans' estimates are in `orphan_charges`.
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 from streamwatch.store.reader import ReadSide
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import ChargeTotal, OrphanCharges, OrphanTotals
 
 __all__ = ["LedgerReads"]
@@ -21,9 +20,10 @@ class LedgerReads(ReadSide):
     async def charge_totals(self, *, since: float, until: float) -> list[ChargeTotal]:
         """Charges with `since <= at < until`, per stream."""
 
-        def op(conn: sqlite3.Connection) -> list[ChargeTotal]:
+        def op(conn: Connection) -> list[ChargeTotal]:
             rows = conn.execute(
-                "SELECT stream, sum(kind = 'precharge'), sum(kind = 'segment'), sum(ticks)"
+                "SELECT stream, count(CASE WHEN kind = 'precharge' THEN 1 END),"
+                " count(CASE WHEN kind = 'segment' THEN 1 END), sum(ticks)"
                 " FROM charges WHERE at >= ? AND at < ? GROUP BY stream ORDER BY stream",
                 (since, until),
             )
@@ -53,9 +53,10 @@ class LedgerReads(ReadSide):
         return await self._read(
             lambda c: OrphanCharges(
                 *c.execute(
-                    "SELECT count(DISTINCT task_id), coalesce(sum(segment_index = -1), 0),"
-                    " coalesce(sum(segment_index >= 0), 0), coalesce(sum(ticks), 0),"
-                    " count(DISTINCT CASE WHEN uncertain THEN task_id END)"
+                    "SELECT count(DISTINCT task_id),"
+                    " count(CASE WHEN segment_index = -1 THEN 1 END),"
+                    " count(CASE WHEN segment_index >= 0 THEN 1 END), coalesce(sum(ticks), 0),"
+                    " count(DISTINCT CASE WHEN uncertain <> 0 THEN task_id END)"
                     " FROM orphan_charges WHERE at >= ? AND at < ?",
                     (since, until),
                 ).fetchone()

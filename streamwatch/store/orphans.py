@@ -7,16 +7,15 @@ they cost is estimated from what they show (`streamwatch.intent.price_orphan`) i
 `orphan_charges`, apart from the confirmed `charges`. An orphan is reported (an
 `orphan_task` event) once no open start intent may claim it.
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations
 
-import sqlite3
-
 from streamwatch.intent import Candidate, Intent, Shape, owner, shape_of
 from streamwatch.mavi.callbacks import Callback, SegmentReport, StreamEnded
 from streamwatch.store.reader import Row
+from streamwatch.store.sql import Connection
 from streamwatch.store.streams import record_event
 from streamwatch.store.types import CallbackOutcome, EventRow
 from streamwatch.store.writer import Context, WriteSide
@@ -146,7 +145,7 @@ def park(ctx: Context, cb: Callback, body: str, at: float) -> CallbackOutcome:
     )
 
 
-def candidate(conn: sqlite3.Connection, task_id: str) -> Candidate | None:
+def candidate(conn: Connection, task_id: str) -> Candidate | None:
     """The orphan as a candidate for adoption: None until a segment has shown its shape,
     and once it has ended or been stopped."""
     row = conn.execute(
@@ -174,7 +173,7 @@ def intents(ctx: Context) -> list[Intent]:
     return ctx.open_intents
 
 
-def read_open_intents(conn: sqlite3.Connection) -> list[Intent]:
+def read_open_intents(conn: Connection) -> list[Intent]:
     """Intents still open, oldest first."""
     rows = conn.execute(
         "SELECT attempt_id, stream, url_hash, spec_hash, fps, content_moderation,"

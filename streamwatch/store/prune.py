@@ -5,7 +5,7 @@ Task totals, charges and events stay: counters, costs and history do not change.
 highest segment index pruned from each task is kept (`tasks.pruned_through`): a redelivery
 of a pruned segment is a duplicate, never stored or charged again.
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations

@@ -288,7 +288,7 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def check_version(path: Path, version: int, *, migrating: bool) -> None:
+def check_version(path: Path | str, version: int, *, migrating: bool) -> None:
     """Refuse a file whose schema this streamwatch cannot use: a newer one always; an older one
     unless it is about to be migrated (a read-only open never migrates)."""
     if version > SCHEMA_VERSION:

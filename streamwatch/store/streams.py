@@ -4,17 +4,18 @@ budget thresholds already fired), each read back typed.
 An event is recorded with the alerts it raises (the alert hook runs in the same operation),
 and account state that says the event happened is written in the same commit.
 
-SQLite-specific (the SQL; account state is JSON in the `settings` table).
+Account state is JSON in the `settings` table; the SQL is the portable subset both backends
+run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Collection, Iterable
 
 from streamwatch.store.alerts import RuleStateTx
 from streamwatch.store.reader import ReadSide
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import EventRow, Halt, StreamRecord
 from streamwatch.store.writer import Context, WriteSide
 
@@ -78,7 +79,7 @@ class StreamReads(ReadSide):
         """The last `limit` events (of `stream`), oldest first."""
         where, args = ("WHERE stream = ?", (stream,)) if stream else ("", ())
 
-        def op(conn: sqlite3.Connection) -> list[EventRow]:
+        def op(conn: Connection) -> list[EventRow]:
             rows = conn.execute(
                 f"SELECT at, stream, task_id, kind, status, detail FROM events {where}"
                 " ORDER BY id DESC LIMIT ?",
@@ -189,12 +190,12 @@ class StreamWrites(WriteSide):
         await self._write(lambda ctx: _set_setting(ctx.conn, _BUDGET_FIRED, value))
 
 
-def _setting(conn: sqlite3.Connection, key: str) -> object:
+def _setting(conn: Connection, key: str) -> object:
     row = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
     return json.loads(row[0]) if row else None
 
 
-def _set_setting(conn: sqlite3.Connection, key: str, value: object) -> None:
+def _set_setting(conn: Connection, key: str, value: object) -> None:
     """Store `value` as JSON under `key`; None deletes it."""
     if value is None:
         conn.execute("DELETE FROM settings WHERE key = ?", (key,))

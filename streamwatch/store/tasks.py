@@ -5,13 +5,12 @@ A callback of a recorded task is stored once per `(task_id, segment_index)` with
 (a redelivery, even of a pruned segment, is a duplicate); one of an unknown task is parked
 as an orphan (`streamwatch.store.orphans`) until a start or an adoption claims it.
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 
 from streamwatch.mavi.callbacks import (
     Callback,
@@ -25,6 +24,7 @@ from streamwatch.mavi.callbacks import (
 from streamwatch.store import orphans
 from streamwatch.store.alerts import RuleStateTx
 from streamwatch.store.reader import ReadSide, Row
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import CallbackOutcome, StreamTotals, TaskRow
 from streamwatch.store.writer import Context, WriteSide
 
@@ -67,7 +67,7 @@ def claim(ctx: Context, task_id: str) -> tuple[list[tuple[int, float, int]], lis
 
 
 def store_known(
-    conn: sqlite3.Connection, cb: Callback, at: float, *, first_free: bool
+    conn: Connection, cb: Callback, at: float, *, first_free: bool
 ) -> CallbackOutcome | None:
     """Store a callback of a recorded task; None if its task is not recorded."""
     row = conn.execute(
@@ -165,7 +165,7 @@ class TaskReads(ReadSide):
         )
 
     async def task(self, task_id: str) -> TaskRow | None:
-        def op(conn: sqlite3.Connection) -> TaskRow | None:
+        def op(conn: Connection) -> TaskRow | None:
             row = conn.execute(f"{_TASK_SELECT} WHERE task_id = ?", (task_id,)).fetchone()
             return _task_row(row) if row else None
 
@@ -182,7 +182,7 @@ class TaskReads(ReadSide):
     async def stream_totals(self) -> dict[str, StreamTotals]:
         """Per-stream counts, summed over tasks (cheap: no scan of the segments table)."""
 
-        def op(conn: sqlite3.Connection) -> dict[str, StreamTotals]:
+        def op(conn: Connection) -> dict[str, StreamTotals]:
             rows = conn.execute(
                 "SELECT stream, count(*), sum(segments), sum(unsafe_segments),"
                 " sum(logo_segments), sum(failed_segments), max(last_callback_at)"

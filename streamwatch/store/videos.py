@@ -1,6 +1,6 @@
 """Library videos as their upload callbacks report them, and the evidence archive's records.
 
-SQLite-specific (the SQL).
+The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 """
 
 from __future__ import annotations

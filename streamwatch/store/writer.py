@@ -9,24 +9,24 @@ An operation is a function of the `Context`: the connection, inside the batch's 
 and what the operations share in the writer's thread (the alert hook, the orphan pricer, the
 open intents they cache).
 
-SQLite-specific: the thread (sqlite3 blocks), `BEGIN IMMEDIATE`, savepoints.
+The same on both backends: the operations are sync code over a `Connection`; on PostgreSQL
+each statement is handed to the store's event loop while this thread waits
+(`streamwatch.store.postgres`), and `BEGIN IMMEDIATE` is `BEGIN`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import structlog
 
 from streamwatch.intent import Intent, OrphanPricer, Pricer
-from streamwatch.store.connection import connect_writer
 from streamwatch.store.reader import ReadSide
+from streamwatch.store.sql import Connection
 from streamwatch.store.types import StoreError
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ class Context:
     transaction) and the state the operations share."""
 
     def __init__(self, *, first_free: bool) -> None:
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Connection | None = None
         # How to read MAVI's pre-charge (undocumented): as its own charge (False, the
         # conservative default) or as payment for the task's first processed segment.
         self.first_free = first_free
@@ -55,7 +55,7 @@ class Context:
         self.alerts_written = False  # outbox rows written in this batch
 
     @property
-    def conn(self) -> sqlite3.Connection:
+    def conn(self) -> Connection:
         assert self._conn is not None, "operations run only while the writer is open"
         return self._conn
 
@@ -72,29 +72,32 @@ class Writer:
 
     def __init__(
         self,
-        path: Path,
+        opener: Callable[[], Connection],
+        where: str,
         context: Context,
         *,
         batch_max: int,
         on_commit: Callable[[float, int], None] | None,
     ) -> None:
-        self.path = path
+        self._opener = opener  # in the writer's thread: the connection, migrated
+        self.where = where  # the file or database, as it may be shown
         self.context = context
         self._batch_max = batch_max
         self._on_commit = on_commit  # (seconds, operations) after each commit
         self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[object]]] = asyncio.Queue()
         self._loop_task: asyncio.Task[None] | None = None
-        # One thread runs every operation: SQLite's allocations stay in one malloc arena
+        # One thread runs every operation (on PostgreSQL too: the operations are sync code
+        # waiting on the store's loop). SQLite's allocations stay in one malloc arena
         # instead of one per thread of the default pool (which kept RSS high after bursts).
         self._thread: ThreadPoolExecutor | None = None
         self.commits = 0  # transactions committed, for tests and benchmarks
 
     async def open(self) -> None:
-        """Open (creating if needed) the file, migrate it, and start the loop."""
+        """Open (creating if needed) the file or database, migrate it, and start the loop."""
         self.context.open_intents = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamwatch-store")
         try:
-            self.context._conn = await self._in_thread(connect_writer, self.path)
+            self.context._conn = await self._in_thread(self._opener)
         except BaseException:
             self._thread.shutdown(wait=False)
             self._thread = None
@@ -147,7 +150,7 @@ class Writer:
                     hook.committed()
             except Exception as exc:  # noqa: BLE001 - the commit failed: nothing in the batch is stored
                 log.error("store.commit_failed", error=str(exc), batch=len(batch))
-                results = [StoreError(f"could not commit to {self.path}: {exc}")] * len(batch)
+                results = [StoreError(f"could not commit to {self.where}: {exc}")] * len(batch)
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     if isinstance(result, BaseException):

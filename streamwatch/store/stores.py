@@ -1,5 +1,6 @@
-"""The SQLite backend: `Store` (the daemon's: one writer, one reader beside it) and
-`ReadOnlyStore` (the commands that only read), each composed of the concept modules' parts.
+"""`Store` (the daemon's: one writer, readers beside it) and `ReadOnlyStore` (the commands
+that only read), each composed of the concept modules' parts, on either backend: a `Path` is
+an SQLite state file, a `PgTarget` a PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import TYPE_CHECKING, Self
 
 from streamwatch.intent import OrphanPricer, Pricer
 from streamwatch.store.alerts import OutboxReads, OutboxWrites
+from streamwatch.store.connection import ReadConnection, connect_writer
 from streamwatch.store.intents import IntentReads, IntentWrites
 from streamwatch.store.interface import AlertHook, StateStore, StoreReader
 from streamwatch.store.ledger import LedgerReads
 from streamwatch.store.orphans import OrphanWrites
+from streamwatch.store.postgres import DbLoop, PgReadConnection, PgTarget, connect_writer_pg
 from streamwatch.store.prune import PruneWrites
 from streamwatch.store.reader import Reader
 from streamwatch.store.streams import StreamReads, StreamWrites
@@ -22,24 +25,41 @@ from streamwatch.store.tasks import TaskReads, TaskWrites
 from streamwatch.store.videos import VideoReads, VideoWrites
 from streamwatch.store.writer import Context, Writer
 
-__all__ = ["ReadOnlyStore", "Store"]
+__all__ = ["Location", "ReadOnlyStore", "Store"]
+
+# Where the state is: an SQLite file, or a PostgreSQL database.
+Location = Path | PgTarget
 
 
 class ReadOnlyStore(TaskReads, IntentReads, LedgerReads, StreamReads, OutboxReads, VideoReads):
-    """A state file opened for reading only: `async with ReadOnlyStore(path) as store:`. It
-    must exist and be of this streamwatch's schema (an older one is refused, not migrated);
-    nothing is written, and no file is created beside it."""
+    """A state file or database opened for reading only: `async with ReadOnlyStore(path) as
+    store:`. It must exist and be of this streamwatch's schema (an older one is refused, not
+    migrated); nothing is written, and no file is created beside it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self.path = path
-        self._reader = Reader(path, beside_writer=False)
+        self._loop: DbLoop | None = None
+        if isinstance(path, PgTarget):
+            self._loop = DbLoop()
+            self._reader = Reader([PgReadConnection(path, self._loop)])
+        else:
+            self._reader = Reader([ReadConnection(path)])
 
     async def __aenter__(self) -> Self:
-        await self._reader.open()
+        if self._loop is not None:
+            self._loop.start()
+        try:
+            await self._reader.open()
+        except BaseException:
+            if self._loop is not None:
+                self._loop.stop()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self._reader.close()
+        if self._loop is not None:
+            self._loop.stop()
 
 
 class Store(
@@ -57,14 +77,14 @@ class Store(
     VideoWrites,
     PruneWrites,
 ):
-    """The daemon's SQLite store. Use `async with Store(path) as store:`: the file is created
-    if missing and migrated. Writes go through one writer (group commit, a savepoint per
-    operation, in its thread); reads go through a read-only connection beside it, in a
-    thread of their own, and never wait for the writer."""
+    """The daemon's store. Use `async with Store(path) as store:`: the file (or the
+    database's schema) is created if missing and migrated. Writes go through one writer
+    (group commit, a savepoint per operation, in its thread); reads go through read-only
+    connections beside it, in threads of their own, and never wait for the writer."""
 
     def __init__(
         self,
-        path: Path,
+        path: Location,
         *,
         batch_max: int = 512,
         clock: Callable[[], float] = time.time,
@@ -78,8 +98,27 @@ class Store(
         self._clock = clock
         self._context = Context(first_free=precharge_covers_first_segment)
         self._context.pricer = orphan_pricer or OrphanPricer()
-        self._writer = Writer(path, self._context, batch_max=batch_max, on_commit=on_commit)
-        self._reader = Reader(path, beside_writer=True)
+        self._loop: DbLoop | None = None
+        if isinstance(path, PgTarget):
+            loop = self._loop = DbLoop()
+            self._writer = Writer(
+                lambda: connect_writer_pg(path, loop),
+                str(path),
+                self._context,
+                batch_max=batch_max,
+                on_commit=on_commit,
+            )
+            self._reader = Reader([PgReadConnection(path, loop) for _ in range(path.pool_size)])
+        else:
+            file = path
+            self._writer = Writer(
+                lambda: connect_writer(file),
+                str(path),
+                self._context,
+                batch_max=batch_max,
+                on_commit=on_commit,
+            )
+            self._reader = Reader([ReadConnection(path, beside_writer=True)])
 
     @property
     def commits(self) -> int:
@@ -98,13 +137,20 @@ class Store(
         await self.close()
 
     async def open(self) -> None:
-        """Open (creating if needed) the file, migrate it, and start the writer; then open
-        the read connection beside it."""
-        await self._writer.open()
+        """Open (creating if needed) the file or schema, migrate it, and start the writer;
+        then open the read connections beside it."""
+        if self._loop is not None:
+            self._loop.start()
         try:
-            await self._reader.open()
+            await self._writer.open()
+            try:
+                await self._reader.open()
+            except BaseException:
+                await self._writer.close()
+                raise
         except BaseException:
-            await self._writer.close()
+            if self._loop is not None:
+                self._loop.stop()
             raise
 
     async def close(self) -> None:
@@ -114,10 +160,12 @@ class Store(
         # Last: the last connection to close checkpoints the WAL into the file and removes
         # it (a read-only one cannot), so a stopped daemon leaves one self-contained file.
         await self._writer.close()
+        if self._loop is not None:
+            self._loop.stop()
 
     async def check_writable(self) -> None:
         """Raise unless a write transaction commits (for readiness probes)."""
-        await self._write(lambda ctx: ctx.conn.execute("UPDATE settings SET key = key WHERE 0"))
+        await self._write(lambda ctx: ctx.conn.execute("UPDATE settings SET key = key WHERE false"))
 
 
 if TYPE_CHECKING:  # the type checker holds each to the interface it implements
