@@ -226,7 +226,8 @@ async def test_openmetrics_when_asked_and_gzip_when_accepted(daemon, emulator):
             assert resp.headers["Content-Type"].startswith("text/plain")
             plain = gzip.decompress(await resp.read()).decode()
     assert text.endswith("# EOF\n")
-    families = {f.name: f for f in openmetrics_families(text)}
+    parsed = openmetrics_families(text)  # type: ignore[no-untyped-call]  # unannotated upstream
+    families = {f.name: f for f in parsed}
     assert families["streamwatch_stream_segments"].type == "counter"
     (sample,) = families["streamwatch_stream_segments"].samples
     assert sample.name == "streamwatch_stream_segments_total"
