@@ -14,6 +14,9 @@ ratio daemon/bare. Then the fixed-rate mode: `bench.loadgen --rate` (wrk2 is not
 here) posts `--rate` callbacks/s to each server and prints the p99 acknowledgement, counted
 from when each callback was due. Last, it checks that every acknowledged segment is stored.
 
+Both servers run on the same event loop (`--loop`; `auto` is what `streamwatch run` picks:
+uvloop when installed), so the ratio compares handlers, not loops.
+
 A benchmark, not a test: it asserts nothing about time. Figures on a shared 2-core machine are
 noisy: compare the daemon with the bare handler of the same run, and look at the medians.
 
