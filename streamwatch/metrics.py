@@ -436,7 +436,7 @@ class StateCollector(Collector):
 
     def stream_families(self, tokens: Mapping[str, Sequence[int]]) -> list[StreamFamily]:
         """The per-stream families of the current snapshot, with `tokens` (each stream's
-        counts by TOKEN_KINDS): the bulk of a large fleet's page, rendered by `render_streams`
+        counts by TOKEN_KINDS): the bulk of a large fleet's page, rendered by `render_page`
         rather than through prometheus_client (a tenth of the time at 10,000 streams)."""
         snap = self.snapshot
         names = sorted(
