@@ -54,6 +54,7 @@ from streamwatch.costs import (
     estimate,
     preflight_cost,
 )
+from streamwatch.eventloop import EventLoopError, loop_factory
 from streamwatch.http import local_url
 from streamwatch.ledger import period_bounds
 from streamwatch.logs import configure_logging
@@ -419,9 +420,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Each connection is a file descriptor: take all the process may have (the server fits its
     # connection cap under it).
     raise_file_limit()
+    try:
+        _, factory = loop_factory()
+    except EventLoopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     app = App(config, config_path=args.config, secrets=secrets, redactor=redactor)
     try:
-        asyncio.run(app.run())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(app.run())
     except asyncio.CancelledError:
         return 1
     except (OSError, StoreError, BackgroundFailed) as exc:

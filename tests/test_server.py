@@ -16,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from bench.fuzz import RAW_REQUESTS, Mutator
+from streamwatch.emulator import Script
 from tests.conftest import SECRET, Daemon, stream_toml
 
 
@@ -346,3 +347,15 @@ async def test_mutated_bodies_never_get_a_5xx_or_a_traceback(daemon, http):
     refused = sum(c for s, c in statuses.items() if s >= 400)
     assert len([e for e in logs if e["event"] == "callback.rejected"]) == refused
     assert [e for e in logs if e["log_level"] in ("error", "critical") or "exc_info" in e] == []
+
+
+async def test_only_flagged_segments_are_logged_above_debug(daemon, emulator):
+    """`segment.stored` is a warning for unsafe content, info for a logo, and debug for a
+    segment with neither (at fleet scale a line per segment flooded the journal)."""
+    url = "rtmp://cams.test/levels"
+    emulator.scripts[url] = Script(outcomes=["safe", "unsafe", "logo:Acme", "safe"])
+    with capture_logs() as logs:
+        await daemon.start(stream_toml("levels", url, logo_detection=True))
+        await daemon.wait(lambda: daemon.state("levels").run_segments >= 4)
+    levels = {e["segment"]: e["log_level"] for e in logs if e["event"] == "segment.stored"}
+    assert [levels.get(i) for i in range(4)] == ["debug", "warning", "info", "debug"]
