@@ -205,6 +205,7 @@ class App:
                 streams=len(self.config.streams),
                 adopted=parts.supervisor.running_count(),
                 status_url=f"{parts.server.base_url}/api/v1/status",
+                event_loop=type(asyncio.get_running_loop()).__module__.partition(".")[0],
             )
             self.started.set()
             self.systemd.notify(ready=1, status=self._status_line())

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import tomllib
@@ -45,12 +46,20 @@ from streamwatch.config import (
     secret_problems,
     secret_values,
 )
-from streamwatch.costs import CostReport, Estimate, cost_report, estimate
+from streamwatch.costs import (
+    CostReport,
+    Estimate,
+    PreflightCost,
+    cost_report,
+    estimate,
+    preflight_cost,
+)
+from streamwatch.eventloop import EventLoopError, loop_factory
 from streamwatch.http import local_url
 from streamwatch.ledger import period_bounds
 from streamwatch.logs import configure_logging
 from streamwatch.redact import Redactor, redact_urls
-from streamwatch.status import StatusDoc
+from streamwatch.status import StatusDoc, StreamDoc
 from streamwatch.storage import storage_location
 from streamwatch.store import (
     ChargeTotal,
@@ -411,9 +420,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Each connection is a file descriptor: take all the process may have (the server fits its
     # connection cap under it).
     raise_file_limit()
+    try:
+        _, factory = loop_factory()
+    except EventLoopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     app = App(config, config_path=args.config, secrets=secrets, redactor=redactor)
     try:
-        asyncio.run(app.run())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(app.run())
     except asyncio.CancelledError:
         return 1
     except (OSError, StoreError, BackgroundFailed) as exc:
@@ -425,6 +440,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_check_config(args: argparse.Namespace) -> int:
     config, _ = _load_with_secrets(args.config, state_file=True, database=True)
     print(f"{args.config}: OK — {len(config.streams)} stream(s), backend {config.mavi.backend}")
+    probed = [s.name for s in config.streams if s.preflight]
+    if probed and shutil.which("ffprobe") is None:
+        print(
+            f"warning: preflight is on for {', '.join(probed)} but ffprobe is not installed:"
+            " they will start without a probe (install FFmpeg: apt-get install ffmpeg)"
+        )
     print()
     print(render_estimate(_estimate(config)))
     return EXIT_OK
@@ -502,6 +523,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _source(stream: StreamDoc) -> str:
+    """The SOURCE cell: what the last preflight probe saw (codec, size, frame rate, bit rate),
+    `offline` while probes find nothing, `-` without preflight."""
+    if stream.get("source_offline_since"):
+        return "offline"
+    source = stream.get("source")
+    if not source:
+        return "-"
+    parts = [source["video_codec"] or "no video", source["resolution"] or ""]
+    if source["fps"]:
+        parts.append(f"{source['fps']:g}fps")
+    if source["bitrate"]:
+        parts.append(f"{source['bitrate'] / 1e6:.2f}Mb/s")
+    return " ".join(p for p in parts if p)
+
+
 def render_status(doc: StatusDoc) -> str:
     """The status document as a table for people."""
     lines = []
@@ -520,6 +557,7 @@ def render_status(doc: StatusDoc) -> str:
         "UNSAFE",
         "ERRORS",
         "RESTARTS",
+        "SOURCE",
         "TODAY $",
         "$/H",
     )
@@ -535,6 +573,7 @@ def render_status(doc: StatusDoc) -> str:
                 str(s["unsafe_segments"]),
                 str(s["failed_segments"]),
                 str(s["restarts"]),
+                _source(s),
                 _money(s["cost"]["today_usd"]),
                 _money(s["cost"]["burn_usd_per_hour"]),
             )
@@ -557,6 +596,13 @@ def render_status(doc: StatusDoc) -> str:
         percent, cap = budget["monthly_used_percent"], _money(budget["monthly_usd"])
         line += f"; monthly budget {percent}% of ${cap}"
     lines.append(line)
+    preflight = doc.get("preflight")
+    if preflight and preflight["probes"]:
+        probes = ", ".join(f"{k} {v}" for k, v in sorted(preflight["probes"].items()))
+        lines.append(
+            f"preflight: {preflight['precharges_avoided']} pre-charge(s) avoided"
+            f" (${_money(preflight['precharges_avoided_usd'])}); probes: {probes}"
+        )
     dead = doc.get("alerts", {}).get("dead", 0)
     if dead:
         lines.append(f"{dead} alert(s) could not be delivered: `streamwatch alerts list`")
@@ -614,14 +660,15 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     if location is None:
         return EXIT_CONFIG
 
-    async def read() -> tuple[list[ChargeTotal], OrphanCharges]:
+    async def read() -> tuple[list[ChargeTotal], OrphanCharges, PreflightCost]:
         async with ReadOnlyStore(location) as store:
             return (
                 await store.charge_totals(since=since, until=until),
                 await store.orphan_charge_totals(since=since, until=until),
+                preflight_cost((await store.streams()).values()),
             )
 
-    totals, orphans = asyncio.run(read())
+    totals, orphans, preflight = asyncio.run(read())
     report = cost_report(
         totals,
         orphans,
@@ -630,6 +677,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
         since=since,
         until=until,
         precharge=config.ledger.precharge,
+        preflight=preflight,
     )
     print(json.dumps(report, indent=2) if args.json else render_cost(report))
     return EXIT_OK
@@ -664,6 +712,14 @@ def render_cost(doc: CostReport) -> str:
         lines.append(
             f"({orphans['tasks']} task(s) this daemon did not start: priced from what their"
             f" callbacks show{uncertain}; see README, Orphan tasks)"
+        )
+    preflight = doc.get("preflight")
+    if preflight and (preflight["probes"] or preflight["precharges_avoided"]):
+        probes = ", ".join(f"{k} {v}" for k, v in preflight["probes"].items())
+        lines.append(
+            f"preflight, since the state file began: {preflight['precharges_avoided']}"
+            f" pre-charge(s) avoided, ${_money(preflight['precharges_avoided_usd'])} not spent"
+            f" (probes: {probes})"
         )
     return "\n".join(lines)
 

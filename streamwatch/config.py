@@ -484,6 +484,8 @@ class StreamDefaults(_Model):
     content_moderation: bool = True
     logo_detection: bool = False
     max_logos: int = Field(default=5, ge=1, le=50)
+    preflight: bool = False
+    preflight_timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
 
 class StreamConfig(_Model):
@@ -500,6 +502,14 @@ class StreamConfig(_Model):
     evidence: bool = Field(default=False, description="Archive clips of flagged segments.")
     watch_logos: list[str] = Field(
         default_factory=list, description="Alert only on these logo names (empty: on any)."
+    )
+    preflight: bool = Field(
+        default=False,
+        description="Probe the source (ffprobe) before each start and restart; no start (and no"
+        " pre-charge) while it is offline.",
+    )
+    preflight_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="How long a preflight probe may take."
     )
 
     @field_validator("url")

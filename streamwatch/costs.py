@@ -35,6 +35,8 @@ __all__ = [
     "OrphanCharges",
     "OrphanCost",
     "OrphanSpend",
+    "PreflightCost",
+    "Preflighted",
     "RateEstimate",
     "Spend",
     "StreamEstimate",
@@ -42,6 +44,7 @@ __all__ = [
     "cost_report",
     "estimate",
     "group_charges",
+    "preflight_cost",
     "summary",
 ]
 
@@ -273,6 +276,42 @@ class OrphanCharges(Protocol):
     def uncertain_tasks(self) -> int: ...
 
 
+class Preflighted(Protocol):
+    """What preflight kept of a stream (the store's `StreamRecord`)."""
+
+    @property
+    def probes(self) -> tuple[tuple[str, int], ...]: ...
+    @property
+    def precharges_avoided(self) -> int: ...
+    @property
+    def ticks_saved(self) -> int: ...
+
+
+class PreflightCost(TypedDict):
+    """Preflight's account since the state file began (not limited to the report's range):
+    probes by outcome, pre-charges avoided and what they would have cost."""
+
+    probes: dict[str, int]
+    precharges_avoided: int
+    precharges_avoided_usd: str
+
+
+def preflight_cost(records: Iterable[Preflighted]) -> PreflightCost:
+    """Preflight's figures summed over the streams' records."""
+    probes: dict[str, int] = {}
+    avoided = ticks = 0
+    for r in records:
+        for outcome, count in r.probes:
+            probes[outcome] = probes.get(outcome, 0) + count
+        avoided += r.precharges_avoided
+        ticks += r.ticks_saved
+    return PreflightCost(
+        probes=dict(sorted(probes.items())),
+        precharges_avoided=avoided,
+        precharges_avoided_usd=usd(ticks),
+    )
+
+
 class CostGroup(TypedDict):
     name: str
     precharges: int
@@ -299,6 +338,7 @@ class CostReport(TypedDict):
     total_usd: str
     orphans: OrphanCost
     total_with_orphans_usd: str
+    preflight: PreflightCost
 
 
 Grouping = Literal["stream", "label"]
@@ -341,6 +381,7 @@ def cost_report(
     since: float,
     until: float,
     precharge: str,
+    preflight: PreflightCost | None = None,
 ) -> CostReport:
     """The charges of [since, until) grouped `by` stream or label, with the orphans' estimate
     apart; `precharge` says how pre-charges are read (`[ledger] precharge`)."""
@@ -360,4 +401,5 @@ def cost_report(
             uncertain_tasks=orphans.uncertain_tasks,
         ),
         total_with_orphans_usd=usd(confirmed + orphans.ticks),
+        preflight=preflight or preflight_cost(()),
     )

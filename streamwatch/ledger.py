@@ -20,6 +20,7 @@ Money is integer ticks of 1/2880 USD throughout; USD appears only for display.
 from __future__ import annotations
 
 import calendar
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -67,7 +68,13 @@ def _utc_date(ts: float) -> date:
 
 def period_key(period: Period, ts: float) -> str:
     """The UTC day (``2026-11-23``) or calendar month (``2026-11``) that `ts` falls in."""
-    day = _utc_date(ts)
+    return _period_key(period, math.floor(ts / 86_400))
+
+
+@functools.lru_cache(maxsize=64)
+def _period_key(period: Period, day_number: int) -> str:
+    # Cached: every stored segment's charge asks for the key of its day and month.
+    day = _EPOCH + timedelta(days=day_number)
     return day.isoformat() if period == "day" else day.isoformat()[:7]
 
 

@@ -24,6 +24,10 @@ Policy, in short:
 - `error_threshold` failed segments in a row, and `restart_loop_count` restarts within
   `restart_loop_window_seconds`: an event each (and its alert), once per streak.
 - A task this daemon already runs is never started twice: tasks in the store are adopted.
+- `preflight`: the source is probed before each start and restart (`on_probe`). Down: no
+  start (no pre-charge; one avoided is counted with its price), `source_offline`, and probes
+  again on the usual backoff; up again: the start goes ahead, and the offline event resolves.
+  A task that ended with 15 restarts so, after a successful probe only.
 """
 
 from __future__ import annotations
@@ -51,13 +55,19 @@ __all__ = [
     "Action",
     "Effect",
     "Forget",
+    "FpsAboveSource",
     "Halt",
     "MarkStalled",
     "Phase",
     "Policy",
+    "ProbeFailed",
+    "ProbeUnavailable",
     "Recovered",
     "RestartLoop",
     "SegmentErrors",
+    "SourceInfo",
+    "SourceOffline",
+    "SourceOnline",
     "Start",
     "Stop",
     "StopReason",
@@ -68,9 +78,11 @@ __all__ = [
     "note_restart",
     "on_callback",
     "on_open_intent",
+    "on_probe",
     "on_resume",
     "on_start_failed",
     "on_start_unanswered",
+    "on_start_unprobed",
     "on_stop_failed",
     "on_task_ended",
     "on_task_running",
@@ -90,9 +102,49 @@ class Phase(StrEnum):
     ADOPTING = "adopting"  # a start's answer was lost: waiting for its task's callbacks
     STOPPING = "stopping"
     HELD = "held"  # stopped by a person; waits for `streamwatch resume`
+    SOURCE_OFFLINE = "source_offline"  # preflight found the source down: probes on a backoff
 
 
 StopReason = Literal["removed", "changed", "stalled", "shutdown", "budget"]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """What the last successful probe of a stream's source found (`at`: when)."""
+
+    at: float
+    video_codec: str | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    bitrate: int | None = None  # the video's bit rate, else the whole stream's
+    audio_codec: str | None = None
+
+    @property
+    def resolution(self) -> str | None:
+        return f"{self.width}x{self.height}" if self.width and self.height else None
+
+    def same_media(self, other: SourceInfo | None) -> bool:
+        """The same codecs, size and frame rate as `other` (when and bit rate aside)."""
+        return other is not None and (
+            self.video_codec,
+            self.width,
+            self.height,
+            self.fps,
+            self.audio_codec,
+        ) == (other.video_codec, other.width, other.height, other.fps, other.audio_codec)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeFailed:
+    """A probe that found no media: `kind` is the probe error's stable word (`unreachable`,
+    `timeout`, `refused`, `not_media`, `failed`, `unavailable`), `detail` its one line."""
+
+    kind: str
+    detail: str
+
+
+PROBE_OK = "ok"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +170,11 @@ class StreamState:
     last_error: str | None = None
     restart_times: tuple[float, ...] = ()  # recent restarts, for restart-loop detection
     intent: str | None = None  # while adopting: the attempt id of the start's open intent
+    offline_since: float | None = None  # preflight: the source was found down since then
+    source: SourceInfo | None = None  # what the last probe that found media saw
+    probes: tuple[tuple[str, int], ...] = ()  # preflight probes by outcome (sorted)
+    precharges_avoided: int = 0  # starts not made because the source was down
+    ticks_saved: int = 0  # what those pre-charges would have cost
 
     def record(self) -> StreamRecord:
         """What of this state outlives the process (the store keeps it between runs)."""
@@ -129,6 +186,10 @@ class StreamState:
             self.last_end_status,
             self.last_error,
             self.restart_times,
+            self.offline_since,
+            self.probes,
+            self.precharges_avoided,
+            self.ticks_saved,
         )
 
     @classmethod
@@ -138,9 +199,12 @@ class StreamState:
         retry_at = record.retry_at
         if retry_at is not None:
             retry_at = min(retry_at, now + policy.restart_max)
-        phase = (
-            Phase.HELD if record.held_reason else Phase.IDLE if retry_at is None else Phase.BACKOFF
-        )
+        if record.held_reason:
+            phase = Phase.HELD
+        elif retry_at is None:
+            phase = Phase.IDLE
+        else:
+            phase = Phase.BACKOFF if record.offline_since is None else Phase.SOURCE_OFFLINE
         return cls(
             record.name,
             phase,
@@ -152,6 +216,10 @@ class StreamState:
             restart_times=tuple(
                 t for t in record.restart_times if now - t < policy.restart_loop_window
             ),
+            offline_since=record.offline_since,
+            probes=record.probes,
+            precharges_avoided=record.precharges_avoided,
+            ticks_saved=record.ticks_saved,
         )
 
 
@@ -280,7 +348,7 @@ def plan(
         if halted or name in gate.no_start:
             continue
         if state.phase is Phase.IDLE or (
-            state.phase in (Phase.BACKOFF, Phase.ADOPTING)
+            state.phase in (Phase.BACKOFF, Phase.ADOPTING, Phase.SOURCE_OFFLINE)
             and state.retry_at is not None
             and not waiting
         ):
@@ -428,7 +496,69 @@ class RestartLoop:
         return f"{self.restarts} restarts in {self.window / 60:.0f} min; each costs a pre-charge"
 
 
-Effect = Recovered | SegmentErrors | TaskEnded | RestartLoop | Halt
+@dataclass(frozen=True, slots=True)
+class SourceOffline:
+    """Preflight found the stream's source down (the first probe of an outage)."""
+
+    stream: str
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class SourceOnline:
+    """Preflight found the stream's source again after `offline_seconds` down (`source`: what
+    it saw), or no longer looks (preflight turned off: `source` is None)."""
+
+    stream: str
+    offline_seconds: float
+    source: SourceInfo | None
+
+    @property
+    def detail(self) -> str:
+        if self.source is None:
+            return (
+                f"preflight is off: the source, offline for {self.offline_seconds:.0f}s when"
+                " last probed, is no longer probed"
+            )
+        return f"the source is back after {self.offline_seconds:.0f}s offline"
+
+
+@dataclass(frozen=True, slots=True)
+class FpsAboveSource:
+    """The stream is configured to analyse more frames per second than its source has."""
+
+    stream: str
+    fps: int
+    source_fps: float
+
+    @property
+    def detail(self) -> str:
+        return (
+            f"fps = {self.fps} but the source has {self.source_fps:g} frames per second:"
+            f" paying for frames that do not exist (set fps <= {max(1, int(self.source_fps))})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeUnavailable:
+    """A preflight probe could not be run at all (no ffprobe): the start goes ahead."""
+
+    stream: str
+    detail: str
+
+
+Effect = (
+    Recovered
+    | SegmentErrors
+    | TaskEnded
+    | RestartLoop
+    | Halt
+    | SourceOffline
+    | SourceOnline
+    | FpsAboveSource
+    | ProbeUnavailable
+)
 
 
 def on_callback(
@@ -546,6 +676,75 @@ def on_stop_failed(state: StreamState, error: str) -> StreamState:
     return replace(state, phase=Phase.RUNNING, stop_reason=None, last_error=error)
 
 
+def _counted(probes: tuple[tuple[str, int], ...], outcome: str) -> tuple[tuple[str, int], ...]:
+    counts = dict(probes)
+    counts[outcome] = counts.get(outcome, 0) + 1
+    return tuple(sorted(counts.items()))
+
+
+def on_probe(
+    state: StreamState,
+    result: SourceInfo | ProbeFailed,
+    *,
+    fps: int,
+    precharge_ticks: int,
+    now: float,
+    policy: Policy,
+    rand: float,
+) -> tuple[StreamState, bool, list[Effect]]:
+    """The preflight probe before a start of the stream answered `result`. Returns the new
+    state, whether the start goes ahead, and what follows:
+    - media: go; the source's summary kept; `SourceOnline` after an outage; `FpsAboveSource`
+      when `fps` is above the source's frame rate and the source changed since it was last
+      seen (so once per change, not at every start);
+    - `unavailable` (no ffprobe here): go, with `ProbeUnavailable` (a preflight that cannot
+      probe must not keep streams down);
+    - anything else: the source is down. No start: one pre-charge (`precharge_ticks`)
+      avoided; `source_offline` until the next probe on the usual backoff; `SourceOffline`
+      on the first probe of an outage."""
+    if isinstance(result, SourceInfo):
+        effects: list[Effect] = []
+        if state.offline_since is not None:
+            effects.append(SourceOnline(state.name, max(0.0, now - state.offline_since), result))
+        if result.fps and fps > result.fps and not result.same_media(state.source):
+            effects.append(FpsAboveSource(state.name, fps, result.fps))
+        new = replace(
+            state,
+            probes=_counted(state.probes, PROBE_OK),
+            source=result,
+            offline_since=None,
+        )
+        return new, True, effects
+    probes = _counted(state.probes, result.kind)
+    if result.kind == "unavailable":
+        return replace(state, probes=probes), True, [ProbeUnavailable(state.name, result.detail)]
+    failures = state.failures + 1
+    new = replace(
+        state,
+        phase=Phase.SOURCE_OFFLINE,
+        probes=probes,
+        failures=failures,
+        retry_at=now + backoff_delay(failures, policy, rand=rand),
+        offline_since=now if state.offline_since is None else state.offline_since,
+        precharges_avoided=state.precharges_avoided + 1,
+        ticks_saved=state.ticks_saved + precharge_ticks,
+        last_error=f"source offline: {result.detail}",
+    )
+    offline: list[Effect] = []
+    if state.offline_since is None:
+        offline.append(SourceOffline(state.name, result.kind, result.detail))
+    return new, False, offline
+
+
+def on_start_unprobed(state: StreamState, *, now: float) -> tuple[StreamState, list[Effect]]:
+    """A start without a probe (preflight is off now) of a stream whose source preflight last
+    found down: the outage is no longer watched, so it is forgotten and its alert resolved."""
+    if state.offline_since is None:
+        return state, []
+    gone = SourceOnline(state.name, max(0.0, now - state.offline_since), None)
+    return replace(state, offline_since=None), [gone]
+
+
 def on_open_intent(
     state: StreamState, attempt_id: str, *, now: float, policy: Policy
 ) -> StreamState | None:
@@ -564,9 +763,9 @@ def on_open_intent(
 
 
 def on_resume(state: StreamState) -> StreamState | None:
-    """`streamwatch resume`: a held or backing-off stream starts at once, its backoff
-    forgotten; None for a stream that waits for nothing."""
-    if state.phase not in (Phase.HELD, Phase.BACKOFF):
+    """`streamwatch resume`: a held, backing-off or source-offline stream starts (or probes)
+    at once, its backoff forgotten; None for a stream that waits for nothing."""
+    if state.phase not in (Phase.HELD, Phase.BACKOFF, Phase.SOURCE_OFFLINE):
         return None
     return replace(state, phase=Phase.IDLE, held_reason=None, retry_at=None, failures=0)
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import hmac
+import json
 import logging
 import resource
 import time
@@ -27,7 +29,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import gzip_accepted
 from pydantic import SecretStr
 
 from streamwatch.alerts.sources import logo_hit
@@ -37,7 +39,7 @@ from streamwatch.guard import ConnectionGuard, effective_limit, listen_backlog
 from streamwatch.http import BadBody, bind, close_runner, local_url, read_json
 from streamwatch.logs import Throttle
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, decode_body, parse_callback
-from streamwatch.metrics import Metrics, StateCollector
+from streamwatch.metrics import Metrics, StateCollector, render_page
 from streamwatch.status import build_status, snapshot
 from streamwatch.store import CallbackOutcome, StateStore, StoreError
 from streamwatch.supervisor import Supervisor
@@ -173,6 +175,11 @@ class Server:
             app.router.add_get("/metrics", self._metrics_page)
         self.app = app
 
+    @property
+    def collector(self) -> StateCollector:
+        """The state series' collector (its snapshot is taken at each scrape)."""
+        return self._collector
+
     def set_config(self, config: Config) -> None:
         self._config = config
 
@@ -262,8 +269,11 @@ class Server:
     # -- handlers ------------------------------------------------------------------------------
 
     async def _callback(self, request: web.Request) -> web.Response:
-        with self._metrics.callback_seconds.time():
+        started = time.perf_counter()
+        try:
             return await self._handle_callback(request)
+        finally:
+            self._metrics.callback_seconds.observe(time.perf_counter() - started)
 
     async def _handle_callback(self, request: web.Request) -> web.Response:
         given = request.match_info["secret"].encode()
@@ -291,7 +301,7 @@ class Server:
             self._metrics.callbacks.labels("failed").inc()
             return web.json_response({"error": "not stored, retry"}, status=503)
         self.after_commit(outcome)
-        return web.json_response({"ok": True, "outcome": outcome.kind})
+        return web.Response(body=_ANSWERS[outcome.kind], content_type="application/json")
 
     def _reject(self, reason: str, detail: str, *, status: int = 400) -> web.Response:
         """One log line and one count per refused callback; the reason goes back to MAVI."""
@@ -358,11 +368,21 @@ class Server:
         return web.json_response({"ok": True})
 
     async def _metrics_page(self, request: web.Request) -> web.Response:
+        """Text 0.0.4, or OpenMetrics when asked; gzip when accepted (level 1, in a thread:
+        a large fleet's page is megabytes, and the callbacks keep flowing meanwhile)."""
         self._collector.snapshot = await snapshot(
             supervisor=self._supervisor, store=self._store, now=self._clock()
         )
-        body = generate_latest(self._metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        families = self._collector.stream_families(self._metrics.tokens)
+        body, content_type = render_page(
+            self._metrics.registry, families, request.headers.get("Accept", "")
+        )
+        headers = {"Content-Type": content_type}
+        if gzip_accepted(request.headers.get("Accept-Encoding", "")):
+            body = await asyncio.get_running_loop().run_in_executor(None, _gzip, body)
+            headers["Content-Encoding"] = "gzip"
+        headers["Vary"] = "Accept-Encoding"
+        return web.Response(body=body, headers=headers)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -414,12 +434,32 @@ class Server:
         return web.json_response({"ok": True, "released": released, "halt_lifted": lifted})
 
 
+# The answer to a stored callback, by outcome: made once (json.dumps of {"ok", "outcome"}).
+_ANSWERS = {
+    kind: json.dumps({"ok": True, "outcome": kind}).encode()
+    for kind in ("stored", "duplicate", "orphan")
+}
+
+
+def _gzip(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=1, mtime=0)
+
+
 def _log_outcome(outcome: CallbackOutcome) -> None:
+    """One line per stored callback: a flagged segment (unsafe content or a logo) at info
+    (warning when unsafe), any other segment at debug (at fleet scale, a line per segment was
+    the journal's biggest writer and a tenth of the callback path's CPU)."""
     callback = outcome.callback
     if outcome.kind == "orphan":
         log.warning("callback.orphan", task_id=callback.task_id)
     elif isinstance(callback, SegmentReport) and outcome.kind == "stored":
-        (log.warning if callback.unsafe else log.info)(
+        if callback.unsafe:
+            write = log.warning
+        elif callback.logos or callback.has_logo:
+            write = log.info
+        else:
+            write = log.debug
+        write(
             "segment.stored",
             stream=outcome.stream,
             segment=callback.segment_index,

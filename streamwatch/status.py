@@ -15,6 +15,7 @@ from typing import TypedDict
 from streamwatch import __version__
 from streamwatch.config import Config
 from streamwatch.costs import NO_SPEND, LabelSpend, Spend, summary
+from streamwatch.ledger import usd
 from streamwatch.metrics import Snapshot, StreamView
 from streamwatch.store import StoreReader
 from streamwatch.supervisor import Supervisor
@@ -23,6 +24,8 @@ __all__ = [
     "AccountDoc",
     "CostDoc",
     "OrphansDoc",
+    "PreflightDoc",
+    "SourceDoc",
     "StatusDoc",
     "StreamDoc",
     "build_status",
@@ -30,6 +33,25 @@ __all__ = [
     "snapshot",
     "stream_views",
 ]
+
+
+class SourceDoc(TypedDict):
+    """What the last preflight probe that found media saw of the stream's source."""
+
+    probed_at: str | None
+    video_codec: str | None
+    resolution: str | None
+    fps: float | None
+    bitrate: int | None
+    audio_codec: str | None
+
+
+class PreflightDoc(TypedDict):
+    """Preflight's account: probes by outcome, and the starts it kept from paying."""
+
+    probes: dict[str, int]
+    precharges_avoided: int
+    precharges_avoided_usd: str
 
 
 class StreamDoc(TypedDict):
@@ -55,6 +77,12 @@ class StreamDoc(TypedDict):
     last_error: str | None
     budget_reason: str | None
     cost: Spend
+    preflight: bool | None
+    source: SourceDoc | None
+    source_offline_since: str | None
+    probes: dict[str, int]
+    precharges_avoided: int
+    precharges_avoided_usd: str
 
 
 class AccountDoc(TypedDict):
@@ -91,6 +119,7 @@ class StatusDoc(TypedDict):
     orphans: OrphansDoc
     alerts: dict[str, int]
     cost: CostDoc
+    preflight: PreflightDoc
 
 
 def iso(ts: float | None) -> str | None:
@@ -122,6 +151,10 @@ def stream_views(
             fps=spec.fps if spec else None,
             content_moderation=spec.content_moderation if spec else None,
             logo_detection=spec.logo_detection if spec else None,
+            preflight=spec.preflight if spec else False,
+            probes=dict(state.probes) if state else {},
+            precharges_avoided=state.precharges_avoided if state else 0,
+            ticks_saved=state.ticks_saved if state else 0,
         )
     return views
 
@@ -143,9 +176,17 @@ async def build_status(
     )
     streams = []
     fleet = supervisor.fleet
+    all_probes: dict[str, int] = {}
+    avoided = saved = 0
     for name, view in stream_views(supervisor, now).items():
         state = supervisor.streams.get(name)
         total = totals.get(name)
+        spec = supervisor.desired.get(name)
+        source = state.source if state else None
+        for outcome, count in view.probes.items():
+            all_probes[outcome] = all_probes.get(outcome, 0) + count
+        avoided += view.precharges_avoided
+        saved += view.ticks_saved
         owner = fleet.owners.get(name) if fleet is not None else None
         task_id = state.task_id if state else None
         shown = view.state
@@ -177,6 +218,21 @@ async def build_status(
                 last_error=state.last_error if state else None,
                 budget_reason=supervisor.gate.reasons.get(name),
                 cost=costs["streams"].get(name, NO_SPEND),
+                preflight=spec.preflight if spec else None,
+                source=None
+                if source is None
+                else SourceDoc(
+                    probed_at=iso(source.at),
+                    video_codec=source.video_codec,
+                    resolution=source.resolution,
+                    fps=source.fps,
+                    bitrate=source.bitrate,
+                    audio_codec=source.audio_codec,
+                ),
+                source_offline_since=iso(state.offline_since) if state else None,
+                probes=dict(view.probes),
+                precharges_avoided=view.precharges_avoided,
+                precharges_avoided_usd=usd(view.ticks_saved),
             )
         )
     account, orphan_costs = costs["account"], costs["orphans"]
@@ -210,6 +266,11 @@ async def build_status(
             budget=account["budget"],
             by_label=costs["by_label"],
             precharge=config.ledger.precharge,
+        ),
+        preflight=PreflightDoc(
+            probes=dict(sorted(all_probes.items())),
+            precharges_avoided=avoided,
+            precharges_avoided_usd=usd(saved),
         ),
     )
 

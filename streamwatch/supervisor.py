@@ -41,13 +41,19 @@ from streamwatch.mavi.errors import MaviError
 from streamwatch.policy import (
     Action,
     Effect,
+    FpsAboveSource,
     Halt,
     MarkStalled,
     Phase,
     Policy,
+    ProbeFailed,
+    ProbeUnavailable,
     Recovered,
     RestartLoop,
     SegmentErrors,
+    SourceInfo,
+    SourceOffline,
+    SourceOnline,
     Start,
     Stop,
     StreamState,
@@ -56,20 +62,24 @@ from streamwatch.policy import (
     note_restart,
     on_callback,
     on_open_intent,
+    on_probe,
     on_resume,
     on_start_failed,
     on_start_unanswered,
+    on_start_unprobed,
     on_stop_failed,
     on_task_running,
     orphan_to_stop,
     plan,
 )
+from streamwatch.pricing import segment_cost_ticks
+from streamwatch.probe import MediaInfo, ProbeError, probe
 from streamwatch.redact import Redactor
 from streamwatch.starts import Started, StartFailed, Starts, StreamStarter
 from streamwatch.store import Adopted, CallbackOutcome, StateStore, StreamRecord
 from streamwatch.store.leases import Fenced, FleetView
 
-__all__ = ["AfterCommit", "Supervisor"]
+__all__ = ["AfterCommit", "Prober", "Supervisor", "source_info"]
 
 log = structlog.get_logger("streamwatch.supervisor")
 
@@ -79,6 +89,25 @@ class AfterCommit(Protocol):
     `observe`, metrics, the log)."""
 
     def __call__(self, outcome: CallbackOutcome) -> None: ...
+
+
+class Prober(Protocol):
+    """What preflight probes a source with (`streamwatch.probe.probe`)."""
+
+    async def __call__(self, source: str, *, timeout: float) -> MediaInfo: ...  # noqa: ASYNC109 - the probe kills its child at the deadline
+
+
+def source_info(info: MediaInfo, at: float) -> SourceInfo:
+    """The summary of a probe kept per stream (status API, fps check)."""
+    return SourceInfo(
+        at=at,
+        video_codec=info.video_codec,
+        width=info.width,
+        height=info.height,
+        fps=info.fps,
+        bitrate=info.video_bitrate or info.overall_bitrate,
+        audio_codec=info.audio_codec,
+    )
 
 
 class _Streams(dict[str, StreamState]):
@@ -111,8 +140,10 @@ class Supervisor:
         rng: random.Random | None = None,
         redact: Callable[[str], str] | None = None,
         failures: Failures | None = None,
+        prober: Prober = probe,
     ) -> None:
         self._client = client
+        self._probe = prober
         # Every text that leaves through the status API, events and alerts passes here.
         self._redact = redact or Redactor()
         self.spending = spending
@@ -140,6 +171,7 @@ class Supervisor:
         self._adopt_tried = False
         self._orphan_stops: set[str] = set()  # orphan tasks whose stop is under way
         self._ending: set[str] = set()  # stopped at shutdown, final callback not stored yet
+        self._probing: set[asyncio.Task[MediaInfo]] = set()  # preflight probes under way
         # What follows a committed callback: callbacks claimed at a start or an adoption go
         # the same way as live ones (see `set_after_commit`).
         self._after_commit: AfterCommit = self.observe
@@ -505,7 +537,17 @@ class Supervisor:
         adopting)."""
         spec = self.desired.get(name)
         state = self.streams[name]
-        if spec is None:  # removed while queued
+        if spec is not None and spec.preflight:
+            await self._preflight(name, spec)
+            spec = self.desired.get(name)  # as it is now: a reload may have changed it
+            state = self.streams.get(name, state)
+            if self._stopping or (spec is not None and state.phase is not Phase.STARTING):
+                return  # the source is down (source_offline), or shutting down: no start
+        elif state.offline_since is not None:
+            state, effects = on_start_unprobed(state, now=self._clock())
+            self.streams[name] = state
+            self._apply(effects)
+        if spec is None:  # removed while queued (or while its source was probed)
             self.streams.pop(name, None)
             if state.intent is not None:
                 await self._close_intent(state.intent, "the stream was removed")
@@ -517,6 +559,75 @@ class Supervisor:
             await self._start_failed(name, state, outcome)
         else:
             await self._started(name, state, outcome, fps=spec.fps)
+
+    async def _preflight(self, name: str, spec: StreamConfig) -> None:
+        """Probe the stream's source before its start, and apply what `on_probe` decides: the
+        stream stays `starting` when the start goes ahead, or is `source_offline`. The probe
+        is a task of its own, awaited by this start's (so planning and other streams go on),
+        which `shutdown()` cancels (no start follows once it began)."""
+        now = self._clock()
+        result: SourceInfo | ProbeFailed
+        probing = asyncio.create_task(
+            self._probe(spec.url, timeout=spec.preflight_timeout_seconds),
+            name=f"supervisor.preflight:{name}",
+        )
+        self._probing.add(probing)
+        try:
+            info = await probing
+        except asyncio.CancelledError:
+            this = asyncio.current_task()
+            if self._stopping and (this is None or not this.cancelling()):
+                return  # `shutdown()` cancelled the probe
+            raise
+        except ProbeError as exc:
+            result = ProbeFailed(exc.kind, self._text(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - every start ends in a known state: a bug in a probe is a failed probe
+            self._tasks.failures.failed("supervisor.preflight", exc, stream=name)
+            result = ProbeFailed("failed", self._text(f"{type(exc).__name__}: {exc}"))
+        else:
+            result = source_info(info, self._clock())
+        finally:
+            self._probing.discard(probing)
+        current = self.desired.get(name)
+        state = self.streams.get(name)
+        if current is None or state is None:  # removed while it probed: `_start` forgets it
+            return
+        ticks = segment_cost_ticks(
+            fps=current.fps,
+            content_moderation=current.content_moderation,
+            logo_detection=current.logo_detection,
+        )
+        new, go, effects = on_probe(
+            state,
+            result,
+            fps=current.fps,
+            precharge_ticks=ticks,
+            now=self._clock(),
+            policy=self.policy,
+            rand=self._rng.random(),
+        )
+        self.streams[name] = new
+        if isinstance(result, SourceInfo):
+            log.info(
+                "supervisor.preflight_ok",
+                stream=name,
+                video_codec=result.video_codec,
+                resolution=result.resolution,
+                fps=result.fps,
+                seconds=round(result.at - now, 3),
+            )
+        else:
+            log.info(
+                "supervisor.preflight_failed",
+                stream=name,
+                kind=result.kind,
+                error=result.detail,
+                start=go,
+                retry_in=None if go else round((new.retry_at or now) - now, 3),
+            )
+        self._apply(effects)
+        if not go:
+            self._notify(replan=False)
 
     async def _started(self, name: str, state: StreamState, started: Started, *, fps: int) -> None:
         registered, task_id, now = started.registered, started.task_id, started.at
@@ -754,6 +865,51 @@ class Supervisor:
                 self._spawn(
                     self._record("restart_loop", stream=effect.stream, detail=effect.detail)
                 )
+            elif isinstance(effect, SourceOffline):
+                log.warning(
+                    "supervisor.source_offline",
+                    stream=effect.stream,
+                    kind=effect.kind,
+                    error=effect.detail,
+                )
+                self._spawn(
+                    self._record(
+                        "source_offline",
+                        stream=effect.stream,
+                        detail=f"source offline ({effect.kind}): {effect.detail}; no start"
+                        " (no pre-charge) until a probe finds it",
+                    )
+                )
+            elif isinstance(effect, SourceOnline):
+                log.info(
+                    "supervisor.source_online",
+                    stream=effect.stream,
+                    offline_seconds=round(effect.offline_seconds, 3),
+                )
+                self._spawn(
+                    self._record("source_online", stream=effect.stream, detail=effect.detail)
+                )
+            elif isinstance(effect, FpsAboveSource):
+                log.warning(
+                    "supervisor.fps_above_source",
+                    stream=effect.stream,
+                    fps=effect.fps,
+                    source_fps=effect.source_fps,
+                )
+                self._spawn(
+                    self._record("fps_above_source", stream=effect.stream, detail=effect.detail)
+                )
+            elif isinstance(effect, ProbeUnavailable):
+                log.warning(
+                    "supervisor.preflight_unavailable", stream=effect.stream, error=effect.detail
+                )
+                self._spawn(
+                    self._record(
+                        "preflight_unavailable",
+                        stream=effect.stream,
+                        detail=f"preflight cannot probe: {effect.detail}; started without it",
+                    )
+                )
 
     # -- what callbacks tell us ----------------------------------------------------------------
 
@@ -876,6 +1032,8 @@ class Supervisor:
         """Stop planning; with `stop_tasks`, stop every running task. Returns the stopped ids."""
         self._stopping = True
         self._wake.set()
+        for probing in self._probing:  # no start follows: nothing to wait for
+            probing.cancel()
         await self.settle()
         stopped: list[str] = []
         if stop_tasks:

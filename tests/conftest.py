@@ -334,9 +334,12 @@ def pg_cluster() -> Iterator[pg.Cluster]:
 
 
 @pytest.fixture
-def pg_target(pg_cluster: pg.Cluster) -> PgTarget:
-    """An empty PostgreSQL database of this test's own."""
-    return PgTarget(pg_cluster.url(pg_cluster.new_database()), pool_size=2)
+def pg_target(pg_cluster: pg.Cluster) -> Iterator[PgTarget]:
+    """An empty PostgreSQL database of this test's own, dropped after it (the cluster stays
+    small: each database is some 1,000 files)."""
+    name = pg_cluster.new_database()
+    yield PgTarget(pg_cluster.url(name), pool_size=2)
+    pg_cluster.drop_database(name)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

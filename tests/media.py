@@ -260,18 +260,32 @@ class Feed:
         self._drain: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # rtsp-server-perl can refuse a publisher that comes back right after the previous one
+        # left ("RECORD 404" while it still tears the old session down): ffmpeg exits at once,
+        # and publishing again a moment later works.
+        for attempt in range(3):
+            if await self._publish():
+                return
+            await self.stop()
+            if attempt < 2:
+                await asyncio.sleep(0.5)
+        raise RuntimeError(f"ffmpeg did not publish {self.url}:\n{self.process.output()}")
+
+    async def _publish(self) -> bool:
+        """Start ffmpeg; True once a second of frames went out, False if it exited first or
+        took longer than `READY_WITHIN`."""
         proc = await self.process.start(stdout=asyncio.subprocess.PIPE)
         assert proc.stdout is not None
         sent = asyncio.Event()
         self._drain = asyncio.create_task(self._read_progress(proc.stdout, sent))
+        waiting = asyncio.create_task(sent.wait())
         try:
-            async with asyncio.timeout(READY_WITHIN):
-                await sent.wait()
-        except TimeoutError:
-            await self.stop()
-            raise RuntimeError(
-                f"ffmpeg did not publish {self.url}:\n{self.process.output()}"
-            ) from None
+            await asyncio.wait(
+                {waiting, self._drain}, timeout=READY_WITHIN, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            waiting.cancel()
+        return sent.is_set()
 
     async def _read_progress(self, stdout: asyncio.StreamReader, sent: asyncio.Event) -> None:
         # ffmpeg writes frame=N every 0.1 s; reading it all also keeps the pipe from filling.

@@ -144,6 +144,10 @@ class Cluster:
         self.admin(f"CREATE DATABASE {name} TEMPLATE template0")
         return name
 
+    def drop_database(self, name: str) -> None:
+        """Drop a test's database, whatever still holds connections to it."""
+        self.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
     def add_password_user(self) -> None:
         self.admin(
             f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{PASSWORD_USER}')"

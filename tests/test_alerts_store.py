@@ -288,3 +288,23 @@ async def test_an_orphan_body_with_a_byte_order_mark_is_kept_clean_and_claimable
         assert (await store.apply_callback(parse_callback(body), body=body)).kind == "orphan"
         claimed = await register(store, "early")
     assert [(o.kind, o.stream) for o in claimed] == [("stored", "cam")]
+
+
+async def test_a_source_offline_alert_opens_once_and_resolves_when_the_source_is_back(
+    tmp_path: Path,
+):
+    """Preflight's events make alerts: `source_offline` opens the condition, `source_online`
+    resolves it (a resolution only for a condition that was open), `fps_above_source` warns."""
+    async with Store(tmp_path / "s.db") as store:
+        hooked(store, [rule(events=["source_offline", "fps_above_source"])])
+        await store.add_event("source_online", stream="cam")  # nothing open: no resolution
+        await store.add_event("source_offline", stream="cam", detail="connection refused")
+        await store.add_event("source_online", stream="cam")
+        await store.add_event("fps_above_source", stream="cam", detail="fps = 30 but 25")
+        rows = await store.recent_alerts()
+    got = sorted((r.event["kind"], r.event["resolved"], r.event["severity"]) for r in rows)
+    assert got == [
+        ("fps_above_source", False, "warning"),
+        ("source_offline", False, "warning"),
+        ("source_offline", True, "info"),
+    ]

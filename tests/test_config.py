@@ -39,6 +39,21 @@ def test_minimal_config_takes_defaults():
     assert cfg.mavi.backend == "emulator"
 
 
+def test_preflight_from_defaults_or_per_stream_and_outside_the_spec():
+    """preflight and its timeout come from [defaults] unless a stream says otherwise, are off
+    by default, and are not part of what MAVI is asked (turning it on restarts no task)."""
+    assert parse_config(MINIMAL, environ={}).streams[0].preflight is False
+    text = MINIMAL.replace('url = "rtmp://h/live"', 'url = "rtmp://h/live"\npreflight = false')
+    text += '[[streams]]\nname = "dock"\nurl = "rtmp://h/dock"\n'
+    text += "\n[defaults]\npreflight = true\npreflight_timeout_seconds = 4\n"
+    cam, dock = parse_config(text, environ={}).streams
+    assert (cam.preflight, dock.preflight) == (False, True)
+    assert dock.preflight_timeout_seconds == 4
+    assert cam.spec_hash() == parse_config(MINIMAL, environ={}).streams[0].spec_hash()
+    bad = problems(MINIMAL + "preflight_timeout_seconds = 0\n")
+    assert "greater than 0" in bad["streams[0].preflight_timeout_seconds"]
+
+
 @pytest.mark.parametrize(
     ("text", "path", "fragment"),
     [

@@ -6,8 +6,8 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from streamwatch.store import Store
-from tests.conftest import cli
+from streamwatch.store import Store, StreamRecord
+from tests.conftest import cli, tool
 
 NOV = datetime(2026, 11, 10, 12, tzinfo=UTC).timestamp()
 OCT = datetime(2026, 10, 10, 12, tzinfo=UTC).timestamp()
@@ -107,3 +107,47 @@ def test_check_config_shows_the_estimate(tmp_path: Path):
     assert out.returncode == 0, out.stderr
     assert "$/HOUR" in out.stdout
     assert "account daily budget $10.00: reached after 2.22 h at full burn" in out.stdout
+
+
+async def test_cost_shows_what_preflight_saved(tmp_path: Path):
+    """The pre-charges preflight avoided (and their price) and its probes by outcome, kept in
+    the streams' records, are in `cost` --json and in the table, summed over streams."""
+    config = write_config(tmp_path)
+    await seed(tmp_path / "state.db")
+    async with Store(tmp_path / "state.db") as store:
+        await store.save_streams(
+            [
+                StreamRecord(
+                    "a",
+                    probes=(("ok", 2), ("unreachable", 3)),
+                    precharges_avoided=3,
+                    ticks_saved=18,
+                ),
+                StreamRecord("b", probes=(("timeout", 1),), precharges_avoided=1, ticks_saved=12),
+            ]
+        )
+    out = cli("cost", "-c", str(config), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["preflight"] == {
+        "probes": {"ok": 2, "timeout": 1, "unreachable": 3},
+        "precharges_avoided": 4,
+        "precharges_avoided_usd": "0.010417",  # 30 ticks
+    }
+    table = cli("cost", "-c", str(config))
+    assert "4 pre-charge(s) avoided, $0.0104 not spent" in table.stdout
+    assert "unreachable 3" in table.stdout
+
+
+def test_check_config_warns_when_preflight_cannot_probe(tmp_path: Path):
+    """With preflight on and no ffprobe on PATH, check-config still passes (starts go ahead
+    without a probe) but says so, naming the streams; with ffprobe there, no warning."""
+    config = write_config(tmp_path)
+    config.write_text(config.read_text().replace('name = "b"', 'name = "b"\npreflight = true'))
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    out = cli("check-config", "-c", str(config), env={"PATH": str(empty)})
+    assert out.returncode == 0, out.stderr
+    assert "warning: preflight is on for b but ffprobe is not installed" in out.stdout
+    tool("ffprobe")
+    out = cli("check-config", "-c", str(config))
+    assert "warning" not in out.stdout

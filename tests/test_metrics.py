@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import io
 from asyncio.subprocess import PIPE
+from dataclasses import replace
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamwatch import __version__
 from streamwatch.config import parse_config
 from streamwatch.emulator import Script
 from streamwatch.ledger import Spending
-from streamwatch.metrics import OTHER_LOGO, StateCollector
+from streamwatch.metrics import OTHER_LOGO, Snapshot, StateCollector, StreamView, render_page
 from streamwatch.pricing import TICKS_PER_USD
 from tests.conftest import SECRET, Daemon, stream_toml, tool, until
 
@@ -83,7 +88,8 @@ async def test_scrape_matches_the_store_and_the_ledger(daemon, emulator):
 
 
 async def test_live_counters_after_traffic(daemon, emulator):
-    """Callbacks, MAVI requests, processing time, tokens and logos are counted as they happen."""
+    """Callbacks, MAVI requests, processing time (one histogram for the fleet, no per-stream
+    series), tokens and logos are counted as they happen."""
     url = "rtmp://cams.test/logos"
     emulator.scripts[url] = Script(outcomes=["logo:Acme", "logo:Brand", "safe"])
     await daemon.start(stream_toml("logos", url, logo_detection=True))
@@ -93,7 +99,9 @@ async def test_live_counters_after_traffic(daemon, emulator):
     assert value(found, "streamwatch_mavi_requests_total", endpoint="start", outcome="ok") == 1
     assert value(found, "streamwatch_logo_detections_total", stream="logos", logo="Acme") >= 1
     assert value(found, "streamwatch_segment_tokens_total", stream="logos", kind="input") > 0
-    assert value(found, "streamwatch_segment_processing_seconds_count", stream="logos") >= 3
+    assert value(found, "streamwatch_segment_processing_seconds_count") >= 3
+    processing = [k for k in found if k[0].startswith("streamwatch_segment_processing_seconds")]
+    assert all("stream" not in dict(labels) for _, labels in processing), "a fleet histogram"
     assert value(found, "streamwatch_store_commit_duration_seconds_count") > 0
 
 
@@ -195,3 +203,83 @@ def test_a_stream_named_account_has_budget_series_of_its_own():
     assert value(found, cap, scope="stream", stream="account", period="day") == 5
     assert value(found, "streamwatch_budget_remaining_usd", scope="account", period="day") == 100
     assert [k for k in found if k[0] == cap and ("stream", "lobby") in k[1]] == []
+
+
+async def test_openmetrics_when_asked_and_gzip_when_accepted(daemon, emulator):
+    """A scraper asking for OpenMetrics gets it (the per-stream series included, `# EOF`
+    last), one accepting gzip gets the page compressed, and both say so in their headers."""
+    url = "rtmp://cams.test/om"
+    emulator.scripts[url] = Script(outcomes=["safe"])
+    await daemon.start(stream_toml("om", url))
+    await daemon.wait(lambda: daemon.state("om").run_segments >= 2)
+    assert daemon.app is not None
+    assert daemon.app.server is not None
+    page = f"{daemon.app.server.base_url}/metrics"
+    accept = {"Accept": "application/openmetrics-text; version=1.0.0", "Accept-Encoding": ""}
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        async with s.get(page, headers=accept) as resp:
+            assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert "Content-Encoding" not in resp.headers
+            text = await resp.text()
+        async with s.get(page, headers={"Accept-Encoding": "gzip"}) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            plain = gzip.decompress(await resp.read()).decode()
+    assert text.endswith("# EOF\n")
+    parsed = openmetrics_families(text)  # type: ignore[no-untyped-call]  # unannotated upstream
+    families = {f.name: f for f in parsed}
+    assert families["streamwatch_stream_segments"].type == "counter"
+    (sample,) = families["streamwatch_stream_segments"].samples
+    assert sample.name == "streamwatch_stream_segments_total"
+    assert sample.labels == {"stream": "om"}
+    assert sample.value >= 2
+    found = samples(plain)
+    assert value(found, "streamwatch_stream_segments_total", stream="om") >= 2
+    assert value(found, "streamwatch_stream_state", stream="om", state="running") == 1
+
+
+async def test_standard_process_and_python_series(daemon, emulator):
+    """The page carries the standard process_* and python_* series of Prometheus clients."""
+    await daemon.start(stream_toml("cam"))
+    found = samples(await scrape(daemon))
+    names = {name for name, _ in found}
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= names
+    assert "python_info" in names
+    assert any(name.startswith("python_gc_") for name in names)
+
+
+def test_preflight_counters_per_stream():
+    """A stream with preflight has its probes by outcome (every outcome from zero), the
+    pre-charges avoided and their price as counters; a stream without it has none."""
+    config = parse_config(stream_toml("cam") + stream_toml("plain"), environ={})
+    registry = CollectorRegistry()
+    spending = Spending(budgets=config.budgets, streams=config.streams, segment_seconds=5)
+    collector = StateCollector(registry, spending)
+    plain = StreamView(
+        state="source_offline",
+        running=False,
+        restarts=0,
+        labels={},
+        fps=1,
+        content_moderation=True,
+        logo_detection=False,
+    )
+    cam = replace(
+        plain,
+        preflight=True,
+        probes={"ok": 1, "unreachable": 2},
+        precharges_avoided=2,
+        ticks_saved=12,
+    )
+    collector.snapshot = Snapshot(streams={"cam": cam, "plain": plain})
+    page, _ = render_page(registry, collector.stream_families({}), "")
+    found = samples(page.decode())
+    probes = "streamwatch_stream_probes_total"
+    assert value(found, probes, stream="cam", outcome="ok") == 1
+    assert value(found, probes, stream="cam", outcome="unreachable") == 2
+    assert value(found, probes, stream="cam", outcome="timeout") == 0
+    assert value(found, "streamwatch_stream_precharges_avoided_total", stream="cam") == 2
+    saved = value(found, "streamwatch_stream_precharges_avoided_usd_total", stream="cam")
+    assert saved == 12 / TICKS_PER_USD
+    assert value(found, "streamwatch_stream_state", stream="cam", state="source_offline") == 1
+    assert [k for k in found if k[0] == probes and ("stream", "plain") in k[1]] == []

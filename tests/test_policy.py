@@ -1,5 +1,6 @@
 """The supervisor's decisions besides `plan()` (in tests/test_plan.py), table-driven: what a
-callback, a stop, a restart, an open intent, a resume and an orphan's callbacks lead to."""
+callback, a stop, a restart, an open intent, a resume, an orphan's callbacks and a preflight
+probe lead to."""
 
 from __future__ import annotations
 
@@ -9,21 +10,29 @@ import pytest
 
 from streamwatch.mavi.callbacks import SegmentFailed, SegmentReport, StreamEnded
 from streamwatch.policy import (
+    FpsAboveSource,
     Halt,
     Phase,
     Policy,
+    ProbeFailed,
+    ProbeUnavailable,
     Recovered,
     RestartLoop,
     SegmentErrors,
+    SourceInfo,
+    SourceOffline,
+    SourceOnline,
     StreamState,
     TaskEnded,
     after_stop,
     note_restart,
     on_callback,
     on_open_intent,
+    on_probe,
     on_resume,
     on_start_failed,
     on_start_unanswered,
+    on_start_unprobed,
     on_stop_failed,
     on_task_running,
     orphan_to_stop,
@@ -347,13 +356,14 @@ def test_an_open_intent_found_at_load(state, retry_at):
     [
         (StreamState("a", Phase.HELD, held_reason="by hand"), True),
         (StreamState("a", Phase.BACKOFF, failures=4, retry_at=NOW + 60), True),
+        (StreamState("a", Phase.SOURCE_OFFLINE, failures=2, retry_at=NOW + 9), True),
         (RUNNING, False),
         (StreamState("a"), False),
     ],
 )
 def test_resume_releases_held_and_backing_off_streams(state, released):
-    """A resume makes a held or backing-off stream idle with its backoff forgotten, and
-    leaves any other alone."""
+    """A resume makes a held, backing-off or source-offline stream idle with its backoff
+    forgotten, and leaves any other alone."""
     new = on_resume(state)
     if not released:
         assert new is None
@@ -380,3 +390,156 @@ def test_when_an_orphan_is_stopped(on_orphan, ended, segments, candidate, stoppi
         policy, ended=ended, segments=segments, candidate=candidate, stopping=stopping
     )
     assert found is stop
+
+
+# -- preflight ---------------------------------------------------------------------------------
+
+SEEN = SourceInfo(at=NOW, video_codec="h264", width=640, height=360, fps=25.0, bitrate=400_000)
+DOWN = ProbeFailed("unreachable", "connection refused")
+STARTING = StreamState("a", Phase.STARTING)
+OFFLINE = StreamState(
+    "a",
+    Phase.STARTING,
+    failures=1,
+    offline_since=NOW - 50,
+    probes=(("unreachable", 1),),
+    precharges_avoided=1,
+    ticks_saved=8,
+    last_error="source offline: connection refused",
+)
+
+
+@pytest.mark.parametrize(
+    ("state", "result", "fps", "expected", "go", "effects"),
+    [
+        # Source up at the first look: the start goes ahead, the summary is kept.
+        (
+            STARTING,
+            SEEN,
+            1,
+            replace(STARTING, source=SEEN, probes=(("ok", 1),)),
+            True,
+            [],
+        ),
+        # Source down at the first look: no start, one pre-charge avoided, probes on the
+        # backoff, and the outage's one event.
+        (
+            STARTING,
+            DOWN,
+            1,
+            replace(
+                STARTING,
+                phase=Phase.SOURCE_OFFLINE,
+                failures=1,
+                retry_at=NOW + 5,
+                offline_since=NOW,
+                probes=(("unreachable", 1),),
+                precharges_avoided=1,
+                ticks_saved=8,
+                last_error="source offline: connection refused",
+            ),
+            False,
+            [SourceOffline("a", "unreachable", "connection refused")],
+        ),
+        # Still down: the backoff doubles, the avoided pre-charges add up, no second event.
+        (
+            OFFLINE,
+            ProbeFailed("timeout", "no media within 2 s"),
+            1,
+            replace(
+                OFFLINE,
+                phase=Phase.SOURCE_OFFLINE,
+                failures=2,
+                retry_at=NOW + 10,
+                probes=(("timeout", 1), ("unreachable", 1)),
+                precharges_avoided=2,
+                ticks_saved=16,
+                last_error="source offline: no media within 2 s",
+            ),
+            False,
+            [],
+        ),
+        # Back: the start goes ahead and the outage resolves.
+        (
+            OFFLINE,
+            SEEN,
+            1,
+            replace(
+                OFFLINE, offline_since=None, source=SEEN, probes=(("ok", 1), ("unreachable", 1))
+            ),
+            True,
+            [SourceOnline("a", 50.0, SEEN)],
+        ),
+        # No ffprobe here: a preflight that cannot look starts anyway, and says so.
+        (
+            STARTING,
+            ProbeFailed("unavailable", "cannot run ffprobe"),
+            1,
+            replace(STARTING, probes=(("unavailable", 1),)),
+            True,
+            [ProbeUnavailable("a", "cannot run ffprobe")],
+        ),
+        # Configured above the source's frame rate, first seen: a warning.
+        (
+            STARTING,
+            SEEN,
+            30,
+            replace(STARTING, source=SEEN, probes=(("ok", 1),)),
+            True,
+            [FpsAboveSource("a", 30, 25.0)],
+        ),
+        # The same source again (a later start): no second warning.
+        (
+            replace(STARTING, source=replace(SEEN, at=NOW - 100, bitrate=1)),
+            SEEN,
+            30,
+            replace(STARTING, source=SEEN, probes=(("ok", 1),)),
+            True,
+            [],
+        ),
+        # The source changed (a lower frame rate now): warned again.
+        (
+            replace(STARTING, source=replace(SEEN, fps=50.0)),
+            SEEN,
+            30,
+            replace(STARTING, source=SEEN, probes=(("ok", 1),)),
+            True,
+            [FpsAboveSource("a", 30, 25.0)],
+        ),
+    ],
+)
+def test_what_a_preflight_probe_decides(state, result, fps, expected, go, effects):
+    """A probe before a start: media lets the start go (resolving an outage, warning once per
+    source change when fps is above the source's); no media keeps the stream source_offline on
+    the usual backoff with the pre-charge counted as avoided; no ffprobe starts anyway."""
+    new, started, said = on_probe(
+        state, result, fps=fps, precharge_ticks=8, now=NOW, policy=POLICY, rand=0.0
+    )
+    assert (new, started, said) == (expected, go, effects)
+
+
+def test_a_restored_offline_stream_probes_again_when_its_backoff_is_over():
+    """What the store kept of an outage (since when, probes, pre-charges avoided) comes back
+    with the stream, which is source_offline until its retry time."""
+    state = replace(
+        OFFLINE, phase=Phase.SOURCE_OFFLINE, retry_at=NOW + 7, last_error=None, failures=3
+    )
+    restored = StreamState.restored(state.record(), now=NOW, policy=POLICY)
+    assert restored.phase is Phase.SOURCE_OFFLINE
+    assert (restored.offline_since, restored.retry_at) == (NOW - 50, NOW + 7)
+    assert (restored.probes, restored.precharges_avoided, restored.ticks_saved) == (
+        (("unreachable", 1),),
+        1,
+        8,
+    )
+
+
+def test_a_start_without_preflight_forgets_an_outage_preflight_saw():
+    """preflight turned off (a reload) while the source was offline: the next start, without
+    a probe, forgets the outage and resolves it; a stream with no outage is left alone."""
+    offline = replace(OFFLINE, phase=Phase.STARTING)
+    new, effects = on_start_unprobed(offline, now=NOW)
+    assert new == replace(offline, offline_since=None)
+    assert effects == [SourceOnline("a", 50.0, None)]
+    assert "no longer probed" in SourceOnline("a", 50.0, None).detail
+    assert on_start_unprobed(STARTING, now=NOW) == (STARTING, [])

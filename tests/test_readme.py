@@ -105,6 +105,7 @@ def test_columns_the_readme_names_are_in_the_status_table():
                 "estimated_burn_usd_per_hour": "0.0000",
             },
             "alerts": {},
+            "preflight": {"probes": {}, "precharges_avoided": 0, "precharges_avoided_usd": "0"},
         }
     ).splitlines()[0]
     for column in named:

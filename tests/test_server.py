@@ -16,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from bench.fuzz import RAW_REQUESTS, Mutator
+from streamwatch.emulator import Script
 from tests.conftest import SECRET, Daemon, stream_toml
 
 
@@ -129,11 +130,23 @@ async def test_status_document_fields_and_no_secrets(daemon, http):
         "orphans",
         "cost",
         "alerts",
+        "preflight",
     }
     assert doc["alerts"] == {"pending": 0, "delivered": 0, "dead": 0}
+    assert doc["preflight"] == {
+        "probes": {},
+        "precharges_avoided": 0,
+        "precharges_avoided_usd": "0.000000",
+    }
     stream = doc["streams"][0]
     assert stream["name"] == "cam"
     assert stream["state"] == "running"
+    assert (stream["preflight"], stream["source"], stream["source_offline_since"]) == (
+        False,
+        None,
+        None,
+    )
+    assert (stream["probes"], stream["precharges_avoided"]) == ({}, 0)
     assert stream["segments"] >= 2
     assert stream["last_segment_at"].endswith("Z")
     assert set(stream["cost"]) == {
@@ -268,7 +281,15 @@ async def raw_request(port: int, request: bytes) -> tuple[str, bytes]:
 
 
 def warnings_and_errors(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
-    return [e for e in logs if e["log_level"] in ("warning", "error", "critical")]
+    """Warnings and errors, less what the daemon's own stream may report meanwhile: flagged
+    segments (the emulator draws unsafe ones at random; each is a `segment.stored` warning) and
+    the supervisor's view of it (on a loaded machine, `supervisor.billing_unreported`)."""
+    return [
+        e
+        for e in logs
+        if e["log_level"] in ("warning", "error", "critical")
+        and not e["event"].startswith(("segment.", "supervisor."))
+    ]
 
 
 @pytest.mark.parametrize(
@@ -326,3 +347,15 @@ async def test_mutated_bodies_never_get_a_5xx_or_a_traceback(daemon, http):
     refused = sum(c for s, c in statuses.items() if s >= 400)
     assert len([e for e in logs if e["event"] == "callback.rejected"]) == refused
     assert [e for e in logs if e["log_level"] in ("error", "critical") or "exc_info" in e] == []
+
+
+async def test_only_flagged_segments_are_logged_above_debug(daemon, emulator):
+    """`segment.stored` is a warning for unsafe content, info for a logo, and debug for a
+    segment with neither (at fleet scale a line per segment flooded the journal)."""
+    url = "rtmp://cams.test/levels"
+    emulator.scripts[url] = Script(outcomes=["safe", "unsafe", "logo:Acme", "safe"])
+    with capture_logs() as logs:
+        await daemon.start(stream_toml("levels", url, logo_detection=True))
+        await daemon.wait(lambda: daemon.state("levels").run_segments >= 4)
+    levels = {e["segment"]: e["log_level"] for e in logs if e["event"] == "segment.stored"}
+    assert [levels.get(i) for i in range(4)] == ["debug", "warning", "info", "debug"]

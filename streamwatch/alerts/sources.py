@@ -4,8 +4,9 @@ Event kinds (stable; rules match on them): `unsafe_content`, `logo_detected`,
 `stream_stopped` (resolved when the stream's next task starts), `stream_stalled` (resolved on
 recovery), `restart_loop`, `segment_errors`, `start_failed`, `balance_halt` (resolved on
 resume or when the recheck lifts it), `budget_threshold`, `budget_forecast`,
-`billing_unreported`, `orphan_task`, `orphan_stopped`, and `test` (from `streamwatch alerts
-test`).
+`billing_unreported`, `orphan_task`, `orphan_stopped`, `source_offline` (preflight found the
+source down; resolved when a probe finds it again), `fps_above_source`, and `test` (from
+`streamwatch alerts test`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ KINDS = (
     "billing_unreported",
     "orphan_task",
     "orphan_stopped",
+    "source_offline",
+    "fps_above_source",
     "test",
 )
 
@@ -59,6 +62,9 @@ _RECORDS: dict[str, tuple[str, Severity, bool]] = {
     "billing_unreported": ("billing_unreported", "warning", False),
     "orphan_task": ("orphan_task", "warning", False),
     "orphan_stopped": ("orphan_stopped", "warning", False),
+    "source_offline": ("source_offline", "warning", False),
+    "source_online": ("source_offline", "info", True),
+    "fps_above_source": ("fps_above_source", "warning", False),
 }
 
 _TITLES = {
@@ -73,6 +79,8 @@ _TITLES = {
     "stream_stopped": "Stream {s} stopped",
     "orphan_task": "A task streamwatch did not start is billing the account",
     "orphan_stopped": "A task streamwatch did not start was stopped",
+    "source_offline": "The source of stream {s} is offline",
+    "fps_above_source": "Stream {s} pays for more frames than its source has",
 }
 
 

@@ -29,7 +29,7 @@ COPY_TABLES: dict[str, tuple[str, str]] = {
     "settings": ("key, value", "key"),
     "streams": (
         "name, held_reason, held_at, failures, retry_at, last_end_status, last_error,"
-        " restart_times",
+        " restart_times, offline_since, probes, precharges_avoided, ticks_saved",
         "name",
     ),
     "tasks": (

@@ -13,6 +13,8 @@ The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 
 from __future__ import annotations
 
+import bisect
+
 from streamwatch.intent import Intent, assign
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.store import orphans, tasks
@@ -131,7 +133,10 @@ class IntentWrites(WriteSide):
                     intent.created_at,
                 ),
             )
-            ctx.open_intents = None
+            # The cache follows the insert instead of being read again: a fleet's first start
+            # has thousands of intents open at once, and a read per start was quadratic.
+            if ctx.open_intents is not None:
+                bisect.insort(ctx.open_intents, intent, key=lambda i: (i.created_at, i.attempt_id))
             orphans.report(ctx, at)
             return None
 
@@ -181,7 +186,8 @@ def _close(
         " WHERE attempt_id = ? AND state = 'open'",
         (state, at, task_id, detail[:500] or None, attempt_id),
     )
-    ctx.open_intents = None
+    if cur.rowcount == 1 and ctx.open_intents is not None:
+        ctx.open_intents = [i for i in ctx.open_intents if i.attempt_id != attempt_id]
     return cur.rowcount == 1
 
 

@@ -227,7 +227,14 @@ PG_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX orphan_charges_by_time ON orphan_charges (at);
     """,
-    # 10: several replicas on one database (`streamwatch.cluster`). Times are the database's
+    # 10: preflight (as SQLite's 10).
+    """
+    ALTER TABLE streams ADD COLUMN offline_since double precision;
+    ALTER TABLE streams ADD COLUMN probes text NOT NULL DEFAULT '{}';
+    ALTER TABLE streams ADD COLUMN precharges_avoided bigint NOT NULL DEFAULT 0;
+    ALTER TABLE streams ADD COLUMN ticks_saved bigint NOT NULL DEFAULT 0;
+    """,
+    # 11: several replicas on one database (`streamwatch.cluster`). Times are the database's
     # clock, as epoch seconds.
     """
     CREATE TABLE replicas (

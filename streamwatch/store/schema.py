@@ -274,7 +274,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX orphan_tasks_by_first ON orphan_tasks (first_at);
     CREATE INDEX orphan_tasks_unreported ON orphan_tasks (task_id) WHERE reported = 0;
     """,
-    # 10: `[cluster]`'s replicas, stream leases and callback feed, PostgreSQL's only
+    # 10: preflight. Per stream: since when its source is offline (probes found it down), its
+    # probes by outcome (a JSON object), and the starts not made because of it: pre-charges
+    # avoided and what they would have cost, in ticks.
+    """
+    ALTER TABLE streams ADD COLUMN offline_since REAL;
+    ALTER TABLE streams ADD COLUMN probes TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE streams ADD COLUMN precharges_avoided INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE streams ADD COLUMN ticks_saved INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 11: `[cluster]`'s replicas, stream leases and callback feed, PostgreSQL's only
     # (pg_schema): nothing here.
     "",
 )

@@ -41,10 +41,23 @@ class StreamReads(ReadSide):
         """What the supervisor kept of each stream (see `save_streams`)."""
         return await self._read(
             lambda c: {
-                r[0]: StreamRecord(r[0], r[1], r[2], r[3], r[4], r[5], tuple(json.loads(r[6])))
+                r[0]: StreamRecord(
+                    r[0],
+                    r[1],
+                    r[2],
+                    r[3],
+                    r[4],
+                    r[5],
+                    tuple(json.loads(r[6])),
+                    r[7],
+                    tuple(sorted((str(k), int(v)) for k, v in json.loads(r[8]).items())),
+                    r[9],
+                    r[10],
+                )
                 for r in c.execute(
                     "SELECT name, held_reason, failures, retry_at, last_end_status, last_error,"
-                    " restart_times FROM streams ORDER BY name"
+                    " restart_times, offline_since, probes, precharges_avoided, ticks_saved"
+                    " FROM streams ORDER BY name"
                 )
             }
         )
@@ -109,6 +122,10 @@ class StreamWrites(WriteSide):
                 r.last_end_status,
                 r.last_error,
                 json.dumps(list(r.restart_times)),
+                r.offline_since,
+                json.dumps(dict(r.probes)),
+                r.precharges_avoided,
+                r.ticks_saved,
             )
             for r in records
         ]
@@ -118,13 +135,16 @@ class StreamWrites(WriteSide):
             mine = rows if book is None else [r for r in rows if book.holds(ctx.conn, r[0])]
             ctx.conn.executemany(
                 "INSERT INTO streams (name, held_reason, held_at, failures, retry_at,"
-                " last_end_status, last_error, restart_times) VALUES (?,?,?,?,?,?,?,?)"
+                " last_end_status, last_error, restart_times, offline_since, probes,"
+                " precharges_avoided, ticks_saved) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
                 " ON CONFLICT(name) DO UPDATE SET held_reason = excluded.held_reason,"
                 " held_at = CASE WHEN excluded.held_reason IS NULL THEN NULL"
                 " ELSE coalesce(streams.held_at, excluded.held_at) END,"
                 " failures = excluded.failures, retry_at = excluded.retry_at,"
                 " last_end_status = excluded.last_end_status, last_error = excluded.last_error,"
-                " restart_times = excluded.restart_times",
+                " restart_times = excluded.restart_times, offline_since = excluded.offline_since,"
+                " probes = excluded.probes, precharges_avoided = excluded.precharges_avoided,"
+                " ticks_saved = excluded.ticks_saved",
                 mine,
             )
 

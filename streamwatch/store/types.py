@@ -146,7 +146,8 @@ class StreamTotals:
 class StreamRecord:
     """What the supervisor keeps of a stream between processes: why it is held, its restart
     backoff (consecutive failures, next retry), how its last task ended, the last error, and
-    the times of its recent restarts."""
+    the times of its recent restarts; for preflight, since when its source is offline, its
+    probes by outcome, and the pre-charges (and ticks) that not starting saved."""
 
     name: str
     held_reason: str | None = None
@@ -155,6 +156,10 @@ class StreamRecord:
     last_end_status: int | None = None
     last_error: str | None = None
     restart_times: tuple[float, ...] = ()
+    offline_since: float | None = None
+    probes: tuple[tuple[str, int], ...] = ()  # (outcome, count), sorted by outcome
+    precharges_avoided: int = 0
+    ticks_saved: int = 0
 
 
 @dataclass(frozen=True, slots=True)

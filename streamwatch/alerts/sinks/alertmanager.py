@@ -2,11 +2,12 @@
 grouping, silences, inhibition and on-call routing for free.
 
 Alertmanager identifies an alert by its label set. Conditions that last (`stream_stopped`,
-`stream_stalled`, `balance_halt`) are kept active here and re-posted every `repeat_seconds`
-until their resolution is posted with `endsAt`; one-off events (unsafe content, logos, budget
-thresholds, …) are posted once with `endsAt` `one_off_seconds` later. The outbox writes the
-active set to the store as deliveries change it and gives it back to the next process, which
-goes on re-posting those conditions and resolves each with the labels it was posted with.
+`stream_stalled`, `balance_halt`, `source_offline`) are kept active here and re-posted every
+`repeat_seconds` until their resolution is posted with `endsAt`; one-off events (unsafe
+content, logos, budget thresholds, …) are posted once with `endsAt` `one_off_seconds` later.
+The outbox writes the active set to the store as deliveries change it and gives it back to
+the next process, which goes on re-posting those conditions and resolves each with the labels
+it was posted with.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from streamwatch.alerts.sinks import Alert, Delivery, HttpSink, Sink, SinkSpec, 
 
 __all__ = ["STATEFUL", "AlertmanagerSink"]
 
-STATEFUL = frozenset({"stream_stopped", "stream_stalled", "balance_halt"})
+STATEFUL = frozenset({"stream_stopped", "stream_stalled", "balance_halt", "source_offline"})
 
 
 def _iso(ts: float) -> str:

@@ -1,0 +1,211 @@
+"""A fleet in one process: N streams on the emulator for a while, what the daemon costs.
+
+Runs the emulator (`streamwatch emulator`) and the daemon (`streamwatch run`, SQLite, the
+shipped defaults) as two processes of their own, N streams at MAVI's rate (a segment every
+5 seconds each, N / 5 callbacks a second). Once every stream runs, it measures the daemon's
+process for `--seconds`: resident memory (sampled, the peak), mean CPU (from /proc), false
+stalls and restarts (log lines; the emulator never stops a task here, so every one is false),
+and at the end the segments the emulator sent and had acknowledged against what the store
+holds (every acknowledged one must be stored; a saturated emulator may still hold some). Prints
+the figures per 1,000 streams, for the README's sizing table.
+
+A benchmark, not a test: it asserts nothing about time. Its load generator (the emulator) is
+on the same machine: on a small one, their CPU is shared.
+
+    python -m bench.fleet [--streams 10000] [--seconds 600] [--scrape-every 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import json
+import os
+import socket
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+SECRET = "fleet-bench-secret-0123456789abcdef"  # noqa: S105 - a loopback bench's own secret
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def config(n: int, port: int, base_url: str, db: Path) -> str:
+    streams = "".join(
+        f'[[streams]]\nname = "cam-{i:05d}"\nurl = "rtmp://fleet.invalid/{i}"\nfps = {1 + i % 2}\n'
+        for i in range(n)
+    )
+    return f"""
+[mavi]
+backend = "mavi"
+base_url = "{base_url}"
+api_key = {{ env = "FLEET_KEY" }}
+[server]
+listen = "127.0.0.1:{port}"
+callback_secret = {{ env = "FLEET_SECRET" }}
+max_connections = 4000
+[storage]
+path = "{db}"
+[logging]
+level = "info"
+format = "json"
+{streams}
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+async def lines(stream: asyncio.StreamReader, counts: dict[str, int]) -> None:
+    """Count the daemon's log events by name (and throw the lines away)."""
+    while line := await stream.readline():
+        try:
+            event = json.loads(line).get("event", "")
+        except ValueError:
+            sys.stderr.write(f"daemon: {line.decode(errors='replace')}")
+            continue
+        counts[event] = counts.get(event, 0) + 1
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> tuple[float, dict[str, float]]:
+    """Seconds for one scrape as Prometheus makes it (gzip), and the per-name sums."""
+    started = time.perf_counter()
+    async with session.get(url, headers={"Accept-Encoding": "gzip"}) as resp:
+        body = await resp.read()
+    took = time.perf_counter() - started
+    text = gzip.decompress(body).decode() if resp.headers.get("Content-Encoding") else body.decode()
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and line[0] != "#":
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return took, sums
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> None:
+    n = args.streams
+    port = free_port()
+    emulator = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamwatch", "emulator", "--listen", "127.0.0.1:0",
+        "--balance-usd", "100000000", "--webhook",
+        f"http://127.0.0.1:{port}/callbacks/mavi/{SECRET}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert emulator.stdout is not None
+    base_url = (await emulator.stdout.readline()).decode().split("=", 1)[1].strip()
+    cfg = workdir / "streams.toml"
+    db = workdir / "fleet.db"
+    cfg.write_text(config(n, port, base_url, db))
+    env = {
+        **os.environ,
+        "STREAMWATCH_EVENT_LOOP": args.loop,
+        "FLEET_KEY": "sk-fleet-bench",
+        "FLEET_SECRET": SECRET,
+    }
+    daemon = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamwatch", "run", "-c", str(cfg),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert daemon.stderr is not None
+    events: dict[str, int] = {}
+    reader = asyncio.create_task(lines(daemon.stderr, events))
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
+    scrapes: list[float] = []
+    rss: list[int] = []
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            started = time.monotonic()
+            while True:
+                await asyncio.sleep(2)
+                if daemon.returncode is not None:
+                    raise SystemExit(f"the daemon exited ({daemon.returncode})")
+                try:
+                    _, sums = await scrape(session, metrics_url)
+                except aiohttp.ClientError:
+                    continue
+                up = sums.get("streamwatch_stream_up", 0)
+                print(f"  {time.monotonic() - started:5.0f} s: {up:.0f} of {n} streams up",
+                      flush=True)  # fmt: skip
+                if up >= n:
+                    break
+            ramp = time.monotonic() - started
+            print(f"all {n} streams up after {ramp:.0f} s; measuring for {args.seconds:g} s",
+                  flush=True)  # fmt: skip
+            stalls_before = events.get("supervisor.stream_stalled", 0)
+            starts_before = events.get("supervisor.task_started", 0)
+            cpu0, t0 = cpu_seconds(daemon.pid), time.monotonic()
+            deadline = t0 + args.seconds
+            next_scrape = t0
+            while (now := time.monotonic()) < deadline:
+                rss.append(rss_bytes(daemon.pid))
+                if now >= next_scrape:
+                    took, sums = await scrape(session, metrics_url)
+                    scrapes.append(took)
+                    next_scrape = now + args.scrape_every
+                await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+            cpu = (cpu_seconds(daemon.pid) - cpu0) / (time.monotonic() - t0)
+            stalls = events.get("supervisor.stream_stalled", 0) - stalls_before
+            restarts = events.get("supervisor.task_started", 0) - starts_before
+            async with session.get(f"{base_url.split('/serve/')[0]}/_emulator/state") as resp:
+                state = await resp.json()
+    finally:
+        if daemon.returncode is None:
+            daemon.terminate()
+        await daemon.wait()
+        await reader
+        emulator.terminate()
+        await emulator.wait()
+    sent = sum(t["segments_sent"] for t in state["tasks"])
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT count(*) FROM segments").fetchone()[0]
+    peak = max(rss)
+    per = 1000 / n
+    print(f"streams: {n}, measured {args.seconds:g} s after a {ramp:.0f} s ramp, "
+          f"{n / 5:.0f} callbacks/s, loop {args.loop}")  # fmt: skip
+    print(f"RSS: peak {peak / 2**20:.0f} MiB ({peak / 2**20 * per:.1f} MiB per 1,000 streams)")
+    print(f"CPU: mean {cpu:.2f} cores ({cpu * per:.3f} per 1,000 streams)")
+    if scrapes:
+        print(f"/metrics (gzip): median {statistics.median(scrapes) * 1000:.0f} ms, "
+              f"worst {max(scrapes) * 1000:.0f} ms over {len(scrapes)} scrapes")  # fmt: skip
+    print(f"false stalls: {stalls}, restarts: {restarts}")
+    deliveries = state["deliveries"]
+    acked, pending = deliveries["delivered"], deliveries["pending"]
+    print(
+        f"segments: {sent} sent by the emulator, {acked} acknowledged by the daemon "
+        f"({pending} still in the emulator's queue when the run ended), {stored} stored"
+        + ("" if stored >= acked else f": {acked - stored} ACKNOWLEDGED BUT NOT STORED")
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=600.0)
+    parser.add_argument("--scrape-every", type=float, default=15.0)
+    parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(bench(args, Path(tmp)))
+
+
+if __name__ == "__main__":
+    main()
