@@ -136,11 +136,16 @@ class Daemon:
         self.clock: Callable[[], float] = time.time
         self.env = dict(ENV)
         self.storage = ""  # more [storage] lines (a PostgreSQL url)
+        self.location: Location = self.db
 
     def on(self, location: Location) -> Daemon:
-        """Keep the state at `location` (a PostgreSQL database; a path: the default file)."""
+        """Keep the state at `location` (a PostgreSQL database, or an SQLite file)."""
+        self.location = location
         if isinstance(location, PgTarget):
             self.storage = f'url = "{location.url}"'
+        else:
+            self.db = location
+            self.storage = ""
         return self
 
     def write(self, streams: str, **kwargs: Any) -> Config:
@@ -216,22 +221,14 @@ class Daemon:
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Daemon]:
-    d = Daemon(tmp_path, emulator)
+async def daemon(tmp_path: Path, emulator: Emulator, location: Location) -> AsyncIterator[Daemon]:
+    """A daemon against the emulator, its state in SQLite, then in PostgreSQL (the same test
+    on both backends; `sqlite_only` tests on SQLite alone, `postgresql_only` ones on
+    PostgreSQL alone)."""
+    d = Daemon(tmp_path, emulator).on(location)
     yield d
     # Stop deliveries first: a callback connection accepted while the server closes would
     # only be noise at teardown.
-    emulator.webhook = None
-    await d.stop()
-
-
-@pytest.fixture
-async def daemon_both(
-    tmp_path: Path, emulator: Emulator, location: Location
-) -> AsyncIterator[Daemon]:
-    """`daemon`, with its state in SQLite, then in PostgreSQL (the same test on both)."""
-    d = Daemon(tmp_path, emulator).on(location)
-    yield d
     emulator.webhook = None
     await d.stop()
 
@@ -342,11 +339,41 @@ def pg_target(pg_cluster: pg.Cluster) -> Iterator[PgTarget]:
     pg_cluster.drop_database(name)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that keeps state (`location`, hence `daemon`) runs once per backend, minus the
+    one its `sqlite_only` or `postgresql_only` marker leaves out; the PostgreSQL runs carry
+    the `postgresql` marker (`-m "not postgresql"` leaves them out)."""
+    if "location" not in metafunc.fixturenames:
+        return
+    only = [
+        name
+        for name in BACKENDS
+        if metafunc.definition.get_closest_marker(f"{name}_only") is not None
+    ]
+    if len(only) > 1:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: both sqlite_only and postgresql_only"
+        )
+    backends = only or list(BACKENDS)
+    metafunc.parametrize(
+        "location",
+        [
+            pytest.param(name, marks=[pytest.mark.postgresql] if name == "postgresql" else [])
+            for name in backends
+        ],
+        indirect=True,
+        ids=backends,
+    )
+
+
+@pytest.fixture
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
-    """Where a store test keeps its state: an SQLite file, then an empty PostgreSQL database
-    (the same test runs on both backends)."""
+    """Where a test keeps its state: an SQLite file, then an empty PostgreSQL database
+    (parametrized by `pytest_generate_tests`: the same test runs on both backends)."""
     if request.param == "sqlite":
-        return tmp_path / "s.db"
+        return tmp_path / "state.db"
     target: PgTarget = request.getfixturevalue("pg_target")
     return target

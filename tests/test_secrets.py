@@ -23,8 +23,9 @@ from streamwatch.logs import configure_logging
 from streamwatch.mavi.streams import StartRequest
 from streamwatch.policy import Policy
 from streamwatch.redact import Redactor
-from streamwatch.store import Store
+from streamwatch.store import Location, Store
 from streamwatch.supervisor import Supervisor
+from tests import pg
 from tests.conftest import SECRET, free_port, spawn_daemon, stream_toml
 from tests.fakes.chat import ChatFakes
 from tests.fakes.serve import serve
@@ -174,12 +175,29 @@ async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path):
     with sqlite3.connect(tmp_path / "state.db") as conn:
         details = [d for (d,) in conn.execute("SELECT detail FROM events")]
     assert sum("admin:***@cams.test" in d for d in details) == 4
-    assert state_file_leaks(tmp_path) == {}
+    assert state_leaks(tmp_path / "state.db") == {}
 
 
-def state_file_leaks(folder: Path) -> dict[str, list[str]]:
-    """Secrets found in the raw bytes of the state file and its WAL, by file name."""
-    found = {p.name: leaks(p.read_bytes().decode("latin-1")) for p in folder.glob("state.db*")}
+def state_leaks(location: Location) -> dict[str, list[str]]:
+    """Secrets found in the state: the raw bytes of the SQLite file and its WAL, by file name;
+    every row of every table of a PostgreSQL database, as text, by table name."""
+    if isinstance(location, Path):
+        found = {
+            p.name: leaks(p.read_bytes().decode("latin-1"))
+            for p in location.parent.glob(f"{location.name}*")
+        }
+    else:
+        tables = pg.rows(
+            location,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        assert len(tables) > 10, tables
+        found = {
+            table: leaks(
+                "\n".join(r for (r,) in pg.rows(location, f"SELECT t::text FROM {table} t"))
+            )
+            for (table,) in tables
+        }
     return {name: secrets for name, secrets in found.items() if secrets}
 
 
@@ -266,8 +284,9 @@ async def test_mavi_callback_messages_are_kept_without_url_credentials(daemon):
             async with http.post(hook, json=body) as resp:
                 assert resp.status == 200
     await daemon.wait(lambda: daemon.state("cam").last_end_status == 15)
-    with sqlite3.connect(daemon.db) as conn:
-        kept = [m for (m,) in conn.execute("SELECT message FROM segment_failures")]
-        kept += [d for (d,) in conn.execute("SELECT detail FROM events WHERE kind='task_ended'")]
+    kept = [m for (m,) in pg.rows(daemon.location, "SELECT message FROM segment_failures")]
+    kept += [
+        d for (d,) in pg.rows(daemon.location, "SELECT detail FROM events WHERE kind='task_ended'")
+    ]
     assert kept == ["cannot pull rtsp://admin:***@cams.test:554/live: 401"] * 2
-    assert state_file_leaks(daemon.db.parent) == {}
+    assert state_leaks(daemon.location) == {}
