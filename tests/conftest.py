@@ -101,6 +101,13 @@ stable_after_segments = 3
 """
 
 
+def storage_toml(location: Location) -> str:
+    """The `[storage]` key that keeps the state at `location`."""
+    if isinstance(location, PgTarget):
+        return f'url = "{location.url}"'
+    return f'path = "{location}"'
+
+
 def stream_toml(name: str, url: str | None = None, **fields: Any) -> str:
     lines = [
         "[[streams]]",
@@ -142,7 +149,7 @@ class Daemon:
         """Keep the state at `location` (a PostgreSQL database, or an SQLite file)."""
         self.location = location
         if isinstance(location, PgTarget):
-            self.storage = f'url = "{location.url}"'
+            self.storage = storage_toml(location)
         else:
             self.db = location
             self.storage = ""
