@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import stamina
+import structlog
 
 from streamwatch.app import App
 from streamwatch.config import Config, parse_config
@@ -37,6 +38,24 @@ SECRET = "test-callback-secret-0123456789"
 API_KEY = "sk-mai-test-key"
 ENV = {"SW_SECRET": SECRET, "MAVI_KEY": API_KEY, "SW_TOKEN": "status-token-xyz"}
 SEGMENT = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _plain_tracebacks() -> Iterator[None]:
+    """structlog's default output, with tracebacks rendered plain as the daemon's own console
+    output does (streamwatch.logs): the default picks rich's formatter, which prints every
+    frame's locals, some 0.3 s of the event loop per logged failure (a test whose store is
+    closed under the daemon spent seconds on them)."""
+    structlog.reset_defaults()
+    processors = structlog.get_config()["processors"]
+    structlog.configure(
+        processors=[
+            *processors[:-1],
+            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+        ]
+    )
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(autouse=True)
