@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import signal
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from streamwatch.redact import Redactor
 from streamwatch.store import Location, Store
 from streamwatch.supervisor import Supervisor
 from tests import pg
-from tests.conftest import SECRET, free_port, spawn_daemon, stream_toml
+from tests.conftest import SECRET, free_port, spawn_daemon, storage_toml, stream_toml
 from tests.fakes.chat import ChatFakes
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
@@ -76,7 +75,7 @@ class LeakyMavi:
         return web.json_response({"code": 200, "data": {"task_id": "t-1"}})
 
 
-def config(tmp_path: Path, port: int, mavi: str) -> Path:
+def config(tmp_path: Path, location: Location, port: int, mavi: str) -> Path:
     path = tmp_path / "streams.toml"
     path.write_text(f"""
 [mavi]
@@ -93,7 +92,7 @@ listen = "127.0.0.1:{port}"
 callback_secret = {{ env = "SW_SECRET" }}
 status_token = {{ env = "SW_TOKEN" }}
 [storage]
-path = "{tmp_path / "state.db"}"
+{storage_toml(location)}
 [supervisor]
 tick_seconds = 0.02
 restart_initial_seconds = 0.02
@@ -132,7 +131,7 @@ async def status(port: int) -> dict[str, Any]:
         return dict(await resp.json())
 
 
-async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path):
+async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path, location: Location):
     """MAVI error answers quoting the credentialed stream URL, the API key and the callback URL
     (including those that once raised unexpected errors) reach the log, `last_error`, the
     events table, the state file and the chat alert with every secret masked, while the
@@ -147,7 +146,7 @@ async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path):
             "SW_TOKEN": TOKEN,
             "SLACK_URL": f"{chat_base}/slack",
         }
-        daemon = await spawn_daemon(config(tmp_path, port, mavi_base), env, capture=True)
+        daemon = await spawn_daemon(config(tmp_path, location, port, mavi_base), env, capture=True)
         try:
             async with asyncio.timeout(30):
                 await mavi.last_start.wait()
@@ -172,10 +171,9 @@ async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path):
     alerts = json.dumps([m["doc"] for m in chat.received["slack"]])
     assert "admin:***@cams.test" in alerts
     assert leaks(alerts) == []
-    with sqlite3.connect(tmp_path / "state.db") as conn:
-        details = [d for (d,) in conn.execute("SELECT detail FROM events")]
+    details = [d for (d,) in pg.rows(location, "SELECT detail FROM events")]
     assert sum("admin:***@cams.test" in d for d in details) == 4
-    assert state_leaks(tmp_path / "state.db") == {}
+    assert state_leaks(location) == {}
 
 
 def state_leaks(location: Location) -> dict[str, list[str]]:
