@@ -395,6 +395,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the PostgreSQL cluster itself (`pg_target`, `pg_cluster`) carry the
+    `postgresql` marker too."""
+    for item in items:
+        if "pg_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgresql)
+
+
 @pytest.fixture
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
     """Where a test keeps its state: an SQLite file, then an empty PostgreSQL database
