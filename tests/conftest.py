@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 import pytest
 import stamina
@@ -150,7 +150,26 @@ async def emulator() -> AsyncIterator[Emulator]:
         yield emu
 
 
-class Daemon:
+class Located:
+    """Where a test daemon keeps its state: `db` (an SQLite file) unless `on()` moves it to a
+    PostgreSQL database; `storage` is the [storage] lines that say so."""
+
+    db: Path
+    storage: str
+    location: Location
+
+    def on(self, location: Location) -> Self:
+        """Keep the state at `location` (a PostgreSQL database, or an SQLite file)."""
+        self.location = location
+        if isinstance(location, PgTarget):
+            self.storage = storage_toml(location)
+        else:
+            self.db = location
+            self.storage = ""
+        return self
+
+
+class Daemon(Located):
     """Starts and stops `App`s on one state file, as a service manager would."""
 
     def __init__(self, tmp_path: Path, emulator: Emulator) -> None:
@@ -163,16 +182,6 @@ class Daemon:
         self.env = dict(ENV)
         self.storage = ""  # more [storage] lines (a PostgreSQL url)
         self.location: Location = self.db
-
-    def on(self, location: Location) -> Daemon:
-        """Keep the state at `location` (a PostgreSQL database, or an SQLite file)."""
-        self.location = location
-        if isinstance(location, PgTarget):
-            self.storage = storage_toml(location)
-        else:
-            self.db = location
-            self.storage = ""
-        return self
 
     def write(self, streams: str, **kwargs: Any) -> Config:
         kwargs.setdefault("storage", self.storage)

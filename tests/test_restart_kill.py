@@ -25,10 +25,10 @@ from tests import pg
 from tests.conftest import (
     ENV,
     SECRET,
+    Located,
     config_text,
     free_port,
     spawn_daemon,
-    storage_toml,
     stream_toml,
     until,
 )
@@ -37,7 +37,7 @@ from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
 
 
-class Process:
+class Process(Located):
     """`streamwatch run` on one state file and port, started and killed as a test says."""
 
     def __init__(self, tmp_path: Path, emulator: Emulator, env: dict[str, str] | None = None):
@@ -49,16 +49,6 @@ class Process:
         self.proc: asyncio.subprocess.Process | None = None
         self.storage = ""  # more [storage] lines (a PostgreSQL url)
         self.location: Location = self.db
-
-    def on(self, location: Location) -> Process:
-        """Keep the state at `location` (a PostgreSQL database, or an SQLite file)."""
-        self.location = location
-        if isinstance(location, PgTarget):
-            self.storage = storage_toml(location)
-        else:
-            self.db = location
-            self.storage = ""
-        return self
 
     def write(self, streams: str, *, supervisor: dict[str, str], extra: str = "") -> None:
         text = config_text(
