@@ -17,10 +17,11 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 import pytest
 import stamina
+import structlog
 
 from streamwatch.app import App
 from streamwatch.config import Config, parse_config
@@ -37,6 +38,24 @@ SECRET = "test-callback-secret-0123456789"
 API_KEY = "sk-mai-test-key"
 ENV = {"SW_SECRET": SECRET, "MAVI_KEY": API_KEY, "SW_TOKEN": "status-token-xyz"}
 SEGMENT = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _plain_tracebacks() -> Iterator[None]:
+    """structlog's default output, with tracebacks rendered plain as the daemon's own console
+    output does (streamwatch.logs): the default picks rich's formatter, which prints every
+    frame's locals, some 0.3 s of the event loop per logged failure (a test whose store is
+    closed under the daemon spent seconds on them)."""
+    structlog.reset_defaults()
+    processors = structlog.get_config()["processors"]
+    structlog.configure(
+        processors=[
+            *processors[:-1],
+            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+        ]
+    )
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +120,13 @@ stable_after_segments = 3
 """
 
 
+def storage_toml(location: Location) -> str:
+    """The `[storage]` key that keeps the state at `location`."""
+    if isinstance(location, PgTarget):
+        return f'url = "{location.url}"'
+    return f'path = "{location}"'
+
+
 def stream_toml(name: str, url: str | None = None, **fields: Any) -> str:
     lines = [
         "[[streams]]",
@@ -124,7 +150,26 @@ async def emulator() -> AsyncIterator[Emulator]:
         yield emu
 
 
-class Daemon:
+class Located:
+    """Where a test daemon keeps its state: `db` (an SQLite file) unless `on()` moves it to a
+    PostgreSQL database; `storage` is the [storage] lines that say so."""
+
+    db: Path
+    storage: str
+    location: Location
+
+    def on(self, location: Location) -> Self:
+        """Keep the state at `location` (a PostgreSQL database, or an SQLite file)."""
+        self.location = location
+        if isinstance(location, PgTarget):
+            self.storage = storage_toml(location)
+        else:
+            self.db = location
+            self.storage = ""
+        return self
+
+
+class Daemon(Located):
     """Starts and stops `App`s on one state file, as a service manager would."""
 
     def __init__(self, tmp_path: Path, emulator: Emulator) -> None:
@@ -136,12 +181,7 @@ class Daemon:
         self.clock: Callable[[], float] = time.time
         self.env = dict(ENV)
         self.storage = ""  # more [storage] lines (a PostgreSQL url)
-
-    def on(self, location: Location) -> Daemon:
-        """Keep the state at `location` (a PostgreSQL database; a path: the default file)."""
-        if isinstance(location, PgTarget):
-            self.storage = f'url = "{location.url}"'
-        return self
+        self.location: Location = self.db
 
     def write(self, streams: str, **kwargs: Any) -> Config:
         kwargs.setdefault("storage", self.storage)
@@ -216,22 +256,14 @@ class Daemon:
 
 
 @pytest.fixture
-async def daemon(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Daemon]:
-    d = Daemon(tmp_path, emulator)
+async def daemon(tmp_path: Path, emulator: Emulator, location: Location) -> AsyncIterator[Daemon]:
+    """A daemon against the emulator, its state in SQLite, then in PostgreSQL (the same test
+    on both backends; `sqlite_only` tests on SQLite alone, `postgresql_only` ones on
+    PostgreSQL alone)."""
+    d = Daemon(tmp_path, emulator).on(location)
     yield d
     # Stop deliveries first: a callback connection accepted while the server closes would
     # only be noise at teardown.
-    emulator.webhook = None
-    await d.stop()
-
-
-@pytest.fixture
-async def daemon_both(
-    tmp_path: Path, emulator: Emulator, location: Location
-) -> AsyncIterator[Daemon]:
-    """`daemon`, with its state in SQLite, then in PostgreSQL (the same test on both)."""
-    d = Daemon(tmp_path, emulator).on(location)
-    yield d
     emulator.webhook = None
     await d.stop()
 
@@ -342,11 +374,49 @@ def pg_target(pg_cluster: pg.Cluster) -> Iterator[PgTarget]:
     pg_cluster.drop_database(name)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+BACKENDS = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test that keeps state (`location`, hence `daemon`) runs once per backend, minus the
+    one its `sqlite_only` or `postgresql_only` marker leaves out; the PostgreSQL runs carry
+    the `postgresql` marker (`-m "not postgresql"` leaves them out)."""
+    if "location" not in metafunc.fixturenames:
+        return
+    only = [
+        name
+        for name in BACKENDS
+        if metafunc.definition.get_closest_marker(f"{name}_only") is not None
+    ]
+    if len(only) > 1:
+        raise pytest.UsageError(
+            f"{metafunc.definition.nodeid}: both sqlite_only and postgresql_only"
+        )
+    backends = only or list(BACKENDS)
+    metafunc.parametrize(
+        "location",
+        [
+            pytest.param(name, marks=[pytest.mark.postgresql] if name == "postgresql" else [])
+            for name in backends
+        ],
+        indirect=True,
+        ids=backends,
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the PostgreSQL cluster itself (`pg_target`, `pg_cluster`) carry the
+    `postgresql` marker too."""
+    for item in items:
+        if "pg_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgresql)
+
+
+@pytest.fixture
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
-    """Where a store test keeps its state: an SQLite file, then an empty PostgreSQL database
-    (the same test runs on both backends)."""
+    """Where a test keeps its state: an SQLite file, then an empty PostgreSQL database
+    (parametrized by `pytest_generate_tests`: the same test runs on both backends)."""
     if request.param == "sqlite":
-        return tmp_path / "s.db"
+        return tmp_path / "state.db"
     target: PgTarget = request.getfixturevalue("pg_target")
     return target

@@ -169,9 +169,10 @@ def available() -> bool:
 
 def rows(location: Path | PgTarget, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
     """What `sql` (as the store writes it, see streamwatch.store.sql) returns from the state
-    at `location`, read outside the store: for tests that look at rows no query returns."""
+    at `location`, read outside the store: for tests that look at rows no query returns. An
+    SQLite file is opened read-only (beside a running or killed daemon, it changes nothing)."""
     if isinstance(location, Path):
-        conn = sqlite3.connect(location)
+        conn = sqlite3.connect(f"file:{location}?mode=ro", uri=True)
         try:
             return conn.execute(sql, params).fetchall()
         finally:

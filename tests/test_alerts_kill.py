@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 from pathlib import Path
 
-from tests.conftest import free_port, spawn_daemon
+from streamwatch.store import Location
+from tests import pg
+from tests.conftest import free_port, spawn_daemon, storage_toml
 from tests.fakes.chat import Answer, ChatFakes
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
 
 
-def config(tmp_path: Path, port: int) -> Path:
+def config(tmp_path: Path, location: Location, port: int) -> Path:
     path = tmp_path / "streams.toml"
     path.write_text(f"""
 [mavi]
@@ -22,7 +23,7 @@ segment_seconds = 0.05
 [server]
 listen = "127.0.0.1:{port}"
 [storage]
-path = "{tmp_path / "state.db"}"
+{storage_toml(location)}
 [supervisor]
 tick_seconds = 0.02
 [[emulator.scripts]]
@@ -51,25 +52,23 @@ url = "rtmp://cams.test/bad"
     return path
 
 
-def outbox(db: Path) -> dict[str, str]:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-        return dict(conn.execute("SELECT alert_id, state FROM alert_outbox"))
+def outbox(location: Location) -> dict[str, str]:
+    return dict(pg.rows(location, "SELECT alert_id, state FROM alert_outbox"))
 
 
-async def test_pending_alerts_survive_sigkill(tmp_path: Path):
+async def test_pending_alerts_survive_sigkill(tmp_path: Path, location: Location):
     """Alerts the receiver refused are in the outbox; SIGKILL loses none of them."""
     fakes = ChatFakes(WHSEC)
     fakes.script["webhook"] = [Answer(503)] * 10_000  # the receiver is down
     async with serve(fakes.app) as base:
         env = {"HOOK_URL": f"{base}/webhook", "HOOK_SECRET": WHSEC}
-        path = config(tmp_path, free_port())
-        db = tmp_path / "state.db"
+        path = config(tmp_path, location, free_port())
         daemon = await spawn_daemon(path, env)
         async with asyncio.timeout(30):
             await fakes.wait(lambda: fakes.attempts["webhook"] >= 10)
         daemon.send_signal(signal.SIGKILL)
         await daemon.wait()
-        pending = outbox(db)
+        pending = outbox(location)
         assert pending, "alerts were written before delivery was tried"
         assert set(pending.values()) == {"pending"}
 

@@ -67,10 +67,10 @@ def sent(rows: list[OutboxRow]) -> list[tuple[str, bool]]:
     return [(r.event["kind"], r.event["resolved"]) for r in rows]
 
 
-async def test_an_unsafe_segment_and_its_alert_commit_together(tmp_path: Path):
+async def test_an_unsafe_segment_and_its_alert_commit_together(tmp_path: Path, location: Location):
     """When apply_callback returns, the alert is already an outbox row of the same commit,
     with the stream's labels and the clip's archive path known before any download."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         archive = EvidenceConfig(path=tmp_path / "archive")
         evidence = Evidence(config=archive, store=store)
         hooked(store, [rule(events=["unsafe_content"])], evidence=evidence)
@@ -291,11 +291,11 @@ async def test_an_orphan_body_with_a_byte_order_mark_is_kept_clean_and_claimable
 
 
 async def test_a_source_offline_alert_opens_once_and_resolves_when_the_source_is_back(
-    tmp_path: Path,
+    location: Location,
 ):
     """Preflight's events make alerts: `source_offline` opens the condition, `source_online`
     resolves it (a resolution only for a condition that was open), `fps_above_source` warns."""
-    async with Store(tmp_path / "s.db") as store:
+    async with Store(location) as store:
         hooked(store, [rule(events=["source_offline", "fps_above_source"])])
         await store.add_event("source_online", stream="cam")  # nothing open: no resolution
         await store.add_event("source_offline", stream="cam", detail="connection refused")

@@ -9,11 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from streamwatch.emulator import Script
 from streamwatch.store import Store
 from tests.conftest import ENV, cli, stream_toml
 
 
+@pytest.mark.sqlite_only(reason="the online backup of the SQLite file (pg_dump on PostgreSQL)")
 async def test_backup_while_the_daemon_writes(daemon, emulator, tmp_path: Path):
     """The copy, taken under callback traffic, opens as a state file of the current schema with
     every segment stored before it began; it is one file (no -wal) readable by its owner only;
@@ -42,6 +45,7 @@ async def test_backup_while_the_daemon_writes(daemon, emulator, tmp_path: Path):
     await daemon.wait(lambda: daemon.state("a").run_segments > now)
 
 
+@pytest.mark.sqlite_only(reason="the online backup of the SQLite file (pg_dump on PostgreSQL)")
 async def test_backup_into_a_folder_gets_a_dated_name(daemon, tmp_path: Path):
     await daemon.start(stream_toml("a"))
     folder = tmp_path / "backups"

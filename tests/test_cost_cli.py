@@ -6,18 +6,18 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-from streamwatch.store import Store, StreamRecord
-from tests.conftest import cli, tool
+from streamwatch.store import Location, Store, StreamRecord
+from tests.conftest import cli, storage_toml, tool
 
 NOV = datetime(2026, 11, 10, 12, tzinfo=UTC).timestamp()
 OCT = datetime(2026, 10, 10, 12, tzinfo=UTC).timestamp()
 
 
-def write_config(tmp_path: Path) -> Path:
+def write_config(tmp_path: Path, location: Location | None = None) -> Path:
     path = tmp_path / "streams.toml"
     path.write_text(f"""
 [storage]
-path = "{tmp_path / "state.db"}"
+{storage_toml(location or tmp_path / "state.db")}
 [budgets]
 daily_usd = "10.00"
 [[streams]]
@@ -35,7 +35,7 @@ budget = {{ monthly_usd = "100.00" }}
     return path
 
 
-async def seed(db: Path) -> None:
+async def seed(db: Location) -> None:
     async with Store(db) as store:
         for task, stream, fps, logos, at in (
             ("t1", "a", 1, False, NOV),
@@ -54,10 +54,10 @@ async def seed(db: Path) -> None:
             )
 
 
-async def test_cost_by_stream_and_label_in_a_range(tmp_path: Path):
+async def test_cost_by_stream_and_label_in_a_range(tmp_path: Path, location: Location):
     """Totals per stream and per label value, limited to --since/--until, exact in USD."""
-    config = write_config(tmp_path)
-    await seed(tmp_path / "state.db")
+    config = write_config(tmp_path, location)
+    await seed(location)
     out = cli("cost", "-c", str(config), "--since", "2026-11", "--until", "2026-12-01", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -109,12 +109,12 @@ def test_check_config_shows_the_estimate(tmp_path: Path):
     assert "account daily budget $10.00: reached after 2.22 h at full burn" in out.stdout
 
 
-async def test_cost_shows_what_preflight_saved(tmp_path: Path):
+async def test_cost_shows_what_preflight_saved(tmp_path: Path, location: Location):
     """The pre-charges preflight avoided (and their price) and its probes by outcome, kept in
     the streams' records, are in `cost` --json and in the table, summed over streams."""
-    config = write_config(tmp_path)
-    await seed(tmp_path / "state.db")
-    async with Store(tmp_path / "state.db") as store:
+    config = write_config(tmp_path, location)
+    await seed(location)
+    async with Store(location) as store:
         await store.save_streams(
             [
                 StreamRecord(

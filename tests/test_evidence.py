@@ -17,7 +17,7 @@ from streamwatch.config import EvidenceConfig, parse_config
 from streamwatch.emulator import Script
 from streamwatch.evidence import Evidence
 from streamwatch.mavi.callbacks import SegmentReport
-from streamwatch.store import EvidenceRecord, Store
+from streamwatch.store import EvidenceRecord, Location, Store
 from tests.conftest import stream_toml
 from tests.fakes.chat import ChatFakes
 from tests.fakes.clips import ClipHost
@@ -77,10 +77,10 @@ group_seconds = 0
     assert not list(archive.rglob("*.part"))
 
 
-async def test_retention_by_age_then_size(tmp_path: Path):
+async def test_retention_by_age_then_size(tmp_path: Path, location: Location):
     """Clips older than retention_days go first, then the oldest until under max_bytes."""
     now = [1_000_000.0]
-    async with Store(tmp_path / "s.db", clock=lambda: now[0]) as store:
+    async with Store(location, clock=lambda: now[0]) as store:
         evidence = Evidence(
             config=EvidenceConfig(path=tmp_path, retention_days=1, max_bytes=250),
             store=store,

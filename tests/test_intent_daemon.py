@@ -4,9 +4,7 @@ failed starts adopting their task, claimed early segments treated like live ones
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from streamwatch.policy import Phase, Policy
 from streamwatch.pricing import segment_cost_ticks, usd_to_ticks
 from streamwatch.store import Location, Store, StreamRecord
 from streamwatch.supervisor import Supervisor
+from tests import pg
 from tests.conftest import API_KEY, Daemon, cli, stream_toml, until
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
@@ -245,11 +244,11 @@ async def test_early_segments_claimed_at_the_answer_go_the_way_of_live_ones(
     assert task is not None
     # The first segments came before the answer and were claimed with the task.
     assert emulator.starts[0].task_id == task_id
-    with contextlib.closing(sqlite3.connect(daemon.db)) as conn:
-        early = conn.execute(
-            "SELECT count(*) FROM segments WHERE task_id = ? AND received_at < ?",
-            (task_id, task.started_at),
-        ).fetchone()[0]
+    ((early,),) = pg.rows(
+        daemon.location,
+        "SELECT count(*) FROM segments WHERE task_id = ? AND received_at < ?",
+        (task_id, task.started_at),
+    )
     assert early >= 1
     indexes = await daemon.store.segment_indexes(task_id)
     archived = {r.segment_index for r in await daemon.store.evidence()}

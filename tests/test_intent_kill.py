@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -17,7 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import ENV, SECRET, free_port, spawn_daemon
+from streamwatch.store import Location
+from tests import pg
+from tests.conftest import ENV, SECRET, free_port, spawn_daemon, storage_toml
 
 PERIOD = 0.2  # the emulator's segment period, and the daemon's
 ROUNDS = 6
@@ -28,7 +29,7 @@ def url(i: int) -> str:
     return f"rtmp://cams.test/kill{i}"
 
 
-def config(tmp_path: Path, *, base_url: str, port: int, streams: int) -> Path:
+def config(tmp_path: Path, location: Location, *, base_url: str, port: int, streams: int) -> Path:
     # Each stream its own fps, so that each task's callbacks show whose it is.
     entries = "".join(
         f'[[streams]]\nname = "s{i}"\nurl = "{url(i)}"\nfps = {i + 1}\n' for i in range(streams)
@@ -49,7 +50,7 @@ max_seconds = 0.05
 listen = "127.0.0.1:{port}"
 callback_secret = {{ env = "SW_SECRET" }}
 [storage]
-path = "{tmp_path / "state.db"}"
+{storage_toml(location)}
 [supervisor]
 tick_seconds = 0.05
 stall_after_segments = 1000
@@ -103,23 +104,23 @@ async def poll(check: Callable[[], Awaitable[bool]], *, within: float, what: str
         pytest.fail(f"not within {within}s: {what}")
 
 
-def ledger(db: Path) -> tuple[dict[str, str], int, int]:
+def ledger(location: Location) -> tuple[dict[str, str], int, int]:
     """(the live task recorded per stream, confirmed ticks, estimated orphan ticks)."""
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        live = dict(conn.execute("SELECT stream, task_id FROM tasks WHERE ended_at IS NULL"))
-        (confirmed,) = conn.execute("SELECT coalesce(sum(ticks), 0) FROM charges").fetchone()
-        (orphans,) = conn.execute("SELECT coalesce(sum(ticks), 0) FROM orphan_charges").fetchone()
-    return live, confirmed, orphans
+    live = dict(pg.rows(location, "SELECT stream, task_id FROM tasks WHERE ended_at IS NULL"))
+    ((confirmed,),) = pg.rows(location, "SELECT coalesce(sum(ticks), 0) FROM charges")
+    ((orphans,),) = pg.rows(location, "SELECT coalesce(sum(ticks), 0) FROM orphan_charges")
+    return live, int(confirmed), int(orphans)
 
 
 @pytest.mark.timeout(180)
-async def test_kill_9_between_start_and_record_never_double_starts(tmp_path: Path):
+async def test_kill_9_between_start_and_record_never_double_starts(
+    tmp_path: Path, location: Location
+):
     """Killed with SIGKILL right after the emulator created each new stream's task (its answer
     held back), the restarted daemon adopts that task from its open intent instead of starting
     the stream again: each stream ends with one live task, the one the daemon records for it,
     and the ledger equals the emulator's charged total."""
     port = free_port()
-    db = tmp_path / "state.db"
     webhook = f"http://127.0.0.1:{port}/callbacks/mavi/{SECRET}"
     async with emulator_process(webhook) as emu, aiohttp.ClientSession() as http:
 
@@ -132,7 +133,9 @@ async def test_kill_9_between_start_and_record_never_double_starts(tmp_path: Pat
             return [t for t in (await state())["tasks"] if t["url"] == url(i)]
 
         for i in range(ROUNDS):
-            path = config(tmp_path, base_url=f"{emu}/serve/api/v2", port=port, streams=i + 1)
+            path = config(
+                tmp_path, location, base_url=f"{emu}/serve/api/v2", port=port, streams=i + 1
+            )
             daemon = await spawn_daemon(path, ENV)
 
             async def created(i: int = i) -> bool:
@@ -141,7 +144,7 @@ async def test_kill_9_between_start_and_record_never_double_starts(tmp_path: Pat
             await poll(created, within=30, what=f"the emulator creates s{i}'s task")
             daemon.send_signal(signal.SIGKILL)
             await daemon.wait()
-            live, _, _ = ledger(db)
+            live, _, _ = ledger(location)
             assert f"s{i}" not in live, "killed before the answer: the task is not recorded"
 
         async with http.put(f"{emu}/_emulator/answer_delay", json={"seconds": 0}) as resp:
@@ -155,7 +158,7 @@ async def test_kill_9_between_start_and_record_never_double_starts(tmp_path: Pat
                 by_url = {t["url"]: t["task_id"] for t in running}
                 if len(running) != ROUNDS or len(by_url) != ROUNDS:
                     return False
-                live, _, _ = ledger(db)
+                live, _, _ = ledger(location)
                 return live == {f"s{i}": by_url[url(i)] for i in range(ROUNDS)}
 
             await poll(settled, within=60, what="one live task per stream, recorded for it")
@@ -176,6 +179,6 @@ async def test_kill_9_between_start_and_record_never_double_starts(tmp_path: Pat
     assert sorted(s["url"] for s in starts) == sorted(url(i) for i in range(ROUNDS)), (
         "one task per stream, ever: no stream was started twice"
     )
-    live, confirmed, orphans = ledger(db)
+    live, confirmed, orphans = ledger(location)
     assert orphans == 0, "every task was claimed by its stream"
     assert confirmed == doc["charged_ticks"]

@@ -25,10 +25,10 @@ def phase(d: Daemon, name: str) -> Phase | None:
     return state.phase if state else None
 
 
-async def test_segments_are_stored_once_despite_duplicates_and_reordering(daemon_both, emulator):
+async def test_segments_are_stored_once_despite_duplicates_and_reordering(daemon, emulator):
     """Every segment MAVI delivers twice and out of order is stored exactly once (on either
     backend)."""
-    daemon = daemon_both
+    daemon = daemon
     url = "rtmp://cams.test/busy"
     emulator.scripts[url] = Script(
         outcomes=["safe", "unsafe", "logo:Acme", "safe", "error", "safe"],
@@ -161,10 +161,10 @@ async def test_failed_segments_in_a_row_raise_a_stream_problem(daemon, emulator)
     assert totals.segments == 0
 
 
-async def test_daemon_restart_adopts_the_running_task(daemon_both, emulator):
+async def test_daemon_restart_adopts_the_running_task(daemon, emulator):
     """After a crash, the new daemon adopts the task: one start, segments keep flowing to it
     (on either backend)."""
-    daemon = daemon_both
+    daemon = daemon
     url = "rtmp://cams.test/adopt"
     await daemon.start(stream_toml("adopt", url))
     await daemon.wait(lambda: daemon.state("adopt").run_segments >= 2)
@@ -293,10 +293,10 @@ async def test_transient_start_failures_are_retried(daemon, emulator):
     assert kinds.count("start_failed") == 1, "three tries in one start, the fourth after backoff"
 
 
-async def test_callbacks_from_unknown_tasks_are_kept_as_orphans(daemon_both, emulator):
+async def test_callbacks_from_unknown_tasks_are_kept_as_orphans(daemon, emulator):
     """A callback for a task this daemon never started is acknowledged and reported (on either
     backend)."""
-    daemon = daemon_both
+    daemon = daemon
     await daemon.start(stream_toml("mine"))
     assert daemon.app.server is not None
     body = {

@@ -176,7 +176,7 @@ async def test_an_outage_and_what_it_saved_survive_a_restart(daemon: Daemon):
     )
     await daemon.wait(lambda: daemon.state("cam").precharges_avoided >= 2)
     await daemon.stop()
-    async with Store(daemon.db) as store:
+    async with Store(daemon.location) as store:
         kept = (await store.streams())["cam"]
     assert kept.offline_since is not None
     assert kept.precharges_avoided >= 2

@@ -16,16 +16,28 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from streamwatch.emulator import Emulator, Script
-from tests.conftest import ENV, SECRET, config_text, free_port, spawn_daemon, stream_toml, until
+from streamwatch.store import Location, PgTarget
+from tests import pg
+from tests.conftest import (
+    ENV,
+    SECRET,
+    Located,
+    config_text,
+    free_port,
+    spawn_daemon,
+    stream_toml,
+    until,
+)
 from tests.fakes.chat import ChatFakes
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
 
 
-class Process:
+class Process(Located):
     """`streamwatch run` on one state file and port, started and killed as a test says."""
 
     def __init__(self, tmp_path: Path, emulator: Emulator, env: dict[str, str] | None = None):
@@ -36,6 +48,7 @@ class Process:
         self.emulator = emulator
         self.proc: asyncio.subprocess.Process | None = None
         self.storage = ""  # more [storage] lines (a PostgreSQL url)
+        self.location: Location = self.db
 
     def write(self, streams: str, *, supervisor: dict[str, str], extra: str = "") -> None:
         text = config_text(
@@ -74,8 +87,13 @@ class Process:
         return code
 
     def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        """Rows from the state file (read-only, beside the running daemon); none before it
+        """Rows from the state (read-only, beside the running daemon); none before it
         exists."""
+        if isinstance(self.location, PgTarget):
+            try:
+                return pg.rows(self.location, sql, args)
+            except asyncpg.UndefinedTableError:  # not created yet
+                return []
         if not self.db.exists():
             return []
         with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as conn:
@@ -85,11 +103,13 @@ class Process:
                 return []
 
     def events(self, kind: str, stream: str | None = None) -> list[tuple[Any, ...]]:
+        if stream is None:
+            return self.query(
+                "SELECT stream, task_id, detail FROM events WHERE kind = ? ORDER BY id", kind
+            )
         return self.query(
-            "SELECT stream, task_id, detail FROM events WHERE kind = ?"
-            " AND (? IS NULL OR stream = ?) ORDER BY id",
+            "SELECT stream, task_id, detail FROM events WHERE kind = ? AND stream = ? ORDER BY id",
             kind,
-            stream,
             stream,
         )
 
@@ -108,8 +128,9 @@ class Process:
 
 
 @pytest.fixture
-async def process(tmp_path: Path, emulator: Emulator) -> AsyncIterator[Process]:
-    p = Process(tmp_path, emulator)
+async def process(tmp_path: Path, emulator: Emulator, location: Location) -> AsyncIterator[Process]:
+    """`streamwatch run` in its own process, its state in SQLite, then in PostgreSQL."""
+    p = Process(tmp_path, emulator).on(location)
     yield p
     emulator.webhook = None
     if p.proc is not None:
@@ -197,7 +218,7 @@ def am_posts(fakes: ChatFakes) -> list[dict[str, Any]]:
     return [a for m in fakes.received["alertmanager"] for a in m["doc"]]
 
 
-async def test_alert_memory_survives_kill_9(tmp_path: Path, emulator: Emulator):
+async def test_alert_memory_survives_kill_9(tmp_path: Path, emulator: Emulator, location: Location):
     """Killed after a stream stopped and its alerts went out, the next process re-posts the
     open condition to Alertmanager, sends its resolution (with the labels it was posted
     with) once the stream runs again, and sends nothing twice: the new task's unsafe
@@ -211,7 +232,7 @@ async def test_alert_memory_survives_kill_9(tmp_path: Path, emulator: Emulator):
             "HOOK_SECRET": WHSEC,
             "AM_URL": f"{base}/alertmanager",
         }
-        process = Process(tmp_path, emulator, env)
+        process = Process(tmp_path, emulator, env).on(location)
         extra = """
 [alerts]
 retry_initial_seconds = 0.05

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import signal
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from streamwatch.logs import configure_logging
 from streamwatch.mavi.streams import StartRequest
 from streamwatch.policy import Policy
 from streamwatch.redact import Redactor
-from streamwatch.store import Store
+from streamwatch.store import Location, Store
 from streamwatch.supervisor import Supervisor
-from tests.conftest import SECRET, free_port, spawn_daemon, stream_toml
+from tests import pg
+from tests.conftest import SECRET, free_port, spawn_daemon, storage_toml, stream_toml
 from tests.fakes.chat import ChatFakes
 from tests.fakes.serve import serve
 from tests.test_alerts import SECRET as WHSEC
@@ -75,7 +75,7 @@ class LeakyMavi:
         return web.json_response({"code": 200, "data": {"task_id": "t-1"}})
 
 
-def config(tmp_path: Path, port: int, mavi: str) -> Path:
+def config(tmp_path: Path, location: Location, port: int, mavi: str) -> Path:
     path = tmp_path / "streams.toml"
     path.write_text(f"""
 [mavi]
@@ -92,7 +92,7 @@ listen = "127.0.0.1:{port}"
 callback_secret = {{ env = "SW_SECRET" }}
 status_token = {{ env = "SW_TOKEN" }}
 [storage]
-path = "{tmp_path / "state.db"}"
+{storage_toml(location)}
 [supervisor]
 tick_seconds = 0.02
 restart_initial_seconds = 0.02
@@ -131,7 +131,7 @@ async def status(port: int) -> dict[str, Any]:
         return dict(await resp.json())
 
 
-async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path):
+async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path, location: Location):
     """MAVI error answers quoting the credentialed stream URL, the API key and the callback URL
     (including those that once raised unexpected errors) reach the log, `last_error`, the
     events table, the state file and the chat alert with every secret masked, while the
@@ -146,7 +146,7 @@ async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path):
             "SW_TOKEN": TOKEN,
             "SLACK_URL": f"{chat_base}/slack",
         }
-        daemon = await spawn_daemon(config(tmp_path, port, mavi_base), env, capture=True)
+        daemon = await spawn_daemon(config(tmp_path, location, port, mavi_base), env, capture=True)
         try:
             async with asyncio.timeout(30):
                 await mavi.last_start.wait()
@@ -171,15 +171,31 @@ async def test_mavi_error_text_leaks_no_secret_anywhere(tmp_path: Path):
     alerts = json.dumps([m["doc"] for m in chat.received["slack"]])
     assert "admin:***@cams.test" in alerts
     assert leaks(alerts) == []
-    with sqlite3.connect(tmp_path / "state.db") as conn:
-        details = [d for (d,) in conn.execute("SELECT detail FROM events")]
+    details = [d for (d,) in pg.rows(location, "SELECT detail FROM events")]
     assert sum("admin:***@cams.test" in d for d in details) == 4
-    assert state_file_leaks(tmp_path) == {}
+    assert state_leaks(location) == {}
 
 
-def state_file_leaks(folder: Path) -> dict[str, list[str]]:
-    """Secrets found in the raw bytes of the state file and its WAL, by file name."""
-    found = {p.name: leaks(p.read_bytes().decode("latin-1")) for p in folder.glob("state.db*")}
+def state_leaks(location: Location) -> dict[str, list[str]]:
+    """Secrets found in the state: the raw bytes of the SQLite file and its WAL, by file name;
+    every row of every table of a PostgreSQL database, as text, by table name."""
+    if isinstance(location, Path):
+        found = {
+            p.name: leaks(p.read_bytes().decode("latin-1"))
+            for p in location.parent.glob(f"{location.name}*")
+        }
+    else:
+        tables = pg.rows(
+            location,
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'",
+        )
+        assert len(tables) > 10, tables
+        found = {
+            table: leaks(
+                "\n".join(r for (r,) in pg.rows(location, f"SELECT t::text FROM {table} t"))
+            )
+            for (table,) in tables
+        }
     return {name: secrets for name, secrets in found.items() if secrets}
 
 
@@ -266,8 +282,9 @@ async def test_mavi_callback_messages_are_kept_without_url_credentials(daemon):
             async with http.post(hook, json=body) as resp:
                 assert resp.status == 200
     await daemon.wait(lambda: daemon.state("cam").last_end_status == 15)
-    with sqlite3.connect(daemon.db) as conn:
-        kept = [m for (m,) in conn.execute("SELECT message FROM segment_failures")]
-        kept += [d for (d,) in conn.execute("SELECT detail FROM events WHERE kind='task_ended'")]
+    kept = [m for (m,) in pg.rows(daemon.location, "SELECT message FROM segment_failures")]
+    kept += [
+        d for (d,) in pg.rows(daemon.location, "SELECT detail FROM events WHERE kind='task_ended'")
+    ]
     assert kept == ["cannot pull rtsp://admin:***@cams.test:554/live: 401"] * 2
-    assert state_file_leaks(daemon.db.parent) == {}
+    assert state_leaks(daemon.location) == {}

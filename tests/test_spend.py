@@ -17,11 +17,11 @@ async def ledger_ticks(d: Daemon) -> dict[str, int]:
     return {t.stream: t.ticks for t in totals}
 
 
-async def test_ledger_equals_the_providers_charges_to_the_tick(daemon_both, emulator):
+async def test_ledger_equals_the_providers_charges_to_the_tick(daemon, emulator):
     """Across mixed fps and features, restarts, duplicates and a 402, the daemon's ledger is
     exactly what the emulator charged, stream by stream, and every segment is stored once (on
     either backend)."""
-    daemon = daemon_both
+    daemon = daemon
     emulator.scripts["rtmp://cams.test/flaky"] = Script(outcomes=["safe", "unsafe"], then="end:15")
     emulator.scripts["rtmp://cams.test/dupes"] = Script(duplicate=True, reorder=True)
     emulator.scripts["rtmp://cams.test/errs"] = Script(outcomes=["safe", "error"])

@@ -58,9 +58,11 @@ class ReadOnlyStore(TaskReads, IntentReads, LedgerReads, StreamReads, OutboxRead
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._reader.close()
-        if self._loop is not None:
-            self._loop.stop()
+        try:
+            await self._reader.close()
+        finally:
+            if self._loop is not None:
+                self._loop.stop()
 
 
 class Store(
@@ -156,14 +158,17 @@ class Store(
             raise
 
     async def close(self) -> None:
-        """Finish every queued operation, then close the file."""
-        await self._writer.stop()
-        await self._reader.close()
-        # Last: the last connection to close checkpoints the WAL into the file and removes
-        # it (a read-only one cannot), so a stopped daemon leaves one self-contained file.
-        await self._writer.close()
-        if self._loop is not None:
-            self._loop.stop()
+        """Finish every queued operation, then close the file. The database's event loop
+        stops even when closing a connection fails (a server gone away)."""
+        try:
+            await self._writer.stop()
+            await self._reader.close()
+            # Last: the last connection to close checkpoints the WAL into the file and removes
+            # it (a read-only one cannot), so a stopped daemon leaves one self-contained file.
+            await self._writer.close()
+        finally:
+            if self._loop is not None:
+                self._loop.stop()
 
     async def check_writable(self) -> None:
         """Raise unless a write transaction commits (for readiness probes)."""
