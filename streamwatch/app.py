@@ -39,6 +39,7 @@ from streamwatch.alerts import Router
 from streamwatch.alerts.outbox import Alerts, Outbox
 from streamwatch.alerts.sinks.registry import build_sinks
 from streamwatch.background import BackgroundFailed, Backoff, Failures, TaskGroup
+from streamwatch.cluster import Cluster, default_replica_id
 from streamwatch.config import (
     Config,
     ConfigError,
@@ -61,7 +62,7 @@ from streamwatch.pricing import usd_to_ticks
 from streamwatch.redact import Redactor, url_secrets
 from streamwatch.server import Server
 from streamwatch.storage import storage_location
-from streamwatch.store import Pruned, Store
+from streamwatch.store import PgTarget, Pruned, Store
 from streamwatch.supervisor import Supervisor
 from streamwatch.systemd import Notifier
 
@@ -80,6 +81,7 @@ class Parts:
     evidence: Evidence
     alerts: Alerts | None  # with alert rules
     server: Server
+    cluster: Cluster | None = None  # with [cluster]
 
 
 class App:
@@ -274,7 +276,23 @@ class App:
             failures=self.failures,
         )
         await stack.enter_async_context(supervisor.running())
+        cluster = None
+        if cfg.cluster is not None:
+            cluster = Cluster(
+                store=store,
+                supervisor=supervisor,
+                replica_id=cfg.cluster.replica_id or default_replica_id(),
+                lease_seconds=cfg.cluster.lease_seconds,
+                streams=lambda: list(supervisor.desired),
+                on_change=lambda change, n: metrics.lease_changes.labels(change).inc(n),
+            )
+            cluster.attach()
+            assert isinstance(store.path, PgTarget), "[cluster] is refused without PostgreSQL"
+            await stack.enter_async_context(cluster.listening(store.path))
+            await cluster.follow_once()  # the feed followed from here on
         await supervisor.load(cfg.streams)
+        if cluster is not None:
+            await cluster.run_once()  # the first lease round: this replica's share, adopted
         # The archive fetches clip URLs from callbacks on its own guarded pool, so slow or
         # hostile clip hosts never hold the connections MAVI's API needs.
         videos = VideoClient(
@@ -307,6 +325,9 @@ class App:
                 clock=self._clock,
                 failures=self.failures,
             )
+            if cluster is not None:
+                outbox.shared = True
+                outbox.leads = lambda: cluster.leader
             await stack.enter_async_context(outbox.running())
             alerts = Alerts(
                 router=Router(cfg.alerts.rules),
@@ -337,7 +358,7 @@ class App:
         if emulator is not None:
             # The account's webhook (MAVI's console setting), known once the server listens.
             emulator.webhook = server.callback_url()
-        return Parts(store, emulator, supervisor, evidence, alerts, server)
+        return Parts(store, emulator, supervisor, evidence, alerts, server, cluster)
 
     def _loops(self, daemon: TaskGroup, parts: Parts) -> anyio.Event:
         """Start the daemon's loops; returns the planning loop's end."""
@@ -349,6 +370,27 @@ class App:
             running=lambda: not sup.stopping,
             on_failure="exit",
         )
+        cluster = parts.cluster
+        if cluster is not None:
+            assert self.config.cluster is not None
+            renew = self.config.cluster.renew_every
+            daemon.loop(
+                "cluster",
+                cluster.run_once,
+                wait=lambda: self._pause(renew),
+                running=self._running,
+                on_failure="retry",
+                backoff=Backoff(min(1.0, renew), renew),
+            )
+            tick = self.config.supervisor.tick_seconds
+            daemon.loop(
+                "cluster.feed",
+                cluster.follow_once,
+                wait=lambda: cluster.wait_for_feed(tick),
+                running=self._running,
+                on_failure="retry",
+                backoff=Backoff(tick, max(tick, renew)),
+            )
         if self.systemd.enabled:
             daemon.loop(
                 "systemd",
@@ -371,7 +413,8 @@ class App:
             interval = min(3600.0, retention * 86_400 / 10)
 
             async def prune() -> None:
-                await self.prune_once()
+                if parts.cluster is None or parts.cluster.leader:  # [cluster]: one replica
+                    await self.prune_once()
 
             daemon.loop(
                 "prune",
@@ -446,8 +489,14 @@ class App:
         # The built-in emulator ends with this process, and its tasks with it: stop them
         # properly rather than leave records of tasks that no longer exist anywhere.
         stop_tasks = self.config.supervisor.on_shutdown == "stop" or parts.emulator is not None
+        if parts.cluster is not None and stop_tasks:
+            # [cluster]: the tasks stop only with the fleet's last replica; otherwise the
+            # others adopt them.
+            stop_tasks = await parts.cluster.last_replica()
         stopped = await supervisor.shutdown(stop_tasks=stop_tasks)
         await planning.wait()
+        if parts.cluster is not None and not stop_tasks:
+            await parts.cluster.leave()  # the others adopt at their next round
         if not stop_tasks:
             log.info(
                 "app.tasks_kept",
@@ -463,6 +512,8 @@ class App:
         log.info(
             "app.drained", stopped=len(stopped), final_callbacks_missing=len(supervisor.ending)
         )
+        if parts.cluster is not None:
+            await parts.cluster.leave()
 
     async def reload(self) -> bool:
         """Re-read the config file (SIGHUP). Streams are reconciled; other sections need a

@@ -47,6 +47,7 @@ __all__ = [
     "BudgetCaps",
     "BudgetsConfig",
     "Check",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "ConfigProblem",
@@ -328,6 +329,45 @@ class StorageConfig(_Model):
         return self.url is not None and not (
             isinstance(self.url, str) and self.url.startswith("sqlite://")
         )
+
+
+class ClusterConfig(_Model):
+    """Several replicas on one PostgreSQL database (`streamwatch.cluster`): each stream owned
+    by one replica at a time through a lease."""
+
+    replica_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]*$",
+        description="This replica's name, unique in the fleet (unset: `<host name>-<pid>`).",
+    )
+    lease_seconds: float = Field(
+        default=15.0,
+        ge=1,
+        le=600,
+        description="A stream's lease lasts this long unless renewed; a dead replica's "
+        "streams are adopted after it (plus one renewal round).",
+    )
+    renew_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="How often leases are renewed and claimed (unset: lease_seconds / 3); "
+        "below lease_seconds / 2.",
+    )
+
+    @model_validator(mode="after")
+    def _renew_within_lease(self) -> ClusterConfig:
+        if self.renew_seconds is not None and self.renew_seconds >= self.lease_seconds / 2:
+            raise ValueError(
+                f"renew_seconds ({self.renew_seconds:g}) must be below lease_seconds / 2 "
+                f"({self.lease_seconds / 2:g}), so that one late round does not lose a lease"
+            )
+        return self
+
+    @property
+    def renew_every(self) -> float:
+        return self.renew_seconds if self.renew_seconds is not None else self.lease_seconds / 3
 
 
 class SupervisorConfig(_Model):
@@ -668,12 +708,24 @@ class Config(_Model):
     evidence: EvidenceConfig = EvidenceConfig()
     budgets: BudgetsConfig = BudgetsConfig()
     ledger: LedgerConfig = LedgerConfig()
+    cluster: ClusterConfig | None = Field(
+        default=None, description="Several replicas on one PostgreSQL database."
+    )
     # Unique names are checked on the file (`_duplicate_names`), where each duplicate can be
     # named with its index, together with every other problem.
     streams: list[StreamConfig] = Field(default_factory=list)
 
     def stream(self, name: str) -> StreamConfig | None:
         return next((s for s in self.streams if s.name == name), None)
+
+    @model_validator(mode="after")
+    def _cluster_needs_postgresql(self) -> Config:
+        if self.cluster is not None and not self.storage.postgresql:
+            raise ValueError(
+                "[cluster] needs the state in PostgreSQL (replicas share it): set [storage] "
+                'url = "postgresql://user@host:5432/db", or remove [cluster]'
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,13 @@ class Metrics:
             ["sink", "outcome"],
             registry=registry,
         )
+        self.lease_changes = Counter(
+            "streamwatch_stream_lease_changes",
+            "[cluster] Stream leases this replica claimed, lost (expired or taken), handed back"
+            " to a replica that joined, or released when stopping, by change.",
+            ["change"],
+            registry=registry,
+        )
         self.http_connections = Gauge(
             "streamwatch_http_connections",
             "Connections open to the daemon's HTTP server (callbacks, API, metrics).",
@@ -294,6 +301,10 @@ class Snapshot:
     outbox: dict[str, int] = field(default_factory=dict)
     intents: dict[str, int] = field(default_factory=dict)
     now: float = 0.0
+    # [cluster]: False on a replica that does not lead (the leader exports the fleet's
+    # figures, so that sums over replicas add up); the live replicas, from the leader.
+    fleet_figures: bool = True
+    replicas: int | None = None
 
 
 STATES = (
@@ -431,8 +442,17 @@ class StateCollector(Collector):
         return []  # state series vary with the config; describe nothing, collect at scrape
 
     def collect(self) -> Iterator[Metric]:
-        """The account's series (the per-stream ones are `stream_families`)."""
-        yield from self._account(self.snapshot)
+        """The account's series (the per-stream ones are `stream_families`): with [cluster],
+        from the leader only, beside the live replicas."""
+        snap = self.snapshot
+        if snap.fleet_figures:
+            yield from self._account(snap)
+        if snap.replicas is not None:
+            yield GaugeMetricFamily(
+                "streamwatch_cluster_replicas",
+                "[cluster] Live replicas in the fleet (exported by the leader only).",
+                value=snap.replicas,
+            )
 
     def stream_families(self, tokens: Mapping[str, Sequence[int]]) -> list[StreamFamily]:
         """The per-stream families of the current snapshot, with `tokens` (each stream's

@@ -57,6 +57,7 @@ class PreflightDoc(TypedDict):
 class StreamDoc(TypedDict):
     name: str
     state: str
+    owner: str | None  # [cluster]: the replica holding its lease (None: none, or no cluster)
     configured: bool
     task_id: str | None
     fps: int | None
@@ -128,10 +129,18 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def stream_views(supervisor: Supervisor, now: float) -> dict[str, StreamView]:
-    """What is shown of every stream, configured or still known, at `now`."""
+def stream_views(
+    supervisor: Supervisor, now: float, *, owned_only: bool = False
+) -> dict[str, StreamView]:
+    """What is shown of every stream, configured or still known, at `now`. With
+    `owned_only` and [cluster], only the streams this replica owns (per-stream metrics come
+    from the owner alone)."""
     views = {}
-    for name in sorted(set(supervisor.desired) | set(supervisor.streams)):
+    names = set(supervisor.desired) | set(supervisor.streams)
+    fleet = supervisor.fleet
+    if owned_only and fleet is not None:
+        names = {n for n in names if fleet.owners.get(n) == fleet.replica_id}
+    for name in sorted(names):
         spec = supervisor.desired.get(name)
         state = supervisor.streams.get(name)
         views[name] = StreamView(
@@ -166,6 +175,7 @@ async def build_status(
         estimates=supervisor.estimates(now),
     )
     streams = []
+    fleet = supervisor.fleet
     all_probes: dict[str, int] = {}
     avoided = saved = 0
     for name, view in stream_views(supervisor, now).items():
@@ -177,12 +187,20 @@ async def build_status(
             all_probes[outcome] = all_probes.get(outcome, 0) + count
         avoided += view.precharges_avoided
         saved += view.ticks_saved
+        owner = fleet.owners.get(name) if fleet is not None else None
+        task_id = state.task_id if state else None
+        shown = view.state
+        if fleet is not None and owner != fleet.replica_id:
+            # Another replica's (or nobody's, between owners): what the store says of it.
+            task_id = fleet.running.get(name)
+            shown = "running" if task_id else view.state
         streams.append(
             StreamDoc(
                 name=name,
-                state=view.state,
+                state=shown,
+                owner=owner,
                 configured=name in supervisor.desired,
-                task_id=state.task_id if state else None,
+                task_id=task_id,
                 fps=view.fps,
                 content_moderation=view.content_moderation,
                 logo_detection=view.logo_detection,
@@ -260,8 +278,11 @@ async def build_status(
 async def snapshot(*, supervisor: Supervisor, store: StoreReader, now: float) -> Snapshot:
     """The daemon's state for one metrics scrape."""
     halt = supervisor.halt
+    fleet = supervisor.fleet
     return Snapshot(
-        streams=stream_views(supervisor, now),
+        fleet_figures=fleet is None or fleet.leader,
+        replicas=len(fleet.replicas) if fleet is not None and fleet.leader else None,
+        streams=stream_views(supervisor, now, owned_only=True),
         totals=await store.stream_totals(),
         orphans=await store.orphan_totals(),
         halt_reason=halt.reason if halt is not None and now < halt.until else None,

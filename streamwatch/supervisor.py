@@ -77,6 +77,7 @@ from streamwatch.probe import MediaInfo, ProbeError, probe
 from streamwatch.redact import Redactor
 from streamwatch.starts import Started, StartFailed, Starts, StreamStarter
 from streamwatch.store import Adopted, CallbackOutcome, StateStore, StreamRecord
+from streamwatch.store.leases import Fenced, FleetView
 
 __all__ = ["AfterCommit", "Prober", "Supervisor", "source_info"]
 
@@ -174,6 +175,12 @@ class Supervisor:
         # What follows a committed callback: callbacks claimed at a start or an adoption go
         # the same way as live ones (see `set_after_commit`).
         self._after_commit: AfterCommit = self.observe
+        # [cluster]: the streams this replica holds the lease of (None: a single daemon, which
+        # owns every stream). See `set_ownership`.
+        self._owned: Callable[[], frozenset[str]] | None = None
+        self._halt_saved: Halt | None = None  # the halt as this replica last wrote or read it
+        # [cluster]: the fleet as the last lease round saw it (None: a single daemon).
+        self.fleet: FleetView | None = None
 
     def set_after_commit(self, after_commit: AfterCommit) -> None:
         """Send callbacks claimed by a recorded or adopted task through `after_commit`, as the
@@ -182,6 +189,12 @@ class Supervisor:
         self._after_commit = after_commit
 
     # -- set-up ---------------------------------------------------------------------------------
+
+    def set_ownership(self, owned: Callable[[], frozenset[str]]) -> None:
+        """[cluster]: plan only the streams `owned()` names (the leases this replica holds,
+        whose local deadline has not passed). Set before `load()`, which then loads the
+        account's state but no stream: each comes with `take()` once its lease is claimed."""
+        self._owned = owned
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Supervisor]:
@@ -194,8 +207,34 @@ class Supervisor:
         """Set the desired streams and adopt what the store says is running or held."""
         self.desired = {s.name: s for s in streams}
         now = self._clock()
-        self.halt = await self._store.load_halt()
+        self.halt = self._halt_saved = await self._store.load_halt()
         self._fired = frozenset(await self._store.load_budget_fired())
+        await self._load_spending(now)
+        self._unreported_flagged = await self._store.flagged_tasks("billing_unreported")
+        if self._owned is None:
+            await self._load_streams(None, now)
+        self._notify()
+
+    async def share_account(self) -> None:
+        """[cluster]: take the account's state as the fleet left it in the store (each lease
+        round): the spend of every replica's charges, the budget thresholds fired, and the
+        halt another replica imposed or lifted."""
+        now = self._clock()
+        await self._load_spending(now)
+        self._fired = self._fired | await self._store.load_budget_fired()
+        stored = await self._store.load_halt()
+        if stored is not None and stored != self.halt:
+            if self.halt is None or stored.since >= self.halt.since:
+                log.error("supervisor.account_halted", reason=stored.reason, until=stored.until)
+                self.halt = self._halt_saved = stored
+        elif stored is None and self.halt is not None and self.halt == self._halt_saved:
+            # Saved by this replica, gone from the store: another replica resumed the account.
+            log.info("supervisor.account_resumed_by_fleet", reason=self.halt.reason)
+            self.halt = self._halt_saved = None
+        self._notify()
+
+    async def _load_spending(self, now: float) -> None:
+        """The ledger's totals (every period, every stream, the orphans' estimates)."""
         everything = await self._store.charge_totals(since=float("-inf"), until=float("inf"))
         self.spending.all_time = {t.stream: t.ticks for t in everything}
         for period in PERIODS:
@@ -204,13 +243,53 @@ class Supervisor:
             self.spending.load(period, period_key(period, now), {t.stream: t.ticks for t in totals})
             orphans = await self._store.orphan_charge_totals(since=start, until=end)
             self.spending.load_orphans(period, period_key(period, now), orphans.ticks)
+
+    async def take(self, names: Collection[str]) -> None:
+        """[cluster]: this replica now holds these streams' leases: load each as a restart
+        would (its record, its running task adopted as it is, never restarted, its open
+        intents looked for at once). What was known of them before is replaced."""
+        fresh = set(names)
+        if not fresh:
+            return
+        for name in fresh:
+            self.streams.pop(name, None)
+            self.streams.dirty.discard(name)
+        self._by_task = {t: n for t, n in self._by_task.items() if n not in fresh}
+        await self._load_streams(fresh, self._clock())
+        for name in sorted(fresh):
+            self._try_adopt(name)
+        self._notify()
+
+    def drop(self, names: Collection[str]) -> None:
+        """[cluster]: this replica no longer holds these streams' leases: forget them, with no
+        call to MAVI and nothing written (their new owner carries on)."""
+        for name in names:
+            state = self.streams.pop(name, None)
+            self.streams.dirty.discard(name)
+            if state is not None:
+                log.info("supervisor.stream_dropped", stream=name, task_id=state.task_id)
+        self._by_task = {t: n for t, n in self._by_task.items() if n not in names}
+        self._notify()
+
+    def releasable(self, names: Collection[str]) -> list[str]:
+        """Of these streams, those that may be handed to another replica now: none of their
+        actions (a start, a stop, an adoption) is under way."""
+        busy = (Phase.STARTING, Phase.STOPPING, Phase.ADOPTING)
+        return sorted(n for n in names if (s := self.streams.get(n)) is None or s.phase not in busy)
+
+    async def _load_streams(self, names: Collection[str] | None, now: float) -> None:
+        """Restore what the store says of these streams (every stream: None): their records,
+        their running tasks (adopted), and their open intents."""
         for record in (await self._store.streams()).values():
+            if names is not None and record.name not in names:
+                continue
             if record != StreamRecord(record.name):
                 self.streams[record.name] = StreamState.restored(
                     record, now=now, policy=self.policy
                 )
-        self._unreported_flagged = await self._store.flagged_tasks("billing_unreported")
         for task in await self._store.running_tasks():
+            if names is not None and task.stream not in names:
+                continue
             if task.stream in self._by_task.values():
                 # Two live tasks for one stream can only come from an old crash: keep the newest
                 # and stop the other, so the account pays for one.
@@ -233,15 +312,16 @@ class Supervisor:
             self._by_task[task.task_id] = task.stream
             log.info("supervisor.task_adopted", stream=task.stream, task_id=task.task_id)
             await self._record("task_adopted", stream=task.stream, task_id=task.task_id)
-        await self._load_intents(now)
-        self._notify()
+        await self._load_intents(names, now)
 
-    async def _load_intents(self, now: float) -> None:
+    async def _load_intents(self, names: Collection[str] | None, now: float) -> None:
         """Starts whose answer never reached the store: MAVI may have created their tasks.
         Each such stream adopts for `adopt_wait` from now (callbacks parked before the restart
         are matched at once)."""
         for intent in await self._store.open_intents():
             name = intent.stream
+            if names is not None and name not in names:
+                continue
             known = self.streams.get(name, StreamState(name))
             adopting = on_open_intent(known, intent.attempt_id, now=now, policy=self.policy)
             if adopting is None:
@@ -303,9 +383,22 @@ class Supervisor:
         self._flag_unreported(estimates)
         self.gate = self.spending.gate(now, estimates)
         self._check_budgets(now, estimates)
-        actions = plan(
-            self.desired, self.streams, now=now, halt=self.halt, policy=self.policy, gate=self.gate
-        )
+        desired: Mapping[str, StreamConfig] = self.desired
+        streams: Mapping[str, StreamState] = self.streams
+        policy = self.policy
+        if self._owned is not None:
+            # [cluster]: only what this replica holds; a stream not held is neither started,
+            # stopped nor forgotten here (its owner decides).
+            owned = self._owned()
+            desired = {n: c for n, c in self.desired.items() if n in owned}
+            streams = {n: s for n, s in self.streams.items() if n in owned}
+            fleet = self.fleet
+            if fleet is not None and policy.max_running is not None:
+                # max_running is the account's: what runs on the other replicas (as of the
+                # last lease round) takes its share.
+                others = sum(1 for n in fleet.running if n not in owned)
+                policy = replace(policy, max_running=max(0, policy.max_running - others))
+        actions = plan(desired, streams, now=now, halt=self.halt, policy=policy, gate=self.gate)
         for action in actions:
             self._launch(action)
         return actions
@@ -568,6 +661,12 @@ class Supervisor:
         now, detail, error = self._clock(), failed.detail, failed.error
         status = error.status if isinstance(error, MaviError) else None
         rand = self._rng.random()
+        if isinstance(error, Fenced) and failed.unanswered is None:
+            # [cluster]: the lease moved before the intent was written: MAVI was not asked,
+            # and the stream is another replica's now (dropped at the next lease round).
+            self.streams[name] = replace(state, phase=Phase.IDLE)
+            log.info("supervisor.fenced", stream=name, action="start")
+            return
         if failed.unanswered is None:
             new, halt = on_start_failed(
                 state, error, now=now, policy=self.policy, rand=rand, detail=detail
@@ -662,6 +761,14 @@ class Supervisor:
             # Noted first, so that the task's final 14 is known as asked for.
             await self._store.mark_stop_requested(action.task_id)
             stopped_now = await self._client.stop(action.task_id)
+        except Fenced:
+            # [cluster]: the lease moved before the stop was noted: MAVI was not asked, and the
+            # task is another replica's now (the stream is dropped at the next lease round).
+            state = self.streams.get(action.stream)
+            if state is not None and state.task_id == action.task_id:
+                self.streams[action.stream] = replace(state, phase=Phase.RUNNING)
+            log.info("supervisor.fenced", stream=action.stream, action="stop")
+            return
         except Exception as exc:  # noqa: BLE001 - a stop's edge: whatever failed, it is retried
             # Could not reach MAVI (or note the stop): keep the task as ours and try again on
             # the next pass. Anything but MAVI's own errors is a bug: its traceback is logged.
@@ -714,6 +821,7 @@ class Supervisor:
         if new:
             await self._record("account_halted", detail=f"{halt.reason}: {halt.detail}")
         await self._store.save_halt(halt)
+        self._halt_saved = halt
 
     def _apply(self, effects: Iterable[Effect]) -> None:
         """Log and record what a decision says follows (or halt the account)."""
@@ -907,6 +1015,7 @@ class Supervisor:
         if self.halt is not None:
             self.halt = None
             await self._store.save_halt(None)
+            self._halt_saved = None
             await self._record("account_resumed")
         released = []
         for name, state in list(self.streams.items()):

@@ -73,6 +73,11 @@ class Outbox:
         self._wake = asyncio.Event()
         self._stopping = False
         self._reposted: dict[str, float] = {}
+        # [cluster]: the outbox is shared by replicas: a re-posting sink's active set is the
+        # store's (any replica may have delivered the firing alert a resolve ends), and only
+        # the replica that `leads()` re-posts it.
+        self.shared = False
+        self.leads: Callable[[], bool] = lambda: True
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Outbox]:
@@ -120,6 +125,8 @@ class Outbox:
 
     async def repost_due(self) -> None:
         """Re-post the active alerts of sinks that want it (Alertmanager) when due."""
+        if not self.leads():
+            return
         now = self._clock()
         for name, sink in self.sinks.items():
             if not isinstance(sink, AlertmanagerSink):
@@ -127,6 +134,8 @@ class Outbox:
             if now < self._reposted.get(name, 0.0) + sink.repeat_seconds:
                 continue
             self._reposted[name] = now
+            if self.shared:
+                sink.active = await self._store.active_alerts(name)
             result = await sink.repost_active()
             if result is not None and self._metrics is not None:
                 outcome = "reposted" if result.ok else "repost_failed"
@@ -179,6 +188,8 @@ class Outbox:
                 await self._settle(sink_name, ids, "dead", error="sink no longer configured")
                 return
             alerts = [Alert(r.alert_id, AlertEvent.from_json(r.event)) for r in rows]
+            if self.shared and isinstance(sink, AlertmanagerSink):
+                sink.active = await self._store.active_alerts(sink_name)
             try:
                 async with self._limits[sink_name]:
                     result = await sink.deliver(alerts)

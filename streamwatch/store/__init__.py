@@ -31,6 +31,7 @@ Modules, one concept each:
 | `streams` | stream records, events, and account state (halt, budgets fired) |
 | `alerts` | alert rule state and the outbox |
 | `videos` | library videos and evidence |
+| `leases` | `[cluster]` (PostgreSQL): leases, the fence, the leader lock, the callback feed |
 | `prune` | retention |
 | `backup` | the online backup (SQLite) |
 | `copy` | `store copy`: the whole state into an empty store of either backend, verified |

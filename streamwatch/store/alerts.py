@@ -23,7 +23,7 @@ from streamwatch.store.writer import Context, WriteSide
 if TYPE_CHECKING:
     from streamwatch.store.interface import AlertTx
 
-__all__ = ["OutboxReads", "OutboxWrites", "RuleStateTx", "insert_alerts"]
+__all__ = ["CLAIM_SECONDS", "OutboxReads", "OutboxWrites", "RuleStateTx", "insert_alerts"]
 
 
 class RuleStateTx:
@@ -170,17 +170,31 @@ class OutboxReads(ReadSide):
 class OutboxWrites(WriteSide):
     async def due_alerts(self, now: float, *, limit: int = 500) -> list[OutboxRow]:
         """Pending alerts whose time has come, oldest first. Read by the writer, in order with
-        the writes settling them: a delivery that has just been settled is never due again."""
-        return await self._write(
-            lambda ctx: [
-                _outbox_row(r)
-                for r in ctx.conn.execute(
+        the writes settling them: a delivery that has just been settled is never due again.
+
+        [cluster]: claimed as they are read, so that each is delivered by one replica: rows
+        locked by another replica's claim are skipped (`FOR UPDATE SKIP LOCKED`), and those
+        returned are not due again for `CLAIM_SECONDS` (their settling sets the next time; a
+        replica that dies before settling leaves them to the others after that)."""
+
+        def op(ctx: Context) -> list[OutboxRow]:
+            if ctx.fence is None:
+                rows = ctx.conn.execute(
                     f"{_OUTBOX_SELECT} WHERE state = 'pending' AND next_at <= ?"
                     " ORDER BY id LIMIT ?",
                     (now, limit),
                 )
-            ]
-        )
+                return [_outbox_row(r) for r in rows]
+            claimed = ctx.conn.execute(
+                f"UPDATE alert_outbox SET next_at = ? WHERE id IN (SELECT id FROM alert_outbox"
+                " WHERE state = 'pending' AND next_at <= ? ORDER BY id LIMIT ?"
+                " FOR UPDATE SKIP LOCKED) RETURNING"
+                f" {_OUTBOX_COLUMNS}",
+                (now + CLAIM_SECONDS, now, limit),
+            ).fetchall()
+            return sorted((_outbox_row(r) for r in claimed), key=_by_id)
+
+        return await self._write(op)
 
     async def enqueue_alerts(self, alerts: list[NewAlert]) -> None:
         """Add these alerts to the outbox, committed on return."""
@@ -241,10 +255,18 @@ class OutboxWrites(WriteSide):
         return await self._write(op)
 
 
-_OUTBOX_SELECT = (
-    "SELECT id, alert_id, sink, rule, grp, event, state, attempts, next_at, last_error,"
-    " created_at, delivered_at FROM alert_outbox"
+_OUTBOX_COLUMNS = (
+    "id, alert_id, sink, rule, grp, event, state, attempts, next_at, last_error,"
+    " created_at, delivered_at"
 )
+_OUTBOX_SELECT = f"SELECT {_OUTBOX_COLUMNS} FROM alert_outbox"
+# [cluster]: how long a replica's claim on due alerts keeps them from the others (longer than
+# a delivery can take: a sink's timeout is at most 120 s).
+CLAIM_SECONDS = 300.0
+
+
+def _by_id(row: OutboxRow) -> int:
+    return row.id
 
 
 def _outbox_row(r: Row) -> OutboxRow:

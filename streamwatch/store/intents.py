@@ -18,6 +18,7 @@ import bisect
 from streamwatch.intent import Intent, assign
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.store import orphans, tasks
+from streamwatch.store.leases import fence
 from streamwatch.store.reader import ReadSide
 from streamwatch.store.streams import record_event
 from streamwatch.store.types import Adopted, EventRow, Registered
@@ -60,6 +61,7 @@ class IntentWrites(WriteSide):
         )
 
         def op(ctx: Context) -> Registered:
+            fence(ctx, stream)
             conn = ctx.conn
             conn.execute(
                 "INSERT INTO tasks (task_id, stream, spec_hash, fps, content_moderation,"
@@ -97,6 +99,7 @@ class IntentWrites(WriteSide):
         otherwise it is closed as unmatched."""
 
         def op(ctx: Context) -> Adopted | None:
+            fence(ctx, intent.stream)
             at = intent.created_at
             for old in [i for i in orphans.intents(ctx) if i.stream == intent.stream]:
                 adopted = _try_adopt(ctx, old, at)
@@ -161,7 +164,10 @@ class IntentWrites(WriteSide):
 
         def op(ctx: Context) -> Adopted | None:
             found = next((i for i in orphans.intents(ctx) if i.attempt_id == attempt_id), None)
-            return None if found is None else _try_adopt(ctx, found, when)
+            if found is None:
+                return None
+            fence(ctx, found.stream)
+            return _try_adopt(ctx, found, when)
 
         return await self._write(op)
 

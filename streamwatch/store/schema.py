@@ -283,6 +283,9 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE streams ADD COLUMN precharges_avoided INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE streams ADD COLUMN ticks_saved INTEGER NOT NULL DEFAULT 0;
     """,
+    # 11: `[cluster]`'s replicas, stream leases and callback feed, PostgreSQL's only
+    # (pg_schema): nothing here.
+    "",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

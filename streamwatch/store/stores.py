@@ -15,6 +15,7 @@ from streamwatch.store.alerts import OutboxReads, OutboxWrites
 from streamwatch.store.connection import ReadConnection, connect_writer
 from streamwatch.store.intents import IntentReads, IntentWrites
 from streamwatch.store.interface import AlertHook, StateStore, StoreReader
+from streamwatch.store.leases import LeaseWrites
 from streamwatch.store.ledger import LedgerReads
 from streamwatch.store.orphans import OrphanWrites
 from streamwatch.store.postgres import DbLoop, PgReadConnection, PgTarget, connect_writer_pg
@@ -78,6 +79,7 @@ class Store(
     VideoReads,
     VideoWrites,
     PruneWrites,
+    LeaseWrites,
 ):
     """The daemon's store. Use `async with Store(path) as store:`: the file (or the
     database's schema) is created if missing and migrated. Writes go through one writer

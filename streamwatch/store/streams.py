@@ -129,8 +129,11 @@ class StreamWrites(WriteSide):
             )
             for r in records
         ]
-        await self._write(
-            lambda ctx: ctx.conn.executemany(
+
+        def op(ctx: Context) -> None:
+            book = ctx.fence  # [cluster]: only the records of streams this replica holds
+            mine = rows if book is None else [r for r in rows if book.holds(ctx.conn, r[0])]
+            ctx.conn.executemany(
                 "INSERT INTO streams (name, held_reason, held_at, failures, retry_at,"
                 " last_end_status, last_error, restart_times, offline_since, probes,"
                 " precharges_avoided, ticks_saved) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -142,9 +145,10 @@ class StreamWrites(WriteSide):
                 " restart_times = excluded.restart_times, offline_since = excluded.offline_since,"
                 " probes = excluded.probes, precharges_avoided = excluded.precharges_avoided,"
                 " ticks_saved = excluded.ticks_saved",
-                rows,
+                mine,
             )
-        )
+
+        await self._write(op)
 
     async def add_event(
         self,

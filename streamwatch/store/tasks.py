@@ -23,6 +23,7 @@ from streamwatch.mavi.callbacks import (
 )
 from streamwatch.store import orphans
 from streamwatch.store.alerts import RuleStateTx
+from streamwatch.store.leases import fence, publish
 from streamwatch.store.reader import ReadSide, Row
 from streamwatch.store.sql import Connection
 from streamwatch.store.types import CallbackOutcome, StreamTotals, TaskRow
@@ -39,6 +40,8 @@ def apply(ctx: Context, cb: Callback, body: str, at: float) -> CallbackOutcome:
     hook = ctx.hook
     if hook is not None and outcome.kind == "stored":
         hook.callback(RuleStateTx(ctx, at), outcome)
+    if ctx.fence is not None and outcome.kind == "stored":
+        publish(ctx, outcome)  # [cluster]: for the stream's owner, whichever replica it is
     return outcome
 
 
@@ -221,12 +224,19 @@ class TaskWrites(WriteSide):
         return await self._write(lambda ctx: apply(ctx, callback, text, at))
 
     async def mark_stop_requested(self, task_id: str) -> None:
-        """Note that this daemon asked MAVI to stop the task, before asking."""
-        await self._write(
-            lambda ctx: ctx.conn.execute(
-                "UPDATE tasks SET stop_requested = 1 WHERE task_id = ?", (task_id,)
-            )
-        )
+        """Note that this daemon asked MAVI to stop the task, before asking (with [cluster]:
+        refused, `Fenced`, unless this replica holds the task's stream's lease)."""
+
+        def op(ctx: Context) -> None:
+            if ctx.fence is not None:
+                row = ctx.conn.execute(
+                    "SELECT stream FROM tasks WHERE task_id = ?", (task_id,)
+                ).fetchone()
+                if row is not None:
+                    fence(ctx, row[0])
+            ctx.conn.execute("UPDATE tasks SET stop_requested = 1 WHERE task_id = ?", (task_id,))
+
+        await self._write(op)
 
     async def record_task_ended(
         self, task_id: str, *, status: int | None, reason: str, at: float | None = None

@@ -31,6 +31,7 @@ from streamwatch.store.types import StoreError
 
 if TYPE_CHECKING:
     from streamwatch.store.interface import AlertHook
+    from streamwatch.store.leases import LeaseBook
 
 __all__ = ["Context", "WriteSide", "Writer"]
 
@@ -53,6 +54,9 @@ class Context:
         # operation drops the cache, as does any rollback.
         self.open_intents: list[Intent] | None = None
         self.alerts_written = False  # outbox rows written in this batch
+        # [cluster]: the leases this replica holds, checked by the operations acting on a
+        # stream (`streamwatch.store.leases.fence`); None: a single daemon owns every stream.
+        self.fence: LeaseBook | None = None
 
     @property
     def conn(self) -> Connection:

@@ -1,0 +1,417 @@
+"""A fleet under fire: replicas as real processes on one PostgreSQL, one killed with SIGKILL
+every 10-20 s and restarted, while the emulator (its own process) posts every callback
+through a proxy that spreads them over the replicas.
+
+At the end (the emulator paused, its deliveries settled) it prints: callbacks the emulator
+had acknowledged against those stored (each once by construction: `(task_id,
+segment_index)` is unique), each stream's URL started how many times at the emulator (1: no
+double start), the ledger against the emulator's charged total (to the tick), kills, and the
+longest time any stream had no valid lease (no owner). A benchmark, not a test: it asserts
+nothing; the exit code is 1 when a figure is wrong.
+
+With `--throughput N`, it measures instead how many callbacks per second one replica and then
+`--replicas` replicas take through the proxy (N segment callbacks of one recorded task,
+`--concurrency` in flight, from this process), and prints both figures side by side.
+
+Without `--storage`, a throwaway PostgreSQL cluster is made as the tests make theirs
+(tests/pg.py, Debian's binaries).
+
+    python -m bench.cluster [--replicas 3] [--streams 50] [--seconds 120]
+                            [--kill-every 10:20] [--storage postgresql://…]
+    python -m bench.cluster --throughput 5000 [--replicas 3] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+SECRET = "bench-cluster-secret-0123456789"  # noqa: S105 - a loopback-only test secret
+KEY = "sk-mai-bench"
+ENV = {"SW_SECRET": SECRET, "MAVI_KEY": KEY}
+SEGMENT = 0.5  # seconds between a task's callbacks (MAVI: 5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def config(url: str, replica: str, port: int, emulator: str, streams: int, lease: float) -> str:
+    entries = "".join(
+        f'[[streams]]\nname = "cam{i:03d}"\nurl = "rtmp://cams.test/cam{i:03d}"\n'
+        for i in range(streams)
+    )
+    return f"""
+[mavi]
+backend = "mavi"
+base_url = "{emulator}/serve/api/v2"
+api_key = {{ env = "MAVI_KEY" }}
+segment_seconds = {SEGMENT}
+[server]
+listen = "127.0.0.1:{port}"
+callback_secret = {{ env = "SW_SECRET" }}
+[storage]
+url = "{url}"
+[supervisor]
+tick_seconds = 0.5
+stall_after_segments = 20
+adopt_wait_segments = 10
+[cluster]
+replica_id = "{replica}"
+lease_seconds = {lease}
+renew_seconds = {lease / 3}
+[logging]
+level = "warning"
+{entries}"""
+
+
+class Proxy:
+    """Spreads each callback over the live replicas (round robin), trying the next one when a
+    replica does not answer: what nginx in front of the fleet does."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self._next = itertools.count()
+        self.session: aiohttp.ClientSession | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        assert self.session is not None
+        body = await request.read()
+        start = next(self._next)
+        for i in range(len(self.ports)):
+            port = self.ports[(start + i) % len(self.ports)]
+            try:
+                async with self.session.post(
+                    f"http://127.0.0.1:{port}{request.path}",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    return web.Response(status=resp.status, body=await resp.read())
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+        return web.Response(status=502)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[int]:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self.handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            yield port
+        finally:
+            await self.session.close()
+            await runner.cleanup()
+
+
+async def spawn(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamwatch",
+        *args,
+        env={**os.environ, **ENV},
+        stdout=asyncio.subprocess.PIPE if args[0] == "emulator" else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What a run found (see the module's docstring)."""
+
+    kills: int
+    acknowledged: int
+    stored: int
+    starts: dict[str, int]  # URL -> accepted starts at the emulator
+    ledger: int
+    orphan_estimates: int
+    charged: int
+    longest_unowned: float
+    longest_adoption: float
+
+    @property
+    def ok(self) -> bool:
+        twice = any(n > 1 for n in self.starts.values())
+        return self.acknowledged == self.stored and not twice and self.ledger == self.charged
+
+
+async def run(args: argparse.Namespace, url: str, work: Path) -> Figures:
+    rng = random.Random(args.seed)
+    ports = [free_port() for _ in range(args.replicas)]
+    proxy = Proxy(ports)
+    async with proxy.running() as proxy_port, aiohttp.ClientSession() as http:
+        emu = await spawn(
+            "emulator",
+            "--listen",
+            "127.0.0.1:0",
+            "--segment-seconds",
+            str(SEGMENT),
+            "--api-key-env",
+            "MAVI_KEY",
+            "--balance-usd",
+            "100000",
+            "--webhook",
+            f"http://127.0.0.1:{proxy_port}/callbacks/mavi/{SECRET}",
+        )
+        assert emu.stdout is not None
+        line = (await emu.stdout.readline()).decode()
+        base = line.split("base_url = ", 1)[1].strip().removesuffix("/serve/api/v2")
+        paths = []
+        for i, port in enumerate(ports):
+            path = work / f"r{i}.toml"
+            path.write_text(config(url, f"r{i}", port, base, args.streams, args.lease_seconds))
+            paths.append(path)
+        procs = [await spawn("run", "-c", str(p)) for p in paths]
+        db = await asyncpg.connect(url)
+        while not await db.fetchval("SELECT to_regclass('stream_leases') IS NOT NULL"):  # noqa: ASYNC110 - another process's schema
+            await asyncio.sleep(0.2)  # the first replica is migrating the schema
+        longest = 0.0
+        adoption = 0.0  # the longest from a kill until all its streams had a new owner
+        orphaned: dict[int, tuple[str, list[str], float]] = {}
+        replica_ids = [f"r{i}" for i in range(len(ports))]
+        since: dict[str, float] = {}
+        kills = 0
+        low, high = (float(x) for x in args.kill_every.split(":"))
+        began = time.monotonic()
+        next_kill = began + args.settle + rng.uniform(low, high)  # the fleet settles first
+        names = [f"cam{i:03d}" for i in range(args.streams)]
+        try:
+            while time.monotonic() - began < args.seconds:
+                await asyncio.sleep(0.25)
+                now_db = await db.fetchval("SELECT extract(epoch FROM clock_timestamp())::float8")
+                owners = {
+                    r["stream"]: r["owner"]
+                    for r in await db.fetch(
+                        "SELECT stream, owner FROM stream_leases WHERE owner IS NOT NULL"
+                        " AND expires_at > $1",
+                        now_db,
+                    )
+                }
+                held = set(owners)
+                for killed in list(orphaned):
+                    dead, streams, at = orphaned[killed]
+                    if all(owners.get(n) not in (None, dead) for n in streams):
+                        adoption = max(adoption, time.monotonic() - at)
+                        del orphaned[killed]
+                if time.monotonic() - began > args.settle:  # everything has started once
+                    for name in names:
+                        if name in held:
+                            since.pop(name, None)
+                        else:
+                            start = since.setdefault(name, time.monotonic())
+                            longest = max(longest, time.monotonic() - start)
+                if time.monotonic() >= next_kill:
+                    victim = rng.randrange(len(procs))
+                    dead = replica_ids[victim]
+                    mine = [n for n, o in owners.items() if o == dead]
+                    orphaned[kills] = (dead, mine, time.monotonic())
+                    procs[victim].send_signal(signal.SIGKILL)
+                    await procs[victim].wait()
+                    kills += 1
+                    await asyncio.sleep(1.0)
+                    # Restarted as a new replica (as a new pod is): its streams wait for their
+                    # leases to expire and are adopted by the others meanwhile.
+                    replica_ids[victim] = f"r{victim}-{kills}"
+                    paths[victim].write_text(
+                        config(
+                            url,
+                            replica_ids[victim],
+                            ports[victim],
+                            base,
+                            args.streams,
+                            args.lease_seconds,
+                        )
+                    )
+                    procs[victim] = await spawn("run", "-c", str(paths[victim]))
+                    next_kill = time.monotonic() + rng.uniform(low, high)
+            # Settle: no more segments, every delivery answered (or given up).
+            await http.put(f"{base}/_emulator/paused", json={"paused": True})
+            for _ in range(240):
+                async with http.get(f"{base}/_emulator/state") as resp:
+                    state: dict[str, Any] = await resp.json()
+                deliveries = state["deliveries"]
+                if deliveries["posting"] == 0 and deliveries["pending"] == 0:
+                    break
+                await asyncio.sleep(0.5)
+            stored = await db.fetchval(
+                "SELECT (SELECT count(*) FROM segments) + (SELECT count(*) FROM segment_failures)"
+                " + (SELECT count(*) FROM tasks WHERE end_reason = 'callback')"
+                " + (SELECT count(*) FROM orphan_callbacks)"
+            )
+            ledger = await db.fetchval("SELECT coalesce(sum(ticks), 0) FROM charges")
+            orphan = await db.fetchval("SELECT coalesce(sum(ticks), 0) FROM orphan_charges")
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in procs:
+                await proc.wait()
+            emu.send_signal(signal.SIGINT)
+            await emu.wait()
+            await db.close()
+    return Figures(
+        kills=kills,
+        acknowledged=deliveries["delivered"],
+        stored=stored,
+        starts=dict(Counter(s["url"] for s in state["starts"] if s["task_id"])),
+        ledger=ledger,
+        orphan_estimates=orphan,
+        charged=state["charged_ticks"],
+        longest_unowned=longest,
+        longest_adoption=adoption,
+    )
+
+
+async def throughput(url: str, replicas: int, n: int, concurrency: int, work: Path) -> float:
+    """Callbacks per second `replicas` replicas take through the proxy (see the docstring)."""
+    from bench.callbacks import body
+    from streamwatch.store import PgTarget, Store
+
+    ports = [free_port() for _ in range(replicas)]
+    procs = []
+    for i, port in enumerate(ports):
+        path = work / f"t{replicas}-{i}.toml"
+        path.write_text(config(url, f"t{replicas}-{i}", port, "http://127.0.0.1:9", 0, 3.0))
+        procs.append(await spawn("run", "-c", str(path)))
+    task_id = f"bench-{replicas}-{time.time_ns()}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for port in ports:  # each replica serves (migrated, first lease round run)
+                for _ in range(600):
+                    with contextlib.suppress(aiohttp.ClientError):
+                        async with http.get(f"http://127.0.0.1:{port}/readyz") as resp:
+                            if resp.status == 200:
+                                break
+                    await asyncio.sleep(0.1)
+        async with Store(PgTarget(url)) as store:
+            await store.record_task_started(
+                task_id=task_id,
+                stream="bench",
+                spec_hash="h",
+                fps=1,
+                content_moderation=True,
+                logo_detection=False,
+                max_logos=5,
+                started_at=time.time(),
+            )
+        proxy = Proxy(ports)
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        for i in range(n):
+            queue.put_nowait(body(i, task_id))
+        async with proxy.running() as proxy_port:
+            target = f"http://127.0.0.1:{proxy_port}/callbacks/mavi/{SECRET}"
+            connector = aiohttp.TCPConnector(limit=concurrency)
+            async with aiohttp.ClientSession(connector=connector) as session:
+
+                async def worker() -> None:
+                    while not queue.empty():
+                        data = queue.get_nowait()
+                        async with session.post(target, data=data) as resp:
+                            if resp.status != 200:
+                                raise RuntimeError(f"callback answered {resp.status}")
+
+                started = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+                elapsed = time.perf_counter() - started
+        async with Store(PgTarget(url)) as store:
+            stored = await store.segment_count(task_id=task_id)
+        if stored != n:
+            raise RuntimeError(f"stored {stored} of {n}")
+        return n / elapsed
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            await proc.wait()
+
+
+def report(args: argparse.Namespace, fig: Figures) -> int:
+    twice = {u: n for u, n in fig.starts.items() if n > 1}
+    print(f"replicas: {args.replicas}, streams: {args.streams}, seconds: {args.seconds}")
+    print(f"kills (SIGKILL, then restarted): {fig.kills}")
+    print(f"callbacks acknowledged by the emulator: {fig.acknowledged}, stored: {fig.stored}")
+    print(f"streams started: {len(fig.starts)}, started more than once: {len(twice)} {twice or ''}")
+    print(
+        f"ledger: {fig.ledger} ticks (+ {fig.orphan_estimates} estimated for orphans),"
+        f" emulator charged: {fig.charged} ticks"
+    )
+    print(f"longest time a stream had no valid lease: {fig.longest_unowned:.2f} s")
+    print(
+        f"longest from a kill until all its streams had a new owner: {fig.longest_adoption:.2f} s"
+        f" (lease_seconds = {args.lease_seconds:g})"
+    )
+    print("OK" if fig.ok else "MISMATCH")
+    return 0 if fig.ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--replicas", type=int, default=3)
+    p.add_argument("--streams", type=int, default=50)
+    p.add_argument("--seconds", type=float, default=120)
+    p.add_argument("--kill-every", default="10:20", help="seconds between kills, lo:hi")
+    p.add_argument("--settle", type=float, default=5, help="seconds before the first kill")
+    p.add_argument("--lease-seconds", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=17)
+    p.add_argument("--storage", help="postgresql://… of an empty database")
+    p.add_argument("--throughput", type=int, metavar="N", help="measure callbacks/s instead")
+    p.add_argument("--concurrency", type=int, default=64)
+    return p
+
+
+async def measure(args: argparse.Namespace, url: str, work: Path) -> int:
+    if not args.throughput:
+        return report(args, await run(args, url, work))
+    one = await throughput(url, 1, args.throughput, args.concurrency, work)
+    many = await throughput(url, args.replicas, args.throughput, args.concurrency, work)
+    print(
+        f"callbacks/s through the proxy, {args.throughput} callbacks, {args.concurrency} in flight:"
+    )
+    print(f"  1 replica: {one:.0f}   {args.replicas} replicas: {many:.0f}   ratio {many / one:.2f}")
+    return 0
+
+
+async def main() -> int:
+    args = parser().parse_args()
+    with tempfile.TemporaryDirectory(prefix="streamwatch-cluster-") as tmp:
+        if args.storage:
+            return await measure(args, args.storage, Path(tmp))
+        from tests import pg  # a throwaway cluster, as the tests make theirs
+
+        cluster = pg.Cluster(free_port())
+        cluster.start()
+        try:
+            url = cluster.url(cluster.new_database())
+            return await measure(args, url, Path(tmp))
+        finally:
+            cluster.stop("immediate")
+            cluster.remove()
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
