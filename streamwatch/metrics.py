@@ -76,6 +76,11 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        # The children a stored callback counts, looked up once (labels() is a lock and a
+        # dict lookup per call, on every callback).
+        self._callback_outcomes = {
+            kind: self.callbacks.labels(kind) for kind in ("stored", "duplicate", "orphan")
+        }
         self.callbacks_rejected = Counter(
             "streamwatch_callbacks_rejected",
             "MAVI callbacks refused, by reason: secret, too_large, unreadable, encoding, json,"
@@ -198,7 +203,7 @@ class Metrics:
 
     def callback(self, outcome: CallbackOutcome) -> None:
         """Count a stored callback and what it reported."""
-        self.callbacks.labels(outcome.kind).inc()
+        self._callback_outcomes[outcome.kind].inc()
         cb, stream = outcome.callback, outcome.stream
         if outcome.kind != "stored" or stream is None:
             return
