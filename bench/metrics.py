@@ -9,7 +9,7 @@ and series count, and the ratios large/baseline. A benchmark, not a test: it ass
 about time.
 
     python -m bench.metrics [--streams 1000] [--baseline 10] [--scrapes 20] [--settle 600]
-    python -m bench.metrics --synthetic --streams 10000 [--scrapes 20]
+    python -m bench.metrics --synthetic --streams 10000 [--scrapes 20] [--changed 1.0]
 """
 
 from __future__ import annotations
@@ -169,10 +169,11 @@ async def scrape_all(app: App, n: int, scrapes: int, settle: float) -> Scrape:
     )
 
 
-def synthetic(n: int, scrapes: int) -> None:
+def synthetic(n: int, scrapes: int, changed: float) -> None:
     """Rendering alone for `n` streams that all run and report, from a snapshot made here
-    (no emulator: on a small machine, one cannot feed 10,000 streams): the per-stream
-    families, the page, and gzip as the server does it."""
+    (no emulator): the per-stream families, the page, and gzip as the server does it. Before
+    each scrape, the counts of a `changed` share of the streams move on (1: every stream sent
+    a segment since the last scrape, as at Prometheus' 15 s with a segment every 5 s)."""
     text = config(n, Path("/nonexistent/state.db"), 0, "http://127.0.0.1:9")
     cfg = parse_config(text, environ=ENV)
     registry = CollectorRegistry()
@@ -189,8 +190,18 @@ def synthetic(n: int, scrapes: int) -> None:
         snap.all_time_ticks[spec.name] = 8 * (700 + i)
         metrics.tokens[spec.name] = [1200 * i, 40 * i, 1100 * i, 140 * i]
     collector.snapshot = snap
+    collector.stream_families(metrics.tokens)  # the first scrape renders every line
+    moving = [spec.name for spec in cfg.streams[: int(n * changed)]]
     timings = []
     for _ in range(scrapes):
+        for name in moving:
+            t = snap.totals[name]
+            snap.totals[name] = StreamTotals(
+                t.tasks, t.segments + 1, t.unsafe_segments, t.logo_segments,
+                t.failed_segments, now,
+            )  # fmt: skip
+            snap.all_time_ticks[name] += 8
+            metrics.tokens[name][0] += 1200
         started = time.perf_counter()
         families = collector.stream_families(metrics.tokens)
         made = time.perf_counter()
@@ -201,7 +212,8 @@ def synthetic(n: int, scrapes: int) -> None:
     series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
     fam, page, gz = (statistics.median(t[k] for t in timings) for k in range(3))
     print(
-        f"synthetic {n} streams: per-stream series {fam * 1000:.0f} ms, page "
+        f"synthetic {n} streams, {changed:.0%} changed a scrape: per-stream series "
+        f"{fam * 1000:.0f} ms, page "
         f"{page * 1000:.0f} ms, gzip {gz * 1000:.0f} ms (medians of {scrapes}); "
         f"{len(body) / 2**20:.1f} MiB, {len(packed) / 2**20:.2f} MiB gzipped, {series} series"
     )
@@ -223,11 +235,17 @@ async def main() -> None:
         action="store_true",
         help="time rendering alone from a made-up snapshot of --streams streams (no emulator)",
     )
+    parser.add_argument(
+        "--changed",
+        type=float,
+        default=1.0,
+        help="--synthetic: the share of streams whose counts change between scrapes",
+    )
     args = parser.parse_args()
     configure_logging(level="error")
     disable_created_metrics()  # as `streamwatch run` does
     if args.synthetic:
-        synthetic(args.streams, args.scrapes)
+        synthetic(args.streams, args.scrapes, args.changed)
         return
     with tempfile.TemporaryDirectory() as tmp:
         base = await measure(args.baseline, args.scrapes, Path(tmp), args.settle)
