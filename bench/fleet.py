@@ -237,6 +237,14 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
                     took, sums = await scrape(session, metrics_url)
                     scrapes.append(took)
                     next_scrape = now + args.scrape_every
+                    print(
+                        f"  {now - t0:5.0f} s: scrape {took * 1000:.0f} ms, RSS "
+                        f"{rss[-1] / 2**20:.0f} MiB, stalls "
+                        f"{events.get('supervisor.stream_stalled', 0) - stalls_before}, starts "
+                        f"{events.get('supervisor.task_started', 0) - starts_before}, "
+                        f"{sums.get('streamwatch_stream_segments_total', 0):.0f} segments stored",
+                        flush=True,
+                    )
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
             cpu = (cpu_seconds(daemon.pid) - cpu0) / (time.monotonic() - t0)
             stalls = events.get("supervisor.stream_stalled", 0) - stalls_before
