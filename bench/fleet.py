@@ -150,6 +150,10 @@ class Front:
                     self.owner[task_id] = which
             return web.Response(body=answer, status=resp.status, content_type=resp.content_type)
 
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
     async def state(self) -> dict[str, object]:
         """The emulators' `/_emulator/state`, added up: their tasks, and the deliveries."""
         assert self.session is not None
@@ -258,8 +262,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
         for emulator in emulators:
             emulator.terminate()
             await emulator.wait()
-        if front.session is not None:
-            await front.session.close()
+        await front.close()
         await front_runner.cleanup()
     tasks = state["tasks"]
     assert isinstance(tasks, list)

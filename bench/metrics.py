@@ -1,12 +1,15 @@
 """How long a /metrics scrape takes with many streams, against a small baseline.
 
-Runs the daemon twice in this process — a baseline fleet and a large one — against the
-emulator in a process of its own (`streamwatch emulator`, a segment every 5 seconds per
-stream, as MAVI), lets segments flow so that every per-stream series exists, then times
-rendering alone and repeated scrapes over HTTP, plain and as Prometheus scrapes (OpenMetrics,
-gzip) while the callbacks keep arriving. Prints the median and worst scrape, the payload size
-and series count, and the ratios large/baseline. A benchmark, not a test: it asserts nothing
-about time.
+Runs the daemon twice in this process — a baseline fleet and a large one — against
+emulators in processes of their own (`streamwatch emulator`, one per 2,500 streams behind
+bench.fleet's front, a segment every 5 seconds per stream, as MAVI), lets segments flow so
+that every per-stream series exists, then times rendering alone and repeated scrapes over
+HTTP, plain and as Prometheus scrapes (OpenMetrics, gzip) while the callbacks keep arriving.
+Prints the median and worst scrape, the payload size and series count, and the ratios
+large/baseline. The scrapes follow each other closely: between two, only the streams that
+sent a segment meanwhile are rendered again (at Prometheus' 15 s, every stream has: see
+`--synthetic --changed 1` and bench.fleet's scrapes). A benchmark, not a test: it asserts
+nothing about time.
 
     python -m bench.metrics [--streams 1000] [--baseline 10] [--scrapes 20] [--settle 600]
     python -m bench.metrics --synthetic --streams 10000 [--scrapes 20] [--changed 1.0]
@@ -20,7 +23,6 @@ import contextlib
 import gzip
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
+from bench.fleet import Front, start_emulator
 from streamwatch.app import App
 from streamwatch.config import parse_config
 from streamwatch.ledger import Spending
@@ -93,19 +96,16 @@ class Scrape:
 
 
 async def measure(n: int, scrapes: int, workdir: Path, settle: float) -> Scrape:
-    # The emulator in a process of its own, at MAVI's rate: n / 5 callbacks a second keep
-    # arriving while the page is scraped (in this process it would take the daemon's CPU).
+    # The emulators in processes of their own (one per 2,500 streams, behind bench.fleet's
+    # front), at MAVI's rate: n / 5 callbacks a second keep arriving while the page is
+    # scraped (in this process they would take the daemon's CPU).
     port = free_port()
-    emulator = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streamwatch", "emulator", "--listen", "127.0.0.1:0",
-        "--balance-usd", "100000000", "--webhook",
-        f"http://127.0.0.1:{port}/callbacks/mavi/{ENV['SECRET']}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert emulator.stdout is not None
-    base_url = (await emulator.stdout.readline()).decode().split("=", 1)[1].strip()
+    webhook = f"http://127.0.0.1:{port}/callbacks/mavi/{ENV['SECRET']}"
+    started = [await start_emulator(webhook) for _ in range(max(1, -(-n // 2500)))]
+    front = Front([base for _, base in started])
+    front_runner = await front.start()
     app = App(
-        parse_config(config(n, workdir / f"m{n}.db", port, base_url), environ=ENV), environ=ENV
+        parse_config(config(n, workdir / f"m{n}.db", port, front.url), environ=ENV), environ=ENV
     )
     serving = asyncio.create_task(app.serve())
     try:
@@ -113,8 +113,11 @@ async def measure(n: int, scrapes: int, workdir: Path, settle: float) -> Scrape:
     finally:
         app.request_stop()
         await serving
-        emulator.terminate()
-        await emulator.wait()
+        for emulator, _ in started:
+            emulator.terminate()
+            await emulator.wait()
+        await front.close()
+        await front_runner.cleanup()
 
 
 async def scrape_all(app: App, n: int, scrapes: int, settle: float) -> Scrape:
