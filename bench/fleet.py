@@ -82,9 +82,12 @@ def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
-async def lines(stream: asyncio.StreamReader, counts: dict[str, int]) -> None:
-    """Count the daemon's log events by name (and throw the lines away)."""
+async def lines(stream: asyncio.StreamReader, counts: dict[str, int], keep: Path | None) -> None:
+    """Count the daemon's log events by name (and keep the lines in `keep`, if given)."""
+    out = keep.open("ab") if keep is not None else None
     while line := await stream.readline():
+        if out is not None:
+            out.write(line)
         try:
             event = json.loads(line).get("event", "")
         except ValueError:
@@ -207,7 +210,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
     )  # fmt: skip
     assert daemon.stderr is not None
     events: dict[str, int] = {}
-    reader = asyncio.create_task(lines(daemon.stderr, events))
+    reader = asyncio.create_task(lines(daemon.stderr, events, args.daemon_log))
     metrics_url = f"http://127.0.0.1:{port}/metrics"
     scrapes: list[float] = []
     rss: list[int] = []
@@ -296,6 +299,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--scrape-every", type=float, default=15.0)
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
+    parser.add_argument("--daemon-log", type=Path, help="keep the daemon's log lines in this file")
     parser.add_argument(
         "--emulators",
         type=int,
