@@ -5,16 +5,19 @@ Starts, in this process, two servers on loopback:
   receiver cannot be faster than);
 - the daemon: the real server and store (SQLite, `synchronous=FULL`, acknowledged only after
   commit), with one configured stream whose task it started on the built-in emulator (whose
-  own segments are 5 minutes apart, so that only the load generator posts).
+  own segments are 5 minutes apart, so that only the load generator posts);
+- with `--store postgresql`, a second daemon beside it, its state in PostgreSQL: a throwaway
+  cluster (tests/pg.py's, with fsync and full-page writes on, `synchronous_commit` on) or the
+  empty database of `--pg-url`.
 
-Then drives both, alternately, from a load generator in its own process: wrk (`-t1`, a Lua
+Then drives them, in turn, from a load generator in its own process: wrk (`-t1`, a Lua
 script giving every request a new segment index of the stream's task) when it is installed,
 else `bench.loadgen`. Prints callbacks/s, p50 and p99 of each run and the medians, and the
-ratio daemon/bare. Then the fixed-rate mode: `bench.loadgen --rate` (wrk2 is not packaged
+ratio of each daemon to bare. Then the fixed-rate mode: `bench.loadgen --rate` (wrk2 is not packaged
 here) posts `--rate` callbacks/s to each server and prints the p99 acknowledgement, counted
 from when each callback was due. Last, it checks that every acknowledged segment is stored.
 
-Both servers run on the same event loop (`--loop`; `auto` is what `streamwatch run` picks:
+All servers run on the same event loop (`--loop`; `auto` is what `streamwatch run` picks:
 uvloop when installed), so the ratio compares handlers, not loops.
 
 A benchmark, not a test: it asserts nothing about time. Figures on a shared 2-core machine are
@@ -22,23 +25,27 @@ noisy: compare the daemon with the bare handler of the same run, and look at the
 
     python -m bench.ingest [--seconds 8] [--connections 32] [--runs 3] [--rate 1000]
                            [--loop auto|asyncio|uvloop] [--generator auto|wrk|python]
+                           [--store sqlite|postgresql] [--pg-url postgresql://...]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import disable_created_metrics
 
+from bench.cluster import free_port
 from bench.payload import wrk_script
 from streamwatch.app import App
 from streamwatch.config import parse_config
@@ -72,7 +79,7 @@ segment_seconds = 300
 [server]
 listen = "127.0.0.1:0"
 [storage]
-path = "{db}"
+{storage}
 [emulator]
 balance_usd = "1000000"
 [logging]
@@ -142,7 +149,49 @@ def show(label: str, r: Result) -> None:
     )
 
 
-async def bench(args: argparse.Namespace, workdir: Path) -> None:
+class Daemon:
+    """One daemon under test: its app, the bench stream's task, its callback URL."""
+
+    def __init__(self, label: str, app: App, serving: asyncio.Task[None]) -> None:
+        self.label = label
+        self.app = app
+        self.serving = serving
+        self.task_id = ""
+        self.url = ""
+        self.runs: list[Result] = []
+        self.fixed: Result | None = None
+        self.acknowledged = 0
+
+    @classmethod
+    async def start(cls, label: str, storage: str) -> Daemon:
+        config = parse_config(DAEMON_CONFIG.format(storage=storage), environ={})
+        app = App(config, environ={})
+        daemon = cls(label, app, asyncio.create_task(app.serve()))
+        await app.started.wait()
+        sup = app.supervisor
+        assert sup is not None
+        assert app.server is not None
+        try:
+            async with asyncio.timeout(30):
+                await sup.wait_until(lambda: getattr(sup.streams.get("bench"), "task_id", None))
+        except TimeoutError:
+            await daemon.stop()
+            raise SystemExit(f"the bench stream did not start ({label})") from None
+        task_id = sup.streams["bench"].task_id
+        assert task_id is not None
+        daemon.task_id = task_id
+        daemon.url = app.server.callback_url()
+        return daemon
+
+    async def stop(self) -> None:
+        self.app.request_stop()
+        await self.serving
+
+    def count(self, r: Result) -> None:
+        self.acknowledged += int(r["requests"] - r["errors"])
+
+
+async def bench(args: argparse.Namespace, workdir: Path, pg_url: str | None) -> None:
     generator = args.generator
     if generator == "auto":
         generator = "wrk" if shutil.which("wrk") else "python"
@@ -153,30 +202,13 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
         flush=True,
     )
     bare_runner, bare_url = await bare_server()
-    config = parse_config(DAEMON_CONFIG.format(db=workdir / "ingest.db"), environ={})
-    app = App(config, environ={})
-    serving = asyncio.create_task(app.serve())
-    await app.started.wait()
-    assert app.supervisor is not None
-    assert app.server is not None
-    assert app.store is not None
-    sup = app.supervisor
-    try:
-        async with asyncio.timeout(30):
-            await sup.wait_until(lambda: getattr(sup.streams.get("bench"), "task_id", None))
-    except TimeoutError:
-        app.request_stop()
-        await serving
-        raise SystemExit("the bench stream did not start") from None
-    task_id = sup.streams["bench"].task_id
-    assert task_id is not None
-    daemon_url = app.server.callback_url()
-    first = 1  # the emulator's own first segment (in 5 minutes) is index 0
+    daemons = [await Daemon.start("sqlite", f'path = "{workdir / "ingest.db"}"')]
+    if pg_url is not None:
+        daemons.append(await Daemon.start("postgres", f'url = "{pg_url}"'))
     bare: list[Result] = []
-    daemon: list[Result] = []
-    acknowledged = 0
+    first = 1  # the emulator's own first segment (in 5 minutes) is index 0
 
-    async def one_run(url: str, rate: float | None) -> Result:
+    async def one_run(url: str, task_id: str, rate: float | None) -> Result:
         nonlocal first
         r = await drive(
             url,
@@ -190,52 +222,77 @@ async def bench(args: argparse.Namespace, workdir: Path) -> None:
         first += 1_000_000  # more than one run sends
         return r
 
+    fixed_bare: Result | None = None
+    stored: dict[str, int] = {}
     try:
         print("throughput (closed loop):", flush=True)
         for _ in range(args.runs):
-            bare.append(await one_run(bare_url, None))
+            bare.append(await one_run(bare_url, "bench-task", None))
             show("bare", bare[-1])
-            daemon.append(await one_run(daemon_url, None))
-            show("daemon", daemon[-1])
-            acknowledged += int(daemon[-1]["requests"] - daemon[-1]["errors"])
-        fixed: dict[str, Result] = {}
+            for d in daemons:
+                d.runs.append(await one_run(d.url, d.task_id, None))
+                show(d.label, d.runs[-1])
+                d.count(d.runs[-1])
         if args.rate:
             print(
                 f"fixed rate, {args.rate:g} callbacks/s for {args.rate_seconds:g} s "
                 "(latency from when each was due):",
                 flush=True,
             )
-            for label, url in (("bare", bare_url), ("daemon", daemon_url)):
-                fixed[label] = await one_run(url, args.rate)
-                show(label, fixed[label])
-            acknowledged += int(fixed["daemon"]["requests"] - fixed["daemon"]["errors"])
-        stored = await app.store.segment_count(task_id=task_id)
+            fixed_bare = await one_run(bare_url, "bench-task", args.rate)
+            show("bare", fixed_bare)
+            for d in daemons:
+                d.fixed = await one_run(d.url, d.task_id, args.rate)
+                show(d.label, d.fixed)
+                d.count(d.fixed)
+        for d in daemons:
+            assert d.app.store is not None
+            stored[d.label] = await d.app.store.segment_count(task_id=d.task_id)
     finally:
-        app.request_stop()
-        await serving
+        for d in daemons:
+            await d.stop()
         await bare_runner.cleanup()
 
     def rate_of(r: Result) -> float:
         return r["requests"] / r["seconds"]
 
     b = statistics.median(rate_of(r) for r in bare)
-    d = statistics.median(rate_of(r) for r in daemon)
     print("medians:")
-    for label, rs, rate in (("bare", bare, b), ("daemon", daemon, d)):
+    for label, rs in (("bare", bare), *((d.label, d.runs) for d in daemons)):
         print(
-            f"  {label:<7} {rate:8.0f} callbacks/s   p50 "
+            f"  {label:<8} {statistics.median(rate_of(r) for r in rs):8.0f} callbacks/s   p50 "
             f"{statistics.median(r['p50_ms'] for r in rs):6.2f} ms   p99 "
             f"{statistics.median(r['p99_ms'] for r in rs):6.2f} ms"
         )
-    print(f"ratio daemon/bare: {d / b:.2f}x")
-    if fixed:
+    for d in daemons:
+        print(f"ratio {d.label}/bare: {statistics.median(rate_of(r) for r in d.runs) / b:.2f}x")
+    if fixed_bare is not None:
         print(
-            f"fixed rate p99 acknowledgement: daemon {fixed['daemon']['p99_ms']:.2f} ms, "
-            f"bare {fixed['bare']['p99_ms']:.2f} ms"
+            "fixed rate p99 acknowledgement: "
+            + ", ".join(f"{d.label} {d.fixed['p99_ms']:.2f} ms" for d in daemons if d.fixed)
+            + f", bare {fixed_bare['p99_ms']:.2f} ms"
         )
-    print(f"stored {stored} segments of {acknowledged} acknowledged")
-    if stored < acknowledged:
+    missing = False
+    for d in daemons:
+        print(f"{d.label}: stored {stored[d.label]} segments of {d.acknowledged} acknowledged")
+        missing = missing or stored[d.label] < d.acknowledged
+    if missing:
         raise SystemExit("acknowledged segments are missing from the store")
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[str]:
+    """A PostgreSQL cluster of its own (tests/pg.py's, Debian's binaries), durable as a real
+    one (fsync and full-page writes on, unlike the tests'), removed afterwards; its URL."""
+    from tests import pg  # the benchmarks run from a checkout, as bench/cluster.py does
+
+    cluster = pg.Cluster(free_port(), durable=True)
+    cluster.start()
+    try:
+        yield cluster.url(cluster.new_database())
+    finally:
+        cluster.stop("immediate")
+        cluster.remove()
 
 
 def main() -> None:
@@ -252,6 +309,16 @@ def main() -> None:
         help="auto: the loop `streamwatch run` uses (uvloop when installed)",
     )
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="postgresql: a daemon on PostgreSQL too, beside the one on SQLite",
+    )
+    parser.add_argument(
+        "--pg-url",
+        help="postgresql://... of an empty database (default: a throwaway cluster, fsync on)",
+    )
     args = parser.parse_args()
     # What a daemon logs at the default level, rendered as in production, thrown away.
     configure_logging(level="info", fmt="json", stream=open(os.devnull, "w"))  # noqa: SIM115
@@ -259,7 +326,13 @@ def main() -> None:
 
     async def go() -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            await bench(args, Path(tmp))
+            if args.store == "sqlite":
+                await bench(args, Path(tmp), None)
+            elif args.pg_url:
+                await bench(args, Path(tmp), args.pg_url)
+            else:
+                with throwaway_cluster() as url:
+                    await bench(args, Path(tmp), url)
 
     environ = {} if args.loop == "auto" else {ENV: args.loop}
     run(go(), environ=environ)

@@ -1,15 +1,18 @@
 """How long a /metrics scrape takes with many streams, against a small baseline.
 
-Runs the daemon twice in this process — a baseline fleet and a large one — against the
-emulator in a process of its own (`streamwatch emulator`, a segment every 5 seconds per
-stream, as MAVI), lets segments flow so that every per-stream series exists, then times
-rendering alone and repeated scrapes over HTTP, plain and as Prometheus scrapes (OpenMetrics,
-gzip) while the callbacks keep arriving. Prints the median and worst scrape, the payload size
-and series count, and the ratios large/baseline. A benchmark, not a test: it asserts nothing
-about time.
+Runs the daemon twice in this process — a baseline fleet and a large one — against
+emulators in processes of their own (`streamwatch emulator`, one per 2,500 streams behind
+bench.fleet's front, a segment every 5 seconds per stream, as MAVI), lets segments flow so
+that every per-stream series exists, then times rendering alone and repeated scrapes over
+HTTP, plain and as Prometheus scrapes (OpenMetrics, gzip) while the callbacks keep arriving.
+Prints the median and worst scrape, the payload size and series count, and the ratios
+large/baseline. The scrapes follow each other closely: between two, only the streams that
+sent a segment meanwhile are rendered again (at Prometheus' 15 s, every stream has: see
+`--synthetic --changed 1` and bench.fleet's scrapes). A benchmark, not a test: it asserts
+nothing about time.
 
     python -m bench.metrics [--streams 1000] [--baseline 10] [--scrapes 20] [--settle 600]
-    python -m bench.metrics --synthetic --streams 10000 [--scrapes 20]
+    python -m bench.metrics --synthetic --streams 10000 [--scrapes 20] [--changed 1.0]
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import contextlib
 import gzip
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client import CollectorRegistry, disable_created_metrics
 
+from bench.fleet import Front, start_emulator
 from streamwatch.app import App
 from streamwatch.config import parse_config
 from streamwatch.ledger import Spending
@@ -93,19 +96,16 @@ class Scrape:
 
 
 async def measure(n: int, scrapes: int, workdir: Path, settle: float) -> Scrape:
-    # The emulator in a process of its own, at MAVI's rate: n / 5 callbacks a second keep
-    # arriving while the page is scraped (in this process it would take the daemon's CPU).
+    # The emulators in processes of their own (one per 2,500 streams, behind bench.fleet's
+    # front), at MAVI's rate: n / 5 callbacks a second keep arriving while the page is
+    # scraped (in this process they would take the daemon's CPU).
     port = free_port()
-    emulator = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "streamwatch", "emulator", "--listen", "127.0.0.1:0",
-        "--balance-usd", "100000000", "--webhook",
-        f"http://127.0.0.1:{port}/callbacks/mavi/{ENV['SECRET']}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
-    assert emulator.stdout is not None
-    base_url = (await emulator.stdout.readline()).decode().split("=", 1)[1].strip()
+    webhook = f"http://127.0.0.1:{port}/callbacks/mavi/{ENV['SECRET']}"
+    started = [await start_emulator(webhook) for _ in range(max(1, -(-n // 2500)))]
+    front = Front([base for _, base in started])
+    front_runner = await front.start()
     app = App(
-        parse_config(config(n, workdir / f"m{n}.db", port, base_url), environ=ENV), environ=ENV
+        parse_config(config(n, workdir / f"m{n}.db", port, front.url), environ=ENV), environ=ENV
     )
     serving = asyncio.create_task(app.serve())
     try:
@@ -113,8 +113,11 @@ async def measure(n: int, scrapes: int, workdir: Path, settle: float) -> Scrape:
     finally:
         app.request_stop()
         await serving
-        emulator.terminate()
-        await emulator.wait()
+        for emulator, _ in started:
+            emulator.terminate()
+            await emulator.wait()
+        await front.close()
+        await front_runner.cleanup()
 
 
 async def scrape_all(app: App, n: int, scrapes: int, settle: float) -> Scrape:
@@ -169,10 +172,11 @@ async def scrape_all(app: App, n: int, scrapes: int, settle: float) -> Scrape:
     )
 
 
-def synthetic(n: int, scrapes: int) -> None:
+def synthetic(n: int, scrapes: int, changed: float) -> None:
     """Rendering alone for `n` streams that all run and report, from a snapshot made here
-    (no emulator: on a small machine, one cannot feed 10,000 streams): the per-stream
-    families, the page, and gzip as the server does it."""
+    (no emulator): the per-stream families, the page, and gzip as the server does it. Before
+    each scrape, the counts of a `changed` share of the streams move on (1: every stream sent
+    a segment since the last scrape, as at Prometheus' 15 s with a segment every 5 s)."""
     text = config(n, Path("/nonexistent/state.db"), 0, "http://127.0.0.1:9")
     cfg = parse_config(text, environ=ENV)
     registry = CollectorRegistry()
@@ -189,8 +193,18 @@ def synthetic(n: int, scrapes: int) -> None:
         snap.all_time_ticks[spec.name] = 8 * (700 + i)
         metrics.tokens[spec.name] = [1200 * i, 40 * i, 1100 * i, 140 * i]
     collector.snapshot = snap
+    collector.stream_families(metrics.tokens)  # the first scrape renders every line
+    moving = [spec.name for spec in cfg.streams[: int(n * changed)]]
     timings = []
     for _ in range(scrapes):
+        for name in moving:
+            t = snap.totals[name]
+            snap.totals[name] = StreamTotals(
+                t.tasks, t.segments + 1, t.unsafe_segments, t.logo_segments,
+                t.failed_segments, now,
+            )  # fmt: skip
+            snap.all_time_ticks[name] += 8
+            metrics.tokens[name][0] += 1200
         started = time.perf_counter()
         families = collector.stream_families(metrics.tokens)
         made = time.perf_counter()
@@ -201,7 +215,8 @@ def synthetic(n: int, scrapes: int) -> None:
     series = sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
     fam, page, gz = (statistics.median(t[k] for t in timings) for k in range(3))
     print(
-        f"synthetic {n} streams: per-stream series {fam * 1000:.0f} ms, page "
+        f"synthetic {n} streams, {changed:.0%} changed a scrape: per-stream series "
+        f"{fam * 1000:.0f} ms, page "
         f"{page * 1000:.0f} ms, gzip {gz * 1000:.0f} ms (medians of {scrapes}); "
         f"{len(body) / 2**20:.1f} MiB, {len(packed) / 2**20:.2f} MiB gzipped, {series} series"
     )
@@ -223,11 +238,17 @@ async def main() -> None:
         action="store_true",
         help="time rendering alone from a made-up snapshot of --streams streams (no emulator)",
     )
+    parser.add_argument(
+        "--changed",
+        type=float,
+        default=1.0,
+        help="--synthetic: the share of streams whose counts change between scrapes",
+    )
     args = parser.parse_args()
     configure_logging(level="error")
     disable_created_metrics()  # as `streamwatch run` does
     if args.synthetic:
-        synthetic(args.streams, args.scrapes)
+        synthetic(args.streams, args.scrapes, args.changed)
         return
     with tempfile.TemporaryDirectory() as tmp:
         base = await measure(args.baseline, args.scrapes, Path(tmp), args.settle)

@@ -992,8 +992,13 @@ def _cmd_emulator(args: argparse.Namespace) -> int:
             await asyncio.Event().wait()
 
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve())
+        _, factory = loop_factory()  # as `run`: uvloop when installed (the callbacks it posts)
+    except EventLoopError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as r:
+            r.run(serve())
     except OSError as exc:  # the address is taken, or not ours to listen on
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

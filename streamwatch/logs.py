@@ -21,7 +21,7 @@ from structlog.tracebacks import ExceptionDictTransformer
 
 from streamwatch.redact import Redactor
 
-__all__ = ["REPEAT_SECONDS", "Throttle", "configure_logging", "scrub"]
+__all__ = ["REPEAT_SECONDS", "Throttle", "configure_logging", "enabled", "scrub"]
 
 # The same library line (or rate-limited daemon report) at most once per this many seconds.
 REPEAT_SECONDS = 60.0
@@ -124,6 +124,20 @@ def _without_locals(exc_info: Any) -> list[dict[str, Any]]:
         for frame in stack.get("frames", ()):
             frame.pop("locals", None)
     return stacks
+
+
+def enabled(level: int) -> bool:
+    """Would a line at `level` be logged, as structlog is configured now? For a hot path to
+    skip building a line the filtering logger would drop (each call through the module's
+    lazy logger binds a new one first). True when the logger does not say its level."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    effective = getattr(wrapper, "get_effective_level", None)
+    if effective is None:
+        return True
+    try:
+        return bool(level >= effective(None))
+    except Exception:  # noqa: BLE001 - a wrapper that needs a real instance: assume it logs
+        return True
 
 
 def configure_logging(

@@ -13,10 +13,11 @@ USD (`_usd`). Every name here is part of the README's metrics contract.
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,6 +39,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from streamwatch import __version__
+from streamwatch.config import StreamConfig
 from streamwatch.ledger import PERIODS, Spending, burn_ticks_per_second
 from streamwatch.mavi.callbacks import SegmentReport, StreamEnded
 from streamwatch.pricing import TICKS_PER_USD
@@ -76,6 +78,11 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        # The children a stored callback counts, looked up once (labels() is a lock and a
+        # dict lookup per call, on every callback).
+        self._callback_outcomes = {
+            kind: self.callbacks.labels(kind) for kind in ("stored", "duplicate", "orphan")
+        }
         self.callbacks_rejected = Counter(
             "streamwatch_callbacks_rejected",
             "MAVI callbacks refused, by reason: secret, too_large, unreadable, encoding, json,"
@@ -198,7 +205,7 @@ class Metrics:
 
     def callback(self, outcome: CallbackOutcome) -> None:
         """Count a stored callback and what it reported."""
-        self.callbacks.labels(outcome.kind).inc()
+        self._callback_outcomes[outcome.kind].inc()
         cb, stream = outcome.callback, outcome.stream
         if outcome.kind != "stored" or stream is None:
             return
@@ -352,10 +359,23 @@ def _escape(value: str) -> str:
 
 
 def _number(value: float) -> str:
-    """As prometheus_client writes a value (`floatToGoString`: `1.0`, `1.5e+06`), with a
-    fast path for the small whole numbers most per-stream series hold."""
-    if type(value) is int and -1_000_000 < value < 1_000_000:
-        return f"{value}.0"
+    """As prometheus_client writes a value (`floatToGoString`: `1.0`, `1.5e+06`), with fast
+    paths for whole numbers and finite floats (most per-stream series; the general one was a
+    fifth of rendering a large fleet's page)."""
+    if type(value) is int:
+        if -1_000_000 < value < 1_000_000:
+            return f"{value}.0"
+        if 0 < value < 2**53:  # exact as a float: Go's exponent form of its digits
+            digits = str(value)
+            mantissa = f"{digits[0]}.{digits[1:]}".rstrip("0").rstrip(".")
+            return f"{mantissa}e+{len(digits) - 1:02d}"
+    elif type(value) is float and 0 < value < math.inf:
+        text = repr(value)
+        dot = text.find(".")
+        if dot > 6 and "e" not in text:
+            mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
+            return f"{mantissa}e+{dot - 1:02d}"
+        return text
     return str(floatToGoString(value))  # type: ignore[no-untyped-call]  # unannotated upstream
 
 
@@ -377,46 +397,6 @@ class StreamFamily:
         self.sample = name + "_total" if kind == "counter" else name
         self.lines: list[str] = []
 
-    def add(self, stream: str, values: Sequence[str], value: float) -> None:
-        extra = "".join(
-            f',{label}="{_escape(v)}"' for label, v in zip(self.labels, values, strict=True)
-        )
-        self.lines.append(f'{self.sample}{{stream="{_escape(stream)}"{extra}}} {_number(value)}\n')
-
-    def add_cached(
-        self,
-        cache: dict[tuple[str, str], tuple[object, str]],
-        stream: str,
-        key: object,
-        label_names: object,
-        value: float,
-    ) -> None:
-        """`add` (or `add_block` when `label_names` is None) through `cache`: the text is
-        made again only when `key` (the label values, or the state) or `label_names` changed.
-        The slow lines of a large fleet (many labels, ten states) change least."""
-        slot = (self.name, stream)
-        held = cache.get(slot)
-        if held is not None and held[0] == (key, label_names):
-            self.lines.append(held[1])
-            return
-        if label_names is None:
-            assert isinstance(key, str)
-            self.add_block(stream, key)
-        else:
-            assert isinstance(key, tuple)
-            self.add(stream, key, value)
-        cache[slot] = ((key, label_names), self.lines[-1])
-
-    def add_block(self, stream: str, state: str) -> None:
-        """The STATES of a stream (1 for `state`, 0 for the others) in one go."""
-        esc = _escape(stream)
-        self.lines.append(
-            "".join(
-                f'{self.sample}{{stream="{esc}",state="{s}"}} {1.0 if s == state else 0.0}\n'
-                for s in STATES
-            )
-        )
-
     def header(self, *, openmetrics: bool) -> str:
         name = self.name if openmetrics or self.kind == "gauge" else self.sample
         help_text = self.help.replace("\\", "\\\\").replace("\n", "\\n")
@@ -428,13 +408,91 @@ class StreamFamily:
         return self.header(openmetrics=openmetrics) + "".join(self.lines)
 
 
+def _stream_families(
+    info_labels: Sequence[str],
+) -> tuple[tuple[str, Literal["gauge", "counter"], str, Sequence[str]], ...]:
+    """The per-stream families, in the page's order: name, type, help, labels after
+    `stream`. Each stream's line of each is made by `StateCollector._settings_lines` or
+    `_counts_lines`, at the place `_FAMILY_PARTS` says."""
+    return (
+        ("streamwatch_stream_info", "gauge", _INFO_HELP, info_labels),
+        ("streamwatch_stream_state", "gauge", _STATE_HELP, ("state",)),
+        ("streamwatch_stream_up", "gauge", _UP_HELP, ()),
+        ("streamwatch_stream_restarts", "counter", _RESTARTS_HELP, ()),
+        ("streamwatch_stream_segments", "counter", "Segments processed and stored.", ()),
+        ("streamwatch_stream_unsafe_segments", "counter", _UNSAFE_HELP, ()),
+        ("streamwatch_stream_logo_segments", "counter", _LOGO_SEGMENTS_HELP, ()),
+        ("streamwatch_stream_segment_errors", "counter", _ERRORS_HELP, ()),
+        ("streamwatch_stream_last_segment_timestamp_seconds", "gauge", _LAST_HELP, ()),
+        ("streamwatch_stream_cost_usd", "counter", _COST_HELP, ()),
+        ("streamwatch_stream_burn_usd_per_hour", "gauge", _BURN_HELP, ()),
+        ("streamwatch_stream_probes", "counter", _PROBES_HELP, ("outcome",)),
+        ("streamwatch_stream_precharges_avoided", "counter", _AVOIDED_HELP, ()),
+        ("streamwatch_stream_precharges_avoided_usd", "counter", _SAVED_HELP, ()),
+        ("streamwatch_segment_tokens", "counter", _TOKENS_HELP, ("kind",)),
+    )
+
+
+# Where each family of `_stream_families` takes a stream's line from, in the stream's entry of
+# `StateCollector._streams`: (2, i) the i-th of its settings lines, (4, i) of its counts lines.
+_FAMILY_PARTS = (
+    (2, 0),  # info
+    (2, 1),  # state
+    (2, 2),  # up
+    (2, 3),  # restarts
+    (4, 0),  # segments
+    (4, 1),  # unsafe_segments
+    (4, 2),  # logo_segments
+    (4, 3),  # segment_errors
+    (4, 4),  # last_segment_timestamp_seconds
+    (4, 5),  # cost_usd
+    (2, 4),  # burn_usd_per_hour
+    (2, 5),  # probes
+    (2, 6),  # precharges_avoided
+    (2, 7),  # precharges_avoided_usd
+    (4, 6),  # segment_tokens
+)
+
+
+def _counts_lines(
+    name: str, total: StreamTotals | None, ticks: int, counts: Sequence[int] | None
+) -> tuple[str, ...]:
+    """One stream's lines of the families of `_stream_families` made of its counts (the
+    last seven, in that order; "" for a family it has no line in)."""
+    n = _number
+    labels = f'{{stream="{_escape(name)}"}} '
+    segments = unsafe = logo_segments = errors = last = token = ""
+    if total is not None:
+        segments = f"streamwatch_stream_segments_total{labels}{n(total.segments)}\n"
+        unsafe = f"streamwatch_stream_unsafe_segments_total{labels}{n(total.unsafe_segments)}\n"
+        logo_segments = f"streamwatch_stream_logo_segments_total{labels}{n(total.logo_segments)}\n"
+        errors = f"streamwatch_stream_segment_errors_total{labels}{n(total.failed_segments)}\n"
+        if total.last_callback_at is not None:
+            last = (
+                "streamwatch_stream_last_segment_timestamp_seconds"
+                f"{labels}{n(total.last_callback_at)}\n"
+            )
+    if counts is not None:
+        esc = _escape(name)
+        token = "".join(
+            f'streamwatch_segment_tokens_total{{stream="{esc}",kind="{kind}"}} {n(count)}\n'
+            for kind, count in zip(TOKEN_KINDS, counts, strict=True)
+            if count
+        )
+    cost = f"streamwatch_stream_cost_usd_total{labels}{n(_usd(ticks))}\n"
+    return (segments, unsafe, logo_segments, errors, last, cost, token)
+
+
 class StateCollector(Collector):
     """Series derived from a `Snapshot` taken at the start of each scrape."""
 
     def __init__(self, registry: CollectorRegistry, spending: Spending) -> None:
         self.snapshot = Snapshot()
-        # (family, stream) -> what the line was made of, and the line (StreamFamily.add_cached)
-        self._lines: dict[tuple[str, str], tuple[object, str]] = {}
+        # Each stream's lines from the last scrape (`stream_families`), with what they were
+        # made of: [view, settings, settings lines, counts, counts lines]; and the label keys
+        # they were made with.
+        self._streams: dict[str, list[Any]] = {}
+        self._keys: tuple[str, ...] = ()
         self.spending = spending
         registry.register(self)
 
@@ -457,111 +515,105 @@ class StateCollector(Collector):
     def stream_families(self, tokens: Mapping[str, Sequence[int]]) -> list[StreamFamily]:
         """The per-stream families of the current snapshot, with `tokens` (each stream's
         counts by TOKEN_KINDS): the bulk of a large fleet's page, rendered by `render_page`
-        rather than through prometheus_client (a tenth of the time at 10,000 streams)."""
+        rather than through prometheus_client (a tenth of the time at 10,000 streams).
+
+        Each stream's lines are kept from one scrape to the next with what they were made of
+        (its view, totals, ticks, tokens and settings): only the streams that changed since
+        are rendered again (at 10,000 streams, a scrape that found few changed took a fifth
+        of the time of rendering them all)."""
         snap = self.snapshot
         names = sorted(
             set(snap.streams) | set(snap.totals) | set(snap.all_time_ticks) | set(tokens)
         )
-        keys = sorted({k for v in snap.streams.values() for k in v.labels})
-        views, totals, ticks = snap.streams, snap.totals, snap.all_time_ticks
-        specs, segment_seconds = self.spending.specs, self.spending.segment_seconds
-        fam = StreamFamily
+        keys = tuple(sorted({k for v in snap.streams.values() for k in v.labels}))
         info_labels = ("fps", "content_moderation", "logo_detection", *(f"label_{k}" for k in keys))
-        info = fam("streamwatch_stream_info", "gauge", _INFO_HELP, info_labels)
-        state = fam("streamwatch_stream_state", "gauge", _STATE_HELP, ("state",))
-        up = fam("streamwatch_stream_up", "gauge", _UP_HELP)
-        restarts = fam("streamwatch_stream_restarts", "counter", _RESTARTS_HELP)
-        segments = fam("streamwatch_stream_segments", "counter", "Segments processed and stored.")
-        unsafe = fam("streamwatch_stream_unsafe_segments", "counter", _UNSAFE_HELP)
-        logo_segments = fam("streamwatch_stream_logo_segments", "counter", _LOGO_SEGMENTS_HELP)
-        errors = fam("streamwatch_stream_segment_errors", "counter", _ERRORS_HELP)
-        last = fam("streamwatch_stream_last_segment_timestamp_seconds", "gauge", _LAST_HELP)
-        cost = fam("streamwatch_stream_cost_usd", "counter", _COST_HELP)
-        burn = fam("streamwatch_stream_burn_usd_per_hour", "gauge", _BURN_HELP)
-        token = fam("streamwatch_segment_tokens", "counter", _TOKENS_HELP, ("kind",))
-        probes = fam("streamwatch_stream_probes", "counter", _PROBES_HELP, ("outcome",))
-        avoided = fam("streamwatch_stream_precharges_avoided", "counter", _AVOIDED_HELP)
-        saved = fam("streamwatch_stream_precharges_avoided_usd", "counter", _SAVED_HELP)
-        # One pass, one escaped label set per stream, lines appended as f-strings: at 10,000
-        # streams this loop makes a quarter of a million lines per scrape.
-        n = _number
-        up_l, restarts_l, burn_l = up.lines, restarts.lines, burn.lines
-        seg_l, unsafe_l, logo_l = segments.lines, unsafe.lines, logo_segments.lines
-        err_l, last_l, cost_l, token_l = errors.lines, last.lines, cost.lines, token.lines
+        views, totals, ticks = snap.streams, snap.totals, snap.all_time_ticks
+        specs = self.spending.specs
+        previous = self._streams if keys == self._keys else {}
+        kept: dict[str, list[Any]] = {}
+        blocks = []
         for name in names:
-            esc = _escape(name)
-            labels = f'{{stream="{esc}"}} '
-            view = views.get(name)
-            if view is not None:
-                settings = (
-                    str(view.fps or ""),
-                    str(view.content_moderation).lower(),
-                    str(view.logo_detection).lower(),
-                    *(view.labels.get(k, "") for k in keys),
-                )
-                info.add_cached(self._lines, name, settings, info_labels, 1)
-                state.add_cached(self._lines, name, view.state, None, 0)
-                up_l.append(
-                    f"streamwatch_stream_up{labels}{1.0 if view.state == 'running' else 0.0}\n"
-                )
-                restarts_l.append(f"streamwatch_stream_restarts_total{labels}{n(view.restarts)}\n")
-                spec = specs.get(name)
-                rate = (
-                    burn_ticks_per_second(spec, segment_seconds) * 3600
-                    if spec is not None and view.running
-                    else 0.0
-                )
-                burn_l.append(f"streamwatch_stream_burn_usd_per_hour{labels}{n(_usd(rate))}\n")
-                if view.preflight or view.probes:  # from zero, so that increase() sees the first
-                    for outcome in PROBE_OUTCOMES:
-                        probes.add(name, (outcome,), view.probes.get(outcome, 0))
-                    avoided.add(name, (), view.precharges_avoided)
-                    saved.add(name, (), _usd(view.ticks_saved))
-            total = totals.get(name)
-            if total is not None:
-                seg_l.append(f"streamwatch_stream_segments_total{labels}{n(total.segments)}\n")
-                unsafe_l.append(
-                    f"streamwatch_stream_unsafe_segments_total{labels}{n(total.unsafe_segments)}\n"
-                )
-                logo_l.append(
-                    f"streamwatch_stream_logo_segments_total{labels}{n(total.logo_segments)}\n"
-                )
-                err_l.append(
-                    f"streamwatch_stream_segment_errors_total{labels}{n(total.failed_segments)}\n"
-                )
-                if total.last_callback_at is not None:
-                    last_l.append(
-                        "streamwatch_stream_last_segment_timestamp_seconds"
-                        f"{labels}{n(total.last_callback_at)}\n"
-                    )
-            cost_l.append(
-                f"streamwatch_stream_cost_usd_total{labels}{n(_usd(ticks.get(name, 0)))}\n"
+            view, spec = views.get(name), specs.get(name)
+            total, tick, counts = totals.get(name), ticks.get(name, 0), tokens.get(name)
+            counted = (total, tick, tuple(counts) if counts else None)
+            held = previous.get(name)
+            if held is None:
+                settings = self._settings_lines(name, view, spec, keys)
+                held = [view, spec, settings, counted, _counts_lines(name, total, tick, counts)]
+            else:
+                if held[0] != view or held[1] is not spec:
+                    held[0:3] = view, spec, self._settings_lines(name, view, spec, keys)
+                if held[3] != counted:
+                    held[3:5] = counted, _counts_lines(name, total, tick, counts)
+            kept[name] = held
+            blocks.append(held)
+        self._streams, self._keys = kept, keys
+        families = [
+            StreamFamily(name, kind, help_text, labels)
+            for name, kind, help_text, labels in _stream_families(info_labels)
+        ]
+        for family, (part, i) in zip(families, _FAMILY_PARTS, strict=True):
+            body = "".join(block[part][i] for block in blocks)
+            if body:
+                family.lines.append(body)
+        return families
+
+    def _settings_lines(
+        self,
+        name: str,
+        view: StreamView | None,
+        spec: StreamConfig | None,
+        keys: Sequence[str],
+    ) -> tuple[str, ...]:
+        """One stream's lines of the families of `_stream_families` made of its view and
+        settings (the first eight, in that order; "" for a family it has no line in)."""
+        if view is None:
+            return ("",) * 8
+        n = _number
+        esc = _escape(name)
+        labels = f'{{stream="{esc}"}} '
+        settings = "".join(
+            f',{label}="{_escape(value)}"'
+            for label, value in (
+                ("fps", str(view.fps or "")),
+                ("content_moderation", str(view.content_moderation).lower()),
+                ("logo_detection", str(view.logo_detection).lower()),
+                *((f"label_{k}", view.labels.get(k, "")) for k in keys),
             )
-            counts = tokens.get(name)
-            if counts is not None:
-                for kind, count in zip(TOKEN_KINDS, counts, strict=True):
-                    if count:
-                        token_l.append(
-                            f'streamwatch_segment_tokens_total{{stream="{esc}",kind="{kind}"}}'
-                            f" {n(count)}\n"
-                        )
-        return [
-            info,
-            state,
-            up,
-            restarts,
-            segments,
-            unsafe,
-            logo_segments,
-            errors,
-            last,
-            cost,
-            burn,
+        )
+        rate = (
+            burn_ticks_per_second(spec, self.spending.segment_seconds) * 3600
+            if spec is not None and view.running
+            else 0.0
+        )
+        probes = avoided = saved = ""
+        if view.preflight or view.probes:  # from zero, so that increase() sees the first
+            probes = "".join(
+                f'streamwatch_stream_probes_total{{stream="{esc}",outcome="{outcome}"}}'
+                f" {n(view.probes.get(outcome, 0))}\n"
+                for outcome in PROBE_OUTCOMES
+            )
+            avoided = (
+                f"streamwatch_stream_precharges_avoided_total{labels}{n(view.precharges_avoided)}\n"
+            )
+            saved = (
+                f"streamwatch_stream_precharges_avoided_usd_total{labels}"
+                f"{n(_usd(view.ticks_saved))}\n"
+            )
+        return (
+            f'streamwatch_stream_info{{stream="{esc}"{settings}}} 1.0\n',
+            "".join(
+                f'streamwatch_stream_state{{stream="{esc}",state="{s}"}}'
+                f" {1.0 if s == view.state else 0.0}\n"
+                for s in STATES
+            ),
+            f"streamwatch_stream_up{labels}{1.0 if view.state == 'running' else 0.0}\n",
+            f"streamwatch_stream_restarts_total{labels}{n(view.restarts)}\n",
+            f"streamwatch_stream_burn_usd_per_hour{labels}{n(_usd(rate))}\n",
             probes,
             avoided,
             saved,
-            token,
-        ]
+        )
 
     def _account(self, snap: Snapshot) -> Iterator[Metric]:
         spend = GaugeMetricFamily(

@@ -37,7 +37,7 @@ from streamwatch.config import Config
 from streamwatch.evidence import Evidence
 from streamwatch.guard import ConnectionGuard, effective_limit, listen_backlog
 from streamwatch.http import BadBody, bind, close_runner, local_url, read_json
-from streamwatch.logs import Throttle
+from streamwatch.logs import Throttle, enabled
 from streamwatch.mavi.callbacks import CallbackError, SegmentReport, decode_body, parse_callback
 from streamwatch.metrics import Metrics, StateCollector, render_page
 from streamwatch.status import build_status, snapshot
@@ -457,8 +457,10 @@ def _log_outcome(outcome: CallbackOutcome) -> None:
             write = log.warning
         elif callback.logos or callback.has_logo:
             write = log.info
-        else:
+        elif enabled(logging.DEBUG):
             write = log.debug
+        else:
+            return
         write(
             "segment.stored",
             stream=outcome.stream,

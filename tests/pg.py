@@ -64,8 +64,11 @@ def in_thread(coro: Coroutine[Any, Any, T]) -> T:
 class Cluster:
     """One cluster per test session; `new_database()` gives each test an empty database."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, durable: bool = False) -> None:
+        """`durable`: fsync and full-page writes on, as a real server runs (for benchmarks;
+        the tests' cluster skips them)."""
         self.port = port
+        self.durable = durable
         self.dir = Path(tempfile.mkdtemp(prefix="streamwatch-pg-"))
         self.data = self.dir / "data"
         self._user: str | None = None
@@ -111,8 +114,8 @@ class Cluster:
             "-l",
             str(self.dir / "log"),
             "-o",
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-            " -c full_page_writes=off -c max_connections=200",
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+            + ("" if self.durable else " -c fsync=off -c full_page_writes=off"),
             "start",
         )
 

@@ -3,6 +3,7 @@ outbox rows and the rule state, which therefore survives restarts; orphans are b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Mapping
@@ -308,3 +309,46 @@ async def test_a_source_offline_alert_opens_once_and_resolves_when_the_source_is
         ("source_offline", False, "warning"),
         ("source_offline", True, "info"),
     ]
+
+
+async def test_a_batch_with_a_failing_operation_is_applied_again_with_its_alerts_once(
+    tmp_path: Path,
+):
+    """A batch commits without a savepoint per operation; when one operation fails, the
+    batch is rolled back and applied again a savepoint per operation: the failing one alone is
+    refused, and its batch-mates' segments, streaks and alerts are stored once, not twice."""
+    async with Store(tmp_path / "state.db") as store:
+        hooked(store, [rule(events=["unsafe_content"], min_consecutive=2)])
+        await register(store, "t1")
+        statements: list[str] = []
+        conn = store._writer.context.conn
+        assert isinstance(conn, sqlite3.Connection)
+        conn.set_trace_callback(statements.append)
+        clean = [segment("t1", index, unsafe=True) for index in (1, 2)]
+        await asyncio.gather(*(store.apply_callback(cb, body=body) for cb, body in clean))
+        assert not [s for s in statements if s.startswith("SAVEPOINT")]
+        statements.clear()
+        commits = store.commits
+        cb3, body3 = segment("t1", 3, unsafe=True)
+        cb4, body4 = segment("t1", 4, unsafe=True)
+        results = await asyncio.gather(
+            store.apply_callback(cb3, body=body3),
+            register(store, "t1"),  # duplicate primary key
+            store.apply_callback(cb4, body=body4),
+            return_exceptions=True,
+        )
+        conn.set_trace_callback(None)
+        rows = await store.recent_alerts()
+    assert store.commits == commits + 1, "one batch"
+    assert isinstance(results[1], sqlite3.IntegrityError)
+    assert [s for s in statements if s.startswith("SAVEPOINT")] == ["SAVEPOINT op"] * 3
+    assert [getattr(r, "kind", None) for r in (results[0], results[2])] == ["stored", "stored"]
+    assert [r.event["consecutive"] for r in rows if r.event["kind"] == "unsafe_content"] == [
+        2,
+        3,
+        4,
+    ]
+    assert pg.rows(tmp_path / "state.db", "SELECT stream, unsafe, logo FROM alert_streaks") == [
+        ("cam", 4, 0)
+    ]
+    assert pg.rows(tmp_path / "state.db", "SELECT count(*) FROM segments") == [(4,)]

@@ -234,6 +234,14 @@ def test_emulator_argument_mistakes_and_a_taken_port_are_one_line(tmp_path: Path
     assert f"cannot listen on 127.0.0.1:{port}" in one_line_error(out)
 
 
+def test_emulator_picks_its_event_loop_as_run_does():
+    """`streamwatch emulator` serves on the loop STREAMWATCH_EVENT_LOOP picks, as `run` does
+    (uvloop when installed, for the callbacks it posts): a bad choice is one line, exit 1."""
+    out = cli("emulator", "--listen", "127.0.0.1:0", env={"STREAMWATCH_EVENT_LOOP": "tokio"})
+    assert out.returncode == 1
+    assert "STREAMWATCH_EVENT_LOOP must be auto, asyncio or uvloop" in one_line_error(out)
+
+
 def test_argument_mistakes_are_not_called_config_errors(tmp_path: Path):
     """A bad --since or --url exits 2 and names the argument; it is not "in the config"."""
     path = config(tmp_path, free_port(), ["alpha"])

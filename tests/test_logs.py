@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from streamwatch.logs import Throttle, configure_logging
+from streamwatch.logs import Throttle, configure_logging, enabled
 from streamwatch.redact import Redactor
 
 KEY = "sk-mai-live-0123456789abcdef"
@@ -161,3 +161,15 @@ def test_a_flood_of_library_errors_is_one_line():
         "Error handling request from 127.0.0.0",
         "something else",
     ]
+
+
+def test_enabled_follows_the_configured_level():
+    """`enabled(level)` says whether the configured logger writes a line at that level (the
+    callback path skips building the debug line of a segment nobody will see)."""
+    configure_logging(level="info", fmt="json", stream=io.StringIO())
+    assert not enabled(logging.DEBUG)
+    assert enabled(logging.INFO)
+    configure_logging(level="debug", fmt="json", stream=io.StringIO())
+    assert enabled(logging.DEBUG)
+    structlog.reset_defaults()
+    assert enabled(logging.DEBUG), "structlog's default logger writes every level"

@@ -9,7 +9,7 @@ migrates, writes or creates anything.
 
 Each operation is written once: sync code over a `Connection` (`streamwatch.store.sql`), in a
 portable subset of SQL that PostgreSQL's connection rewrites once per statement. The writer's
-group commit and savepoint per operation are the same on both.
+group commit (and its retry a savepoint per operation when one fails) is the same on both.
 
 Modules, one concept each:
 
@@ -22,7 +22,7 @@ Modules, one concept each:
 | `pg_schema` | PostgreSQL's migrations, on the same version numbers, under an advisory lock |
 | `connection` | opening the SQLite file: for the writer, read-only, and `check_state_file` |
 | `postgres` | PostgreSQL through asyncpg, as a sync `Connection`; `check_database` |
-| `writer` | the writer: group commit, one savepoint per operation, its own thread |
+| `writer` | the writer: group commit, a failing operation refused alone, its own thread |
 | `reader` | the read connections beside the writer, in threads of their own |
 | `tasks` | tasks and their callbacks (`apply`, `claim`) |
 | `orphans` | callbacks of unknown tasks: counted, priced, parked, reported |

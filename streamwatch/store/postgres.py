@@ -4,8 +4,8 @@ The operations are sync code (SQLite's sqlite3 is); rather than write each twice
 writer's and readers' threads run the same code over `PgConnection`, whose `execute` hands
 each statement to an event loop of the store's own (`DbLoop`, in its thread, holding every
 asyncpg connection) and blocks its thread until the answer: the loop is free meanwhile.
-Transactions and savepoints are plain SQL on one connection, so group commit and a savepoint
-per operation work as on SQLite. Each statement is rewritten once for PostgreSQL
+Transactions and savepoints are plain SQL on one connection, so group commit and its retry a
+savepoint per operation work as on SQLite. Each statement is rewritten once for PostgreSQL
 (`streamwatch.store.sql.to_postgres`) and prepared once per connection.
 
 A connection that breaks (the server went away) fails what is under way with `StoreError`

@@ -83,7 +83,7 @@ class Store(
 ):
     """The daemon's store. Use `async with Store(path) as store:`: the file (or the
     database's schema) is created if missing and migrated. Writes go through one writer
-    (group commit, a savepoint per operation, in its thread); reads go through read-only
+    (group commit, a failing operation refused alone, in its thread); reads go through read-only
     connections beside it, in threads of their own, and never wait for the writer."""
 
     def __init__(
