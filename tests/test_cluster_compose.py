@@ -53,7 +53,8 @@ def replica_env(name: str) -> dict[str, str]:
 
 def replica_config(name: str, environ: dict[str, str] | None = None) -> Config:
     env = replica_env(name)
-    return load_config(host_path(name, env["STREAMWATCH_CONFIG"], FLEET), environ=env | (environ or {}))
+    path = host_path(name, env["STREAMWATCH_CONFIG"], FLEET)
+    return load_config(path, environ=env | (environ or {}))
 
 
 def nginx_directives(text: str, name: str) -> list[str]:
@@ -96,8 +97,9 @@ def test_every_mounted_config_of_the_fleet_has_a_check():
     assert mounted == checked
     for name in ("alertmanager", "grafana"):
         assert bind_mounts(name, FLEET) == bind_mounts(name)
-        assert service(name, FLEET)["environment" if name == "grafana" else "command"] == (
-            service(name)["environment" if name == "grafana" else "command"]
+        assert (
+            service(name, FLEET)["environment" if name == "grafana" else "command"]
+            == (service(name)["environment" if name == "grafana" else "command"])
         )
 
 
@@ -312,6 +314,70 @@ def access_log(folder: Path) -> list[str]:
     return (folder / "out").read_text().splitlines()
 
 
+class Upstream:
+    """A stand-in replica on 127.0.0.1 that reads each request whole, then answers `status`,
+    or with `status` None closes the connection without a word (a replica that died after
+    reading a callback); keeps the bodies it read."""
+
+    def __init__(self, status: int | None) -> None:
+        self.status = status
+        self.bodies: list[bytes] = []
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+                self.bodies.append(await reader.readexactly(int(length[1]) if length else 0))
+                if self.status is None:
+                    break
+                answer = b'{"ok": true}'
+                writer.write(
+                    b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\n" % self.status
+                    + b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer)
+                )
+                await writer.drain()
+        writer.close()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Upstream]:
+        server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        async with server:
+            yield self
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [pytest.param(None, id="died-mid-request"), pytest.param(503, id="not-stored-retry")],
+)
+async def test_nginx_sends_a_callback_a_replica_took_but_did_not_store_to_the_next(
+    tmp_path: Path, failing: int | None
+):
+    """The shipped nginx config, run by the real nginx: a callback that one replica read but
+    never answered (it died mid-request) or answered 503 (not stored) is sent again to the
+    other replica, so MAVI gets 200 for every callback and the other replica got each one."""
+    async with (
+        Upstream(failing).running() as bad,
+        Upstream(200).running() as good,
+    ):
+        listen = free_port()
+        async with nginx(tmp_path, listen, [bad.port, good.port]), aiohttp.ClientSession() as s:
+            answers = []
+            for i in range(6):
+                async with s.post(
+                    f"http://127.0.0.1:{listen}/callbacks/mavi/{SECRET}",
+                    json={"task_id": "t", "segment_index": i},
+                ) as resp:
+                    answers.append(resp.status)
+    assert answers == [200] * 6
+    assert bad.bodies  # the failing replica was tried…
+    assert sorted(good.bodies) == sorted(
+        f'{{"task_id": "t", "segment_index": {i}}}'.encode() for i in range(6)
+    )  # …and the other one got every callback, the failed ones included
+
+
 @pytest.mark.timeout(120)
 async def test_callbacks_through_nginx_are_stored_with_one_replica_killed(
     tmp_path: Path, pg_cluster: pg.Cluster
@@ -364,8 +430,10 @@ async def test_callbacks_through_nginx_are_stored_with_one_replica_killed(
             # Every stream started (by one replica or the other), callbacks through both.
             await until(
                 emulator,
-                lambda: len({t.url for t in emulator.tasks.values()}) == len(streams)
-                and sum(d.delivered for d in emulator.deliveries) >= 40,
+                lambda: (
+                    len({t.url for t in emulator.tasks.values()}) == len(streams)
+                    and sum(d.delivered for d in emulator.deliveries) >= 40
+                ),
                 within=30,
             )
             used = " ".join(access_log(logs))
