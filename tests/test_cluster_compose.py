@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 import signal
+import sys
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,12 +20,14 @@ from urllib.parse import urlsplit
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from streamwatch.config import Config, load_config
 from streamwatch.emulator import Emulator
 from streamwatch.store import PgTarget
 from tests import pg
 from tests.conftest import API_KEY, cli, free_port, spawn_daemon, tool, until
+from tests.fakes.serve import serve
 from tests.test_deploy import (
     AFTER_DRAIN,
     ROOT,
@@ -189,6 +193,64 @@ def test_fleet_proxy_config_fits_the_replicas_and_the_emulator_posts_through_it(
         assert min(keepalive) < config.server.idle_timeout_seconds
     retried = nginx_directives(text, "proxy_next_upstream")[0].split()
     assert {"error", "timeout", "http_502", "http_503", "non_idempotent"} <= set(retried)
+
+
+async def test_fleet_emulator_command_posts_to_the_proxy_with_the_secret_from_its_file(
+    tmp_path: Path,
+):
+    """The `mavi` service's command, run by sh as the container runs it (its secret file, its
+    listening address and the proxy's address moved to this machine, segments made faster),
+    starts the emulator, whose callbacks go to the proxy's callback URL with the secret read
+    from the file; its log does not show the secret."""
+    mavi = service("mavi", FLEET)
+    assert mavi["entrypoint"] == ["/bin/sh", "-c"]
+    (command,) = mavi["command"]
+    (tmp_path / "secret").write_text(SECRET + "\n")
+    paths: asyncio.Queue[str] = asyncio.Queue()
+
+    async def receive(request: web.Request) -> web.Response:
+        paths.put_nowait(request.path)
+        return web.json_response({"ok": True})
+
+    proxy = web.Application()
+    proxy.router.add_post("/{tail:.*}", receive)
+    async with serve(proxy) as proxy_url:
+        script = (
+            command.replace("$$", "$")  # compose's escape for a literal $
+            .replace("/run/secrets/callback-secret", str(tmp_path / "secret"))
+            .replace("0.0.0.0:9400", "127.0.0.1:0")
+            .replace("http://proxy:8080", proxy_url)
+        )
+        assert script.startswith("exec streamwatch emulator ")
+        bin_dir = str(Path(sys.executable).parent)
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh",
+            "-c",
+            script + " --segment-seconds 0.1",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"},
+        )
+        try:
+            assert proc.stdout is not None
+            async with asyncio.timeout(20):
+                line = (await proc.stdout.readline()).decode()
+                assert line.startswith("MAVI emulator: base_url = http://127.0.0.1:"), line
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(
+                        f"{line.split(' = ', 1)[1].strip()}/stream/start",
+                        json={"url": "rtmp://cams.test/a", "enable_content_moderation": True},
+                        headers={"Authorization": API_KEY},
+                    ) as resp,
+                ):
+                    assert resp.status == 200, await resp.text()
+                path = await paths.get()
+        finally:
+            proc.terminate()
+            _, err = await proc.communicate()
+    assert path == f"/callbacks/mavi/{SECRET}"
+    assert SECRET not in err.decode()
 
 
 def test_fleet_prometheus_scrapes_every_replica_and_loads_the_rules():
