@@ -16,8 +16,25 @@ With `--throughput N`, it measures instead how many callbacks per second one rep
 Without `--storage`, a throwaway PostgreSQL cluster is made as the tests make theirs
 (tests/pg.py, Debian's binaries).
 
+With `--mavi-url`, the trial runs against a MAVI stand-in already running instead of the
+emulator it would start: the replicas call its stream API (MAVI-CONTRACT.md) with the key in
+`$MAVI_KEY` (default sk-mai-bench), and the bench steers and reads it through three control
+endpoints under `--control-url` (default: the stand-in's origin + `/_emulator`, which our
+emulator serves), none of them MAVI's:
+- `PUT /webhook {"url"}`: post every callback there from now on (the bench's proxy);
+- `PUT /paused {"paused": true}`: no task makes, or is charged for, another segment;
+- `GET /state`: `{"deliveries": {"delivered", "posting", "pending"}, "starts": [{"url",
+  "task_id"}], "charged_ticks"}`: callbacks answered 2xx (each once, however many attempts it
+  took), callbacks on the wire, callbacks waiting to be posted again; every start request
+  with the task id it was given (null when refused); everything charged, in ticks of 1/2880
+  USD (the pre-charge at each accepted start and one per processed segment).
+The stand-in posts one segment callback per running task every `--segment-seconds` (the
+replicas' `[mavi] segment_seconds`; 0.5), retries a callback until answered 2xx, and holds
+enough balance for the run (no 402).
+
     python -m bench.cluster [--replicas 3] [--streams 50] [--seconds 120]
                             [--kill-every 10:20] [--storage postgresql://…]
+                            [--mavi-url http://…/serve/api/v2 [--control-url http://…]]
     python -m bench.cluster --throughput 5000 [--replicas 3] [--concurrency 64]
 """
 
@@ -39,15 +56,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 from aiohttp import web
 
 SECRET = "bench-cluster-secret-0123456789"  # noqa: S105 - a loopback-only test secret
-KEY = "sk-mai-bench"
+KEY = os.environ.get("MAVI_KEY") or "sk-mai-bench"
 ENV = {"SW_SECRET": SECRET, "MAVI_KEY": KEY}
-SEGMENT = 0.5  # seconds between a task's callbacks (MAVI: 5)
+SEGMENT = 0.5  # seconds between a task's callbacks (MAVI: 5), unless --segment-seconds
+
+
+def origin(url: str) -> str:
+    """scheme://host:port of a URL."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def free_port() -> int:
@@ -57,7 +81,16 @@ def free_port() -> int:
         return port
 
 
-def config(url: str, replica: str, port: int, emulator: str, streams: int, lease: float) -> str:
+def config(
+    url: str,
+    replica: str,
+    port: int,
+    mavi: str,
+    streams: int,
+    lease: float,
+    segment: float = SEGMENT,
+) -> str:
+    """A replica's streams.toml: `mavi` is the v2 API's base URL."""
     entries = "".join(
         f'[[streams]]\nname = "cam{i:03d}"\nurl = "rtmp://cams.test/cam{i:03d}"\n'
         for i in range(streams)
@@ -65,9 +98,9 @@ def config(url: str, replica: str, port: int, emulator: str, streams: int, lease
     return f"""
 [mavi]
 backend = "mavi"
-base_url = "{emulator}/serve/api/v2"
+base_url = "{mavi}"
 api_key = {{ env = "MAVI_KEY" }}
-segment_seconds = {SEGMENT}
+segment_seconds = {segment}
 [server]
 listen = "127.0.0.1:{port}"
 callback_secret = {{ env = "SW_SECRET" }}
@@ -165,26 +198,38 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> Figures:
     ports = [free_port() for _ in range(args.replicas)]
     proxy = Proxy(ports)
     async with proxy.running() as proxy_port, aiohttp.ClientSession() as http:
-        emu = await spawn(
-            "emulator",
-            "--listen",
-            "127.0.0.1:0",
-            "--segment-seconds",
-            str(SEGMENT),
-            "--api-key-env",
-            "MAVI_KEY",
-            "--balance-usd",
-            "100000",
-            "--webhook",
-            f"http://127.0.0.1:{proxy_port}/callbacks/mavi/{SECRET}",
-        )
-        assert emu.stdout is not None
-        line = (await emu.stdout.readline()).decode()
-        base = line.split("base_url = ", 1)[1].strip().removesuffix("/serve/api/v2")
+        emu: asyncio.subprocess.Process | None = None
+        if args.mavi_url:  # a stand-in someone else runs
+            api = args.mavi_url.rstrip("/")
+        else:
+            emu = await spawn(
+                "emulator",
+                "--listen",
+                "127.0.0.1:0",
+                "--segment-seconds",
+                str(args.segment_seconds),
+                "--api-key-env",
+                "MAVI_KEY",
+                "--balance-usd",
+                "100000",
+            )
+            assert emu.stdout is not None
+            line = (await emu.stdout.readline()).decode()
+            api = line.split("base_url = ", 1)[1].strip()
+        control = (args.control_url or f"{origin(api)}/_emulator").rstrip("/")
+        webhook = f"http://127.0.0.1:{proxy_port}/callbacks/mavi/{SECRET}"
+        async with http.put(f"{control}/webhook", json={"url": webhook}) as resp:
+            resp.raise_for_status()
+
+        def replica_config(replica: str, port: int) -> str:
+            return config(
+                url, replica, port, api, args.streams, args.lease_seconds, args.segment_seconds
+            )
+
         paths = []
         for i, port in enumerate(ports):
             path = work / f"r{i}.toml"
-            path.write_text(config(url, f"r{i}", port, base, args.streams, args.lease_seconds))
+            path.write_text(replica_config(f"r{i}", port))
             paths.append(path)
         procs = [await spawn("run", "-c", str(p)) for p in paths]
         db = await asyncpg.connect(url)
@@ -237,22 +282,15 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> Figures:
                     # Restarted as a new replica (as a new pod is): its streams wait for their
                     # leases to expire and are adopted by the others meanwhile.
                     replica_ids[victim] = f"r{victim}-{kills}"
-                    paths[victim].write_text(
-                        config(
-                            url,
-                            replica_ids[victim],
-                            ports[victim],
-                            base,
-                            args.streams,
-                            args.lease_seconds,
-                        )
-                    )
+                    paths[victim].write_text(replica_config(replica_ids[victim], ports[victim]))
                     procs[victim] = await spawn("run", "-c", str(paths[victim]))
                     next_kill = time.monotonic() + rng.uniform(low, high)
             # Settle: no more segments, every delivery answered (or given up).
-            await http.put(f"{base}/_emulator/paused", json={"paused": True})
+            async with http.put(f"{control}/paused", json={"paused": True}) as resp:
+                resp.raise_for_status()
             for _ in range(240):
-                async with http.get(f"{base}/_emulator/state") as resp:
+                async with http.get(f"{control}/state") as resp:
+                    resp.raise_for_status()
                     state: dict[str, Any] = await resp.json()
                 deliveries = state["deliveries"]
                 if deliveries["posting"] == 0 and deliveries["pending"] == 0:
@@ -271,8 +309,9 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> Figures:
                     proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 await proc.wait()
-            emu.send_signal(signal.SIGINT)
-            await emu.wait()
+            if emu is not None:
+                emu.send_signal(signal.SIGINT)
+                await emu.wait()
             await db.close()
     return Figures(
         kills=kills,
@@ -296,7 +335,9 @@ async def throughput(url: str, replicas: int, n: int, concurrency: int, work: Pa
     procs = []
     for i, port in enumerate(ports):
         path = work / f"t{replicas}-{i}.toml"
-        path.write_text(config(url, f"t{replicas}-{i}", port, "http://127.0.0.1:9", 0, 3.0))
+        path.write_text(
+            config(url, f"t{replicas}-{i}", port, "http://127.0.0.1:9/serve/api/v2", 0, 3.0)
+        )
         procs.append(await spawn("run", "-c", str(path)))
     task_id = f"bench-{replicas}-{time.time_ns()}"
     try:
@@ -379,6 +420,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lease-seconds", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=17)
     p.add_argument("--storage", help="postgresql://… of an empty database")
+    p.add_argument(
+        "--mavi-url",
+        help="the v2 stream API of a MAVI stand-in already running (default: start the emulator)",
+    )
+    p.add_argument(
+        "--control-url",
+        help="the stand-in's webhook, paused and state endpoints (default: its origin/_emulator)",
+    )
+    p.add_argument(
+        "--segment-seconds",
+        type=float,
+        default=SEGMENT,
+        help="seconds between a task's callbacks (default %(default)s)",
+    )
     p.add_argument("--throughput", type=int, metavar="N", help="measure callbacks/s instead")
     p.add_argument("--concurrency", type=int, default=64)
     return p

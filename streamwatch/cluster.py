@@ -96,8 +96,10 @@ Planned, not built yet:
   threshold fired once across the fleet (recorded with `INSERT … ON CONFLICT DO NOTHING` in
   its own row, instead of the whole fired set saved by each replica).
 - `streamwatch fleet stop`, which marks every replica leaving and lets each stop what it owns.
-- A compose stack with two replicas behind nginx; alert rules and dashboard panels for the
-  new series.
+
+Deploy [built]: compose.cluster.yaml (two replicas behind nginx, deploy/nginx/), the systemd
+drop-in deploy/systemd/streamwatch.service.d/, alert rules (group `streamwatch-cluster`) and a
+dashboard row for the fleet's series.
 """
 
 from __future__ import annotations

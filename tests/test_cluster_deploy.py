@@ -1,9 +1,13 @@
 """deploy/kubernetes/cluster/: the fleet's manifests (two replicas, a rollout that never goes
 below them, a disruption budget), checked by the same tools as the single-pod ones, with a
-config that passes check-config against a real PostgreSQL."""
+config that passes check-config against a real PostgreSQL; and the systemd drop-in for a fleet
+of hosts, checked by systemd-analyze and with the config it completes."""
 
 from __future__ import annotations
 
+import re
+import socket
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +16,29 @@ import yaml
 from streamwatch.config import load_config
 from tests import pg
 from tests.conftest import cli, tool
-from tests.test_deploy import K8S, run, seconds
+from tests.test_deploy import (
+    DEPLOY,
+    K8S,
+    UNIT,
+    run,
+    runnable_unit,
+    seconds,
+    secret_value,
+    toml_secret_sources,
+    unit_settings,
+)
 
 FLEET = K8S / "cluster"
+DROP_IN = DEPLOY / "systemd" / "streamwatch.service.d" / "cluster.conf"
+# The commented lines of deploy/systemd/streams.toml that a host of a fleet uncomments.
+FLEET_LINES = (
+    "#url = ",
+    "#password = ",
+    "#[cluster]",
+    "#replica_id = ",
+    "#lease_seconds = ",
+    "#renew_seconds = ",
+)
 
 
 def objects() -> dict[str, dict[str, Any]]:
@@ -75,3 +99,68 @@ def test_fleet_config_passes_check_config_against_a_real_database(
     assert config.storage.postgresql
     result = cli("check-config", "--config", str(path), env=env)
     assert result.returncode == 0, result.stderr
+
+
+# --- systemd: two hosts on one database ---------------------------------------------------------
+
+
+def test_fleet_drop_in_passes_systemd_analyze_verify(tmp_path: Path):
+    """`systemd-analyze verify` reads the drop-in beside the unit and has nothing to say; a
+    typo in the drop-in makes it speak (so the drop-in was read)."""
+    analyze = tool("systemd-analyze")
+    unit = runnable_unit(tmp_path)
+    (tmp_path / "streamwatch.service.d").mkdir()
+    drop_in = tmp_path / "streamwatch.service.d" / DROP_IN.name
+    drop_in.write_text(DROP_IN.read_text())
+    assert run(analyze, "verify", str(unit)) == (0, "")
+    drop_in.write_text(DROP_IN.read_text().replace("Environment=", "Environmnt="))
+    code, out = run(analyze, "verify", str(unit))
+    assert "Environmnt" in out, (code, out)
+
+
+def test_fleet_host_config_reads_the_drop_ins_credential_and_replica_id(
+    tmp_path: Path, pg_cluster: pg.Cluster
+):
+    """deploy/systemd/streams.toml with its PostgreSQL and [cluster] lines uncommented reads
+    exactly the credentials the unit and its fleet drop-in load, takes the host's short name
+    (the drop-in's %l) as its replica id, and passes `streamwatch check-config` against a real
+    server with them."""
+    dropin = unit_settings(DROP_IN.read_text())
+    env = dict(value.split("=", 1) for value in dropin["Environment"])
+    assert env == {"STREAMWATCH_REPLICA_ID": "%l"}
+    host = socket.gethostname().split(".")[0]  # what systemd puts for %l
+    lines = (DEPLOY / "systemd" / "streams.toml").read_text().splitlines()
+    text = "\n".join(
+        line.removeprefix("#") if line.startswith(FLEET_LINES) else line
+        for line in lines
+        if not line.startswith("path = ")
+    )
+    loaded = {
+        value.partition(":")[0]
+        for settings in (unit_settings(UNIT.read_text()), dropin)
+        for value in settings["LoadCredential"]
+    }
+    read = {
+        Path(source["file"]).name
+        for source in toml_secret_sources(tomllib.loads(text))
+        if source.get("file", "").startswith("${CREDENTIALS_DIRECTORY")
+    }
+    assert loaded == read == {"mavi_api_key", "callback_secret", "db_password"}
+    pg_cluster.add_password_user()
+    name = pg_cluster.new_database()
+    pg_cluster.admin(f"ALTER DATABASE {name} OWNER TO {pg.PASSWORD_USER}")
+    url = re.search(r'^url = "([^"]+)"', text, re.M)
+    assert url is not None
+    config = tmp_path / "streams.toml"
+    config.write_text(text.replace(url.group(1), pg_cluster.url(name, user=pg.PASSWORD_USER)))
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    for credential in loaded:
+        (creds / credential).write_text(secret_value() + "\n")
+    (creds / "db_password").write_text(pg.PASSWORD + "\n")
+    environ = {"CREDENTIALS_DIRECTORY": str(creds), "STREAMWATCH_REPLICA_ID": host}
+    loaded_config = load_config(config, environ=environ)
+    assert loaded_config.cluster is not None
+    assert loaded_config.cluster.replica_id == host
+    ok = cli("check-config", "--config", str(config), env=environ)
+    assert ok.returncode == 0, ok.stderr

@@ -17,6 +17,7 @@ from streamwatch.store import PgTarget
 from streamwatch.store.leases import rendezvous_owners
 from tests import pg
 from tests.conftest import ENV, Daemon, config_text, spawn_daemon
+from tests.fakes.billed_standin import BilledStandIn
 from tests.test_cluster_daemon import NAMES, STREAMS, A, B, cluster_toml, running
 
 
@@ -105,3 +106,29 @@ async def test_kill_9_trial_of_a_small_fleet(tmp_path: Path, pg_target: PgTarget
     assert fig.stored == fig.acknowledged
     assert fig.starts == {f"rtmp://cams.test/cam{i:03d}": 1 for i in range(6)}
     assert fig.ledger == fig.charged
+
+
+@pytest.mark.timeout(240)
+async def test_kill_9_trial_against_a_separately_written_stand_in(
+    tmp_path: Path, pg_target: PgTarget
+):
+    """`bench.cluster --mavi-url` runs the shortened kill trial against a stand-in it did not
+    start and that shares no code with the emulator (tests/fakes: written from the contract,
+    plus only the control endpoints the bench documents): every acknowledged callback stored,
+    each URL started once, the ledger equal to the stand-in's own bill."""
+    standin = BilledStandIn(key=bench_cluster.KEY, period=0.5)
+    async with standin.running():
+        control = standin.url.removesuffix("/serve/api/v2") + "/_control"
+        args = bench_cluster.parser().parse_args(
+            [
+                *("--replicas", "2", "--streams", "6", "--seconds", "16", "--kill-every", "5:6"),
+                *("--settle", "3", "--lease-seconds", "2", "--seed", "3"),
+                *("--mavi-url", standin.url, "--control-url", control),
+            ]
+        )
+        fig = await bench_cluster.run(args, pg_target.url, tmp_path)
+    assert fig.kills >= 1
+    assert fig.acknowledged > 0
+    assert fig.stored == fig.acknowledged == standin.delivered
+    assert fig.starts == {f"rtmp://cams.test/cam{i:03d}": 1 for i in range(6)}
+    assert fig.ledger == fig.charged == standin.charged_ticks

@@ -222,31 +222,31 @@ def test_unit_and_config_postgresql_lines_keep_the_password_a_credential(
 # --- compose ----------------------------------------------------------------------------------
 
 
-def compose() -> dict[str, Any]:
-    doc = yaml.safe_load(COMPOSE.read_text())
+def compose(file: Path = COMPOSE) -> dict[str, Any]:
+    doc = yaml.safe_load(file.read_text())
     assert isinstance(doc, dict)
     return doc
 
 
-def service(name: str) -> dict[str, Any]:
-    svc = compose()["services"][name]
+def service(name: str, file: Path = COMPOSE) -> dict[str, Any]:
+    svc = compose(file)["services"][name]
     assert isinstance(svc, dict)
     return svc
 
 
-def bind_mounts(name: str) -> dict[str, Path]:
+def bind_mounts(name: str, file: Path = COMPOSE) -> dict[str, Path]:
     """Container path -> checkout path, for the service's `./…` bind mounts."""
     mounts = {}
-    for volume in service(name).get("volumes", []):
+    for volume in service(name, file).get("volumes", []):
         source, target = volume.split(":")[:2]
         if source.startswith("./"):
             mounts[target] = ROOT / source
     return mounts
 
 
-def host_path(name: str, container_path: str) -> Path:
+def host_path(name: str, container_path: str, file: Path = COMPOSE) -> Path:
     """Where a file the service reads inside its container comes from in this checkout."""
-    for target, source in bind_mounts(name).items():
+    for target, source in bind_mounts(name, file).items():
         if container_path == target or container_path.startswith(target.rstrip("/") + "/"):
             found = source / container_path[len(target) :].lstrip("/")
             assert found.exists(), f"{name}: {container_path} -> {found} does not exist"
@@ -254,25 +254,25 @@ def host_path(name: str, container_path: str) -> Path:
     raise AssertionError(f"{name}: nothing is mounted at {container_path}")
 
 
-def flag(name: str, option: str) -> str:
-    for arg in service(name).get("command", []):
+def flag(name: str, option: str, file: Path = COMPOSE) -> str:
+    for arg in service(name, file).get("command", []):
         if arg.startswith(f"--{option}="):
             return str(arg.split("=", 1)[1])
     raise AssertionError(f"{name}: no --{option}")
 
 
-def assert_service_address(host: str, port: int) -> None:
+def assert_service_address(host: str, port: int, file: Path = COMPOSE) -> None:
     """host:port is a service of the stack listening on that port in its container."""
-    services = compose()["services"]
-    assert host in services, f"{host} is not a service of compose.yaml"
+    services = compose(file)["services"]
+    assert host in services, f"{host} is not a service of {file.name}"
     container_ports = {int(p.rsplit(":", 1)[1]) for p in services[host].get("ports", [])}
     assert port in container_ports, f"{host} does not listen on {port}: {container_ports}"
 
 
-def assert_service_url(url: str) -> None:
+def assert_service_url(url: str, file: Path = COMPOSE) -> None:
     found = re.fullmatch(r"https?://([^:/]+):(\d+)/?", url)
     assert found is not None, url
-    assert_service_address(found.group(1), int(found.group(2)))
+    assert_service_address(found.group(1), int(found.group(2)), file)
 
 
 def dockerfile_env() -> dict[str, str]:

@@ -88,7 +88,8 @@ class StandIn:
             await self.post(task, 0)
             task.segments += 1
 
-    async def post(self, task: Task, status: int) -> None:
+    async def post(self, task: Task, status: int) -> bool:
+        """Post a callback until it is answered 2xx (True), or give up (False)."""
         data: dict[str, Any] | None = None
         token: dict[str, int] | None = None
         if status == 0:
@@ -118,17 +119,22 @@ class StandIn:
             try:
                 async with aiohttp.ClientSession() as s, s.post(self.webhook, json=payload) as r:
                     if r.status < 300:
-                        return
+                        return True
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(self.period)
+        return False
 
-    @contextlib.asynccontextmanager
-    async def running(self) -> AsyncIterator[StandIn]:
+    def app(self) -> web.Application:
+        """MAVI's stream API: start and stop, nothing else."""
         app = web.Application()
         app.router.add_post("/serve/api/v2/stream/start", self.start)
         app.router.add_post("/serve/api/v2/stream/stop", self.stop)
-        async with serve(app) as base:
+        return app
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[StandIn]:
+        async with serve(self.app()) as base:
             self.url = f"{base}/serve/api/v2"
             try:
                 yield self
