@@ -112,6 +112,7 @@ from typing import Any
 
 import structlog
 
+from streamwatch.ledger import FleetBudget
 from streamwatch.store import CallbackOutcome, PgTarget, Store, StoreError
 from streamwatch.store.leases import FEED_CHANNEL, FleetView, LeaseBook
 from streamwatch.supervisor import Supervisor
@@ -161,6 +162,7 @@ class Cluster:
         self.followed = 0  # callbacks learnt from the feed (stored by another replica)
         self.notified = 0  # feed notifications received (LISTEN)
         self._fed = asyncio.Event()
+        self._budget = FleetBudget(supervisor.spending)
 
     @property
     def replica_id(self) -> str:
@@ -175,6 +177,7 @@ class Cluster:
         """Fence the store's stream operations with this replica's leases and have the
         supervisor plan only what it holds (before `Supervisor.load`)."""
         self._store.set_fence(self.book)
+        self._store.set_budget_rules(self._budget)
         self._supervisor.set_ownership(self.owned)
 
     async def run_once(self) -> None:
@@ -234,7 +237,7 @@ class Cluster:
         if stale:
             self._supervisor.drop(stale)
         await self._store.prune_feed()
-        await self._supervisor.share_account()
+        await self._supervisor.share_account(await self._store.budget_fired_rows())
         self.rounds += 1
 
     @contextlib.asynccontextmanager
@@ -271,6 +274,12 @@ class Cluster:
         replica holds, as if they had come here (their money was counted where they came)."""
         if self._left:
             return
+        spending = self._supervisor.spending
+        if spending.budgets.action == "stop" and spending.caps:
+            # Another replica's charges may have brought a cap near (a charge near one
+            # notifies, and the tick is the bound): the next plan gates on the fleet's spend.
+            spans = self._budget.periods(self._supervisor.now())
+            self._supervisor.take_fleet_spend(await self._store.budget_totals(spans))
         entries, self._cursor = await self._store.feed(self._cursor, self._ready)
         for entry in entries:
             if entry.replica == self.replica_id or entry.stream not in self._ready:

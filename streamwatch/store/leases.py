@@ -11,11 +11,15 @@ import hashlib
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from streamwatch.mavi.callbacks import Callback, SegmentFailed, SegmentReport, StreamEnded
 from streamwatch.store.sql import Connection
 from streamwatch.store.types import CallbackOutcome, StoreError
 from streamwatch.store.writer import Context, WriteSide
+
+if TYPE_CHECKING:
+    from streamwatch.store.budget import BudgetRules
 
 __all__ = [
     "FEED_CHANNEL",
@@ -219,6 +223,11 @@ class LeaseWrites(WriteSide):
         """Check `book`'s leases in every operation acting on a stream (starts, task records,
         adoptions, stop marks, stream records)."""
         self._writer.context.fence = book
+
+    def set_budget_rules(self, rules: BudgetRules | None) -> None:
+        """Count each charge in the fleet's spend, fire budget thresholds once across the
+        fleet, and gate starts on the fleet's totals, by `rules` (`streamwatch.store.budget`)."""
+        self._writer.context.budget = rules
 
     async def lease_round(
         self, book: LeaseBook, streams: Collection[str], *, lease_seconds: float

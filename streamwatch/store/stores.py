@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Self
 
 from streamwatch.intent import OrphanPricer, Pricer
 from streamwatch.store.alerts import OutboxReads, OutboxWrites
+from streamwatch.store.budget import BudgetReads
 from streamwatch.store.connection import ReadConnection, connect_writer
 from streamwatch.store.intents import IntentReads, IntentWrites
 from streamwatch.store.interface import AlertHook, StateStore, StoreReader
@@ -80,6 +81,7 @@ class Store(
     VideoWrites,
     PruneWrites,
     LeaseWrites,
+    BudgetReads,
 ):
     """The daemon's store. Use `async with Store(path) as store:`: the file (or the
     database's schema) is created if missing and migrated. Writes go through one writer
