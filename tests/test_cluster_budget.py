@@ -151,7 +151,8 @@ async def test_a_threshold_two_replicas_cross_together_fires_once_with_one_alert
     ]
     assert len(alerts) == 1
     keys = [k for (k,) in pg.rows(pg_target, "SELECT key FROM budget_fired")]
-    assert [k for k in keys if k.endswith(":50")] == [f"*:day:{datetime.now(UTC).date().isoformat()}:50"]
+    today = datetime.now(UTC).date().isoformat()
+    assert [k for k in keys if k.endswith(":50")] == [f"*:day:{today}:50"]
 
 
 
