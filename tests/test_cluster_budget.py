@@ -155,8 +155,6 @@ async def test_a_threshold_two_replicas_cross_together_fires_once_with_one_alert
     assert [k for k in keys if k.endswith(":50")] == [f"*:day:{today}:50"]
 
 
-
-
 async def test_a_start_is_gated_on_the_fleets_spend_in_its_intents_transaction(
     pg_target: PgTarget,
 ):
