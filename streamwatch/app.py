@@ -290,6 +290,7 @@ class App:
             assert isinstance(store.path, PgTarget), "[cluster] is refused without PostgreSQL"
             await stack.enter_async_context(cluster.listening(store.path))
             await cluster.follow_once()  # the feed followed from here on
+            await cluster.budgets_configured()
         await supervisor.load(cfg.streams)
         if cluster is not None:
             await cluster.run_once()  # the first lease round: this replica's share, adopted
@@ -354,6 +355,8 @@ class App:
         # Callbacks claimed when a task is recorded or adopted go where live ones go: the
         # server's pipeline, which is built on the supervisor, so it is set after both.
         supervisor.set_after_commit(server.after_commit)
+        if cluster is not None:
+            server.readiness.append(cluster.lease_problem)
         await stack.enter_async_context(server.running())
         if emulator is not None:
             # The account's webhook (MAVI's console setting), known once the server listens.
@@ -546,6 +549,8 @@ class App:
         if self.server is not None:
             self.server.set_config(self.config)
         self.supervisor.reload(new.streams, new.budgets)
+        if self._parts is not None and self._parts.cluster is not None:
+            await self._parts.cluster.budgets_configured()
         self.pricer.configure(shapes(new.streams))
         self.reloads += 1
         self.systemd.notify(ready=1, status=self._status_line())

@@ -153,6 +153,7 @@ class Cluster:
         self.book = LeaseBook(replica_id, monotonic=monotonic)
         self.replicas: list[str] = []
         self.rounds = 0  # lease rounds committed (readiness: at least one)
+        self._good: float | None = None  # when the last committed round began (monotonic)
         self.leader = False  # this replica runs the fleet's periodic jobs
         self._changes = on_change or (lambda change, n: None)
         self._ready: set[str] = set()  # held, and loaded by the supervisor
@@ -179,6 +180,17 @@ class Cluster:
         self._store.set_fence(self.book)
         self._store.set_budget_rules(self._budget)
         self._supervisor.set_ownership(self.owned)
+
+    async def budgets_configured(self) -> None:
+        """Say which budgets this replica enforces (at start and after a reload): the fleet's
+        spend rows of scopes no longer capped are dropped, as no charge keeps them up."""
+        try:
+            deleted = await self._store.budgets_configured(self._budget.capped())
+        except StoreError as exc:  # the next start or reload tries again; counting goes on
+            log.warning("cluster.budget_rows_not_dropped", error=str(exc), replica=self.replica_id)
+            return
+        if deleted:
+            log.info("cluster.budget_rows_dropped", rows=deleted, replica=self.replica_id)
 
     async def run_once(self) -> None:
         """One lease round: heartbeat, renew, claim this replica's share; then drop what was
@@ -239,6 +251,23 @@ class Cluster:
         await self._store.prune_feed()
         await self._supervisor.share_account(await self._store.budget_fired_rows())
         self.rounds += 1
+        self._good = began
+
+    def lease_problem(self) -> str | None:
+        """Why this replica is not ready as far as its leases go, or None: no lease round has
+        committed yet, or none within `lease_seconds` (its leases are lapsing: the others
+        take its streams; the local deadline of every lease it held has passed)."""
+        if self._left:
+            return "this replica left the fleet"
+        if self._good is None:
+            return "no lease round has succeeded yet"
+        since = self._monotonic() - self._good
+        if since >= self._lease:
+            return (
+                f"no lease round has succeeded for {since:.0f} s (lease_seconds"
+                f" {self._lease:g}): this replica's leases lapse"
+            )
+        return None
 
     @contextlib.asynccontextmanager
     async def listening(self, target: PgTarget) -> AsyncIterator[None]:

@@ -513,7 +513,21 @@ class FleetBudget:
         self._spending = spending
 
     def periods(self, at: float) -> list[tuple[str, str, float, float]]:
+        """Each period holding `at`: its name, its key, its [start, end)."""
         return [(p, period_key(p, at), *period_bounds(p, at)) for p in PERIODS]
+
+    def capped(self) -> list[tuple[str, str]]:
+        """(scope, period) of every cap: `*` for the account's, else the stream's name."""
+        return sorted({(cap.stream or "*", cap.period) for cap in self._spending.caps})
+
+    def counted(self, stream: str, at: float) -> list[tuple[str, tuple[str, str, float, float]]]:
+        caps = {(cap.stream or "*", cap.period) for cap in self._spending.caps}
+        return [
+            (scope, span)
+            for scope in ("*", stream)  # the account's first: one lock order
+            for span in self.periods(at)
+            if (scope, span[0]) in caps
+        ]
 
     def _caps(self, stream: str, totals: Iterable[SpendTotal]) -> list[tuple[Cap, int]]:
         """The caps a charge to `stream` counts against, each with its fleet total."""

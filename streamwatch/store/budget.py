@@ -2,12 +2,17 @@
 transaction of each charge, and each budget threshold fired once across the fleet.
 
 `budget_spend(scope, period, period_key, ticks)` holds the confirmed charges of the account
-(`scope` `*`) and of each stream, per UTC day and calendar month. Every charge stored by a
+(`scope` `*`) and of each stream, per UTC day and calendar month, for the scopes and periods
+a cap is set on (nothing is counted without a cap). Every charge stored by a
 replica adds its ticks with `UPDATE … RETURNING ticks` in its own transaction: the row lock
 serializes the fleet's charges, and each charge learns the fleet's exact total right after
 it. The account's rows are locked before the stream's, always, so two charges never wait on
 each other in opposite orders. A period's row missing is created from the ledger's charges
-(which already hold this charge), and a charge whose insert lost the race adds itself.
+(which already hold this charge), and a charge whose insert lost the race adds itself. The
+rows of a scope no longer capped are dropped when a replica starts or reloads its budgets
+(`budgets_configured`), so a cap set again starts from the ledger; the replicas are meant to
+share one `[budgets]` (while a reload rolls over the fleet, a replica that no longer caps a
+scope stops counting it for the others).
 
 `budget_fired(key)`: a budget threshold (or forecast) fired, one row each. The operation
 that crosses it inserts its row with `ON CONFLICT DO NOTHING`: only the one whose insert took
@@ -20,7 +25,7 @@ single daemon, SQLite) nothing here runs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol
 
 from streamwatch.store.leases import FEED_CHANNEL
@@ -28,12 +33,13 @@ from streamwatch.store.reader import ReadSide
 from streamwatch.store.sql import Connection
 from streamwatch.store.streams import claim_fired, record_event
 from streamwatch.store.types import EventRow, FiredThreshold, FleetSpend, SpendTotal, StoreError
-from streamwatch.store.writer import Context
+from streamwatch.store.writer import Context, WriteSide
 
 __all__ = [
     "ACCOUNT",
     "BudgetReads",
     "BudgetRules",
+    "BudgetWrites",
     "OverBudget",
     "PeriodSpan",
     "merge",
@@ -52,8 +58,9 @@ class BudgetRules(Protocol):
     """The budgets as the ledger reads them (`streamwatch.ledger.FleetBudget`), asked in the
     writer's thread."""
 
-    def periods(self, at: float) -> list[PeriodSpan]:
-        """The periods a charge made at `at` counts in."""
+    def counted(self, stream: str, at: float) -> list[tuple[str, PeriodSpan]]:
+        """What a charge to `stream` made at `at` counts in: (scope, period) for each capped
+        scope and period (`ACCOUNT` first), nothing when no cap applies."""
         ...
 
     def crossed(
@@ -114,12 +121,13 @@ def spend(
     rules = ctx.budget
     if rules is None or not ticks:
         return None
+    counted = rules.counted(stream, at)  # the account's rows first: one lock order
+    if not counted:
+        return None
     conn = ctx.conn
-    spans = rules.periods(at)
     totals = [
         SpendTotal(_stream(scope), span[0], span[1], _add(conn, scope, span, ticks))
-        for scope in (ACCOUNT, stream)  # the account's rows first: one lock order
-        for span in spans
+        for scope, span in counted
     ]
     fired = []
     for threshold in rules.crossed(stream, ticks, at, totals):
@@ -156,20 +164,17 @@ def _ledger_sum(scope: str, span: PeriodSpan) -> tuple[str, tuple[object, ...]]:
     )
 
 
-def read_totals(
-    conn: Connection, scopes: Iterable[str], spans: Sequence[PeriodSpan]
-) -> list[SpendTotal]:
-    """The fleet's totals of `scopes` in these periods (no row yet: the ledger's sum)."""
+def read_totals(conn: Connection, counted: Iterable[tuple[str, PeriodSpan]]) -> list[SpendTotal]:
+    """The fleet's totals of these scopes and periods (no row yet: the ledger's sum)."""
     out = []
-    for scope in scopes:
-        for span in spans:
-            row = conn.execute(
-                "SELECT ticks FROM budget_spend WHERE scope = ? AND period = ? AND period_key = ?",
-                (scope, span[0], span[1]),
-            ).fetchone()
-            if row is None:
-                row = conn.execute(*_ledger_sum(scope, span)).fetchone()
-            out.append(SpendTotal(_stream(scope), span[0], span[1], int(row[0])))
+    for scope, span in counted:
+        row = conn.execute(
+            "SELECT ticks FROM budget_spend WHERE scope = ? AND period = ? AND period_key = ?",
+            (scope, span[0], span[1]),
+        ).fetchone()
+        if row is None:
+            row = conn.execute(*_ledger_sum(scope, span)).fetchone()
+        out.append(SpendTotal(_stream(scope), span[0], span[1], int(row[0])))
     return out
 
 
@@ -179,10 +184,36 @@ def start_gate(ctx: Context, stream: str, at: float) -> None:
     rules = ctx.budget
     if rules is None:
         return
-    totals = read_totals(ctx.conn, (ACCOUNT, stream), rules.periods(at))
+    counted = rules.counted(stream, at)
+    if not counted:
+        return
+    totals = read_totals(ctx.conn, counted)
     reason = rules.refuse_start(stream, at, totals)
     if reason is not None:
         raise OverBudget(reason, FleetSpend(tuple(totals)))
+
+
+def forget_uncounted(ctx: Context, counted: Collection[tuple[str, str]]) -> int:
+    """Delete the rows of every (scope, period) not in `counted` (what the budgets now cap):
+    no charge keeps them up to date any more, so a cap set again later must start from the
+    ledger, not from a stale row. Returns the rows deleted."""
+    rows = ctx.conn.execute("SELECT scope, period, period_key FROM budget_spend").fetchall()
+    stale = [r for r in rows if (r[0], r[1]) not in counted]
+    for scope, period, key in stale:
+        ctx.conn.execute(
+            "DELETE FROM budget_spend WHERE scope = ? AND period = ? AND period_key = ?",
+            (scope, period, key),
+        )
+    return len(stale)
+
+
+class BudgetWrites(WriteSide):
+    async def budgets_configured(self, counted: Collection[tuple[str, str]]) -> int:
+        """[cluster]: the budgets this replica enforces cap these (scope, period) pairs (at
+        start, and after each reload): the fleet's rows of any other are dropped (see
+        `forget_uncounted`). Returns the rows deleted."""
+        keep = frozenset(counted)
+        return await self._write(lambda ctx: forget_uncounted(ctx, keep))
 
 
 class BudgetReads(ReadSide):

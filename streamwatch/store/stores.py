@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Self
 
 from streamwatch.intent import OrphanPricer, Pricer
 from streamwatch.store.alerts import OutboxReads, OutboxWrites
-from streamwatch.store.budget import BudgetReads
+from streamwatch.store.budget import BudgetReads, BudgetWrites
 from streamwatch.store.connection import ReadConnection, connect_writer
 from streamwatch.store.intents import IntentReads, IntentWrites
 from streamwatch.store.interface import AlertHook, StateStore, StoreReader
@@ -82,6 +82,7 @@ class Store(
     PruneWrites,
     LeaseWrites,
     BudgetReads,
+    BudgetWrites,
 ):
     """The daemon's store. Use `async with Store(path) as store:`: the file (or the
     database's schema) is created if missing and migrated. Writes go through one writer
