@@ -13,7 +13,7 @@ from streamwatch.emulator import Emulator
 from streamwatch.store import PgTarget
 from tests import pg
 from tests.conftest import Daemon
-from tests.test_cluster_daemon import A, NAMES, STREAMS, cluster_toml, running
+from tests.test_cluster_daemon import NAMES, STREAMS, A, cluster_toml, running
 from tests.test_pg_daemon import readyz
 
 
