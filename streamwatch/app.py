@@ -285,6 +285,7 @@ class App:
                 lease_seconds=cfg.cluster.lease_seconds,
                 streams=lambda: list(supervisor.desired),
                 on_change=lambda change, n: metrics.lease_changes.labels(change).inc(n),
+                on_fleet_stop=lambda: self._fleet_stop(supervisor),
             )
             cluster.attach()
             assert isinstance(store.path, PgTarget), "[cluster] is refused without PostgreSQL"
@@ -363,6 +364,12 @@ class App:
             emulator.webhook = server.callback_url()
         return Parts(store, emulator, supervisor, evidence, alerts, server, cluster)
 
+    def _fleet_stop(self, supervisor: Supervisor) -> None:
+        """`streamwatch fleet stop`: start nothing more, and stop as with `on_shutdown =
+        "stop"` (the tasks this replica owns are stopped, their final callbacks awaited)."""
+        supervisor.stop_planning()
+        self.request_stop()
+
     def _loops(self, daemon: TaskGroup, parts: Parts) -> anyio.Event:
         """Start the daemon's loops; returns the planning loop's end."""
         sup = parts.supervisor
@@ -390,7 +397,9 @@ class App:
                 "cluster.feed",
                 cluster.follow_once,
                 wait=lambda: cluster.wait_for_feed(tick),
-                running=self._running,
+                # Until the replica leaves: while it drains, the final callbacks of the tasks
+                # it stopped may be stored by another replica.
+                running=lambda: not cluster.left,
                 on_failure="retry",
                 backoff=Backoff(tick, max(tick, renew)),
             )
@@ -492,7 +501,9 @@ class App:
         # The built-in emulator ends with this process, and its tasks with it: stop them
         # properly rather than leave records of tasks that no longer exist anywhere.
         stop_tasks = self.config.supervisor.on_shutdown == "stop" or parts.emulator is not None
-        if parts.cluster is not None and stop_tasks:
+        if parts.cluster is not None and parts.cluster.fleet_stopping:
+            stop_tasks = True  # `streamwatch fleet stop`: every replica stops what it owns
+        elif parts.cluster is not None and stop_tasks:
             # [cluster]: the tasks stop only with the fleet's last replica; otherwise the
             # others adopt them.
             stop_tasks = await parts.cluster.last_replica()

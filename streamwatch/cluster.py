@@ -142,9 +142,11 @@ class Cluster:
         streams: Callable[[], Collection[str]],
         monotonic: Callable[[], float] = time.monotonic,
         on_change: Callable[[str, int], None] | None = None,
+        on_fleet_stop: Callable[[], None] | None = None,
     ) -> None:
         """`streams()`: the configured streams (whose leases are claimed); `on_change(change,
-        n)`: n leases claimed, lost, handed back or released (metrics)."""
+        n)`: n leases claimed, lost, handed back or released (metrics); `on_fleet_stop()`: a
+        lease round found the fleet marked as stopping (`streamwatch fleet stop`)."""
         self._store = store
         self._supervisor = supervisor
         self._lease = lease_seconds
@@ -164,6 +166,13 @@ class Cluster:
         self.notified = 0  # feed notifications received (LISTEN)
         self._fed = asyncio.Event()
         self._budget = FleetBudget(supervisor.spending)
+        self._on_fleet_stop = on_fleet_stop or (lambda: None)
+        self.fleet_stopping = False  # `streamwatch fleet stop` seen: stop what it owns, exit
+
+    @property
+    def left(self) -> bool:
+        """This replica left the fleet (its leases released)."""
+        return self._left
 
     @property
     def replica_id(self) -> str:
@@ -208,6 +217,10 @@ class Cluster:
         if self._left:
             return
         self.book.update(result.held, deadline=began + self._lease)
+        if result.fleet_stop and not self.fleet_stopping:
+            self.fleet_stopping = True
+            log.warning("cluster.fleet_stop", replica=self.replica_id, held=len(result.held))
+            self._on_fleet_stop()
         if result.replicas != self.replicas:
             log.info("cluster.replicas", replicas=result.replicas, replica=self.replica_id)
         if result.leader != self.leader:

@@ -360,6 +360,11 @@ class Supervisor:
         """True once `shutdown()` began: the planning loop ends."""
         return self._stopping
 
+    def stop_planning(self) -> None:
+        """Plan nothing more (no start from now on); `shutdown()` follows."""
+        self._stopping = True
+        self._wake.set()
+
     async def run_once(self) -> None:
         """One pass of the planning loop (the daemon runs it in its task group). The first
         pass first looks for the tasks of intents left open by an earlier process: callbacks
@@ -381,6 +386,8 @@ class Supervisor:
 
     def step(self) -> list[Action]:
         """One planning pass: decide and launch the actions. Returns them (for tests)."""
+        if self._stopping:
+            return []  # shutting down: `shutdown()` stops what it must
         now = self._clock()
         if self.halt is not None and now >= self.halt.until:
             log.info("supervisor.halt_expired", reason=self.halt.reason)

@@ -4,16 +4,20 @@ stop` stops every replica's tasks through the store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from streamwatch import cli
 from streamwatch.emulator import Emulator
 from streamwatch.store import PgTarget
 from tests import pg
 from tests.conftest import Daemon
-from tests.test_cluster_daemon import NAMES, STREAMS, A, cluster_toml, running
+from tests.test_cluster_daemon import NAMES, STREAMS, A, B, cluster_toml, running
 from tests.test_pg_daemon import readyz
 
 
@@ -72,3 +76,87 @@ async def test_readiness_turns_off_while_lease_rounds_fail_and_back_after_a_good
         await ready_when(daemon, lambda status, p: status == 200)
     finally:
         await daemon.stop()
+
+
+async def fleet_verb(daemon: Daemon, *argv: str) -> tuple[int, str]:
+    """`streamwatch fleet …` against the replica's config file (its store URL), in a thread
+    of its own as a separate command would run: the exit code and what it printed."""
+    out = io.StringIO()
+
+    def run() -> int:
+        with contextlib.redirect_stdout(out):
+            return cli.main(["fleet", *argv, "--config", str(daemon.config_path)])
+
+    code = await asyncio.to_thread(run)
+    return code, out.getvalue()
+
+
+async def test_fleet_stop_stops_every_replicas_tasks_and_the_replicas_until_fleet_start(
+    tmp_path: Path, emulator: Emulator, pg_target: PgTarget
+):
+    """`streamwatch fleet stop --wait`, run against the config's store with no replica asked:
+    both replicas (`on_shutdown = "keep"`) stop the tasks they own, each exactly once, and
+    exit by themselves; the verb waits until no task runs and exits 0. A replica started while
+    the mark is there starts nothing and exits; `fleet start` clears the mark and a replica
+    starts the streams again. `fleet status` shows the replicas and the running tasks."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Daemon(tmp_path / "a", emulator).on(pg_target)
+    b = Daemon(tmp_path / "b", emulator).on(pg_target)
+    try:
+        await a.start(STREAMS, extra=cluster_toml(A))
+        await a.wait(lambda: len(running(a)) == len(NAMES))
+        tasks = running(a)  # handed over to b without a restart: the same ids
+        await b.start(STREAMS, extra=cluster_toml(B))
+        await b.wait(lambda: len(running(b)) > 0, within=20)
+        code, shown = await fleet_verb(a, "status", "--json")
+        assert code == 0
+        doc = json.loads(shown)
+        assert {r["replica_id"] for r in doc["replicas"] if r["live"]} == {A, B}
+        assert {r["stream"]: r["task_id"] for r in doc["running"]} == tasks
+        assert doc["stopping"] is False
+
+        code, shown = await fleet_verb(a, "stop", "--wait", "--timeout", "30", "--poll", "0.1")
+        assert code == 0, shown
+        assert "no task running: the fleet is stopped" in shown
+        for d in (a, b):
+            assert d._task is not None
+            async with asyncio.timeout(30):
+                await d._task  # each replica exits by itself
+        assert sorted(t for t, _ in emulator.stop_calls) == sorted(tasks.values())
+        assert pg.rows(pg_target, "SELECT count(*) FROM tasks WHERE ended_at IS NULL") == [(0,)]
+
+        starts = len(emulator.accepted_starts())
+        await a.start()  # the mark is still there: it stops at once, starting nothing
+        assert a._task is not None
+        async with asyncio.timeout(30):
+            await a._task
+        assert len(emulator.accepted_starts()) == starts
+
+        code, shown = await fleet_verb(a, "start")
+        assert (code, shown.strip()) == (0, "fleet stop mark cleared")
+        await a.start()
+        await a.wait(lambda: len(running(a)) == len(NAMES), within=20)
+    finally:
+        emulator.webhook = None
+        await b.stop()
+        await a.stop()
+
+
+async def test_fleet_stop_wait_times_out_with_exit_6_while_a_task_has_no_replica(
+    tmp_path: Path, emulator: Emulator, pg_target: PgTarget
+):
+    """With the only replica killed (its task left running at MAVI, its lease lapsing), `fleet
+    stop --wait` cannot see the task stop: it names it, without an owner, and exits 6 at its
+    timeout; a config without a PostgreSQL fleet is refused with exit 1."""
+    daemon = Daemon(tmp_path, emulator).on(pg_target)
+    await daemon.start(STREAMS, extra=cluster_toml(A))
+    await daemon.wait(lambda: len(running(daemon)) == len(NAMES))
+    await daemon.crash()
+    pg.rows(pg_target, "UPDATE stream_leases SET expires_at = 0")
+    code, shown = await fleet_verb(daemon, "stop", "--wait", "--timeout", "0.3", "--poll", "0.1")
+    assert code == 6
+    assert f"{len(NAMES)} task(s) still running" in shown
+    assert "(no owner)" in shown
+    daemon.on(tmp_path / "state.db").write(STREAMS)  # SQLite, no [cluster]
+    assert (await fleet_verb(daemon, "status"))[0] == 1

@@ -8,6 +8,7 @@ The design is `streamwatch.cluster`'s docstring. Every time here is the database
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -23,13 +24,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FEED_CHANNEL",
+    "FLEET_STOP_KEY",
     "LEADER_LOCK",
     "FeedEntry",
     "Fenced",
+    "FleetState",
     "FleetView",
     "LeaseBook",
     "LeaseRound",
     "LeaseWrites",
+    "ReplicaRow",
     "fence",
     "preferred_owner",
     "publish",
@@ -42,6 +46,7 @@ LEADER_LOCK = 0x73776C6561646572
 _FORGET_REPLICAS_AFTER = 86_400.0  # a replica not seen for a day leaves the table
 _FEED_KEPT = 600.0  # seconds a callback stays in the feed (owners read it every tick)
 FEED_CHANNEL = "streamwatch_feed"  # NOTIFYed in each transaction that adds to the feed
+FLEET_STOP_KEY = "fleet_stop"  # the `settings` row `streamwatch fleet stop` writes
 
 
 def _weight(replica_id: str, stream: str) -> bytes:
@@ -216,6 +221,35 @@ class LeaseRound:
     leader: bool = False  # this replica holds the leader lock
     owners: dict[str, str] = field(default_factory=dict)  # every valid lease: stream → owner
     running: dict[str, str] = field(default_factory=dict)  # stream → its running task
+    fleet_stop: bool = False  # `streamwatch fleet stop` marked the fleet as stopping
+
+
+@dataclass(frozen=True)
+class ReplicaRow:
+    """A replica as the `replicas` table has it, with the valid leases it holds."""
+
+    replica_id: str
+    started_at: float
+    seen_at: float
+    expires_at: float
+    leaving: bool
+    leases: int
+
+    def live(self, now: float) -> bool:
+        return self.expires_at > now and not self.leaving
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """The fleet as the store holds it (`streamwatch fleet status`), by the database's clock:
+    the replicas, the running tasks (stream → task id) and each one's owner (None: no valid
+    lease), and the stop mark (`streamwatch fleet stop`) if there is one."""
+
+    now: float
+    replicas: list[ReplicaRow]
+    running: dict[str, str]
+    owners: dict[str, str | None]
+    stop: dict[str, object] | None
 
 
 class LeaseWrites(WriteSide):
@@ -308,7 +342,11 @@ class LeaseWrites(WriteSide):
                     (now,),
                 ).fetchall()
             )
+            stop = conn.execute(
+                "SELECT 1 FROM settings WHERE key = ?", (FLEET_STOP_KEY,)
+            ).fetchone()
             return LeaseRound(
+                fleet_stop=stop is not None,
                 owners=owners,
                 running=running,
                 leader=leader,
@@ -400,6 +438,70 @@ class LeaseWrites(WriteSide):
             return cur.rowcount
 
         return await self._write(op)
+
+    async def mark_fleet_stop(self, mark: dict[str, object] | None) -> bool:
+        """`streamwatch fleet stop`: mark the fleet as stopping (each replica stops the tasks
+        it owns at its next lease round, then exits); None clears the mark (`fleet start`).
+        Returns whether a mark was there before."""
+
+        def op(ctx: Context) -> bool:
+            conn = ctx.conn
+            had = conn.execute(
+                "DELETE FROM settings WHERE key = ? RETURNING key", (FLEET_STOP_KEY,)
+            ).fetchone()
+            if mark is not None:
+                now = float(conn.execute(_NOW).fetchone()[0])
+                conn.execute(
+                    "INSERT INTO settings (key, value) VALUES (?, ?)",
+                    (FLEET_STOP_KEY, json.dumps({**mark, "at": now})),
+                )
+            return had is not None
+
+        return await self._write(op)
+
+    async def fleet_state(self) -> FleetState:
+        """The replicas, the running tasks and their owners, and the stop mark."""
+
+        def op(conn: Connection) -> FleetState:
+            now = float(conn.execute(_NOW).fetchone()[0])
+            held = dict(
+                conn.execute(
+                    "SELECT owner, count(*) FROM stream_leases WHERE owner IS NOT NULL"
+                    " AND expires_at > ? GROUP BY owner",
+                    (now,),
+                ).fetchall()
+            )
+            replicas = [
+                ReplicaRow(r, float(st), float(se), float(ex), bool(lv), int(held.get(r, 0)))
+                for r, st, se, ex, lv in conn.execute(
+                    "SELECT replica_id, started_at, seen_at, expires_at, leaving FROM replicas"
+                    " ORDER BY replica_id"
+                )
+            ]
+            running = dict(
+                conn.execute(
+                    "SELECT stream, task_id FROM tasks WHERE ended_at IS NULL ORDER BY stream"
+                ).fetchall()
+            )
+            valid = dict(
+                conn.execute(
+                    "SELECT stream, owner FROM stream_leases WHERE owner IS NOT NULL"
+                    " AND expires_at > ?",
+                    (now,),
+                ).fetchall()
+            )
+            row = conn.execute(
+                "SELECT value FROM settings WHERE key = ?", (FLEET_STOP_KEY,)
+            ).fetchone()
+            return FleetState(
+                now=now,
+                replicas=replicas,
+                running=running,
+                owners={s: valid.get(s) for s in running},
+                stop=json.loads(row[0]) if row else None,
+            )
+
+        return await self._read(op)
 
     async def live_replicas(self) -> list[str]:
         """The replicas whose heartbeat has not expired and that are not leaving."""
