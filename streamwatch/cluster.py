@@ -4,8 +4,8 @@ a time, through a lease row with a fencing epoch (`[cluster]`, PostgreSQL only).
 Design (issue 17). What is built is marked [built]; the rest is the plan. Deploy examples:
 deploy/kubernetes/cluster/; under fire: bench/cluster.py.
 
-Tables (`streamwatch.store.pg_schema`, version 10, with `callback_feed`; SQLite's version 10
-adds nothing):
+Tables (`streamwatch.store.pg_schema`, version 11, with `callback_feed`, and version 12's
+`budget_spend` and `budget_fired`; SQLite's 11 and 12 add nothing):
 - `replicas(replica_id, started_at, seen_at, expires_at, leaving)`: one heartbeat row per
   replica, renewed with its leases. Live = `expires_at` in the future and not `leaving`.
   [built]
@@ -63,7 +63,8 @@ whose local deadline passed.
 Shutdown [built]: a replica stopping gracefully marks itself `leaving`, forgets its streams
 and releases all its leases in one transaction, so the others claim them at their next round.
 `on_shutdown = "stop"` stops tasks only when the replica is the last live one (the fleet
-stops); otherwise the tasks are left to the replicas that remain.
+stops); otherwise the tasks are left to the replicas that remain. To stop a fleet and its
+tasks: `streamwatch fleet stop` (below).
 
 Callbacks on any replica [built]: any replica stores and acknowledges any callback (the store
 is shared). In the transaction that stores it, a callback goes into `callback_feed` with a
@@ -75,11 +76,38 @@ horizon (`pg_snapshot_xmin`), not a row id: ids commit out of order, finished tr
 below the horizon do not, so no row is skipped.
 
 Fleet-wide account state [built]: each lease round reads the ledger's totals (every replica's
-charges), the budget thresholds fired and the halt from the store (`Supervisor.share_account`;
+charges), the budget events fired and the halt from the store (`Supervisor.share_account`;
 a halt this replica saved that the store no longer holds was resumed elsewhere);
 `max_running` counts the tasks running on the other replicas as of the last round; orphan
 detection needs nothing (intents live in the shared store). A stream with a running task is
 claimed even once removed from the config, so an owner stops it.
+
+Budgets on the fleet's exact spend [built] (`streamwatch.store.budget`, schema 12): for each
+capped scope (the account, a stream) and period, `budget_spend` holds the fleet's confirmed
+spend; every charge adds itself to it in its own transaction (`UPDATE … RETURNING ticks`,
+the account's rows first), so charges serialize on the row and each learns the fleet's
+total right after it (`FleetSpend`, on the outcome the supervisor takes). The charge that
+reaches a cap is known in its own commit on whichever replica stored it; the owners take the
+totals at their next feed pass (a charge within one pre-charge of a cap NOTIFYs the feed's
+channel; the tick is the bound) and stop at the next plan. Overshoot: at most the segments
+in flight when the cap is crossed, on any replica (billed by MAVI and not yet stored, or
+processed before the stop reaches MAVI), as on a single daemon plus the owner's hearing of
+it. The start gate reads the fleet's totals in the start intent's transaction (`OverBudget`:
+MAVI not asked); two starts racing for the last room are each one pre-charge in flight. A
+threshold (or forecast) fires once: the operation that crosses it inserts its row in
+`budget_fired` (`INSERT … ON CONFLICT DO NOTHING`) and only the one that took it records the
+event and its alert, in the same commit (`claim_fired`). A replica counts only the scopes it
+caps and drops the rows of scopes it no longer caps at start and reload (`budgets_configured`):
+the replicas share one `[budgets]`.
+
+Readiness [built]: `/readyz` is ready once a lease round committed (the first runs before the
+server listens) and 503 while none has for `lease_seconds` (`lease_problem`).
+
+Fleet stop [built] (`streamwatch fleet stop`, `streamwatch.fleetcmd`): a `settings` row
+(`FLEET_STOP_KEY`) read in every lease round; a replica finding it plans nothing more, stops
+the tasks it owns (fenced), follows the feed until it leaves (final callbacks stored
+elsewhere), releases its leases and exits 0; one started while the row is there does the same
+at once. `fleet start` deletes the row.
 
 Alerts once [built]: due alerts are claimed as they are read (`UPDATE … WHERE id IN (SELECT …
 FOR UPDATE SKIP LOCKED)`, not due again for `CLAIM_SECONDS`). The leader [built] is the
@@ -91,11 +119,6 @@ which every delivery reads first), and exports the fleet's figures (and
 and releases; the status API shows each stream's owner.
 
 Planned, not built yet:
-- Budget caps with at most the segments in flight of overshoot (today the others' charges
-  are seen at the next lease round: up to `renew_seconds` of the fleet's spend), and a
-  threshold fired once across the fleet (recorded with `INSERT … ON CONFLICT DO NOTHING` in
-  its own row, instead of the whole fired set saved by each replica).
-- `streamwatch fleet stop`, which marks every replica leaving and lets each stop what it owns.
 - A compose stack with two replicas behind nginx; alert rules and dashboard panels for the
   new series.
 """
