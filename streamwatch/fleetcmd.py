@@ -48,13 +48,17 @@ def add_parser(
         "`fleet stop` marks the fleet as stopping: every replica stops the tasks it owns, "
         "waits for their final callbacks and exits 0 (a replica started meanwhile stops at "
         "once); with --wait, show the tasks still running until none is (exit 6 if some "
-        "still run at --timeout). `fleet start` clears the mark, so replicas start their "
-        "streams again. `fleet status` shows the replicas, their leases and the running "
+        "still run at --timeout). `fleet start` clears the mark: replicas started from "
+        "then on run their streams again. `fleet status` shows the replicas, their leases and the running "
         "tasks with their owners.",
     )
     p.set_defaults(func=run)
     with_config(p)
-    p.add_argument("action", choices=["stop", "start", "status"])
+    p.add_argument(
+        "action",
+        choices=["stop", "start", "status"],
+        help="stop: mark the fleet as stopping; start: clear the mark; status: show the fleet",
+    )
     p.add_argument("--wait", action="store_true", help="stop: wait until no task runs")
     p.add_argument(
         "--timeout",
