@@ -11,14 +11,15 @@ nothing; the exit code is 1 when a figure is wrong.
 
 With `--throughput N`, it measures instead how many callbacks per second one replica and then
 `--replicas` replicas take through the proxy (N segment callbacks of one recorded task,
-`--concurrency` in flight, from this process), and prints both figures side by side.
+`--concurrency` in flight, from this process), and prints both figures side by side; with
+`--budgets`, under account caps (each charge then counts itself in the fleet's spend rows).
 
 Without `--storage`, a throwaway PostgreSQL cluster is made as the tests make theirs
 (tests/pg.py, Debian's binaries).
 
     python -m bench.cluster [--replicas 3] [--streams 50] [--seconds 120]
                             [--kill-every 10:20] [--storage postgresql://…]
-    python -m bench.cluster --throughput 5000 [--replicas 3] [--concurrency 64]
+    python -m bench.cluster --throughput 5000 [--replicas 3] [--concurrency 64] [--budgets]
 """
 
 from __future__ import annotations
@@ -57,7 +58,20 @@ def free_port() -> int:
         return port
 
 
-def config(url: str, replica: str, port: int, emulator: str, streams: int, lease: float) -> str:
+# `--budgets`: account caps no callback reaches, so each charge counts itself in the fleet's
+# spend rows (day and month) in its own transaction (`streamwatch.store.budget`).
+BUDGETS = '[budgets]\ndaily_usd = "1000000"\nmonthly_usd = "10000000"\naction = "alert-only"\n'
+
+
+def config(
+    url: str,
+    replica: str,
+    port: int,
+    emulator: str,
+    streams: int,
+    lease: float,
+    budgets: str = "",
+) -> str:
     entries = "".join(
         f'[[streams]]\nname = "cam{i:03d}"\nurl = "rtmp://cams.test/cam{i:03d}"\n'
         for i in range(streams)
@@ -83,6 +97,7 @@ lease_seconds = {lease}
 renew_seconds = {lease / 3}
 [logging]
 level = "warning"
+{budgets}
 {entries}"""
 
 
@@ -287,7 +302,9 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> Figures:
     )
 
 
-async def throughput(url: str, replicas: int, n: int, concurrency: int, work: Path) -> float:
+async def throughput(
+    url: str, replicas: int, n: int, concurrency: int, work: Path, *, budgets: bool = False
+) -> float:
     """Callbacks per second `replicas` replicas take through the proxy (see the docstring)."""
     from bench.callbacks import body
     from streamwatch.store import PgTarget, Store
@@ -296,7 +313,17 @@ async def throughput(url: str, replicas: int, n: int, concurrency: int, work: Pa
     procs = []
     for i, port in enumerate(ports):
         path = work / f"t{replicas}-{i}.toml"
-        path.write_text(config(url, f"t{replicas}-{i}", port, "http://127.0.0.1:9", 0, 3.0))
+        path.write_text(
+            config(
+                url,
+                f"t{replicas}-{i}",
+                port,
+                "http://127.0.0.1:9",
+                0,
+                3.0,
+                BUDGETS if budgets else "",
+            )
+        )
         procs.append(await spawn("run", "-c", str(path)))
     task_id = f"bench-{replicas}-{time.time_ns()}"
     try:
@@ -381,16 +408,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="postgresql://… of an empty database")
     p.add_argument("--throughput", type=int, metavar="N", help="measure callbacks/s instead")
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument(
+        "--budgets",
+        action="store_true",
+        help="throughput: with account caps, so each charge counts in the fleet's spend rows",
+    )
     return p
 
 
 async def measure(args: argparse.Namespace, url: str, work: Path) -> int:
     if not args.throughput:
         return report(args, await run(args, url, work))
-    one = await throughput(url, 1, args.throughput, args.concurrency, work)
-    many = await throughput(url, args.replicas, args.throughput, args.concurrency, work)
+    caps = args.budgets
+    one = await throughput(url, 1, args.throughput, args.concurrency, work, budgets=caps)
+    many = await throughput(
+        url, args.replicas, args.throughput, args.concurrency, work, budgets=caps
+    )
     print(
-        f"callbacks/s through the proxy, {args.throughput} callbacks, {args.concurrency} in flight:"
+        f"callbacks/s through the proxy, {args.throughput} callbacks, {args.concurrency} in flight"
+        + (", account caps (day, month) counted per charge:" if caps else ":")
     )
     print(f"  1 replica: {one:.0f}   {args.replicas} replicas: {many:.0f}   ratio {many / one:.2f}")
     return 0
