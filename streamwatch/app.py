@@ -387,8 +387,11 @@ class App:
             daemon.loop(
                 "cluster",
                 cluster.run_once,
-                wait=lambda: self._pause(renew),
-                running=self._running,
+                # Until the replica leaves, not until the stop is asked: its leases stay valid
+                # while it drains, so the stops of `on_shutdown = "stop"` or `fleet stop` are
+                # not refused by the fence.
+                wait=lambda: asyncio.sleep(renew),
+                running=lambda: not cluster.left,
                 on_failure="retry",
                 backoff=Backoff(min(1.0, renew), renew),
             )
@@ -507,7 +510,10 @@ class App:
             # [cluster]: the tasks stop only with the fleet's last replica; otherwise the
             # others adopt them.
             stop_tasks = await parts.cluster.last_replica()
-        stopped = await supervisor.shutdown(stop_tasks=stop_tasks)
+        # `fleet stop`: no replica remains to stop what this one leaves running, so a stop
+        # that failed (MAVI, the database) is tried again.
+        fleet_stop = parts.cluster is not None and parts.cluster.fleet_stopping
+        stopped = await supervisor.shutdown(stop_tasks=stop_tasks, attempts=3 if fleet_stop else 1)
         await planning.wait()
         if parts.cluster is not None and not stop_tasks:
             await parts.cluster.leave()  # the others adopt at their next round

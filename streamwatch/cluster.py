@@ -234,16 +234,15 @@ class Cluster:
         if self._left:
             return
         began = self._monotonic()  # before the round: the local view never outlives the DB's
+        # Shutting down (draining), the leases held are renewed (the stops under way stay
+        # valid) and nothing is claimed or handed back.
+        closing = self._supervisor.stopping
         result = await self._store.lease_round(
-            self.book, self._streams(), lease_seconds=self._lease
+            self.book, self._streams(), lease_seconds=self._lease, claim=not closing
         )
         if self._left:
             return
         self.book.update(result.held, deadline=began + self._lease)
-        if result.fleet_stop and not self.fleet_stopping:
-            self.fleet_stopping = True
-            log.warning("cluster.fleet_stop", replica=self.replica_id, held=len(result.held))
-            self._on_fleet_stop()
         if result.replicas != self.replicas:
             log.info("cluster.replicas", replicas=result.replicas, replica=self.replica_id)
         if result.leader != self.leader:
@@ -273,7 +272,10 @@ class Cluster:
             await self._supervisor.take(gained)
             self._ready |= set(gained)
             self._changes("claimed", len(gained))
-        give = self._supervisor.releasable([s for s in result.misplaced if s in self._ready])
+        # Stopping with the fleet: nothing is handed back (its new owner may have stopped
+        # already); what this replica holds, it stops.
+        misplaced = [] if result.fleet_stop or closing else result.misplaced
+        give = self._supervisor.releasable([s for s in misplaced if s in self._ready])
         if give:
             self._forget(give)
             self.book.drop(give)
@@ -284,6 +286,11 @@ class Cluster:
         stale = set(self._supervisor.streams) - self._ready
         if stale:
             self._supervisor.drop(stale)
+        if result.fleet_stop and not self.fleet_stopping:
+            # After the streams gained are loaded: the shutdown this starts stops them too.
+            self.fleet_stopping = True
+            log.warning("cluster.fleet_stop", replica=self.replica_id, held=len(result.held))
+            self._on_fleet_stop()
         await self._store.prune_feed()
         await self._supervisor.share_account(await self._store.budget_fired_rows())
         self.rounds += 1

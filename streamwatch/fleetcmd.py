@@ -23,8 +23,8 @@ from typing import Any
 
 from streamwatch.config import Config
 from streamwatch.storage import storage_location
-from streamwatch.store import PgTarget, Store
-from streamwatch.store.leases import FleetState
+from streamwatch.store import PgTarget, ReadOnlyStore
+from streamwatch.store.leases import FleetState, mark_fleet_stop
 from streamwatch.table import table
 
 __all__ = ["EXIT_STILL_RUNNING", "add_parser", "run"]
@@ -49,8 +49,8 @@ def add_parser(
         "waits for their final callbacks and exits 0 (a replica started meanwhile stops at "
         "once); with --wait, show the tasks still running until none is (exit 6 if some "
         "still run at --timeout). `fleet start` clears the mark: replicas started from "
-        "then on run their streams again. `fleet status` shows the replicas, their leases and the running "
-        "tasks with their owners.",
+        "then on run their streams again. `fleet status` shows the replicas, their leases "
+        "and the running tasks with their owners.",
     )
     p.set_defaults(func=run)
     with_config(p)
@@ -90,9 +90,11 @@ def run(args: argparse.Namespace, config: Config) -> int:
 
 
 async def _run(args: argparse.Namespace, location: PgTarget) -> int:
-    async with Store(location) as store:
+    # Read-only (the schema checked, never migrated: this command may be another version than
+    # the fleet); the mark is written on a connection of its own.
+    async with ReadOnlyStore(location) as store:
         if args.action == "start":
-            had = await store.mark_fleet_stop(None)
+            had = await mark_fleet_stop(location, None)
             print("fleet stop mark cleared" if had else "the fleet was not marked as stopping")
             return 0
         if args.action == "status":
@@ -103,7 +105,7 @@ async def _run(args: argparse.Namespace, location: PgTarget) -> int:
                 _show(state)
             return 0
         by = f"{getpass.getuser()}@{socket.gethostname()}"
-        await store.mark_fleet_stop({"by": by})
+        await mark_fleet_stop(location, {"by": by})
         state = await store.fleet_state()
         live = [r.replica_id for r in state.replicas if r.live(state.now)]
         print(

@@ -1132,21 +1132,24 @@ class Supervisor:
         self._notify()
         return released
 
-    async def shutdown(self, *, stop_tasks: bool) -> list[str]:
-        """Stop planning; with `stop_tasks`, stop every running task. Returns the stopped ids."""
+    async def shutdown(self, *, stop_tasks: bool, attempts: int = 1) -> list[str]:
+        """Stop planning; with `stop_tasks`, stop every running task, trying a stop that
+        failed again up to `attempts` times in all. Returns the ids of the stops made."""
         self._stopping = True
         self._wake.set()
         for probing in self._probing:  # no start follows: nothing to wait for
             probing.cancel()
         await self.settle()
         stopped: list[str] = []
-        if stop_tasks:
+        for _ in range(attempts if stop_tasks else 0):
             stops = [
                 Stop(s.name, s.task_id, "shutdown")
                 for s in self.streams.values()
                 if s.task_id is not None and s.phase in (Phase.RUNNING, Phase.STALLED)
             ]
-            self._ending = {s.task_id for s in stops}
+            if not stops:
+                break
+            self._ending |= {s.task_id for s in stops}
             for stop in stops:
                 # As _launch does: the stop in flight owns what its final 14 means.
                 state = self.streams[stop.stream]
@@ -1154,7 +1157,15 @@ class Supervisor:
                     state, phase=Phase.STOPPING, stop_reason="shutdown"
                 )
             await asyncio.gather(*(self._stop(a) for a in stops), return_exceptions=True)
-            stopped = [a.task_id for a in stops]
+            stopped += [a.task_id for a in stops if a.task_id not in stopped]
+            # A stop that failed left its stream running the task (`on_stop_failed`): no final
+            # callback is coming for it; the next attempt tries it again.
+            asked = {a.task_id for a in stops}
+            self._ending -= {
+                s.task_id
+                for s in self.streams.values()
+                if s.phase is Phase.RUNNING and s.task_id in asked
+            }
         await self._persist()
         return stopped
 

@@ -4,19 +4,18 @@ stop` stops every replica's tasks through the store."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from streamwatch import cli
 from streamwatch.emulator import Emulator
 from streamwatch.store import PgTarget
 from tests import pg
-from tests.conftest import Daemon
+from tests.conftest import ENV, Daemon
 from tests.test_cluster_daemon import NAMES, STREAMS, A, B, cluster_toml, running
 from tests.test_pg_daemon import readyz
 
@@ -35,6 +34,16 @@ async def ready_when(daemon: Daemon, predicate: Callable[[int, list[str]], bool]
             await asyncio.sleep(0.05)
 
 
+def steady(replica: str) -> str:
+    """A lease of 5 s: a round late under load (a command starting beside the replicas, both
+    replicas on the test's one event loop) does not lapse it."""
+    return (
+        cluster_toml(replica)
+        .replace("lease_seconds = 1", "lease_seconds = 5")
+        .replace("renew_seconds = 0.3", "renew_seconds = 1.5")
+    )
+
+
 def lapsing(problems: list[str]) -> bool:
     return any("no lease round has succeeded" in p for p in problems)
 
@@ -48,13 +57,7 @@ async def test_readiness_turns_off_while_lease_rounds_fail_and_back_after_a_good
     saying its leases lapse, and ready again after the next good round; the same through a
     database outage (the server stopped, then started)."""
     daemon = Daemon(tmp_path, emulator).on(pg_target)
-    # A lease of 3 s: a round late under load does not lapse it (readiness would say so).
-    await daemon.start(
-        STREAMS,
-        extra=cluster_toml(A)
-        .replace("lease_seconds = 1", "lease_seconds = 3")
-        .replace("renew_seconds = 0.3", "renew_seconds = 1"),
-    )
+    await daemon.start(STREAMS, extra=steady(A))
     try:
         await daemon.wait(lambda: len(running(daemon)) == len(NAMES))
         assert await readyz(daemon) == (200, {"ready": True, "problems": []})
@@ -79,16 +82,23 @@ async def test_readiness_turns_off_while_lease_rounds_fail_and_back_after_a_good
 
 
 async def fleet_verb(daemon: Daemon, *argv: str) -> tuple[int, str]:
-    """`streamwatch fleet …` against the replica's config file (its store URL), in a thread
-    of its own as a separate command would run: the exit code and what it printed."""
-    out = io.StringIO()
-
-    def run() -> int:
-        with contextlib.redirect_stdout(out):
-            return cli.main(["fleet", *argv, "--config", str(daemon.config_path)])
-
-    code = await asyncio.to_thread(run)
-    return code, out.getvalue()
+    """`streamwatch fleet …` as its own process against the replica's config file (its store
+    URL): the exit code and what it printed (stdout, then stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "streamwatch",
+        "fleet",
+        *argv,
+        "--config",
+        str(daemon.config_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **ENV},
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode() + err.decode()
 
 
 async def test_fleet_stop_stops_every_replicas_tasks_and_the_replicas_until_fleet_start(
@@ -104,15 +114,16 @@ async def test_fleet_stop_stops_every_replicas_tasks_and_the_replicas_until_flee
     a = Daemon(tmp_path / "a", emulator).on(pg_target)
     b = Daemon(tmp_path / "b", emulator).on(pg_target)
     try:
-        await a.start(STREAMS, extra=cluster_toml(A))
+        # No stall under load (callbacks reach the owner through the feed): no restart.
+        await a.start(STREAMS, extra=steady(A), stall_after_segments=400)
         await a.wait(lambda: len(running(a)) == len(NAMES))
         tasks = running(a)  # handed over to b without a restart: the same ids
-        await b.start(STREAMS, extra=cluster_toml(B))
+        await b.start(STREAMS, extra=steady(B), stall_after_segments=400)
         await b.wait(lambda: len(running(b)) > 0, within=20)
         code, shown = await fleet_verb(a, "status", "--json")
-        assert code == 0
+        assert code == 0, shown
         doc = json.loads(shown)
-        assert {r["replica_id"] for r in doc["replicas"] if r["live"]} == {A, B}
+        assert {r["replica_id"] for r in doc["replicas"] if r["live"]} == {A, B}, doc["replicas"]
         assert {r["stream"]: r["task_id"] for r in doc["running"]} == tasks
         assert doc["stopping"] is False
 

@@ -7,6 +7,7 @@ The design is `streamwatch.cluster`'s docstring. Every time here is the database
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -14,7 +15,11 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import asyncpg
+
 from streamwatch.mavi.callbacks import Callback, SegmentFailed, SegmentReport, StreamEnded
+from streamwatch.store.postgres import PgTarget
+from streamwatch.store.reader import ReadSide
 from streamwatch.store.sql import Connection
 from streamwatch.store.types import CallbackOutcome, StoreError
 from streamwatch.store.writer import Context, WriteSide
@@ -28,6 +33,7 @@ __all__ = [
     "LEADER_LOCK",
     "FeedEntry",
     "Fenced",
+    "FleetReads",
     "FleetState",
     "FleetView",
     "LeaseBook",
@@ -35,6 +41,7 @@ __all__ = [
     "LeaseWrites",
     "ReplicaRow",
     "fence",
+    "mark_fleet_stop",
     "preferred_owner",
     "publish",
     "rendezvous_owners",
@@ -264,11 +271,17 @@ class LeaseWrites(WriteSide):
         self._writer.context.budget = rules
 
     async def lease_round(
-        self, book: LeaseBook, streams: Collection[str], *, lease_seconds: float
+        self,
+        book: LeaseBook,
+        streams: Collection[str],
+        *,
+        lease_seconds: float,
+        claim: bool = True,
     ) -> LeaseRound:
         """Heartbeat, renew what `book` holds, and claim the configured `streams` (and any
         stream with a running task) whose preferred owner is this replica and whose lease is
-        free or expired (one transaction).
+        free or expired (one transaction). Without `claim` (a replica shutting down), only the
+        heartbeat and the renewals.
         `book` is not changed: the caller applies the answer once it committed."""
         me = book.replica_id
         known = dict(book.epochs)
@@ -309,7 +322,8 @@ class LeaseWrites(WriteSide):
             # stops it (as removed), whoever started it.
             preferred = rendezvous_owners(set(streams) | set(running), replicas)
             claimed = []
-            for stream in sorted(s for s, owner in preferred.items() if owner == me):
+            mine = [s for s, owner in preferred.items() if owner == me] if claim else []
+            for stream in sorted(mine):
                 if stream in held:
                     continue
                 row = conn.execute(
@@ -439,25 +453,34 @@ class LeaseWrites(WriteSide):
 
         return await self._write(op)
 
-    async def mark_fleet_stop(self, mark: dict[str, object] | None) -> bool:
-        """`streamwatch fleet stop`: mark the fleet as stopping (each replica stops the tasks
-        it owns at its next lease round, then exits); None clears the mark (`fleet start`).
-        Returns whether a mark was there before."""
+    async def live_replicas(self) -> list[str]:
+        """The replicas whose heartbeat has not expired and that are not leaving."""
 
-        def op(ctx: Context) -> bool:
-            conn = ctx.conn
-            had = conn.execute(
-                "DELETE FROM settings WHERE key = ? RETURNING key", (FLEET_STOP_KEY,)
-            ).fetchone()
-            if mark is not None:
-                now = float(conn.execute(_NOW).fetchone()[0])
-                conn.execute(
-                    "INSERT INTO settings (key, value) VALUES (?, ?)",
-                    (FLEET_STOP_KEY, json.dumps({**mark, "at": now})),
-                )
-            return had is not None
+        def op(conn: Connection) -> list[str]:
+            now = float(conn.execute(_NOW).fetchone()[0])
+            rows = conn.execute(
+                "SELECT replica_id FROM replicas WHERE expires_at > ? AND leaving = 0"
+                " ORDER BY replica_id",
+                (now,),
+            )
+            return [r[0] for r in rows]
 
-        return await self._write(op)
+        return await self._read(op)
+
+    async def lease_owners(self) -> dict[str, tuple[str | None, int, float]]:
+        """Every lease row: stream → (owner, epoch, expires_at), the owner None if released."""
+
+        def op(conn: Connection) -> dict[str, tuple[str | None, int, float]]:
+            rows = conn.execute(
+                "SELECT stream, owner, epoch, expires_at FROM stream_leases ORDER BY stream"
+            )
+            return {s: (o, int(e), float(x)) for s, o, e, x in rows}
+
+        return await self._read(op)
+
+
+class FleetReads(ReadSide):
+    """What `streamwatch fleet status` reads (a read-only open serves it too)."""
 
     async def fleet_state(self) -> FleetState:
         """The replicas, the running tasks and their owners, and the stop mark."""
@@ -503,27 +526,29 @@ class LeaseWrites(WriteSide):
 
         return await self._read(op)
 
-    async def live_replicas(self) -> list[str]:
-        """The replicas whose heartbeat has not expired and that are not leaving."""
 
-        def op(conn: Connection) -> list[str]:
-            now = float(conn.execute(_NOW).fetchone()[0])
-            rows = conn.execute(
-                "SELECT replica_id FROM replicas WHERE expires_at > ? AND leaving = 0"
-                " ORDER BY replica_id",
-                (now,),
+async def mark_fleet_stop(target: PgTarget, mark: dict[str, object] | None) -> bool:
+    """`streamwatch fleet stop`: mark the fleet as stopping (each replica stops the tasks it
+    owns at its next lease round, then exits); None clears the mark (`fleet start`). One
+    connection of its own and one transaction, never a migration (the command may be another
+    version than the fleet: open a `ReadOnlyStore` first, which checks the schema). Returns
+    whether a mark was there before."""
+    conn = await target.connect()
+    try:
+        async with conn.transaction():
+            had = await conn.fetchval(
+                "DELETE FROM settings WHERE key = $1 RETURNING key", FLEET_STOP_KEY
             )
-            return [r[0] for r in rows]
-
-        return await self._read(op)
-
-    async def lease_owners(self) -> dict[str, tuple[str | None, int, float]]:
-        """Every lease row: stream → (owner, epoch, expires_at), the owner None if released."""
-
-        def op(conn: Connection) -> dict[str, tuple[str | None, int, float]]:
-            rows = conn.execute(
-                "SELECT stream, owner, epoch, expires_at FROM stream_leases ORDER BY stream"
-            )
-            return {s: (o, int(e), float(x)) for s, o, e, x in rows}
-
-        return await self._read(op)
+            if mark is not None:
+                now = float(await conn.fetchval(_NOW))
+                await conn.execute(
+                    "INSERT INTO settings (key, value) VALUES ($1, $2)",
+                    FLEET_STOP_KEY,
+                    json.dumps({**mark, "at": now}),
+                )
+        return had is not None
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"could not write the fleet's stop mark to {target}: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):  # closing: nothing left to save
+            await conn.close(timeout=5)
