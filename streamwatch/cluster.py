@@ -63,8 +63,10 @@ whose local deadline passed.
 Shutdown [built]: a replica stopping gracefully marks itself `leaving`, forgets its streams
 and releases all its leases in one transaction, so the others claim them at their next round.
 `on_shutdown = "stop"` stops tasks only when the replica is the last live one (the fleet
-stops); otherwise the tasks are left to the replicas that remain. To stop a fleet and its
-tasks: `streamwatch fleet stop` (below).
+stops); otherwise the tasks are left to the replicas that remain. While a replica drains,
+its lease rounds go on renewing what it holds (claiming and handing back nothing), so its
+stops are not refused by a lapsed lease. To stop a fleet and its tasks: `streamwatch fleet
+stop` (below).
 
 Callbacks on any replica [built]: any replica stores and acknowledges any callback (the store
 is shared). In the transaction that stores it, a callback goes into `callback_feed` with a
