@@ -11,7 +11,8 @@ nothing; the exit code is 1 when a figure is wrong.
 
 With `--throughput N`, it measures instead how many callbacks per second one replica and then
 `--replicas` replicas take through the proxy (N segment callbacks of one recorded task,
-`--concurrency` in flight, from this process), and prints both figures side by side.
+`--concurrency` in flight, from this process), and prints both figures side by side; with
+`--budgets`, under account caps (each charge then counts itself in the fleet's spend rows).
 
 Without `--storage`, a throwaway PostgreSQL cluster is made as the tests make theirs
 (tests/pg.py, Debian's binaries).
@@ -35,7 +36,7 @@ enough balance for the run (no 402).
     python -m bench.cluster [--replicas 3] [--streams 50] [--seconds 120]
                             [--kill-every 10:20] [--storage postgresql://…]
                             [--mavi-url http://…/serve/api/v2 [--control-url http://…]]
-    python -m bench.cluster --throughput 5000 [--replicas 3] [--concurrency 64]
+    python -m bench.cluster --throughput 5000 [--replicas 3] [--concurrency 64] [--budgets]
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def free_port() -> int:
         return port
 
 
+# `--budgets`: account caps no callback reaches, so each charge counts itself in the fleet's
+# spend rows (day and month) in its own transaction (`streamwatch.store.budget`).
+BUDGETS = '[budgets]\ndaily_usd = "1000000"\nmonthly_usd = "10000000"\naction = "alert-only"\n'
+
+
 def config(
     url: str,
     replica: str,
@@ -89,8 +95,10 @@ def config(
     streams: int,
     lease: float,
     segment: float = SEGMENT,
+    budgets: str = "",
 ) -> str:
-    """A replica's streams.toml: `mavi` is the v2 API's base URL."""
+    """A replica's streams.toml: `mavi` is the v2 API's base URL; `budgets` a [budgets]
+    section or nothing."""
     entries = "".join(
         f'[[streams]]\nname = "cam{i:03d}"\nurl = "rtmp://cams.test/cam{i:03d}"\n'
         for i in range(streams)
@@ -116,6 +124,7 @@ lease_seconds = {lease}
 renew_seconds = {lease / 3}
 [logging]
 level = "warning"
+{budgets}
 {entries}"""
 
 
@@ -326,7 +335,9 @@ async def run(args: argparse.Namespace, url: str, work: Path) -> Figures:
     )
 
 
-async def throughput(url: str, replicas: int, n: int, concurrency: int, work: Path) -> float:
+async def throughput(
+    url: str, replicas: int, n: int, concurrency: int, work: Path, *, budgets: bool = False
+) -> float:
     """Callbacks per second `replicas` replicas take through the proxy (see the docstring)."""
     from bench.callbacks import body
     from streamwatch.store import PgTarget, Store
@@ -336,7 +347,15 @@ async def throughput(url: str, replicas: int, n: int, concurrency: int, work: Pa
     for i, port in enumerate(ports):
         path = work / f"t{replicas}-{i}.toml"
         path.write_text(
-            config(url, f"t{replicas}-{i}", port, "http://127.0.0.1:9/serve/api/v2", 0, 3.0)
+            config(
+                url,
+                f"t{replicas}-{i}",
+                port,
+                "http://127.0.0.1:9/serve/api/v2",
+                0,
+                3.0,
+                budgets=BUDGETS if budgets else "",
+            )
         )
         procs.append(await spawn("run", "-c", str(path)))
     task_id = f"bench-{replicas}-{time.time_ns()}"
@@ -436,16 +455,25 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--throughput", type=int, metavar="N", help="measure callbacks/s instead")
     p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument(
+        "--budgets",
+        action="store_true",
+        help="throughput: with account caps, so each charge counts in the fleet's spend rows",
+    )
     return p
 
 
 async def measure(args: argparse.Namespace, url: str, work: Path) -> int:
     if not args.throughput:
         return report(args, await run(args, url, work))
-    one = await throughput(url, 1, args.throughput, args.concurrency, work)
-    many = await throughput(url, args.replicas, args.throughput, args.concurrency, work)
+    caps = args.budgets
+    one = await throughput(url, 1, args.throughput, args.concurrency, work, budgets=caps)
+    many = await throughput(
+        url, args.replicas, args.throughput, args.concurrency, work, budgets=caps
+    )
     print(
-        f"callbacks/s through the proxy, {args.throughput} callbacks, {args.concurrency} in flight:"
+        f"callbacks/s through the proxy, {args.throughput} callbacks, {args.concurrency} in flight"
+        + (", account caps (day, month) counted per charge:" if caps else ":")
     )
     print(f"  1 replica: {one:.0f}   {args.replicas} replicas: {many:.0f}   ratio {many / one:.2f}")
     return 0

@@ -285,11 +285,13 @@ class App:
                 lease_seconds=cfg.cluster.lease_seconds,
                 streams=lambda: list(supervisor.desired),
                 on_change=lambda change, n: metrics.lease_changes.labels(change).inc(n),
+                on_fleet_stop=lambda: self._fleet_stop(supervisor),
             )
             cluster.attach()
             assert isinstance(store.path, PgTarget), "[cluster] is refused without PostgreSQL"
             await stack.enter_async_context(cluster.listening(store.path))
             await cluster.follow_once()  # the feed followed from here on
+            await cluster.budgets_configured()
         await supervisor.load(cfg.streams)
         if cluster is not None:
             await cluster.run_once()  # the first lease round: this replica's share, adopted
@@ -354,11 +356,19 @@ class App:
         # Callbacks claimed when a task is recorded or adopted go where live ones go: the
         # server's pipeline, which is built on the supervisor, so it is set after both.
         supervisor.set_after_commit(server.after_commit)
+        if cluster is not None:
+            server.readiness.append(cluster.lease_problem)
         await stack.enter_async_context(server.running())
         if emulator is not None:
             # The account's webhook (MAVI's console setting), known once the server listens.
             emulator.webhook = server.callback_url()
         return Parts(store, emulator, supervisor, evidence, alerts, server, cluster)
+
+    def _fleet_stop(self, supervisor: Supervisor) -> None:
+        """`streamwatch fleet stop`: start nothing more, and stop as with `on_shutdown =
+        "stop"` (the tasks this replica owns are stopped, their final callbacks awaited)."""
+        supervisor.stop_planning()
+        self.request_stop()
 
     def _loops(self, daemon: TaskGroup, parts: Parts) -> anyio.Event:
         """Start the daemon's loops; returns the planning loop's end."""
@@ -377,8 +387,11 @@ class App:
             daemon.loop(
                 "cluster",
                 cluster.run_once,
-                wait=lambda: self._pause(renew),
-                running=self._running,
+                # Until the replica leaves, not until the stop is asked: its leases stay valid
+                # while it drains, so the stops of `on_shutdown = "stop"` or `fleet stop` are
+                # not refused by the fence.
+                wait=lambda: asyncio.sleep(renew),
+                running=lambda: not cluster.left,
                 on_failure="retry",
                 backoff=Backoff(min(1.0, renew), renew),
             )
@@ -387,7 +400,9 @@ class App:
                 "cluster.feed",
                 cluster.follow_once,
                 wait=lambda: cluster.wait_for_feed(tick),
-                running=self._running,
+                # Until the replica leaves: while it drains, the final callbacks of the tasks
+                # it stopped may be stored by another replica.
+                running=lambda: not cluster.left,
                 on_failure="retry",
                 backoff=Backoff(tick, max(tick, renew)),
             )
@@ -489,11 +504,16 @@ class App:
         # The built-in emulator ends with this process, and its tasks with it: stop them
         # properly rather than leave records of tasks that no longer exist anywhere.
         stop_tasks = self.config.supervisor.on_shutdown == "stop" or parts.emulator is not None
-        if parts.cluster is not None and stop_tasks:
+        if parts.cluster is not None and parts.cluster.fleet_stopping:
+            stop_tasks = True  # `streamwatch fleet stop`: every replica stops what it owns
+        elif parts.cluster is not None and stop_tasks:
             # [cluster]: the tasks stop only with the fleet's last replica; otherwise the
             # others adopt them.
             stop_tasks = await parts.cluster.last_replica()
-        stopped = await supervisor.shutdown(stop_tasks=stop_tasks)
+        # `fleet stop`: no replica remains to stop what this one leaves running, so a stop
+        # that failed (MAVI, the database) is tried again.
+        fleet_stop = parts.cluster is not None and parts.cluster.fleet_stopping
+        stopped = await supervisor.shutdown(stop_tasks=stop_tasks, attempts=3 if fleet_stop else 1)
         await planning.wait()
         if parts.cluster is not None and not stop_tasks:
             await parts.cluster.leave()  # the others adopt at their next round
@@ -546,6 +566,8 @@ class App:
         if self.server is not None:
             self.server.set_config(self.config)
         self.supervisor.reload(new.streams, new.budgets)
+        if self._parts is not None and self._parts.cluster is not None:
+            await self._parts.cluster.budgets_configured()
         self.pricer.configure(shapes(new.streams))
         self.reloads += 1
         self.systemd.notify(ready=1, status=self._status_line())

@@ -31,7 +31,7 @@ import structlog
 from prometheus_client import disable_created_metrics
 from pydantic import ValidationError
 
-from streamwatch import __version__, probecmd, storecmd, videocmd
+from streamwatch import __version__, fleetcmd, probecmd, storecmd, videocmd
 from streamwatch.alerts.events import AlertEvent
 from streamwatch.config import (
     Check,
@@ -85,6 +85,9 @@ EXIT_USAGE = 2  # a bad command-line argument (argparse uses 2 as well)
 EXIT_UNREACHABLE = 3  # the daemon (or, for `alerts test`, a sink) could not be reached
 EXIT_REFUSED = 4  # the daemon answered, and refused (wrong token, unknown stream)
 EXIT_NOT_MEDIA = 5  # `probe`: the source answered with something that is not media
+EXIT_STILL_RUNNING = (
+    fleetcmd.EXIT_STILL_RUNNING
+)  # `fleet stop --wait`: tasks still run at the timeout
 EXIT_BROKEN_PIPE = 141  # as a shell reports a program killed by SIGPIPE
 DEFAULT_CONFIG = "streams.toml"
 
@@ -284,6 +287,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dest", type=Path, help="the backup file, or a folder for a dated one")
     probecmd.add_parser(sub, with_config, _cmd_probe)
     storecmd.add_parser(sub, with_config, _cmd_store)
+    fleetcmd.add_parser(sub, with_config, _cmd_fleet, positive=_positive(float))
     p = verb(
         "emulator",
         "run the MAVI emulator on its own",
@@ -948,6 +952,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 def _cmd_store(args: argparse.Namespace) -> int:
     return storecmd.run(args, _load(args.config) if not args.source else Config(), os.environ)
+
+
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    return fleetcmd.run(args, _load(args.config))
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:

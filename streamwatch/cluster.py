@@ -4,8 +4,8 @@ a time, through a lease row with a fencing epoch (`[cluster]`, PostgreSQL only).
 Design (issue 17). What is built is marked [built]; the rest is the plan. Deploy examples:
 deploy/kubernetes/cluster/; under fire: bench/cluster.py.
 
-Tables (`streamwatch.store.pg_schema`, version 10, with `callback_feed`; SQLite's version 10
-adds nothing):
+Tables (`streamwatch.store.pg_schema`, version 11, with `callback_feed`, and version 12's
+`budget_spend` and `budget_fired`; SQLite's 11 and 12 add nothing):
 - `replicas(replica_id, started_at, seen_at, expires_at, leaving)`: one heartbeat row per
   replica, renewed with its leases. Live = `expires_at` in the future and not `leaving`.
   [built]
@@ -63,7 +63,10 @@ whose local deadline passed.
 Shutdown [built]: a replica stopping gracefully marks itself `leaving`, forgets its streams
 and releases all its leases in one transaction, so the others claim them at their next round.
 `on_shutdown = "stop"` stops tasks only when the replica is the last live one (the fleet
-stops); otherwise the tasks are left to the replicas that remain.
+stops); otherwise the tasks are left to the replicas that remain. While a replica drains,
+its lease rounds go on renewing what it holds (claiming and handing back nothing), so its
+stops are not refused by a lapsed lease. To stop a fleet and its tasks: `streamwatch fleet
+stop` (below).
 
 Callbacks on any replica [built]: any replica stores and acknowledges any callback (the store
 is shared). In the transaction that stores it, a callback goes into `callback_feed` with a
@@ -75,11 +78,38 @@ horizon (`pg_snapshot_xmin`), not a row id: ids commit out of order, finished tr
 below the horizon do not, so no row is skipped.
 
 Fleet-wide account state [built]: each lease round reads the ledger's totals (every replica's
-charges), the budget thresholds fired and the halt from the store (`Supervisor.share_account`;
+charges), the budget events fired and the halt from the store (`Supervisor.share_account`;
 a halt this replica saved that the store no longer holds was resumed elsewhere);
 `max_running` counts the tasks running on the other replicas as of the last round; orphan
 detection needs nothing (intents live in the shared store). A stream with a running task is
 claimed even once removed from the config, so an owner stops it.
+
+Budgets on the fleet's exact spend [built] (`streamwatch.store.budget`, schema 12): for each
+capped scope (the account, a stream) and period, `budget_spend` holds the fleet's confirmed
+spend; every charge adds itself to it in its own transaction (`UPDATE … RETURNING ticks`,
+the account's rows first), so charges serialize on the row and each learns the fleet's
+total right after it (`FleetSpend`, on the outcome the supervisor takes). The charge that
+reaches a cap is known in its own commit on whichever replica stored it; the owners take the
+totals at their next feed pass (a charge within one pre-charge of a cap NOTIFYs the feed's
+channel; the tick is the bound) and stop at the next plan. Overshoot: at most the segments
+in flight when the cap is crossed, on any replica (billed by MAVI and not yet stored, or
+processed before the stop reaches MAVI), as on a single daemon plus the owner's hearing of
+it. The start gate reads the fleet's totals in the start intent's transaction (`OverBudget`:
+MAVI not asked); two starts racing for the last room are each one pre-charge in flight. A
+threshold (or forecast) fires once: the operation that crosses it inserts its row in
+`budget_fired` (`INSERT … ON CONFLICT DO NOTHING`) and only the one that took it records the
+event and its alert, in the same commit (`claim_fired`). A replica counts only the scopes it
+caps and drops the rows of scopes it no longer caps at start and reload (`budgets_configured`):
+the replicas share one `[budgets]`.
+
+Readiness [built]: `/readyz` is ready once a lease round committed (the first runs before the
+server listens) and 503 while none has for `lease_seconds` (`lease_problem`).
+
+Fleet stop [built] (`streamwatch fleet stop`, `streamwatch.fleetcmd`): a `settings` row
+(`FLEET_STOP_KEY`) read in every lease round; a replica finding it plans nothing more, stops
+the tasks it owns (fenced), follows the feed until it leaves (final callbacks stored
+elsewhere), releases its leases and exits 0; one started while the row is there does the same
+at once. `fleet start` deletes the row.
 
 Alerts once [built]: due alerts are claimed as they are read (`UPDATE … WHERE id IN (SELECT …
 FOR UPDATE SKIP LOCKED)`, not due again for `CLAIM_SECONDS`). The leader [built] is the
@@ -89,13 +119,6 @@ which every delivery reads first), and exports the fleet's figures (and
 `streamwatch_cluster_replicas`); per-stream series come only from each stream's owner;
 `streamwatch_stream_lease_changes_total` counts this replica's claims, losses, hand-backs
 and releases; the status API shows each stream's owner.
-
-Planned, not built yet:
-- Budget caps with at most the segments in flight of overshoot (today the others' charges
-  are seen at the next lease round: up to `renew_seconds` of the fleet's spend), and a
-  threshold fired once across the fleet (recorded with `INSERT … ON CONFLICT DO NOTHING` in
-  its own row, instead of the whole fired set saved by each replica).
-- `streamwatch fleet stop`, which marks every replica leaving and lets each stop what it owns.
 
 Deploy [built]: compose.cluster.yaml (two replicas behind nginx, deploy/nginx/), the systemd
 drop-in deploy/systemd/streamwatch.service.d/, alert rules (group `streamwatch-cluster`) and a
@@ -114,6 +137,7 @@ from typing import Any
 
 import structlog
 
+from streamwatch.ledger import FleetBudget
 from streamwatch.store import CallbackOutcome, PgTarget, Store, StoreError
 from streamwatch.store.leases import FEED_CHANNEL, FleetView, LeaseBook
 from streamwatch.supervisor import Supervisor
@@ -143,9 +167,11 @@ class Cluster:
         streams: Callable[[], Collection[str]],
         monotonic: Callable[[], float] = time.monotonic,
         on_change: Callable[[str, int], None] | None = None,
+        on_fleet_stop: Callable[[], None] | None = None,
     ) -> None:
         """`streams()`: the configured streams (whose leases are claimed); `on_change(change,
-        n)`: n leases claimed, lost, handed back or released (metrics)."""
+        n)`: n leases claimed, lost, handed back or released (metrics); `on_fleet_stop()`: a
+        lease round found the fleet marked as stopping (`streamwatch fleet stop`)."""
         self._store = store
         self._supervisor = supervisor
         self._lease = lease_seconds
@@ -154,6 +180,7 @@ class Cluster:
         self.book = LeaseBook(replica_id, monotonic=monotonic)
         self.replicas: list[str] = []
         self.rounds = 0  # lease rounds committed (readiness: at least one)
+        self._good: float | None = None  # when the last committed round began (monotonic)
         self.leader = False  # this replica runs the fleet's periodic jobs
         self._changes = on_change or (lambda change, n: None)
         self._ready: set[str] = set()  # held, and loaded by the supervisor
@@ -163,6 +190,14 @@ class Cluster:
         self.followed = 0  # callbacks learnt from the feed (stored by another replica)
         self.notified = 0  # feed notifications received (LISTEN)
         self._fed = asyncio.Event()
+        self._budget = FleetBudget(supervisor.spending)
+        self._on_fleet_stop = on_fleet_stop or (lambda: None)
+        self.fleet_stopping = False  # `streamwatch fleet stop` seen: stop what it owns, exit
+
+    @property
+    def left(self) -> bool:
+        """This replica left the fleet (its leases released)."""
+        return self._left
 
     @property
     def replica_id(self) -> str:
@@ -177,7 +212,19 @@ class Cluster:
         """Fence the store's stream operations with this replica's leases and have the
         supervisor plan only what it holds (before `Supervisor.load`)."""
         self._store.set_fence(self.book)
+        self._store.set_budget_rules(self._budget)
         self._supervisor.set_ownership(self.owned)
+
+    async def budgets_configured(self) -> None:
+        """Say which budgets this replica enforces (at start and after a reload): the fleet's
+        spend rows of scopes no longer capped are dropped, as no charge keeps them up."""
+        try:
+            deleted = await self._store.budgets_configured(self._budget.capped())
+        except StoreError as exc:  # the next start or reload tries again; counting goes on
+            log.warning("cluster.budget_rows_not_dropped", error=str(exc), replica=self.replica_id)
+            return
+        if deleted:
+            log.info("cluster.budget_rows_dropped", rows=deleted, replica=self.replica_id)
 
     async def run_once(self) -> None:
         """One lease round: heartbeat, renew, claim this replica's share; then drop what was
@@ -189,8 +236,11 @@ class Cluster:
         if self._left:
             return
         began = self._monotonic()  # before the round: the local view never outlives the DB's
+        # Shutting down (draining), the leases held are renewed (the stops under way stay
+        # valid) and nothing is claimed or handed back.
+        closing = self._supervisor.stopping
         result = await self._store.lease_round(
-            self.book, self._streams(), lease_seconds=self._lease
+            self.book, self._streams(), lease_seconds=self._lease, claim=not closing
         )
         if self._left:
             return
@@ -224,7 +274,10 @@ class Cluster:
             await self._supervisor.take(gained)
             self._ready |= set(gained)
             self._changes("claimed", len(gained))
-        give = self._supervisor.releasable([s for s in result.misplaced if s in self._ready])
+        # Stopping with the fleet: nothing is handed back (its new owner may have stopped
+        # already); what this replica holds, it stops.
+        misplaced = [] if result.fleet_stop or closing else result.misplaced
+        give = self._supervisor.releasable([s for s in misplaced if s in self._ready])
         if give:
             self._forget(give)
             self.book.drop(give)
@@ -235,9 +288,31 @@ class Cluster:
         stale = set(self._supervisor.streams) - self._ready
         if stale:
             self._supervisor.drop(stale)
+        if result.fleet_stop and not self.fleet_stopping:
+            # After the streams gained are loaded: the shutdown this starts stops them too.
+            self.fleet_stopping = True
+            log.warning("cluster.fleet_stop", replica=self.replica_id, held=len(result.held))
+            self._on_fleet_stop()
         await self._store.prune_feed()
-        await self._supervisor.share_account()
+        await self._supervisor.share_account(await self._store.budget_fired_rows())
         self.rounds += 1
+        self._good = began
+
+    def lease_problem(self) -> str | None:
+        """Why this replica is not ready as far as its leases go, or None: no lease round has
+        committed yet, or none within `lease_seconds` (its leases are lapsing: the others
+        take its streams; the local deadline of every lease it held has passed)."""
+        if self._left:
+            return "this replica left the fleet"
+        if self._good is None:
+            return "no lease round has succeeded yet"
+        since = self._monotonic() - self._good
+        if since >= self._lease:
+            return (
+                f"no lease round has succeeded for {since:.0f} s (lease_seconds"
+                f" {self._lease:g}): this replica's leases lapse"
+            )
+        return None
 
     @contextlib.asynccontextmanager
     async def listening(self, target: PgTarget) -> AsyncIterator[None]:
@@ -273,6 +348,12 @@ class Cluster:
         replica holds, as if they had come here (their money was counted where they came)."""
         if self._left:
             return
+        spending = self._supervisor.spending
+        if spending.budgets.action == "stop" and spending.caps:
+            # Another replica's charges may have brought a cap near (a charge near one
+            # notifies, and the tick is the bound): the next plan gates on the fleet's spend.
+            spans = self._budget.periods(self._supervisor.now())
+            self._supervisor.take_fleet_spend(await self._store.budget_totals(spans))
         entries, self._cursor = await self._store.feed(self._cursor, self._ready)
         for entry in entries:
             if entry.replica == self.replica_id or entry.stream not in self._ready:

@@ -26,10 +26,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, cast
 
 from streamwatch.config import BudgetsConfig, StreamConfig
 from streamwatch.pricing import TICKS_PER_USD, segment_cost_ticks, ticks_to_usd, usd_to_ticks
+from streamwatch.store.types import FiredThreshold, SpendTotal
 
 __all__ = [
     "ORPHAN_LIVE_SEGMENTS",
@@ -38,6 +39,7 @@ __all__ = [
     "BudgetGate",
     "Cap",
     "Fired",
+    "FleetBudget",
     "Period",
     "Spending",
     "burn_ticks_per_second",
@@ -46,6 +48,7 @@ __all__ = [
     "period_key",
     "segment_ticks",
     "stream_ticks_per_hour",
+    "threshold_events",
     "unreported_segments",
     "usd",
     "usd_per_hour",
@@ -195,6 +198,42 @@ Fired = frozenset[str]
 """The keys (`BudgetEvent.key`) of the budget events raised in the current periods."""
 
 
+def threshold_events(
+    cap: Cap,
+    spent: int,
+    at: float,
+    fired: Fired,
+    *,
+    thresholds: Iterable[int],
+    note: str,
+    charge: tuple[str, int] | None = None,
+) -> list[BudgetEvent]:
+    """The thresholds of `cap` that `spent` has reached and `fired` does not hold yet."""
+    key = period_key(cap.period, at)
+    permille = _permille(spent, cap.ticks)
+    events = []
+    for threshold in thresholds:
+        ident = f"{cap.stream or '*'}:{cap.period}:{key}:{threshold}"
+        if permille < threshold * 10 or ident in fired:
+            continue
+        events.append(
+            BudgetEvent(
+                "budget_threshold",
+                ident,
+                cap,
+                key,
+                spent,
+                threshold,
+                f"{cap.scope} {cap.label} budget {threshold}% used: {usd(spent)} of "
+                f"{usd(cap.ticks)} USD ({_percent_text(permille)}), {note}",
+                used_permille=permille,
+                charge_stream=charge[0] if charge else None,
+                charge_ticks=charge[1] if charge else 0,
+            )
+        )
+    return events
+
+
 class Spending:
     """Per-period spend counters and the budget decisions built on them."""
 
@@ -222,6 +261,19 @@ class Spending:
         self.budgets = budgets
         self.specs = {s.name: s for s in streams}
         self.caps = caps_for(budgets, self.specs.values())
+
+    def take_totals(self, totals: Iterable[SpendTotal]) -> None:
+        """[cluster]: take the fleet's confirmed spend (every replica's charges), as a charge's
+        transaction or the store found it. A period's spend only grows: an older answer that
+        arrives after a newer one changes nothing."""
+        for t in totals:
+            period = cast(Period, t.period)
+            if t.stream is None:
+                k = (period, t.period_key)
+                self._account[k] = max(self._account.get(k, 0), t.ticks)
+            else:
+                c = (t.stream, period, t.period_key)
+                self._counters[c] = max(self._counters.get(c, 0), t.ticks)
 
     def load(self, period: Period, key: str, by_stream: Mapping[str, int]) -> None:
         """Seed one period's counters from the store."""
@@ -272,30 +324,9 @@ class Spending:
         note: str,
         charge: tuple[str, int] | None = None,
     ) -> list[BudgetEvent]:
-        """The thresholds of `cap` that `spent` has reached and `fired` does not hold yet."""
-        key = period_key(cap.period, at)
-        permille = _permille(spent, cap.ticks)
-        events = []
-        for threshold in self.budgets.thresholds:
-            ident = f"{cap.stream or '*'}:{cap.period}:{key}:{threshold}"
-            if permille < threshold * 10 or ident in fired:
-                continue
-            events.append(
-                BudgetEvent(
-                    "budget_threshold",
-                    ident,
-                    cap,
-                    key,
-                    spent,
-                    threshold,
-                    f"{cap.scope} {cap.label} budget {threshold}% used: {usd(spent)} of "
-                    f"{usd(cap.ticks)} USD ({_percent_text(permille)}), {note}",
-                    used_permille=permille,
-                    charge_stream=charge[0] if charge else None,
-                    charge_ticks=charge[1] if charge else 0,
-                )
-            )
-        return events
+        return threshold_events(
+            cap, spent, at, fired, thresholds=self.budgets.thresholds, note=note, charge=charge
+        )
 
     def load_orphans(self, period: Period, key: str, ticks: int) -> None:
         """Seed one period's orphan estimates from the store."""
@@ -471,6 +502,86 @@ class Spending:
         for o in [o for o in self._orphans if o[1] not in current]:
             del self._orphans[o]
         return frozenset(f for f in fired if f.split(":")[2] in current)
+
+
+class FleetBudget:
+    """[cluster]: the budgets as the store asks them in a charge's or a start's transaction
+    (`streamwatch.store.budget.BudgetRules`), on the fleet's exact totals. It reads the caps
+    and thresholds of `spending` as they are (a reload swaps them whole)."""
+
+    def __init__(self, spending: Spending) -> None:
+        self._spending = spending
+
+    def periods(self, at: float) -> list[tuple[str, str, float, float]]:
+        """Each period holding `at`: its name, its key, its [start, end)."""
+        return [(p, period_key(p, at), *period_bounds(p, at)) for p in PERIODS]
+
+    def capped(self) -> list[tuple[str, str]]:
+        """(scope, period) of every cap: `*` for the account's, else the stream's name."""
+        return sorted({(cap.stream or "*", cap.period) for cap in self._spending.caps})
+
+    def counted(self, stream: str, at: float) -> list[tuple[str, tuple[str, str, float, float]]]:
+        caps = {(cap.stream or "*", cap.period) for cap in self._spending.caps}
+        return [
+            (scope, span)
+            for scope in ("*", stream)  # the account's first: one lock order
+            for span in self.periods(at)
+            if (scope, span[0]) in caps
+        ]
+
+    def _caps(self, stream: str, totals: Iterable[SpendTotal]) -> list[tuple[Cap, int]]:
+        """The caps a charge to `stream` counts against, each with its fleet total."""
+        spent = {(t.stream, t.period): t.ticks for t in totals}
+        return [
+            (cap, spent.get((cap.stream, cap.period), 0))
+            for cap in self._spending.caps
+            if cap.stream in (None, stream)
+        ]
+
+    def crossed(
+        self, stream: str, ticks: int, at: float, totals: Iterable[SpendTotal]
+    ) -> list[FiredThreshold]:
+        thresholds = self._spending.budgets.thresholds
+        out = []
+        for cap, spent in self._caps(stream, totals):
+            before = _permille(spent - ticks, cap.ticks)
+            for event in threshold_events(
+                cap,
+                spent,
+                at,
+                frozenset(),
+                thresholds=thresholds,
+                note=f"after a charge of {usd(ticks)} USD to stream {stream}",
+                charge=(stream, ticks),
+            ):
+                if before < event.percent * 10:  # crossed by this charge
+                    out.append(
+                        FiredThreshold(
+                            event.key, cap.stream, cap.period, event.percent, event.detail
+                        )
+                    )
+        return out
+
+    def near_cap(self, stream: str, at: float, totals: Iterable[SpendTotal]) -> bool:
+        if self._spending.budgets.action != "stop":
+            return False
+        # A cap within any stream's pre-charge: a start somewhere may be refused now.
+        margin = max((segment_ticks(s) for s in self._spending.specs.values()), default=0)
+        return any(spent + margin >= cap.ticks for cap, spent in self._caps(stream, totals))
+
+    def refuse_start(self, stream: str, at: float, totals: Iterable[SpendTotal]) -> str | None:
+        spec = self._spending.specs.get(stream)
+        if self._spending.budgets.action != "stop" or spec is None:
+            return None
+        precharge = segment_ticks(spec)
+        for cap, spent in self._caps(stream, totals):
+            if spent + precharge > cap.ticks:
+                return (
+                    f"a start's pre-charge of {usd(precharge)} USD would exceed the {cap.scope}"
+                    f" {cap.label} budget: {usd(spent)} of {usd(cap.ticks)} USD spent by the"
+                    " fleet"
+                )
+        return None
 
 
 def stream_ticks_per_hour(spec: StreamConfig, segment_seconds: float) -> int:

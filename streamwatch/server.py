@@ -7,7 +7,8 @@ Routes (stable; see README):
   the supervisor, metrics) cannot turn a stored callback into an error.
 - ``POST /callbacks/mavi-video/{secret}``: batch upload callbacks (library video status).
 - ``GET /healthz``: the process is alive.
-- ``GET /readyz``: the store takes writes and the daemon is serving; 503 with reasons if not.
+- ``GET /readyz``: the store takes writes and the daemon is serving ([cluster]: and its lease
+  rounds succeed); 503 with reasons if not.
 - ``GET /api/v1/status``: streams, tasks and the account, as JSON (bearer token if configured).
 - ``POST /api/v1/resume``: lift a balance halt and release held streams (bearer token).
 - ``GET /metrics``: Prometheus metrics (here, or on ``[metrics] listen`` when that is set).
@@ -139,6 +140,9 @@ class Server:
         self._clock = clock
         self.port: int | None = None
         self.ready = False
+        # More that readiness needs ([cluster]: lease rounds that succeed): each says what is
+        # wrong, or None.
+        self.readiness: list[Callable[[], str | None]] = []
         file_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self._backlog = listen_backlog(file_limit)
         limit = effective_limit(config.server.max_connections, file_limit)
@@ -395,6 +399,7 @@ class Server:
             await self._store.check_writable()
         except Exception as exc:  # noqa: BLE001 - any store failure means not ready; say why
             problems.append(f"store is not writable: {exc}")
+        problems += [p for check in self.readiness if (p := check()) is not None]
         if problems:
             return web.json_response({"ready": False, "problems": problems}, status=503)
         return web.json_response({"ready": True, "problems": []})

@@ -78,7 +78,15 @@ from streamwatch.pricing import segment_cost_ticks
 from streamwatch.probe import MediaInfo, ProbeError, probe
 from streamwatch.redact import Redactor
 from streamwatch.starts import Started, StartFailed, Starts, StreamStarter
-from streamwatch.store import Adopted, CallbackOutcome, StateStore, StreamRecord
+from streamwatch.store import (
+    Adopted,
+    CallbackOutcome,
+    FleetSpend,
+    SpendTotal,
+    StateStore,
+    StreamRecord,
+)
+from streamwatch.store.budget import OverBudget
 from streamwatch.store.leases import Fenced, FleetView
 
 __all__ = ["AfterCommit", "Prober", "Supervisor", "source_info"]
@@ -223,13 +231,13 @@ class Supervisor:
             await self._load_streams(None, now)
         self._notify()
 
-    async def share_account(self) -> None:
+    async def share_account(self, fired: Collection[str] = ()) -> None:
         """[cluster]: take the account's state as the fleet left it in the store (each lease
-        round): the spend of every replica's charges, the budget thresholds fired, and the
-        halt another replica imposed or lifted."""
+        round): the spend of every replica's charges, the budget thresholds fired (`fired`:
+        those in the fleet's own rows), and the halt another replica imposed or lifted."""
         now = self._clock()
         await self._load_spending(now)
-        self._fired = self._fired | await self._store.load_budget_fired()
+        self._fired = self._fired | await self._store.load_budget_fired() | set(fired)
         stored = await self._store.load_halt()
         if stored is not None and stored != self.halt:
             if self.halt is None or stored.since >= self.halt.since:
@@ -360,6 +368,11 @@ class Supervisor:
         """True once `shutdown()` began: the planning loop ends."""
         return self._stopping
 
+    def stop_planning(self) -> None:
+        """Plan nothing more (no start from now on); `shutdown()` follows."""
+        self._stopping = True
+        self._wake.set()
+
     async def run_once(self) -> None:
         """One pass of the planning loop (the daemon runs it in its task group). The first
         pass first looks for the tasks of intents left open by an earlier process: callbacks
@@ -381,6 +394,8 @@ class Supervisor:
 
     def step(self) -> list[Action]:
         """One planning pass: decide and launch the actions. Returns them (for tests)."""
+        if self._stopping:
+            return []  # shutting down: `shutdown()` stops what it must
         now = self._clock()
         if self.halt is not None and now >= self.halt.until:
             log.info("supervisor.halt_expired", reason=self.halt.reason)
@@ -470,11 +485,51 @@ class Supervisor:
             self._spawn(self._store.save_budget_fired(fired))
         self._budget_events(events)
 
-    def _count(self, stream: str, ticks: int, at: float, *, task_id: str | None) -> None:
+    def _count(
+        self,
+        stream: str,
+        ticks: int,
+        at: float,
+        *,
+        task_id: str | None,
+        spend: FleetSpend | None = None,
+    ) -> None:
         """Count a charge the store recorded, and record the thresholds it crossed, each with
-        this charge and the spend right after it."""
-        self._fired, events = self.spending.charge(stream, ticks, at, fired=self._fired)
-        self._budget_events(events, task_id)
+        this charge and the spend right after it. [cluster] `spend`: what the charge's
+        transaction found (the fleet's totals after it, the thresholds it fired there)."""
+        if spend is None:
+            self._fired, events = self.spending.charge(stream, ticks, at, fired=self._fired)
+            self._budget_events(events, task_id)
+            return
+        self.spending.add(stream, ticks, at)
+        self._take_spend(spend)
+
+    def _take_spend(self, spend: FleetSpend) -> None:
+        """[cluster]: the fleet's totals a charge's transaction found, and the thresholds it
+        fired there (their events and alerts recorded with it: logged here)."""
+        self.spending.take_totals(spend.totals)
+        for fired in spend.fired:
+            log.warning(
+                "supervisor.budget_threshold",
+                stream=fired.stream,
+                period=fired.period,
+                percent=fired.percent,
+                detail=fired.detail,
+            )
+        self._fired = self._fired | {f.key for f in spend.fired}
+
+    def now(self) -> float:
+        """The supervisor's clock (the one its charges are dated by)."""
+        return self._clock()
+
+    def take_fleet_spend(self, totals: Iterable[SpendTotal]) -> None:
+        """[cluster]: the fleet's spend as the store holds it (another replica's charges may
+        have brought a cap near): the next plan gates on it."""
+        now = self._clock()
+        before = self.spending.gate(now, self.estimates(now))
+        self.spending.take_totals(totals)
+        if self.spending.gate(now, self.estimates(now)) != before:
+            self._notify()
 
     def _budget_events(self, events: list[BudgetEvent], task_id: str | None = None) -> None:
         """Log and record budget events; what has fired is written with each, in one commit,
@@ -494,6 +549,7 @@ class Supervisor:
                     task_id=task_id if event.charge_stream else None,
                     detail=event.detail,
                     budget_fired=self._fired,
+                    fires=event.key,
                 )
             )
 
@@ -638,30 +694,69 @@ class Supervisor:
             self._notify(replan=False)
 
     async def _started(self, name: str, state: StreamState, started: Started, *, fps: int) -> None:
-        registered, task_id, now = started.registered, started.task_id, started.at
-        self._count(name, registered.precharge_ticks, now, task_id=task_id)
-        for at, ticks in registered.orphan_removed:
-            self.spending.add_orphan(-ticks, at)
-        self.spending.forget_orphan(task_id)
-        new = on_task_running(
+        registered = started.registered
+        task_id = started.task_id
+        new = self._take_task(
+            name,
             state,
             task_id=task_id,
             spec_hash=started.spec_hash,
-            started_at=now,
-            now=now,
-            segments=0,
+            started_at=started.at,
+            now=started.at,
             segment_ticks=registered.precharge_ticks,
+            charges=[(started.at, registered.precharge_ticks)],
+            orphan_removed=registered.orphan_removed,
+            spend=registered.spend,
         )
         effects: list[Effect] = []
         if new.restarts > state.restarts:
-            new, effects = note_restart(new, now, self.policy)
+            new, effects = note_restart(new, started.at, self.policy)
         self.streams[name] = new
-        self._by_task[task_id] = name
         log.info("supervisor.task_started", stream=name, task_id=task_id, fps=fps)
         self._apply(effects)
         await self._record("task_started", stream=name, task_id=task_id)
         for outcome in registered.claimed:
             self._after_commit(outcome)
+
+    def _take_task(
+        self,
+        name: str,
+        state: StreamState,
+        *,
+        task_id: str,
+        spec_hash: str,
+        started_at: float,
+        now: float,
+        segment_ticks: int,
+        charges: list[tuple[float, int]],
+        orphan_removed: Iterable[tuple[float, int]],
+        spend: FleetSpend | None,
+        segments: int = 0,
+    ) -> StreamState:
+        """What a task recorded as the stream's (started, or adopted for its open intent)
+        changes, whichever way it came: its charges counted (the pre-charge first), its
+        orphan estimates taken back, the task known as the stream's. Returns the stream's
+        running state, for the caller to set."""
+        for at, ticks in charges:
+            if spend is None:
+                self._count(name, ticks, at, task_id=task_id)
+            else:  # [cluster]: the thresholds were found in the charges' transaction
+                self.spending.add(name, ticks, at)
+        if spend is not None:
+            self._take_spend(spend)
+        for at, ticks in orphan_removed:
+            self.spending.add_orphan(-ticks, at)
+        self.spending.forget_orphan(task_id)
+        self._by_task[task_id] = name
+        return on_task_running(
+            state,
+            task_id=task_id,
+            spec_hash=spec_hash,
+            started_at=started_at,
+            now=now,
+            segments=segments,
+            segment_ticks=segment_ticks,
+        )
 
     async def _start_failed(self, name: str, state: StreamState, failed: StartFailed) -> None:
         """A start did not end with a recorded task: a refusal backs off (or halts the
@@ -669,6 +764,13 @@ class Supervisor:
         now, detail, error = self._clock(), failed.detail, failed.error
         status = error.status if isinstance(error, MaviError) else None
         rand = self._rng.random()
+        if isinstance(error, OverBudget) and failed.unanswered is None:
+            # [cluster]: the fleet's spend, read in the intent's transaction, leaves no room
+            # for its pre-charge: MAVI was not asked; the gate holds it (over_budget).
+            self.spending.take_totals(error.spend.totals)
+            self.streams[name] = replace(state, phase=Phase.IDLE)
+            log.warning("supervisor.start_over_budget", stream=name, reason=str(error))
+            return
         if isinstance(error, Fenced) and failed.unanswered is None:
             # [cluster]: the lease moved before the intent was written: MAVI was not asked,
             # and the stream is another replica's now (dropped at the next lease round).
@@ -735,23 +837,19 @@ class Supervisor:
 
     def _took_adopted(self, name: str, adopted: Adopted) -> None:
         """The stream's open intent adopted a task: it runs, its charges are the stream's."""
-        state = self.streams.get(name, StreamState(name))
-        self._count(name, adopted.precharge_ticks, adopted.precharge_at, task_id=adopted.task_id)
-        for at, ticks in adopted.backfilled:
-            self._count(name, ticks, at, task_id=adopted.task_id)
-        for at, ticks in adopted.orphan_removed:
-            self.spending.add_orphan(-ticks, at)
-        self.spending.forget_orphan(adopted.task_id)
-        self.streams[name] = on_task_running(
-            state,
+        self.streams[name] = self._take_task(
+            name,
+            self.streams.get(name, StreamState(name)),
             task_id=adopted.task_id,
             spec_hash=adopted.spec_hash,
             started_at=adopted.started_at,
             now=self._clock(),
-            segments=len(adopted.backfilled),
             segment_ticks=adopted.precharge_ticks,
+            charges=[(adopted.precharge_at, adopted.precharge_ticks), *adopted.backfilled],
+            orphan_removed=adopted.orphan_removed,
+            spend=adopted.spend,
+            segments=len(adopted.backfilled),
         )
-        self._by_task[adopted.task_id] = name
         # Its event (and the alert it resolves) was recorded with the adoption.
         log.info(
             "supervisor.intent_adopted",
@@ -938,7 +1036,13 @@ class Supervisor:
         replan = False
         if outcome.ticks:
             # Counted whichever task it came from: an old task's late segment costs money too.
-            self._count(name, outcome.ticks, outcome.at, task_id=outcome.callback.task_id)
+            self._count(
+                name,
+                outcome.ticks,
+                outcome.at,
+                task_id=outcome.callback.task_id,
+                spend=outcome.spend,
+            )
             replan = self.spending.near_cap(name, outcome.at)
         state = self.streams.get(name)
         cb = outcome.callback
@@ -1036,21 +1140,24 @@ class Supervisor:
         self._notify()
         return released
 
-    async def shutdown(self, *, stop_tasks: bool) -> list[str]:
-        """Stop planning; with `stop_tasks`, stop every running task. Returns the stopped ids."""
+    async def shutdown(self, *, stop_tasks: bool, attempts: int = 1) -> list[str]:
+        """Stop planning; with `stop_tasks`, stop every running task, trying a stop that
+        failed again up to `attempts` times in all. Returns the ids of the stops made."""
         self._stopping = True
         self._wake.set()
         for probing in self._probing:  # no start follows: nothing to wait for
             probing.cancel()
         await self.settle()
         stopped: list[str] = []
-        if stop_tasks:
+        for _ in range(attempts if stop_tasks else 0):
             stops = [
                 Stop(s.name, s.task_id, "shutdown")
                 for s in self.streams.values()
                 if s.task_id is not None and s.phase in (Phase.RUNNING, Phase.STALLED)
             ]
-            self._ending = {s.task_id for s in stops}
+            if not stops:
+                break
+            self._ending |= {s.task_id for s in stops}
             for stop in stops:
                 # As _launch does: the stop in flight owns what its final 14 means.
                 state = self.streams[stop.stream]
@@ -1058,7 +1165,15 @@ class Supervisor:
                     state, phase=Phase.STOPPING, stop_reason="shutdown"
                 )
             await asyncio.gather(*(self._stop(a) for a in stops), return_exceptions=True)
-            stopped = [a.task_id for a in stops]
+            stopped += [a.task_id for a in stops if a.task_id not in stopped]
+            # A stop that failed left its stream running the task (`on_stop_failed`): no final
+            # callback is coming for it; the next attempt tries it again.
+            asked = {a.task_id for a in stops}
+            self._ending -= {
+                s.task_id
+                for s in self.streams.values()
+                if s.phase is Phase.RUNNING and s.task_id in asked
+            }
         await self._persist()
         return stopped
 
@@ -1083,9 +1198,11 @@ class Supervisor:
         status: int | None = None,
         detail: str = "",
         budget_fired: Collection[str] | None = None,
+        fires: str | None = None,
     ) -> None:
         """Write an event to the store; the alerts it raises (and `budget_fired`, the budget
-        thresholds fired) are written with it."""
+        thresholds fired) are written with it. `fires`: the budget event's key ([cluster]:
+        recorded only by the replica that fires it first)."""
         await self._store.add_event(
             kind,
             stream=stream,
@@ -1093,6 +1210,7 @@ class Supervisor:
             status=status,
             detail=self._text(detail),
             budget_fired=budget_fired,
+            fires=fires,
         )
 
     async def _persist(self) -> None:

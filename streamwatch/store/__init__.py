@@ -32,6 +32,7 @@ Modules, one concept each:
 | `alerts` | alert rule state and the outbox |
 | `videos` | library videos and evidence |
 | `leases` | `[cluster]` (PostgreSQL): leases, the fence, the leader lock, the callback feed |
+| `budget` | `[cluster]` (PostgreSQL): the fleet's spend per charge, budget events fired once |
 | `prune` | retention |
 | `backup` | the online backup (SQLite) |
 | `copy` | `store copy`: the whole state into an empty store of either backend, verified |
@@ -66,6 +67,8 @@ from streamwatch.store.types import (
     ChargeTotal,
     EventRow,
     EvidenceRecord,
+    FiredThreshold,
+    FleetSpend,
     Halt,
     LibraryVideo,
     NewAlert,
@@ -75,6 +78,7 @@ from streamwatch.store.types import (
     Pruned,
     Registered,
     SchemaError,
+    SpendTotal,
     StoreError,
     StreamRecord,
     StreamTotals,
@@ -96,6 +100,8 @@ __all__ = [
     "ChargeTotal",
     "EventRow",
     "EvidenceRecord",
+    "FiredThreshold",
+    "FleetSpend",
     "Halt",
     "LibraryVideo",
     "Location",
@@ -108,6 +114,7 @@ __all__ = [
     "ReadOnlyStore",
     "Registered",
     "SchemaError",
+    "SpendTotal",
     "StateStore",
     "Store",
     "StoreError",

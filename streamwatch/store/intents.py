@@ -18,10 +18,11 @@ import bisect
 from streamwatch.intent import Intent, assign
 from streamwatch.pricing import segment_cost_ticks
 from streamwatch.store import orphans, tasks
+from streamwatch.store.budget import merge, spend, start_gate
 from streamwatch.store.leases import fence
 from streamwatch.store.reader import ReadSide
 from streamwatch.store.streams import record_event
-from streamwatch.store.types import Adopted, EventRow, Registered
+from streamwatch.store.types import Adopted, EventRow, FleetSpend, Registered
 from streamwatch.store.writer import Context, WriteSide
 
 __all__ = ["IntentReads", "IntentWrites"]
@@ -84,11 +85,12 @@ class IntentWrites(WriteSide):
                 " VALUES (?, ?, ?, 'precharge', ?)",
                 (started_at, stream, task_id, ticks),
             )
+            fleet = spend(ctx, stream, task_id, ticks, started_at)
             removed, claimed = tasks.claim(ctx, task_id)
             if attempt_id is not None:
                 _close(ctx, attempt_id, "started", started_at, task_id=task_id)
                 orphans.report(ctx, started_at)
-            return Registered(ticks, claimed, [(at, t) for _, at, t in removed])
+            return Registered(ticks, claimed, [(at, t) for _, at, t in removed], spend=fleet)
 
         return await self._write(op)
 
@@ -117,6 +119,7 @@ class IntentWrites(WriteSide):
                         "no task showed up for the start whose answer was lost: starting again",
                     ),
                 )
+            start_gate(ctx, intent.stream, at)  # [cluster]: the fleet's exact spend
             ctx.conn.execute(
                 "INSERT INTO start_intents (attempt_id, stream, url_hash, spec_hash, fps,"
                 " content_moderation, logo_detection, max_logos, created_at)"
@@ -234,7 +237,8 @@ def _adopt(ctx: Context, intent: Intent, task_id: str, at: float) -> Adopted:
         "INSERT INTO charges (at, stream, task_id, kind, ticks) VALUES (?,?,?,'precharge',?)",
         (precharge_at, intent.stream, task_id, ticks),
     )
-    backfilled = _backfill(ctx, intent, task_id, removed, ticks)
+    fleet = spend(ctx, intent.stream, task_id, ticks, precharge_at)
+    backfilled, more = _backfill(ctx, intent, task_id, removed, ticks)
     _close(ctx, intent.attempt_id, "adopted", at, task_id=task_id)
     record_event(
         ctx,
@@ -259,6 +263,7 @@ def _adopt(ctx: Context, intent: Intent, task_id: str, at: float) -> Adopted:
         claimed=claimed,
         backfilled=backfilled,
         orphan_removed=[(when, t) for _, when, t in removed],
+        spend=merge(fleet, more),
     )
 
 
@@ -268,12 +273,13 @@ def _backfill(
     task_id: str,
     removed: list[tuple[int, float, int]],
     ticks: int,
-) -> list[tuple[float, int]]:
+) -> tuple[list[tuple[float, int]], FleetSpend | None]:
     """Segments counted while the task was unknown whose bodies were not kept: stored as
     known to have been processed (nothing else is known of them) and charged exactly.
-    Returns their (at, ticks)."""
+    Returns their (at, ticks), and [cluster] the fleet's spend after them."""
     conn = ctx.conn
     backfilled = []
+    fleet = None
     for index, when, _ in removed:
         if index < 0:
             continue
@@ -296,5 +302,6 @@ def _backfill(
             " VALUES (?,?,?,'segment',?,?)",
             (when, intent.stream, task_id, index, charge),
         )
+        fleet = merge(fleet, spend(ctx, intent.stream, task_id, charge, when))
         backfilled.append((when, charge))
-    return backfilled
+    return backfilled, fleet

@@ -226,6 +226,7 @@ class StateStore(StoreReader, Protocol):
         detail: str = "",
         at: float | None = None,
         budget_fired: Collection[str] | None = None,
+        fires: str | None = None,
     ) -> None: ...
 
     async def save_halt(self, halt: Halt | None) -> None: ...

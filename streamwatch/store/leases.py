@@ -7,26 +7,41 @@ The design is `streamwatch.cluster`'s docstring. Every time here is the database
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import asyncpg
 
 from streamwatch.mavi.callbacks import Callback, SegmentFailed, SegmentReport, StreamEnded
+from streamwatch.store.postgres import PgTarget
+from streamwatch.store.reader import ReadSide
 from streamwatch.store.sql import Connection
 from streamwatch.store.types import CallbackOutcome, StoreError
 from streamwatch.store.writer import Context, WriteSide
 
+if TYPE_CHECKING:
+    from streamwatch.store.budget import BudgetRules
+
 __all__ = [
     "FEED_CHANNEL",
+    "FLEET_STOP_KEY",
     "LEADER_LOCK",
     "FeedEntry",
     "Fenced",
+    "FleetReads",
+    "FleetState",
     "FleetView",
     "LeaseBook",
     "LeaseRound",
     "LeaseWrites",
+    "ReplicaRow",
     "fence",
+    "mark_fleet_stop",
     "preferred_owner",
     "publish",
     "rendezvous_owners",
@@ -38,6 +53,7 @@ LEADER_LOCK = 0x73776C6561646572
 _FORGET_REPLICAS_AFTER = 86_400.0  # a replica not seen for a day leaves the table
 _FEED_KEPT = 600.0  # seconds a callback stays in the feed (owners read it every tick)
 FEED_CHANNEL = "streamwatch_feed"  # NOTIFYed in each transaction that adds to the feed
+FLEET_STOP_KEY = "fleet_stop"  # the `settings` row `streamwatch fleet stop` writes
 
 
 def _weight(replica_id: str, stream: str) -> bytes:
@@ -212,6 +228,35 @@ class LeaseRound:
     leader: bool = False  # this replica holds the leader lock
     owners: dict[str, str] = field(default_factory=dict)  # every valid lease: stream → owner
     running: dict[str, str] = field(default_factory=dict)  # stream → its running task
+    fleet_stop: bool = False  # `streamwatch fleet stop` marked the fleet as stopping
+
+
+@dataclass(frozen=True)
+class ReplicaRow:
+    """A replica as the `replicas` table has it, with the valid leases it holds."""
+
+    replica_id: str
+    started_at: float
+    seen_at: float
+    expires_at: float
+    leaving: bool
+    leases: int
+
+    def live(self, now: float) -> bool:
+        return self.expires_at > now and not self.leaving
+
+
+@dataclass(frozen=True)
+class FleetState:
+    """The fleet as the store holds it (`streamwatch fleet status`), by the database's clock:
+    the replicas, the running tasks (stream → task id) and each one's owner (None: no valid
+    lease), and the stop mark (`streamwatch fleet stop`) if there is one."""
+
+    now: float
+    replicas: list[ReplicaRow]
+    running: dict[str, str]
+    owners: dict[str, str | None]
+    stop: dict[str, object] | None
 
 
 class LeaseWrites(WriteSide):
@@ -220,12 +265,23 @@ class LeaseWrites(WriteSide):
         adoptions, stop marks, stream records)."""
         self._writer.context.fence = book
 
+    def set_budget_rules(self, rules: BudgetRules | None) -> None:
+        """Count each charge in the fleet's spend, fire budget thresholds once across the
+        fleet, and gate starts on the fleet's totals, by `rules` (`streamwatch.store.budget`)."""
+        self._writer.context.budget = rules
+
     async def lease_round(
-        self, book: LeaseBook, streams: Collection[str], *, lease_seconds: float
+        self,
+        book: LeaseBook,
+        streams: Collection[str],
+        *,
+        lease_seconds: float,
+        claim: bool = True,
     ) -> LeaseRound:
         """Heartbeat, renew what `book` holds, and claim the configured `streams` (and any
         stream with a running task) whose preferred owner is this replica and whose lease is
-        free or expired (one transaction).
+        free or expired (one transaction). Without `claim` (a replica shutting down), only the
+        heartbeat and the renewals.
         `book` is not changed: the caller applies the answer once it committed."""
         me = book.replica_id
         known = dict(book.epochs)
@@ -266,7 +322,8 @@ class LeaseWrites(WriteSide):
             # stops it (as removed), whoever started it.
             preferred = rendezvous_owners(set(streams) | set(running), replicas)
             claimed = []
-            for stream in sorted(s for s, owner in preferred.items() if owner == me):
+            mine = [s for s, owner in preferred.items() if owner == me] if claim else []
+            for stream in sorted(mine):
                 if stream in held:
                     continue
                 row = conn.execute(
@@ -299,7 +356,11 @@ class LeaseWrites(WriteSide):
                     (now,),
                 ).fetchall()
             )
+            stop = conn.execute(
+                "SELECT 1 FROM settings WHERE key = ?", (FLEET_STOP_KEY,)
+            ).fetchone()
             return LeaseRound(
+                fleet_stop=stop is not None,
                 owners=owners,
                 running=running,
                 leader=leader,
@@ -416,3 +477,78 @@ class LeaseWrites(WriteSide):
             return {s: (o, int(e), float(x)) for s, o, e, x in rows}
 
         return await self._read(op)
+
+
+class FleetReads(ReadSide):
+    """What `streamwatch fleet status` reads (a read-only open serves it too)."""
+
+    async def fleet_state(self) -> FleetState:
+        """The replicas, the running tasks and their owners, and the stop mark."""
+
+        def op(conn: Connection) -> FleetState:
+            now = float(conn.execute(_NOW).fetchone()[0])
+            held = dict(
+                conn.execute(
+                    "SELECT owner, count(*) FROM stream_leases WHERE owner IS NOT NULL"
+                    " AND expires_at > ? GROUP BY owner",
+                    (now,),
+                ).fetchall()
+            )
+            replicas = [
+                ReplicaRow(r, float(st), float(se), float(ex), bool(lv), int(held.get(r, 0)))
+                for r, st, se, ex, lv in conn.execute(
+                    "SELECT replica_id, started_at, seen_at, expires_at, leaving FROM replicas"
+                    " ORDER BY replica_id"
+                )
+            ]
+            running = dict(
+                conn.execute(
+                    "SELECT stream, task_id FROM tasks WHERE ended_at IS NULL ORDER BY stream"
+                ).fetchall()
+            )
+            valid = dict(
+                conn.execute(
+                    "SELECT stream, owner FROM stream_leases WHERE owner IS NOT NULL"
+                    " AND expires_at > ?",
+                    (now,),
+                ).fetchall()
+            )
+            row = conn.execute(
+                "SELECT value FROM settings WHERE key = ?", (FLEET_STOP_KEY,)
+            ).fetchone()
+            return FleetState(
+                now=now,
+                replicas=replicas,
+                running=running,
+                owners={s: valid.get(s) for s in running},
+                stop=json.loads(row[0]) if row else None,
+            )
+
+        return await self._read(op)
+
+
+async def mark_fleet_stop(target: PgTarget, mark: dict[str, object] | None) -> bool:
+    """`streamwatch fleet stop`: mark the fleet as stopping (each replica stops the tasks it
+    owns at its next lease round, then exits); None clears the mark (`fleet start`). One
+    connection of its own and one transaction, never a migration (the command may be another
+    version than the fleet: open a `ReadOnlyStore` first, which checks the schema). Returns
+    whether a mark was there before."""
+    conn = await target.connect()
+    try:
+        async with conn.transaction():
+            had = await conn.fetchval(
+                "DELETE FROM settings WHERE key = $1 RETURNING key", FLEET_STOP_KEY
+            )
+            if mark is not None:
+                now = float(await conn.fetchval(_NOW))
+                await conn.execute(
+                    "INSERT INTO settings (key, value) VALUES ($1, $2)",
+                    FLEET_STOP_KEY,
+                    json.dumps({**mark, "at": now}),
+                )
+        return had is not None
+    except asyncpg.PostgresError as exc:
+        raise StoreError(f"could not write the fleet's stop mark to {target}: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):  # closing: nothing left to save
+            await conn.close(timeout=5)

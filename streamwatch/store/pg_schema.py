@@ -269,6 +269,22 @@ PG_MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX callback_feed_by_xid ON callback_feed (xid);
     CREATE INDEX callback_feed_by_at ON callback_feed (at);
     """,
+    # 12: [cluster] budgets enforced once across the fleet (`streamwatch.store.budget`): the
+    # confirmed spend per scope (`*`: the account; else a stream) and period, counted in each
+    # charge's transaction; each budget event fired, one row each (the first insert fires it).
+    """
+    CREATE TABLE budget_spend (
+        scope      text NOT NULL,
+        period     text NOT NULL,
+        period_key text NOT NULL,
+        ticks      bigint NOT NULL,
+        PRIMARY KEY (scope, period, period_key)
+    );
+    CREATE TABLE budget_fired (
+        key text PRIMARY KEY,
+        at  double precision NOT NULL
+    );
+    """,
 )
 
 assert PG_BASELINE + len(PG_MIGRATIONS) - 1 == SCHEMA_VERSION, "a migration is missing here"

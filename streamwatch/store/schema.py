@@ -286,6 +286,9 @@ MIGRATIONS: tuple[str, ...] = (
     # 11: `[cluster]`'s replicas, stream leases and callback feed, PostgreSQL's only
     # (pg_schema): nothing here.
     "",
+    # 12: `[cluster]`'s fleet budget spend and fired budget events, PostgreSQL's only: nothing
+    # here.
+    "",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

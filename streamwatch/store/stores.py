@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Self
 
 from streamwatch.intent import OrphanPricer, Pricer
 from streamwatch.store.alerts import OutboxReads, OutboxWrites
+from streamwatch.store.budget import BudgetReads, BudgetWrites
 from streamwatch.store.connection import ReadConnection, connect_writer
 from streamwatch.store.intents import IntentReads, IntentWrites
 from streamwatch.store.interface import AlertHook, StateStore, StoreReader
-from streamwatch.store.leases import LeaseWrites
+from streamwatch.store.leases import FleetReads, LeaseWrites
 from streamwatch.store.ledger import LedgerReads
 from streamwatch.store.orphans import OrphanWrites
 from streamwatch.store.postgres import DbLoop, PgReadConnection, PgTarget, connect_writer_pg
@@ -32,7 +33,9 @@ __all__ = ["Location", "ReadOnlyStore", "Store"]
 Location = Path | PgTarget
 
 
-class ReadOnlyStore(TaskReads, IntentReads, LedgerReads, StreamReads, OutboxReads, VideoReads):
+class ReadOnlyStore(
+    TaskReads, IntentReads, LedgerReads, StreamReads, OutboxReads, VideoReads, FleetReads
+):
     """A state file or database opened for reading only: `async with ReadOnlyStore(path) as
     store:`. It must exist and be of this streamwatch's schema (an older one is refused, not
     migrated); nothing is written, and no file is created beside it."""
@@ -80,6 +83,9 @@ class Store(
     VideoWrites,
     PruneWrites,
     LeaseWrites,
+    FleetReads,
+    BudgetReads,
+    BudgetWrites,
 ):
     """The daemon's store. Use `async with Store(path) as store:`: the file (or the
     database's schema) is created if missing and migrated. Writes go through one writer

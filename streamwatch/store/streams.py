@@ -36,6 +36,17 @@ def record_event(ctx: Context, row: EventRow) -> None:
         ctx.hook.record(RuleStateTx(ctx, row.at), row)
 
 
+def claim_fired(ctx: Context, key: str, at: float) -> bool:
+    """[cluster]: take the row of a budget event's key in `budget_fired`; True if this
+    operation took it (the event fires here), False if a replica fired it already."""
+    row = ctx.conn.execute(
+        "INSERT INTO budget_fired (key, at) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"
+        " RETURNING key",
+        (key, at),
+    ).fetchone()
+    return row is not None
+
+
 class StreamReads(ReadSide):
     async def streams(self) -> dict[str, StreamRecord]:
         """What the supervisor kept of each stream (see `save_streams`)."""
@@ -160,14 +171,18 @@ class StreamWrites(WriteSide):
         detail: str = "",
         at: float | None = None,
         budget_fired: Collection[str] | None = None,
+        fires: str | None = None,
     ) -> None:
         """Record an event (and, with an alert hook, the alerts it raises, in one commit).
         `budget_fired` (as `save_budget_fired` takes it) is written in the same commit: what
-        says the event happened cannot be apart from it."""
+        says the event happened cannot be apart from it. `fires`: the key of the budget event
+        this is; [cluster] it is recorded only if no replica fired it yet (`budget_fired`)."""
         row = EventRow(self._clock() if at is None else at, stream, task_id, kind, status, detail)
         fired = None if budget_fired is None else sorted(budget_fired)  # as it is now
 
         def op(ctx: Context) -> None:
+            if fires is not None and ctx.budget is not None and not claim_fired(ctx, fires, row.at):
+                return  # another replica fired it
             record_event(ctx, row)
             if fired is not None:
                 _set_setting(ctx.conn, _BUDGET_FIRED, fired)

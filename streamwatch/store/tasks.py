@@ -10,6 +10,7 @@ The SQL is the portable subset both backends run (`streamwatch.store.sql`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from streamwatch.mavi.callbacks import (
@@ -23,6 +24,7 @@ from streamwatch.mavi.callbacks import (
 )
 from streamwatch.store import orphans
 from streamwatch.store.alerts import RuleStateTx
+from streamwatch.store.budget import spend
 from streamwatch.store.leases import fence, publish
 from streamwatch.store.reader import ReadSide, Row
 from streamwatch.store.sql import Connection
@@ -42,6 +44,10 @@ def apply(ctx: Context, cb: Callback, body: str, at: float) -> CallbackOutcome:
         hook.callback(RuleStateTx(ctx, at), outcome)
     if ctx.fence is not None and outcome.kind == "stored":
         publish(ctx, outcome)  # [cluster]: for the stream's owner, whichever replica it is
+        if outcome.ticks and ctx.budget is not None:
+            assert outcome.stream is not None
+            fleet = spend(ctx, outcome.stream, cb.task_id, outcome.ticks, at)
+            outcome = dataclasses.replace(outcome, spend=fleet)
     return outcome
 
 

@@ -20,6 +20,8 @@ __all__ = [
     "ChargeTotal",
     "EventRow",
     "EvidenceRecord",
+    "FiredThreshold",
+    "FleetSpend",
     "Halt",
     "JSONObject",
     "LibraryVideo",
@@ -30,6 +32,7 @@ __all__ = [
     "Pruned",
     "Registered",
     "SchemaError",
+    "SpendTotal",
     "StoreError",
     "StreamRecord",
     "StreamTotals",
@@ -60,6 +63,36 @@ class Halt:
 
 
 @dataclass(frozen=True, slots=True)
+class SpendTotal:
+    """[cluster]: the fleet's confirmed spend of a stream (the account: None) in a period."""
+
+    stream: str | None
+    period: str
+    period_key: str
+    ticks: int
+
+
+@dataclass(frozen=True, slots=True)
+class FiredThreshold:
+    """[cluster]: a budget threshold a charge crossed (`key` as `ledger.BudgetEvent.key`)."""
+
+    key: str
+    stream: str | None
+    period: str
+    percent: int
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSpend:
+    """[cluster]: what a charge found in its transaction: the fleet's totals right after it,
+    and the thresholds it fired (their events and alerts recorded with it)."""
+
+    totals: tuple[SpendTotal, ...]
+    fired: tuple[FiredThreshold, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class CallbackOutcome:
     """What storing one callback did. `stream` is None for orphans."""
 
@@ -78,6 +111,8 @@ class CallbackOutcome:
     orphan_segments: int = 0
     segment_ticks: int = 0
     candidate_for: str | None = None
+    # [cluster]: the fleet's spend right after its charge, and the thresholds it fired.
+    spend: FleetSpend | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +123,7 @@ class Registered:
     precharge_ticks: int
     claimed: list[CallbackOutcome]
     orphan_removed: list[tuple[float, int]] = field(default_factory=list)
+    spend: FleetSpend | None = None  # [cluster]: as `CallbackOutcome.spend`, its pre-charge
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +142,7 @@ class Adopted:
     claimed: list[CallbackOutcome]
     backfilled: list[tuple[float, int]]
     orphan_removed: list[tuple[float, int]]
+    spend: FleetSpend | None = None  # [cluster]: after its pre-charge and backfilled segments
 
 
 @dataclass(frozen=True, slots=True)

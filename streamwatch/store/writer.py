@@ -31,6 +31,7 @@ from streamwatch.store.sql import Connection
 from streamwatch.store.types import StoreError
 
 if TYPE_CHECKING:
+    from streamwatch.store.budget import BudgetRules
     from streamwatch.store.interface import AlertHook
     from streamwatch.store.leases import LeaseBook
 
@@ -58,6 +59,9 @@ class Context:
         # [cluster]: the leases this replica holds, checked by the operations acting on a
         # stream (`streamwatch.store.leases.fence`); None: a single daemon owns every stream.
         self.fence: LeaseBook | None = None
+        # [cluster]: the budgets, for the fleet's spend counted with each charge and the
+        # start gate (`streamwatch.store.budget`); None: a single daemon counts its own.
+        self.budget: BudgetRules | None = None
 
     @property
     def conn(self) -> Connection:
