@@ -56,10 +56,11 @@ def running(daemon: Daemon) -> dict[str, str]:
     }
 
 
-async def start(daemon: Daemon, replica: str, *, stall_after_segments: int = 40) -> None:
-    await daemon.start(
-        STREAMS, extra=cluster_toml(replica), stall_after_segments=stall_after_segments
-    )
+async def start(
+    daemon: Daemon, replica: str, *, stall_after_segments: int = 40, lease: float = 1
+) -> None:
+    extra = cluster_toml(replica).replace("lease_seconds = 1", f"lease_seconds = {lease}")
+    await daemon.start(STREAMS, extra=extra, stall_after_segments=stall_after_segments)
 
 
 def segments_charged(emulator: Emulator, task_id: str) -> int:
@@ -193,10 +194,12 @@ async def test_metrics_add_up_over_replicas_and_status_names_each_owner(
     a, b = fleet
     owner = rendezvous_owners(NAMES, [A, B])
     share_b = {n for n, r in owner.items() if r == B}
-    await start(a, A)
+    # Leases of 10 s (rounds still every 0.3 s): the counts below are exact only if no round
+    # is so late under load that a lease lapses and is claimed again.
+    await start(a, A, lease=10)
     await a.wait(lambda: len(running(a)) == len(NAMES))
     tasks = running(a)
-    await start(b, B)
+    await start(b, B, lease=10)
     await b.wait(lambda: set(running(b)) == share_b, within=20)
     await a.wait(lambda: set(a.sup.streams) == set(NAMES) - share_b)
     # One more round each, so both fleet views hold the settled owners.
