@@ -306,3 +306,21 @@ async def test_text_with_a_nul_character_is_stored(location: Location):
         await store.add_event("stream_problem", stream="cam", detail="nul\x00here")
     (message,) = pg.rows(location, "SELECT message FROM segment_failures")[0]
     assert message in ("bad\x00frame", "bad\ufffdframe")
+
+
+async def test_an_operation_that_must_run_alone_gets_a_transaction_of_its_own(tmp_path: Path):
+    """An operation queued with `alone` (the lease round, release and leave) is never batched
+    with others, even when it is queued among them: the operations before it commit in one
+    transaction, it in the next, those after it in a third."""
+    async with Store(tmp_path / "state.db") as store:
+
+        def batch_of(ctx: object) -> int:
+            return store.commits  # counts commits before this op's own
+
+        before = [store._write(batch_of) for _ in range(5)]
+        lone = store._write(batch_of, alone=True)
+        after = [store._write(batch_of) for _ in range(5)]
+        got = await asyncio.gather(*before, lone, *after)
+    assert len(set(got[:5])) == 1
+    assert len(set(got[6:])) == 1
+    assert got[0] < got[5] < got[6]

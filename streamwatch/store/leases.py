@@ -372,7 +372,7 @@ class LeaseWrites(WriteSide):
                 at=now,
             )
 
-        return await self._write(op)
+        return await self._write(op, alone=True)
 
     async def release_leases(self, book: LeaseBook, streams: Iterable[str]) -> list[str]:
         """Hand back these leases at once (the next claimer bumps the epoch). Returns those
@@ -389,7 +389,7 @@ class LeaseWrites(WriteSide):
             ).fetchall()
             return sorted(r[0] for r in rows)
 
-        return await self._write(op) if names else []
+        return await self._write(op, alone=True) if names else []
 
     async def leave(self, book: LeaseBook) -> list[str]:
         """This replica stops: marked leaving (no longer live) and every lease it holds
@@ -410,7 +410,7 @@ class LeaseWrites(WriteSide):
             ).fetchall()
             return sorted(r[0] for r in rows)
 
-        return await self._write(op)
+        return await self._write(op, alone=True)
 
     async def feed(
         self, after: int | None, streams: Collection[str]

@@ -74,6 +74,7 @@ class Context:
 
 
 _Op = Callable[[Context], object]
+_Queued = tuple[_Op, "asyncio.Future[object]", bool]  # the op, its answer, alone
 
 
 class Writer:
@@ -93,7 +94,10 @@ class Writer:
         self.context = context
         self._batch_max = batch_max
         self._on_commit = on_commit  # (seconds, operations) after each commit
-        self._queue: asyncio.Queue[tuple[_Op, asyncio.Future[object]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Queued] = asyncio.Queue()
+        # An operation that must run alone, taken from the queue while a batch was being
+        # filled: it is the next batch, by itself.
+        self._held: _Queued | None = None
         self._loop_task: asyncio.Task[None] | None = None
         # One thread runs every operation (on PostgreSQL too: the operations are sync code
         # waiting on the store's loop). SQLite's allocations stay in one malloc arena
@@ -131,12 +135,17 @@ class Writer:
             self._thread.shutdown(wait=True)
             self._thread = None
 
-    async def run(self, op: Callable[[Context], T]) -> T:
-        """Queue `op`; its result once the transaction holding it committed."""
+    async def run(self, op: Callable[[Context], T], *, alone: bool = False) -> T:
+        """Queue `op`; its result once the transaction holding it committed. `alone`: in a
+        transaction of its own, never batched with others. The lease round, release and leave
+        take exclusive locks on lease rows; batched after a callback that locked a task row,
+        they would hold that row while waiting for a lease row that another replica's fenced
+        stop holds while it waits for the same task row: a deadlock PostgreSQL breaks by
+        failing one side."""
         if self._loop_task is None:
             raise StoreError("the store is not open")
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((op, future))
+        self._queue.put_nowait((op, future, alone))
         return cast(T, await future)  # the result of `op`, set by the loop
 
     async def _in_thread(self, fn: Callable[..., T], *args: object) -> T:
@@ -145,13 +154,18 @@ class Writer:
 
     async def _write_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._batch_max and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            first, self._held = self._held or await self._queue.get(), None
+            batch = [first]
+            while not first[2] and len(batch) < self._batch_max and not self._queue.empty():
+                queued = self._queue.get_nowait()
+                if queued[2]:
+                    self._held = queued
+                    break
+                batch.append(queued)
             started = time.perf_counter()
             self.context.alerts_written = False
             try:
-                results = await self._in_thread(self._run_batch, [op for op, _ in batch])
+                results = await self._in_thread(self._run_batch, [op for op, _, _ in batch])
                 if self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started, len(batch))
                 hook = self.context.hook
@@ -160,7 +174,7 @@ class Writer:
             except Exception as exc:  # noqa: BLE001 - the commit failed: nothing in the batch is stored
                 log.error("store.commit_failed", error=str(exc), batch=len(batch))
                 results = [StoreError(f"could not commit to {self.where}: {exc}")] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if not future.done():
                     if isinstance(result, BaseException):
                         future.set_exception(result)
@@ -219,5 +233,5 @@ class WriteSide(ReadSide):
     _writer: Writer
     _clock: Callable[[], float]
 
-    async def _write(self, op: Callable[[Context], T]) -> T:
-        return await self._writer.run(op)
+    async def _write(self, op: Callable[[Context], T], *, alone: bool = False) -> T:
+        return await self._writer.run(op, alone=alone)
