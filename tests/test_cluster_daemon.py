@@ -27,9 +27,12 @@ STREAMS = "".join(stream_toml(n) for n in NAMES)
 A, B = "replica-1", "replica-2"
 
 
-def cluster_toml(replica: str) -> str:
-    # A short lease so the test waits about a second for an expiry (the database's clock).
-    return f'[cluster]\nreplica_id = "{replica}"\nlease_seconds = 1\nrenew_seconds = 0.3\n'
+def cluster_toml(replica: str, *, lease: float = 3, renew: float = 0.3) -> str:
+    # A lease of 3 s: a test waits a few seconds for an expiry (the database's clock), and a
+    # replica on a loaded machine still survives several late rounds (0.3 s apart).
+    return (
+        f'[cluster]\nreplica_id = "{replica}"\nlease_seconds = {lease}\nrenew_seconds = {renew}\n'
+    )
 
 
 @pytest.fixture
@@ -57,9 +60,9 @@ def running(daemon: Daemon) -> dict[str, str]:
 
 
 async def start(
-    daemon: Daemon, replica: str, *, stall_after_segments: int = 40, lease: float = 1
+    daemon: Daemon, replica: str, *, stall_after_segments: int = 40, lease: float = 3
 ) -> None:
-    extra = cluster_toml(replica).replace("lease_seconds = 1", f"lease_seconds = {lease}")
+    extra = cluster_toml(replica, lease=lease)
     await daemon.start(STREAMS, extra=extra, stall_after_segments=stall_after_segments)
 
 
@@ -264,9 +267,7 @@ async def test_a_stop_refused_by_the_fence_is_neither_sent_nor_reported_as_a_fai
     a, _ = fleet
     await a.start(
         STREAMS,
-        extra=cluster_toml(A)
-        .replace("lease_seconds = 1", "lease_seconds = 60")
-        .replace("renew_seconds = 0.3", "renew_seconds = 20"),
+        extra=cluster_toml(A, lease=60, renew=20),
     )
     await a.wait(lambda: len(running(a)) == len(NAMES))
     pg.rows(pg_target, "UPDATE replicas SET expires_at = 0")

@@ -46,7 +46,9 @@ async def test_a_replica_frozen_past_its_lease_acts_on_nothing_it_lost(
     running, and A takes its share back by adoption."""
     share_a = {n for n, r in rendezvous_owners(NAMES, [A, B]).items() if r == A}
     b = Daemon(tmp_path, emulator).on(pg_target)
-    await b.start(STREAMS, extra=cluster_toml(B), stall_after_segments=10)
+    # B (on the test's loop) never finds a stall, so that any stop the emulator sees could only
+    # be A's; A's stale view has its tasks silent for 10 segments and more.
+    await b.start(STREAMS, extra=cluster_toml(B), stall_after_segments=100_000)
     try:
         await b.wait(lambda: len(running(b)) == len(NAMES))
         tasks = running(b)

@@ -37,11 +37,7 @@ async def ready_when(daemon: Daemon, predicate: Callable[[int, list[str]], bool]
 def steady(replica: str) -> str:
     """A lease of 5 s: a round late under load (a command starting beside the replicas, both
     replicas on the test's one event loop) does not lapse it."""
-    return (
-        cluster_toml(replica)
-        .replace("lease_seconds = 1", "lease_seconds = 5")
-        .replace("renew_seconds = 0.3", "renew_seconds = 1.5")
-    )
+    return cluster_toml(replica, lease=5, renew=1.5)
 
 
 def lapsing(problems: list[str]) -> bool:
