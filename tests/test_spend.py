@@ -73,6 +73,10 @@ async def test_precharge_read_as_first_segment(daemon, emulator):
     await daemon.stop()
     per = segment_cost_ticks(fps=2, content_moderation=True, logo_detection=False)
     await daemon.start()
+    # Segments made while it was down arrive now (MAVI retries): count once all have.
+    await until(
+        emulator, lambda: all(d.delivered for d in emulator.deliveries if d.task_id == task_id)
+    )
     row = await daemon.store.task(task_id)
     assert row is not None
     stored = row.segments
