@@ -420,3 +420,18 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
         return tmp_path / "state.db"
     target: PgTarget = request.getfixturevalue("pg_target")
     return target
+
+
+@pytest.fixture
+async def fleet(
+    tmp_path: Path, emulator: Emulator, pg_target: PgTarget
+) -> AsyncIterator[tuple[Daemon, Daemon]]:
+    """Two replicas' daemons on one database (each with its own config file)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = Daemon(tmp_path / "a", emulator).on(pg_target)
+    b = Daemon(tmp_path / "b", emulator).on(pg_target)
+    yield a, b
+    emulator.webhook = None
+    await b.stop()
+    await a.stop()

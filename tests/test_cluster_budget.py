@@ -5,10 +5,8 @@ the fleet; a start is gated on the fleet's totals read in its intent's transacti
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -42,20 +40,6 @@ def slow_rounds(replica: str) -> str:
     return f'[cluster]\nreplica_id = "{replica}"\nlease_seconds = 20\nrenew_seconds = 8\n'
 
 
-@pytest.fixture
-async def pair(
-    tmp_path: Path, emulator: Emulator, pg_target: PgTarget
-) -> AsyncIterator[tuple[Daemon, Daemon]]:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = Daemon(tmp_path / "a", emulator).on(pg_target)
-    b = Daemon(tmp_path / "b", emulator).on(pg_target)
-    yield a, b
-    emulator.webhook = None
-    await b.stop()
-    await a.stop()
-
-
 def ledger(target: PgTarget, stream: str | None = None) -> int:
     sql = "SELECT coalesce(sum(ticks), 0) FROM charges"
     rows = pg.rows(target, sql + " WHERE stream = ?", (stream,)) if stream else pg.rows(target, sql)
@@ -63,7 +47,7 @@ def ledger(target: PgTarget, stream: str | None = None) -> int:
 
 
 async def test_a_cap_reached_by_charges_another_replica_stored_stops_the_task_within_in_flight(
-    pair: tuple[Daemon, Daemon], emulator: Emulator, pg_target: PgTarget
+    fleet: tuple[Daemon, Daemon], emulator: Emulator, pg_target: PgTarget
 ):
     """A capped stream's owner (A) stops its task within the segments in flight although
     every callback of the task is stored by the other replica (B) and their lease rounds are
@@ -71,7 +55,7 @@ async def test_a_cap_reached_by_charges_another_replica_stored_stops_the_task_wi
     transaction, and A reads it through the database at once (a charge near a cap notifies).
     No start follows that the fleet's totals leave no room for (the start gate reads them in
     the intent's transaction)."""
-    a, b = pair
+    a, b = fleet
     capped = OWNED_BY_A[0]
     url = f"rtmp://cams.test/{capped}"
     cap_ticks = 1440  # 0.50 USD: the pre-charge and 239 segments, about 12 s of segments
@@ -109,13 +93,13 @@ def alert_hook(daemon: Daemon) -> str:
 
 
 async def test_a_threshold_two_replicas_cross_together_fires_once_with_one_alert(
-    pair: tuple[Daemon, Daemon], emulator: Emulator, pg_target: PgTarget
+    fleet: tuple[Daemon, Daemon], emulator: Emulator, pg_target: PgTarget
 ):
     """Callbacks spread over both replicas (round robin, as nginx would), each storing and
     charging half of them, lease rounds 8 s apart: the account's 50 % threshold fires once
     across the fleet, one `budget_threshold` event and one alert, recorded by the replica
     whose charge crossed it."""
-    a, b = pair
+    a, b = fleet
     names = OWNED_BY_A[:4]
     streams = "".join(stream_toml(n) for n in names)
     budgets = '[budgets]\ndaily_usd = "1.00"\naction = "alert-only"\nthresholds = [50]\n'

@@ -7,12 +7,9 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from streamwatch.emulator import Emulator, Script
 from streamwatch.policy import Phase, Stop
@@ -33,21 +30,6 @@ def cluster_toml(replica: str, *, lease: float = 3, renew: float = 0.3) -> str:
     return (
         f'[cluster]\nreplica_id = "{replica}"\nlease_seconds = {lease}\nrenew_seconds = {renew}\n'
     )
-
-
-@pytest.fixture
-async def fleet(
-    tmp_path: Path, emulator: Emulator, pg_target: PgTarget
-) -> AsyncIterator[tuple[Daemon, Daemon]]:
-    """Two replicas' daemons on one database (each with its own config file)."""
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a = Daemon(tmp_path / "a", emulator).on(pg_target)
-    b = Daemon(tmp_path / "b", emulator).on(pg_target)
-    yield a, b
-    emulator.webhook = None
-    await b.stop()
-    await a.stop()
 
 
 def running(daemon: Daemon) -> dict[str, str]:

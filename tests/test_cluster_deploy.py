@@ -5,9 +5,7 @@ of hosts, checked by systemd-analyze and with the config it completes."""
 
 from __future__ import annotations
 
-import re
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +18,10 @@ from tests.test_deploy import (
     DEPLOY,
     K8S,
     UNIT,
+    on_password_database,
     run,
     runnable_unit,
     seconds,
-    secret_value,
-    toml_secret_sources,
     unit_settings,
 )
 
@@ -140,24 +137,7 @@ def test_fleet_host_config_reads_the_drop_ins_credential_and_replica_id(
         for settings in (unit_settings(UNIT.read_text()), dropin)
         for value in settings["LoadCredential"]
     }
-    read = {
-        Path(source["file"]).name
-        for source in toml_secret_sources(tomllib.loads(text))
-        if source.get("file", "").startswith("${CREDENTIALS_DIRECTORY")
-    }
-    assert loaded == read == {"mavi_api_key", "callback_secret", "db_password"}
-    pg_cluster.add_password_user()
-    name = pg_cluster.new_database()
-    pg_cluster.admin(f"ALTER DATABASE {name} OWNER TO {pg.PASSWORD_USER}")
-    url = re.search(r'^url = "([^"]+)"', text, re.M)
-    assert url is not None
-    config = tmp_path / "streams.toml"
-    config.write_text(text.replace(url.group(1), pg_cluster.url(name, user=pg.PASSWORD_USER)))
-    creds = tmp_path / "credentials"
-    creds.mkdir()
-    for credential in loaded:
-        (creds / credential).write_text(secret_value() + "\n")
-    (creds / "db_password").write_text(pg.PASSWORD + "\n")
+    config, creds = on_password_database(text, loaded, pg_cluster, tmp_path)
     environ = {"CREDENTIALS_DIRECTORY": str(creds), "STREAMWATCH_REPLICA_ID": host}
     loaded_config = load_config(config, environ=environ)
     assert loaded_config.cluster is not None

@@ -180,23 +180,13 @@ def test_unit_credentials_are_the_files_the_config_reads(tmp_path: Path):
     assert "backend mavi" in ok.stdout
 
 
-def test_unit_and_config_postgresql_lines_keep_the_password_a_credential(
-    tmp_path: Path, pg_cluster: pg.Cluster
-):
-    """The commented PostgreSQL lines of the unit and of streams.toml, uncommented, agree: the
-    password is a credential the unit loads and the config reads, and with the URL pointed at
-    a real server `streamwatch check-config` passes."""
-    unit = "\n".join(
-        line.removeprefix("#") if line.startswith("#LoadCredential=") else line
-        for line in UNIT.read_text().splitlines()
-    )
-    text = (DEPLOY / "systemd" / "streams.toml").read_text()
-    lines = [line for line in text.splitlines() if not line.startswith("path = ")]
-    text = "\n".join(
-        line.removeprefix("#") if line.startswith(("#url = ", "#password = ")) else line
-        for line in lines
-    )
-    loaded = {v.partition(":")[0] for v in unit_settings(unit)["LoadCredential"]}
+def on_password_database(
+    text: str, loaded: set[str], pg_cluster: pg.Cluster, tmp_path: Path
+) -> tuple[Path, Path]:
+    """The systemd `streams.toml` (`text`, its PostgreSQL lines uncommented) made to run: the
+    credentials the unit loads (`loaded`) are exactly those the config reads; its `url` names
+    a new database of `pg_cluster` owned by the password user; each credential is a file in a
+    credentials folder. Returns the config file and that folder."""
     read = {
         Path(source["file"]).name
         for source in toml_secret_sources(tomllib.loads(text))
@@ -215,6 +205,27 @@ def test_unit_and_config_postgresql_lines_keep_the_password_a_credential(
     for credential in loaded:
         (creds / credential).write_text(secret_value() + "\n")
     (creds / "db_password").write_text(pg.PASSWORD + "\n")
+    return config, creds
+
+
+def test_unit_and_config_postgresql_lines_keep_the_password_a_credential(
+    tmp_path: Path, pg_cluster: pg.Cluster
+):
+    """The commented PostgreSQL lines of the unit and of streams.toml, uncommented, agree: the
+    password is a credential the unit loads and the config reads, and with the URL pointed at
+    a real server `streamwatch check-config` passes."""
+    unit = "\n".join(
+        line.removeprefix("#") if line.startswith("#LoadCredential=") else line
+        for line in UNIT.read_text().splitlines()
+    )
+    text = (DEPLOY / "systemd" / "streams.toml").read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("path = ")]
+    text = "\n".join(
+        line.removeprefix("#") if line.startswith(("#url = ", "#password = ")) else line
+        for line in lines
+    )
+    loaded = {v.partition(":")[0] for v in unit_settings(unit)["LoadCredential"]}
+    config, creds = on_password_database(text, loaded, pg_cluster, tmp_path)
     ok = cli("check-config", "--config", str(config), env={"CREDENTIALS_DIRECTORY": str(creds)})
     assert ok.returncode == 0, ok.stderr
 
