@@ -116,9 +116,9 @@ FOR UPDATE SKIP LOCKED)`, not due again for `CLAIM_SECONDS`). The leader [built]
 replica holding the advisory lock `LEADER_LOCK` on its writer's session (taken in the lease
 round); it runs pruning and the Alertmanager re-posts (of the active set the store holds,
 which every delivery reads first), and exports the fleet's figures (and
-`streamwatch_cluster_replicas`); per-stream series come only from each stream's owner;
-`streamwatch_stream_lease_changes_total` counts this replica's claims, losses, hand-backs
-and releases; the status API shows each stream's owner.
+`streamwatch_cluster_replicas`, `streamwatch_cluster_streams_unowned`); per-stream series
+come only from each stream's owner; `streamwatch_stream_lease_changes_total` counts this
+replica's claims, losses, hand-backs and releases; the status API shows each stream's owner.
 
 Deploy [built]: compose.cluster.yaml (two replicas behind nginx, deploy/nginx/), the systemd
 drop-in deploy/systemd/streamwatch.service.d/, alert rules (group `streamwatch-cluster`) and a

@@ -312,6 +312,7 @@ class Snapshot:
     # figures, so that sums over replicas add up); the live replicas, from the leader.
     fleet_figures: bool = True
     replicas: int | None = None
+    unowned: int | None = None  # configured streams no replica holds a valid lease of
 
 
 STATES = (
@@ -510,6 +511,13 @@ class StateCollector(Collector):
                 "streamwatch_cluster_replicas",
                 "[cluster] Live replicas in the fleet (exported by the leader only).",
                 value=snap.replicas,
+            )
+        if snap.unowned is not None:
+            yield GaugeMetricFamily(
+                "streamwatch_cluster_streams_unowned",
+                "[cluster] Configured streams no replica holds a valid lease of, as of the"
+                " leader's last lease round (exported by the leader only).",
+                value=snap.unowned,
             )
 
     def stream_families(self, tokens: Mapping[str, Sequence[int]]) -> list[StreamFamily]:

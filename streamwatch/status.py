@@ -279,9 +279,11 @@ async def snapshot(*, supervisor: Supervisor, store: StoreReader, now: float) ->
     """The daemon's state for one metrics scrape."""
     halt = supervisor.halt
     fleet = supervisor.fleet
+    led = fleet if fleet is not None and fleet.leader else None  # the fleet, if leading it
     return Snapshot(
-        fleet_figures=fleet is None or fleet.leader,
-        replicas=len(fleet.replicas) if fleet is not None and fleet.leader else None,
+        fleet_figures=fleet is None or led is not None,
+        replicas=len(led.replicas) if led is not None else None,
+        unowned=len(set(supervisor.desired) - set(led.owners)) if led is not None else None,
         streams=stream_views(supervisor, now, owned_only=True),
         totals=await store.stream_totals(),
         orphans=await store.orphan_totals(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -206,6 +207,8 @@ async def test_metrics_add_up_over_replicas_and_status_names_each_owner(
     assert up == owner
     replicas = [got.get(("streamwatch_cluster_replicas", ())) for got in found.values()]
     assert sorted(replicas, key=str) == [2.0, None]
+    unowned = [got.get(("streamwatch_cluster_streams_unowned", ())) for got in found.values()]
+    assert sorted(unowned, key=str) == [0.0, None]
     spend = [("streamwatch_orphan_tasks", ()) in got for got in found.values()]
     assert sorted(spend) == [False, True]
     assert value(found[A], "streamwatch_stream_lease_changes_total", change="claimed") == 6
@@ -219,6 +222,36 @@ async def test_metrics_add_up_over_replicas_and_status_names_each_owner(
         doc = await status(d)
         shown = {s["name"]: (s["owner"], s["state"], s["task_id"]) for s in doc["streams"]}
         assert shown == {n: (owner[n], "running", tasks[n]) for n in NAMES}
+
+
+async def test_the_leader_counts_configured_streams_no_replica_holds(
+    emulator: Emulator, pg_target: PgTarget, tmp_path: Path
+):
+    """`streamwatch_cluster_streams_unowned` (leader only): a replica that joined the fleet but
+    never claims (here a heartbeat row with no process behind it) has its share handed back by
+    the leader and left unowned, and the leader counts exactly those streams."""
+    d = Daemon(tmp_path, emulator).on(pg_target)
+    await d.start(STREAMS, extra=cluster_toml(A, lease=60, renew=20))
+    try:
+        await d.wait(lambda: len(running(d)) == len(NAMES))
+        pg.rows(
+            pg_target,
+            "INSERT INTO replicas (replica_id, started_at, seen_at, expires_at, leaving)"
+            " VALUES ('ghost', 0, 0, 1e12, 0)",
+        )
+        share = {n for n, r in rendezvous_owners(NAMES, [A, "ghost"]).items() if r == "ghost"}
+        assert share, "the ghost's share is not empty for these names"
+        assert d.app is not None
+        assert d.app._parts is not None
+        cluster = d.app._parts.cluster
+        assert cluster is not None
+        await cluster.run_once()  # hands the ghost's share back
+        await cluster.run_once()  # sees it unowned
+        found = samples(await scrape(d))
+        assert found[("streamwatch_cluster_streams_unowned", ())] == len(share)
+        assert found[("streamwatch_cluster_replicas", ())] == 2
+    finally:
+        await d.stop()
 
 
 async def test_max_running_holds_across_the_fleet(fleet: tuple[Daemon, Daemon], emulator: Emulator):

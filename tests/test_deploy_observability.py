@@ -25,7 +25,11 @@ PROM = ROOT / "deploy" / "prometheus"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "streamwatch.json"
 NAME = re.compile(r"\b(streamwatch_[a-z_]+)\b")
 # Exported only with [cluster] (README: Metrics).
-CLUSTER_SERIES = {"streamwatch_cluster_replicas", "streamwatch_stream_lease_changes_total"}
+CLUSTER_SERIES = {
+    "streamwatch_cluster_replicas",
+    "streamwatch_cluster_streams_unowned",
+    "streamwatch_stream_lease_changes_total",
+}
 
 
 async def promtool(*args: str, cwd: Path = PROM) -> str:
@@ -119,8 +123,10 @@ async def test_rules_and_dashboard_only_name_metrics_the_daemon_exposes(
         exposed |= {family.name + s for s in suffixes}
     used = set(NAME.findall((PROM / "streamwatch.rules.yml").read_text()))
     used |= {n for e in dashboard_exprs() for n in NAME.findall(e)}
-    # Without [cluster] the lease counter is declared (no samples), the replicas gauge absent.
-    assert used - exposed == (set() if fleet else {"streamwatch_cluster_replicas"})
+    # Without [cluster] the lease counter is declared (no samples), the leader's gauges absent.
+    assert used - exposed == (
+        set() if fleet else {"streamwatch_cluster_replicas", "streamwatch_cluster_streams_unowned"}
+    )
 
 
 @contextlib.asynccontextmanager
