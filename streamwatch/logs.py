@@ -126,18 +126,16 @@ def _without_locals(exc_info: Any) -> list[dict[str, Any]]:
     return stacks
 
 
+# The level `configure_logging` set last (None: not configured here, everything may log).
+_configured_level: int | None = None
+
+
 def enabled(level: int) -> bool:
-    """Would a line at `level` be logged, as structlog is configured now? For a hot path to
+    """Would a line at `level` be logged, as `configure_logging` set it up? For a hot path to
     skip building a line the filtering logger would drop (each call through the module's
-    lazy logger binds a new one first). True when the logger does not say its level."""
-    wrapper = structlog.get_config()["wrapper_class"]
-    effective = getattr(wrapper, "get_effective_level", None)
-    if effective is None:
-        return True
-    try:
-        return bool(level >= effective(None))
-    except Exception:  # noqa: BLE001 - a wrapper that needs a real instance: assume it logs
-        return True
+    lazy logger binds a new one first). Kept here rather than asked of structlog's wrapper,
+    which does not say its level in structlog 24.1, our floor."""
+    return _configured_level is None or level >= _configured_level
 
 
 def configure_logging(
@@ -169,6 +167,8 @@ def configure_logging(
     )
     scrubber = _Scrub(redactor or Redactor())
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    global _configured_level
+    _configured_level = _LEVELS[level]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
