@@ -126,16 +126,26 @@ def _without_locals(exc_info: Any) -> list[dict[str, Any]]:
     return stacks
 
 
-# The level `configure_logging` set last (None: not configured here, everything may log).
-_configured_level: int | None = None
+# The filtering wrapper `configure_logging` installed last, and its level.
+_configured: tuple[type, int] | None = None
 
 
 def enabled(level: int) -> bool:
-    """Would a line at `level` be logged, as `configure_logging` set it up? For a hot path to
+    """Would a line at `level` be logged, as structlog is configured now? For a hot path to
     skip building a line the filtering logger would drop (each call through the module's
-    lazy logger binds a new one first). Kept here rather than asked of structlog's wrapper,
-    which does not say its level in structlog 24.1, our floor."""
-    return _configured_level is None or level >= _configured_level
+    lazy logger binds a new one first). The level is the one `configure_logging` gave the
+    wrapper still installed (structlog 24.1, our floor, cannot say a wrapper's level), else
+    what the wrapper says, else True (it may log)."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    if _configured is not None and _configured[0] is wrapper:
+        return level >= _configured[1]
+    effective = getattr(wrapper, "get_effective_level", None)
+    if effective is None:
+        return True
+    try:
+        return bool(level >= effective(None))
+    except Exception:  # noqa: BLE001 - a wrapper that needs a real instance: assume it logs
+        return True
 
 
 def configure_logging(
@@ -167,8 +177,9 @@ def configure_logging(
     )
     scrubber = _Scrub(redactor or Redactor())
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
-    global _configured_level
-    _configured_level = _LEVELS[level]
+    global _configured
+    wrapper = structlog.make_filtering_bound_logger(_LEVELS[level])
+    _configured = (wrapper, _LEVELS[level])
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -178,7 +189,7 @@ def configure_logging(
             scrubber,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        wrapper_class=wrapper,
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
